@@ -1,0 +1,60 @@
+"""The Litestar application and its lifespan: SQLite, NATS, the projection."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from litestar import Litestar
+from litestar.datastructures import State
+from litestar.openapi import OpenAPIConfig
+
+from app._db import Database
+from app._exceptions import jobcast_error_to_http
+from app._hub import Hub
+from app._jobs import JobService
+from app._projection import Projection
+from app._settings import Settings, get_settings
+from app.controllers.compileo import CompileoController
+from app.controllers.health import HealthController
+from app.controllers.jobs import JobController
+from app.controllers.live import LiveController
+from streams import JobcastError, connect, ensure_stream
+
+log = logging.getLogger("jobcast.api")
+
+
+def create_app(settings: Settings | None = None) -> Litestar:
+    """Build the API; resources are acquired in the lifespan, not at import."""
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        db = Database(settings.sqlalchemy_url)
+        await db.create_all()
+        nc = await connect(settings.nats_url, name="jobcast-api")
+        projection: Projection | None = None
+        try:
+            js = nc.jetstream()
+            await ensure_stream(js)
+            hub = Hub()
+            projection = Projection(db, hub)
+            await projection.start(js)
+            app.state.nats = nc
+            app.state.service = JobService(settings, db, js, projection, hub)
+            yield
+        finally:
+            if projection is not None:
+                await projection.stop()
+            await nc.drain()
+            await db.dispose()
+
+    return Litestar(
+        route_handlers=[JobController, LiveController, CompileoController, HealthController],
+        lifespan=[lifespan],
+        state=State({"settings": settings}),
+        exception_handlers={JobcastError: jobcast_error_to_http},
+        openapi_config=OpenAPIConfig(title="jobcast", version="0.1.0", path="/schema"),
+    )

@@ -1,0 +1,26 @@
+"""Dependencies shared by the controllers."""
+
+from __future__ import annotations
+
+from litestar.datastructures import State
+
+from app._jobs import JobService
+from app._settings import Settings
+
+
+def provide_service(state: State) -> JobService:
+    """The process's JobService (built in the lifespan)."""
+    service: JobService = state.service
+    return service
+
+
+def provide_settings(state: State) -> Settings:
+    """The process's settings."""
+    settings: Settings = state.settings
+    return settings
+
+
+def provide_owner(state: State) -> str:
+    """Whose jobs the caller sees; one local owner until API keys exist."""
+    settings: Settings = state.settings
+    return settings.local_owner

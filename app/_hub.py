@@ -1,0 +1,105 @@
+"""In-process fan-out of applied events to SSE, WebSocket and long-poll subscribers."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """An event the projection committed, with the job's state after it."""
+
+    seq: int
+    job_id: str
+    owner: str
+    kind: str
+    status: str
+    ends: bool
+    """True for the event that ended the job's current attempt (completed / failed / cancelled)."""
+    payload: bytes
+    """The EventEnvelope, JSON-encoded once for every subscriber."""
+
+
+@dataclass(eq=False)
+class Subscription:
+    """A subscriber's queue and what it listens to."""
+
+    hub: Hub
+    job_ids: set[str] = field(default_factory=set)
+    owner: str | None = None
+    """Set to receive every job of this owner."""
+    queue: asyncio.Queue[Applied] = field(default_factory=asyncio.Queue)
+
+    def add_jobs(self, job_ids: list[str]) -> None:
+        """Start receiving these jobs' events."""
+        for job_id in job_ids:
+            self.job_ids.add(job_id)
+            self.hub._by_job[job_id].add(self)
+
+    def remove_jobs(self, job_ids: list[str]) -> None:
+        """Stop receiving these jobs' events."""
+        for job_id in job_ids:
+            self.job_ids.discard(job_id)
+            self.hub._discard(self.hub._by_job, job_id, self)
+
+    def follow_owner(self, owner: str | None) -> None:
+        """Receive (or, with None, stop receiving) every job of `owner`."""
+        if self.owner is not None:
+            self.hub._discard(self.hub._by_owner, self.owner, self)
+        self.owner = owner
+        if owner is not None:
+            self.hub._by_owner[owner].add(self)
+
+    def close(self) -> None:
+        """Unregister everywhere."""
+        self.remove_jobs(list(self.job_ids))
+        self.follow_owner(None)
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
+class Hub:
+    """Routes each applied event to the subscribers of its job and of its owner."""
+
+    def __init__(self) -> None:
+        self._by_job: defaultdict[str, set[Subscription]] = defaultdict(set)
+        self._by_owner: defaultdict[str, set[Subscription]] = defaultdict(set)
+
+    def subscribe(self, job_ids: list[str] | None = None, owner: str | None = None) -> Subscription:
+        """A new subscription; use it as a context manager so it is always closed."""
+        sub = Subscription(self)
+        sub.add_jobs(job_ids or [])
+        sub.follow_owner(owner)
+        return sub
+
+    def publish(self, item: Applied) -> None:
+        """Hand `item` to every interested subscriber (no awaits: one pass, no coroutine switch)."""
+        targets = self._by_job.get(item.job_id)
+        owners = self._by_owner.get(item.owner)
+        if owners:
+            targets = (targets | owners) if targets else owners
+        if targets:
+            for sub in targets:
+                sub.queue.put_nowait(item)
+
+    @property
+    def subscriber_count(self) -> int:
+        """Distinct open subscriptions."""
+        subs: set[Subscription] = set()
+        for group in (*self._by_job.values(), *self._by_owner.values()):
+            subs |= group
+        return len(subs)
+
+    @staticmethod
+    def _discard(index: defaultdict[str, set[Subscription]], key: str, sub: Subscription) -> None:
+        group = index.get(key)
+        if group is not None:
+            group.discard(sub)
+            if not group:
+                del index[key]

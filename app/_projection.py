@@ -1,0 +1,237 @@
+"""The jobs table as a projection of the JOBS stream.
+
+An ordered consumer delivers every message of the stream from the bookmark on; each
+batch of events and the new bookmark are committed in one transaction, so applying
+twice is harmless, a restarted API resumes where it stopped, and a deleted database
+is rebuilt by replaying the stream. After commit, events go to the in-process hub.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+
+import msgspec
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription as NatsSubscription
+from nats.js import JetStreamContext
+from nats.js import api as js_api
+from sqlalchemy.exc import OperationalError
+
+from app._db import BookmarkRow, Database, EventRow, JobRow
+from app._hub import Applied, Hub
+from app._schemas import EventEnvelope
+from streams import (
+    ALL_SUBJECTS,
+    STREAM,
+    CancelRequested,
+    Completed,
+    Event,
+    Failed,
+    JobStatus,
+    Progress,
+    Retrying,
+    Started,
+    Submitted,
+    decode_event,
+    is_terminal,
+)
+
+log = logging.getLogger("jobcast.projection")
+
+BOOKMARK = "jobs"
+MAX_BATCH = 1000
+_envelope_encoder = msgspec.json.Encoder()
+
+
+def fold(job: JobRow | None, event: Event, seq: int) -> tuple[JobRow | None, bool]:
+    """Apply one event to a job row (creating it for a submission).
+
+    Returns the row and whether the event ended the job's current attempt. Events of an
+    older attempt, and non-terminal events after the end, are recorded but change nothing.
+    """
+    if isinstance(event, Submitted):
+        if job is None:
+            job = JobRow(
+                id=event.job_id, type=event.type, pool=event.pool, owner=event.owner,
+                title=event.title, description=event.description, params=event.params,
+                file_id=event.file_id, parent_id=event.parent_id, max_attempts=event.max_attempts,
+                priority=event.priority, submit_seq=seq, created_at=event.created_at,
+                result=None, error=None, worker=None, started_at=None, completed_at=None,
+            )  # fmt: skip
+        elif event.attempt <= job.attempt:
+            job.last_seq = seq
+            return job, False
+        job.status = JobStatus.PENDING
+        job.attempt = event.attempt
+        job.progress = 0.0
+        job.current_step = "queued"
+        job.result = job.error = job.completed_at = None
+        job.last_seq, job.updated_at = seq, event.ts
+        return job, False
+    if job is None:
+        return None, False  # events of a job the projection never saw (deleted): nothing to update
+    job.last_seq = seq
+    finished = JobStatus(job.status).terminal
+    if event.attempt < job.attempt or (finished and event.attempt == job.attempt):
+        return job, False
+    if finished and not isinstance(event, Started | Retrying | CancelRequested):
+        return job, False
+    match event:
+        case Started():
+            job.status, job.attempt, job.worker = JobStatus.RUNNING, event.attempt, event.worker
+            job.started_at, job.progress, job.current_step = event.ts, 0.0, "started"
+            job.error = job.completed_at = None
+        case Progress():
+            job.status, job.progress, job.current_step = JobStatus.RUNNING, event.progress, event.step
+        case Retrying():
+            job.status, job.attempt, job.error = JobStatus.RETRYING, event.attempt, event.error
+            job.current_step = f"retrying in {event.delay_s:.1f} s: {event.error}"
+        case CancelRequested():
+            job.current_step = "cancel requested"
+        case Completed():
+            job.status, job.result, job.progress = JobStatus.COMPLETED, event.result, 100.0
+            job.current_step = "completed"
+        case Failed():
+            job.status, job.error, job.current_step = JobStatus.FAILED, event.error, "failed"
+        case _:  # Cancelled
+            job.status, job.current_step = JobStatus.CANCELLED, "cancelled"
+    if is_terminal(event):
+        job.attempt, job.completed_at = max(job.attempt, event.attempt), event.ts
+    job.updated_at = event.ts
+    return job, is_terminal(event)
+
+
+class Projection:
+    """Applies the JOBS stream to SQLite and wakes whoever waits on it."""
+
+    def __init__(self, db: Database, hub: Hub) -> None:
+        self.db = db
+        self.hub = hub
+        self.applied_seq = 0
+        self.caught_up = asyncio.Event()
+        """Set once everything in the stream at start-up has been applied."""
+        self.catch_up_to = 0
+        """The stream's last sequence when the projection started."""
+        self._queue: asyncio.Queue[Msg] = asyncio.Queue()
+        self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._counter = itertools.count()
+        self._task: asyncio.Task[None] | None = None
+        self._sub: NatsSubscription | None = None
+
+    async def start(self, js: JetStreamContext) -> None:
+        """Resume from the bookmark and follow the stream."""
+        async with self.db.session() as session:
+            bookmark = await session.get(BookmarkRow, BOOKMARK)
+            self.applied_seq = bookmark.last_seq if bookmark else 0
+        info = await js.stream_info(STREAM)
+        self.catch_up_to = info.state.last_seq
+        if self.applied_seq > self.catch_up_to:
+            log.warning(
+                "database bookmark %d is ahead of the stream (%d): was the NATS store replaced?",
+                self.applied_seq, self.catch_up_to,
+            )  # fmt: skip
+        self._mark_caught_up()
+        start = max(self.applied_seq + 1, info.state.first_seq or 1)
+        self._task = asyncio.create_task(self._run(), name="projection")
+        self._sub = await js.subscribe(
+            ALL_SUBJECTS,
+            ordered_consumer=True,
+            cb=self._enqueue,
+            config=js_api.ConsumerConfig(
+                deliver_policy=js_api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start
+            ),
+            pending_msgs_limit=1_000_000,
+        )
+        log.info("projection resumes after seq %d; stream is at %d", self.applied_seq, self.catch_up_to)
+
+    async def stop(self) -> None:
+        """Stop following; what was applied stays applied."""
+        if self._sub is not None:
+            try:
+                await self._sub.unsubscribe()
+            except Exception as exc:  # the connection may already be gone
+                log.debug("unsubscribe: %s", exc)
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        for _, _, future in self._waiters:
+            future.cancel()
+
+    async def wait_for(self, seq: int, timeout: float) -> None:
+        """Return once `seq` has been applied; raises TimeoutError."""
+        if seq <= self.applied_seq:
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiters, (seq, next(self._counter), future))
+        await asyncio.wait_for(future, timeout)
+
+    async def _enqueue(self, msg: Msg) -> None:
+        self._queue.put_nowait(msg)
+
+    async def _run(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < MAX_BATCH and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            delay = 0.05
+            while True:
+                try:
+                    applied = await self._apply(batch)
+                    break
+                except OperationalError as exc:  # e.g. the disk is full or the file is locked
+                    log.error("applying %d event(s) failed, retrying: %s", len(batch), exc)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+            for item in applied:
+                self.hub.publish(item)
+            self._wake()
+            self._mark_caught_up()
+
+    async def _apply(self, batch: list[Msg]) -> list[Applied]:
+        applied: list[Applied] = []
+        last = self.applied_seq
+        rows: dict[str, JobRow | None] = {}
+        async with self.db.session() as session, session.begin():
+            for msg in batch:
+                seq = msg.metadata.sequence.stream
+                if seq <= last:
+                    continue
+                last = seq
+                try:
+                    event = decode_event(msg.data)
+                except msgspec.MsgspecError as exc:
+                    log.warning("seq %d on %s is not a jobcast event: %s", seq, msg.subject, exc)
+                    continue
+                if event.job_id not in rows:
+                    rows[event.job_id] = await session.get(JobRow, event.job_id)
+                before = rows[event.job_id]
+                job, ends = fold(before, event, seq)
+                if job is None:
+                    continue
+                if before is None:
+                    session.add(job)
+                    rows[event.job_id] = job
+                payload = _envelope_encoder.encode(EventEnvelope(
+                    seq=seq, job_id=job.id, kind=event.kind, status=job.status, progress=job.progress,
+                    current_step=job.current_step, attempt=event.attempt, ts=event.ts,
+                    event=msgspec.Raw(msg.data),
+                ))  # fmt: skip
+                session.add(EventRow(seq=seq, job_id=job.id, kind=event.kind, payload=payload))
+                applied.append(Applied(seq, job.id, job.owner, event.kind, job.status, ends, payload))
+            if last > self.applied_seq:
+                await session.merge(BookmarkRow(name=BOOKMARK, last_seq=last))
+        self.applied_seq = last
+        return applied
+
+    def _wake(self) -> None:
+        while self._waiters and self._waiters[0][0] <= self.applied_seq:
+            _, _, future = heapq.heappop(self._waiters)
+            if not future.done():
+                future.set_result(None)
+
+    def _mark_caught_up(self) -> None:
+        if not self.caught_up.is_set() and self.applied_seq >= self.catch_up_to:
+            self.caught_up.set()

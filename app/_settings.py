@@ -1,0 +1,53 @@
+"""API settings: one typed object, read from the environment once."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+
+def _env_float(name: str, default: float) -> float:
+    value = os.environ.get(name)
+    return float(value) if value else default
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return int(value) if value else default
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything the API process reads from its environment."""
+
+    data_dir: Path = field(default_factory=lambda: Path(os.environ.get("JOBCAST_DATA_DIR", "jobcast-data")))
+    """JOBCAST_DATA_DIR: where the SQLite database (and, under `serve`, the NATS store) live."""
+    nats_url: str = field(default_factory=lambda: os.environ.get("JOBCAST_NATS_URL", "nats://127.0.0.1:4222"))
+    """JOBCAST_NATS_URL: the NATS server or cluster the API publishes to."""
+    database_url: str = field(default_factory=lambda: os.environ.get("JOBCAST_DATABASE_URL", ""))
+    """JOBCAST_DATABASE_URL: SQLAlchemy URL; empty means sqlite+aiosqlite under the data dir."""
+    host: str = field(default_factory=lambda: os.environ.get("JOBCAST_HOST", "127.0.0.1"))
+    """JOBCAST_HOST: address the API binds."""
+    port: int = field(default_factory=lambda: _env_int("JOBCAST_PORT", 8000))
+    """JOBCAST_PORT: port the API binds."""
+    local_owner: str = field(default_factory=lambda: os.environ.get("JOBCAST_LOCAL_OWNER", "local"))
+    """JOBCAST_LOCAL_OWNER: the owner of every job while no API keys are configured."""
+    sse_ping_s: float = field(default_factory=lambda: _env_float("JOBCAST_SSE_PING_S", 15.0))
+    """JOBCAST_SSE_PING_S: keep-alive comment interval on idle SSE streams."""
+    submit_timeout_s: float = field(default_factory=lambda: _env_float("JOBCAST_SUBMIT_TIMEOUT_S", 10.0))
+    """JOBCAST_SUBMIT_TIMEOUT_S: how long a submit waits for its own projection before 503."""
+    max_page_size: int = 500
+    """Upper bound of `limit` on list endpoints."""
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        """The database URL, defaulting to a file in the data dir."""
+        return self.database_url or f"sqlite+aiosqlite:///{(self.data_dir / 'jobcast.db').resolve()}"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return Settings()

@@ -1,0 +1,68 @@
+"""The Compileo jobs API (seed 004): status, long-poll and a status stream, in its shapes."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+import msgspec
+from litestar import Controller, get
+from litestar.di import Provide
+from litestar.params import Parameter
+from litestar.response import ServerSentEvent, ServerSentEventMessage
+
+from app._deps import provide_owner, provide_service
+from app._jobs import JobService, compileo_status, compileo_update
+from app._schemas import JobStatusView, StatusUpdate
+from app.controllers.live import SSE_HEADERS
+from streams import JobStatus
+
+_encoder = msgspec.json.Encoder()
+
+
+class CompileoController(Controller):
+    """Job status in Compileo's shape."""
+
+    path = "/api/v1/jobs/status"
+    tags = ["compileo"]
+    dependencies = {"service": Provide(provide_service, sync_to_thread=False),
+                    "owner": Provide(provide_owner, sync_to_thread=False)}  # fmt: skip
+
+    @get("/{job_id:str}", operation_id="getJobStatus")
+    async def status(self, job_id: str, service: JobService, owner: str) -> JobStatusView:
+        """The job's current status."""
+        return compileo_status(await service.get(job_id, owner))
+
+    @get("/{job_id:str}/poll", operation_id="pollJobStatus")
+    async def poll(
+        self,
+        job_id: str,
+        service: JobService,
+        owner: str,
+        timeout: Annotated[float, Parameter(ge=1, le=300)] = 30,
+        current_status: JobStatus | None = None,
+    ) -> JobStatusView:
+        """Returns as soon as the status differs from `current_status`, or at the timeout."""
+        return compileo_status(await service.wait_change(job_id, owner, timeout, current_status, None))
+
+    @get("/{job_id:str}/stream", operation_id="streamJobStatus")
+    async def stream(self, job_id: str, service: JobService, owner: str) -> ServerSentEvent:
+        """SSE of status snapshots (`data:` lines only), from now until the job ends."""
+        job = await service.get(job_id, owner)
+
+        async def updates() -> AsyncIterator[ServerSentEventMessage]:
+            current = compileo_status(job)
+            first = StatusUpdate(
+                job_id=job.id, status=current.status, progress=job.progress, current_step=job.current_step,
+                timestamp=job.updated_at, result=job.result if current.status == JobStatus.COMPLETED else None,
+                error=job.error if current.status == JobStatus.FAILED else None,
+            )  # fmt: skip
+            yield ServerSentEventMessage(data=_encoder.encode(first).decode())
+            async for item in service.follow(job_id, owner, job.last_event_id):
+                if item is None:
+                    yield ServerSentEventMessage(comment="ping", data=None)
+                    continue
+                final = await service.get(job_id, owner) if item.ends else job
+                yield ServerSentEventMessage(data=_encoder.encode(compileo_update(item.payload, final)).decode())
+
+        return ServerSentEvent(updates(), headers=SSE_HEADERS)

@@ -1,0 +1,82 @@
+"""`jobcast` command line. Imports the API or worker code only for the subcommand that runs it."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+from pathlib import Path
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from jobcast.supervisor import Supervisor, default_pools
+
+    pools = args.pools.split(",") if args.pools else default_pools()
+    supervisor = Supervisor(Path(args.data_dir), args.host, args.port, args.nats_port, pools)
+    asyncio.run(supervisor.run())
+    return 0
+
+
+def _api(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from app import Settings, create_app
+
+    settings = Settings()
+    host = args.host or settings.host
+    port = args.port or settings.port
+    config = uvicorn.Config(
+        create_app(settings), host=host, port=port, lifespan="on", log_level=args.log_level.lower(),
+        access_log=False, ws_max_size=64 * 1024, timeout_graceful_shutdown=5,
+    )  # fmt: skip
+    uvicorn.Server(config).run()
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from workers import Worker, WorkerSettings
+
+    async def run() -> None:
+        worker = Worker(WorkerSettings(pool=args.pool, concurrency=args.concurrency))
+        worker.install_signal_handlers()
+        await worker.run()
+
+    asyncio.run(run())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(prog="jobcast", description="A self-hosted job server on NATS JetStream.")
+    parser.add_argument("--log-level", default=os.environ.get("JOBCAST_LOG_LEVEL", "INFO"))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run NATS, the API and one worker per pool on this machine")
+    serve.add_argument("--host", default=os.environ.get("JOBCAST_HOST", "127.0.0.1"))
+    serve.add_argument("--port", type=int, default=int(os.environ.get("JOBCAST_PORT", "8000")))
+    serve.add_argument("--data-dir", default=os.environ.get("JOBCAST_DATA_DIR", "jobcast-data"))
+    serve.add_argument("--nats-port", type=int, default=0, help="embedded NATS client port (0: a free one)")
+    serve.add_argument("--pools", default="", help="comma-separated pools to run workers for (default: all)")
+    serve.set_defaults(func=_serve)
+
+    api = sub.add_parser("api", help="run the HTTP API against JOBCAST_NATS_URL")
+    api.add_argument("--host", default=None)
+    api.add_argument("--port", type=int, default=None)
+    api.set_defaults(func=_api)
+
+    worker = sub.add_parser("worker", help="run a worker of one pool against JOBCAST_NATS_URL")
+    worker.add_argument("--pool", required=True, choices=["gpu", "cpu", "llm"])
+    worker.add_argument("--concurrency", type=int, default=0, help="jobs at once (default: the pool's)")
+    worker.set_defaults(func=_worker)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `jobcast` console script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    result: int = args.func(args)
+    return result

@@ -1,0 +1,92 @@
+"""Stream and consumer configuration, as data.
+
+Every process calls `ensure_stream`; the definitions below are the only source of
+truth for how JetStream keeps jobs.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from nats.js import JetStreamContext
+from nats.js import api as js_api
+from nats.js.errors import BadRequestError
+
+from streams._subjects import ALL_SUBJECTS, STREAM, pool_submissions
+
+
+class Pool(enum.StrEnum):
+    """Worker pools: each has its own durable consumer."""
+
+    GPU = "gpu"
+    CPU = "cpu"
+    LLM = "llm"
+
+
+JOBS_STREAM = js_api.StreamConfig(
+    name=STREAM,
+    description="jobcast: job submissions, lifecycle events and control messages",
+    subjects=[ALL_SUBJECTS],
+    # Limits retention: the stream is the log the API's SQLite projection is rebuilt
+    # from, so messages stay after workers ack them.
+    retention=js_api.RetentionPolicy.LIMITS,
+    storage=js_api.StorageType.FILE,
+    # A re-sent publish with the same Nats-Msg-Id inside this window is dropped by the
+    # server: this is what makes an API retry after a lost PubAck harmless.
+    duplicate_window=120.0,
+    # Direct gets let workers read the last control/event message of a job cheaply.
+    allow_direct=True,
+    discard=js_api.DiscardPolicy.OLD,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerConsumer:
+    """The durable pull consumer a pool's workers share."""
+
+    pool: str
+    ack_wait_s: float = 30.0
+    """Unacked this long, a message is redelivered. Workers send in_progress() every
+    ack_wait/3 while a job runs, so only a dead worker lets it expire."""
+    max_deliver: int = 20
+    """Server-side backstop. The per-job limit is `max_attempts`, enforced by the worker,
+    which fails a job whose deliveries exceed it (e.g. a job that kills its worker)."""
+    max_ack_pending: int = 1000
+    """Jobs handed out but not yet acked, across all workers of the pool."""
+
+    @property
+    def durable(self) -> str:
+        """Durable name: worker processes of one pool share it and survive restarts."""
+        return f"workers-{self.pool}"
+
+    def config(self) -> js_api.ConsumerConfig:
+        """The ConsumerConfig for this pool."""
+        # BackOff drives redelivery after an ack timeout (a dead worker): the first
+        # step equals AckWait, later ones grow so a crash loop does not spin.
+        backoff = [self.ack_wait_s * (2**i) for i in range(min(self.max_deliver - 1, 6))]
+        return js_api.ConsumerConfig(
+            durable_name=self.durable,
+            filter_subject=pool_submissions(self.pool),
+            ack_policy=js_api.AckPolicy.EXPLICIT,
+            deliver_policy=js_api.DeliverPolicy.ALL,
+            ack_wait=self.ack_wait_s,
+            max_deliver=self.max_deliver,
+            backoff=backoff,
+            max_ack_pending=self.max_ack_pending,
+            max_waiting=512,
+        )
+
+
+async def ensure_stream(js: JetStreamContext) -> None:
+    """Create the JOBS stream, or bring an existing one in line with JOBS_STREAM."""
+    try:
+        await js.add_stream(config=JOBS_STREAM)
+    except BadRequestError:
+        await js.update_stream(config=JOBS_STREAM)
+
+
+async def ensure_consumer(js: JetStreamContext, consumer: WorkerConsumer) -> None:
+    """Create a pool's durable consumer; the server updates an existing one in place."""
+    # Never delete and recreate: a fresh consumer would redeliver every job ever run.
+    await js.add_consumer(STREAM, config=consumer.config())

@@ -1,0 +1,37 @@
+"""Connecting to NATS the same way from every process."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import nats
+from nats.aio.client import Client
+
+log = logging.getLogger("jobcast.nats")
+
+
+async def connect(url: str, name: str, **options: Any) -> Client:
+    """Connect with reconnects forever: a broker restart must not end a process."""
+
+    async def on_error(exc: Exception) -> None:
+        log.warning("nats: %s", exc)
+
+    async def on_disconnected() -> None:
+        log.warning("nats: disconnected from %s", url)
+
+    async def on_reconnected() -> None:
+        log.info("nats: reconnected to %s", url)
+
+    return await nats.connect(
+        url,
+        name=name,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.5,
+        connect_timeout=5,
+        allow_reconnect=True,
+        error_cb=on_error,
+        disconnected_cb=on_disconnected,
+        reconnected_cb=on_reconnected,
+        **options,
+    )

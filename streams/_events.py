@@ -1,0 +1,152 @@
+"""Wire payloads of the JOBS stream: one tagged struct per event kind, one union, one codec.
+
+JSON on the wire so `nats stream view JOBS` shows readable events; the tag field is
+`kind`. Schemas evolve by appending fields with defaults, never by retyping.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+import msgspec
+
+
+class JobStatus(enum.StrEnum):
+    """Statuses as clients see them."""
+
+    PENDING = "pending"
+    SCHEDULED = "scheduled"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    RETRYING = "retrying"
+
+    @property
+    def terminal(self) -> bool:
+        """Terminal states change only through an explicit retry."""
+        return self in TERMINAL_STATUSES
+
+
+TERMINAL_STATUSES = frozenset({JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED})
+ACTIVE_STATUSES = frozenset(set(JobStatus) - TERMINAL_STATUSES)
+
+
+def utcnow() -> datetime:
+    """Timezone-aware now, the only clock events use."""
+    return datetime.now(UTC)
+
+
+class _Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind"):
+    job_id: str
+    attempt: int = 1
+    ts: datetime = msgspec.field(default_factory=utcnow)
+
+    status: ClassVar[JobStatus | None] = None
+    """The status a job takes when this event applies; None leaves it unchanged."""
+
+    @property
+    def kind(self) -> str:
+        """The event's tag, as on the wire."""
+        return type(self).__struct_config__.tag  # type: ignore[return-value]
+
+
+class Submitted(_Event, frozen=True, tag="submitted"):
+    """The full job spec; published once per attempt on jobs.submit.<pool>.<id>."""
+
+    type: str
+    pool: str
+    owner: str
+    params: dict[str, Any] = {}
+    title: str = ""
+    description: str = ""
+    file_id: str | None = None
+    parent_id: str | None = None
+    max_attempts: int = 3
+    priority: int = 0
+    created_at: datetime = msgspec.field(default_factory=utcnow)
+
+    status = JobStatus.PENDING
+
+
+class Started(_Event, frozen=True, tag="started"):
+    """A worker took the job; `delivery` counts JetStream deliveries of this attempt's message."""
+
+    worker: str
+    delivery: int = 1
+
+    status = JobStatus.RUNNING
+
+
+class Progress(_Event, frozen=True, tag="progress"):
+    """Throttled progress: percent 0-100 and a human-readable step."""
+
+    progress: float
+    step: str = ""
+
+    status = JobStatus.RUNNING
+
+
+class Completed(_Event, frozen=True, tag="completed"):
+    """The job succeeded; `result` is operation specific."""
+
+    result: dict[str, Any] | None = None
+
+    status = JobStatus.COMPLETED
+
+
+class Failed(_Event, frozen=True, tag="failed"):
+    """The job failed for good (permanent error, or its attempts ran out)."""
+
+    error: str
+
+    status = JobStatus.FAILED
+
+
+class Retrying(_Event, frozen=True, tag="retrying"):
+    """A transient failure; the job comes back after `delay_s`."""
+
+    error: str
+    delay_s: float = 0.0
+
+    status = JobStatus.RETRYING
+
+
+class CancelRequested(_Event, frozen=True, tag="cancel_requested"):
+    """Someone asked to cancel; published on jobs.control.<id>."""
+
+    reason: str = ""
+
+
+class Cancelled(_Event, frozen=True, tag="cancelled"):
+    """The job stopped because it was cancelled."""
+
+    reason: str = ""
+
+    status = JobStatus.CANCELLED
+
+
+Event = Submitted | Started | Progress | Completed | Failed | Retrying | CancelRequested | Cancelled
+"""Everything that travels on the JOBS stream."""
+
+TERMINAL_EVENTS = (Completed, Failed, Cancelled)
+
+_encoder = msgspec.json.Encoder()
+_decoder: msgspec.json.Decoder[Event] = msgspec.json.Decoder(Event)
+
+
+def encode_event(event: Event) -> bytes:
+    """Encode an event as JSON."""
+    return _encoder.encode(event)
+
+
+def decode_event(data: bytes) -> Event:
+    """Decode an event; raises msgspec.DecodeError / ValidationError on a foreign payload."""
+    return _decoder.decode(data)
+
+
+def is_terminal(event: Event) -> bool:
+    """Whether the event ends its attempt."""
+    return isinstance(event, TERMINAL_EVENTS)

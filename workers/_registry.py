@@ -1,0 +1,19 @@
+"""Operation type -> handler. The pool of each type is in streams.OPERATIONS."""
+
+from __future__ import annotations
+
+from streams import OPERATIONS
+from workers._context import Handler
+from workers.noop import noop
+
+HANDLERS: dict[str, Handler] = {
+    "noop": noop,
+}
+
+_missing = set(OPERATIONS) - set(HANDLERS)
+assert not _missing, f"operations without a handler: {_missing}"
+
+
+def handlers_for_pool(pool: str) -> dict[str, Handler]:
+    """The handlers whose operations run on `pool`."""
+    return {name: h for name, h in HANDLERS.items() if OPERATIONS[name].pool == pool}

@@ -1,0 +1,311 @@
+"""The worker runtime: a durable pull consumer per pool, a fetch loop, heartbeats, shutdown.
+
+One message on jobs.submit.<pool>.<id> is one job attempt. The worker publishes
+`started`, throttled `progress`, then `completed` / `failed` / `retrying` / `cancelled`,
+and acks only after that terminal event is stored, so a worker killed at any point
+loses nothing: the message is redelivered and the next worker carries on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import signal
+from typing import Any
+
+import msgspec
+import nats.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
+
+from streams import (
+    ALL_CONTROL,
+    JOB_HEADER,
+    KIND_HEADER,
+    STREAM,
+    CancelRequested,
+    Cancelled,
+    Completed,
+    Event,
+    Failed,
+    Progress,
+    Retrying,
+    Started,
+    Submitted,
+    WorkerConsumer,
+    connect,
+    control_subject,
+    decode_event,
+    encode_event,
+    ensure_consumer,
+    ensure_stream,
+    events_subject,
+    is_terminal,
+    job_id_of,
+)
+from workers._context import Handler, JobContext, Reporter
+from workers._errors import JobCancelledError, PermanentError, Retry
+from workers._registry import handlers_for_pool
+from workers._settings import WorkerSettings
+
+log = logging.getLogger("jobcast.worker")
+
+
+class _Running:
+    """A job this worker is running now."""
+
+    def __init__(self, ctx: JobContext, task: asyncio.Task[dict[str, Any] | None]) -> None:
+        self.ctx = ctx
+        self.task = task
+        self.cancel_reason: str | None = None
+        self.shutdown = False
+
+
+class Worker:
+    """Takes jobs of one pool from JetStream and runs them, `settings.slots` at a time."""
+
+    def __init__(self, settings: WorkerSettings, handlers: dict[str, Handler] | None = None) -> None:
+        self.settings = settings
+        self.handlers = handlers if handlers is not None else handlers_for_pool(settings.pool)
+        self.consumer = WorkerConsumer(pool=settings.pool, ack_wait_s=settings.ack_wait_s)
+        self.nc: Client | None = None
+        self.js: JetStreamContext | None = None
+        self._running: dict[str, _Running] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stopping = asyncio.Event()
+        self._slot_free = asyncio.Event()
+        self.ready = asyncio.Event()
+        """Set once the consumer exists and the fetch loop runs."""
+
+    # lifecycle ---------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """Stop fetching; running jobs get `grace_s` to finish (arq's SIGTERM behaviour)."""
+        self._stopping.set()
+        self._slot_free.set()
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM / SIGINT start a graceful stop."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+
+    async def run(self) -> None:
+        """Connect, consume until asked to stop, then shut down within the grace period."""
+        self.nc = await connect(self.settings.nats_url, name=f"jobcast-worker-{self.settings.pool}")
+        self.js = self.nc.jetstream()
+        try:
+            await ensure_stream(self.js)
+            await ensure_consumer(self.js, self.consumer)
+            await self.nc.subscribe(ALL_CONTROL, cb=self._on_control)
+            psub = await self.js.pull_subscribe_bind(durable=self.consumer.durable, stream=STREAM)
+            self.ready.set()
+            log.info("worker %s: pool %s, %d slot(s)", self.settings.name, self.settings.pool, self.settings.slots)
+            await self._fetch_loop(psub)
+            await self._shutdown()
+        finally:
+            with contextlib.suppress(Exception):
+                await self.nc.drain()
+
+    async def _fetch_loop(self, psub: JetStreamContext.PullSubscription) -> None:
+        while not self._stopping.is_set():
+            free = self.settings.slots - len(self._running)
+            if free <= 0:
+                self._slot_free.clear()
+                await self._slot_free.wait()
+                continue
+            try:
+                msgs = await psub.fetch(batch=free, timeout=1.0)
+            except nats.errors.TimeoutError:
+                continue
+            except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError):
+                await asyncio.sleep(0.5)
+                continue
+            except nats.errors.Error as exc:
+                log.warning("fetch failed: %s", exc)
+                await asyncio.sleep(0.5)
+                continue
+            for msg in msgs:
+                if self._stopping.is_set():
+                    await msg.nak()
+                    continue
+                self._spawn(self._process(msg))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _shutdown(self) -> None:
+        if self._running:
+            log.info("stopping: %d job(s) get %.0f s to finish", len(self._running), self.settings.grace_s)
+            _, pending = await asyncio.wait(
+                [r.task for r in self._running.values()], timeout=self.settings.grace_s
+            )
+            for running in list(self._running.values()):
+                if running.task in pending:
+                    running.shutdown = True
+                    running.task.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=10)
+
+    # one job -----------------------------------------------------------------------
+
+    async def _process(self, msg: Msg) -> None:
+        try:
+            job = decode_event(msg.data)
+        except msgspec.MsgspecError as exc:
+            log.error("dropping undecodable message on %s: %s", msg.subject, exc)
+            await msg.term()
+            return
+        if not isinstance(job, Submitted):
+            await msg.term()
+            return
+        delivery = msg.metadata.num_delivered or 1
+        attempt = job.attempt + delivery - 1
+        handler = self.handlers.get(job.type)
+
+        cancel, last = await asyncio.gather(
+            self._last(control_subject(job.job_id)), self._last(events_subject(job.job_id))
+        )
+        if last is not None and is_terminal(last) and last.attempt >= job.attempt:
+            # Finished before its ack got through (the worker died in between): only ack.
+            await msg.ack()
+            return
+        if isinstance(cancel, CancelRequested) and cancel.attempt >= job.attempt:
+            await self._finish(msg, Cancelled(job_id=job.job_id, attempt=attempt, reason=cancel.reason))
+            return
+        if delivery > job.max_attempts:
+            await self._finish(msg, Failed(
+                job_id=job.job_id, attempt=attempt - 1,
+                error=f"gave up after {job.max_attempts} attempt(s): the worker running it stopped "
+                "without finishing (crash, kill or lost connection)",
+            ))  # fmt: skip
+            return
+        if handler is None:
+            await self._finish(msg, Failed(
+                job_id=job.job_id, attempt=attempt,
+                error=f"no handler for operation {job.type!r} in pool {self.settings.pool!r}",
+            ))  # fmt: skip
+            return
+
+        await self._publish(Started(job_id=job.job_id, attempt=attempt, worker=self.settings.name, delivery=delivery))
+
+        async def publish_progress(percent: float, step: str) -> None:
+            with contextlib.suppress(nats.errors.Error):
+                await self._publish(Progress(job_id=job.job_id, attempt=attempt, progress=percent, step=step))
+
+        reporter = Reporter(publish_progress, asyncio.get_running_loop())
+        ctx = JobContext(job, attempt=attempt, delivery=delivery, reporter=reporter)
+        running = _Running(ctx, asyncio.create_task(handler(ctx)))
+        self._running[job.job_id] = running
+        heartbeat = asyncio.create_task(self._heartbeat(msg))
+        try:
+            outcome = await self._outcome(running, job, attempt, delivery)
+            await reporter.flush()
+            if isinstance(outcome, Retrying):
+                await self._publish_reliably(outcome)
+                await msg.nak(delay=outcome.delay_s)
+            else:
+                await self._finish(msg, outcome)
+        finally:
+            heartbeat.cancel()
+            self._running.pop(job.job_id, None)
+            self._slot_free.set()
+
+    async def _outcome(self, running: _Running, job: Submitted, attempt: int, delivery: int) -> Event:
+        ids: dict[str, Any] = {"job_id": job.job_id, "attempt": attempt}
+        try:
+            result = await running.task
+        except asyncio.CancelledError:
+            if running.shutdown:
+                return Retrying(**ids, error="worker shutting down; the job will run again", delay_s=0.0)
+            if running.cancel_reason is None:
+                raise
+            return Cancelled(**ids, reason=running.cancel_reason)
+        except JobCancelledError:
+            return Cancelled(**ids, reason=running.cancel_reason or "cancelled")
+        except PermanentError as exc:
+            return Failed(**ids, error=str(exc) or type(exc).__name__)
+        except Exception as exc:
+            error = str(exc) or type(exc).__name__
+            if not isinstance(exc, Retry):
+                log.exception("job %s (%s) raised", job.job_id, job.type)
+                error = f"{type(exc).__name__}: {error}"
+            if delivery >= job.max_attempts:
+                return Failed(**ids, error=f"{error} (gave up after {delivery} attempt(s))")
+            defer = exc.defer if isinstance(exc, Retry) else None
+            return Retrying(**ids, error=error, delay_s=self._backoff(delivery) if defer is None else defer)
+        if running.cancel_reason is not None:
+            return Cancelled(**ids, reason=running.cancel_reason)
+        return Completed(**ids, result=result)
+
+    def _backoff(self, delivery: int) -> float:
+        """Exponential backoff with full jitter in its upper half."""
+        ceiling = min(self.settings.retry_max_s, self.settings.retry_base_s * 2 ** (delivery - 1))
+        return round(random.uniform(ceiling / 2, ceiling), 3)
+
+    async def _finish(self, msg: Msg, event: Event) -> None:
+        await self._publish_reliably(event)
+        await msg.ack()
+
+    async def _heartbeat(self, msg: Msg) -> None:
+        interval = max(0.2, self.settings.ack_wait_s / 3)
+        while True:
+            await asyncio.sleep(interval)
+            with contextlib.suppress(nats.errors.Error):
+                await msg.in_progress()
+
+    # cancellation ------------------------------------------------------------------
+
+    async def _on_control(self, msg: Msg) -> None:
+        running = self._running.get(job_id_of(msg.subject))
+        if running is None:
+            return
+        try:
+            event = decode_event(msg.data)
+        except msgspec.MsgspecError:
+            return
+        if not isinstance(event, CancelRequested) or event.attempt < running.ctx.job.attempt:
+            return
+        running.cancel_reason = event.reason or "cancelled"
+        running.ctx.cancelled.set()
+        # A handler that does not notice within the grace period is stopped outright.
+        asyncio.get_running_loop().call_later(self.settings.cancel_grace_s, running.task.cancel)
+
+    # publishing ----------------------------------------------------------------------
+
+    async def _last(self, subject: str) -> Event | None:
+        assert self.js is not None
+        try:
+            raw = await self.js.get_last_msg(STREAM, subject, direct=True)
+        except NotFoundError:
+            return None
+        try:
+            return decode_event(raw.data or b"")
+        except msgspec.MsgspecError:
+            return None
+
+    async def _publish(self, event: Event, msg_id: str | None = None) -> None:
+        assert self.js is not None
+        headers = {KIND_HEADER: event.kind, JOB_HEADER: event.job_id}
+        if msg_id is not None:
+            headers["Nats-Msg-Id"] = msg_id
+        await self.js.publish(events_subject(event.job_id), encode_event(event), headers=headers)
+
+    async def _publish_reliably(self, event: Event) -> None:
+        """Publish a terminal event, riding out a broker restart; the msg id makes retries safe."""
+        msg_id = f"{event.job_id}:{event.attempt}:{event.kind}"
+        delay = 0.1
+        while True:
+            try:
+                await self._publish(event, msg_id=msg_id)
+                return
+            except (nats.errors.Error, TimeoutError) as exc:
+                log.warning("publishing %s for %s failed (%s); retrying", event.kind, event.job_id, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)

@@ -1,0 +1,52 @@
+"""Worker settings, read from the environment once."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+
+
+def _env_float(name: str, default: float) -> float:
+    value = os.environ.get(name)
+    return float(value) if value else default
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return int(value) if value else default
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSettings:
+    """How a worker process connects and paces itself."""
+
+    pool: str = "cpu"
+    """The pool whose jobs this worker takes (gpu, cpu, llm)."""
+    nats_url: str = field(default_factory=lambda: os.environ.get("JOBCAST_NATS_URL", "nats://127.0.0.1:4222"))
+    """JOBCAST_NATS_URL: the NATS server or cluster."""
+    concurrency: int = 0
+    """Jobs run at once; 0 means the pool's default (1 for gpu/cpu, MAX_LLM_CONCURRENCY for llm)."""
+    ack_wait_s: float = field(default_factory=lambda: _env_float("JOBCAST_ACK_WAIT_S", 30.0))
+    """JOBCAST_ACK_WAIT_S: how long a dead worker's job waits before it is redelivered."""
+    grace_s: float = field(default_factory=lambda: _env_float("JOBCAST_WORKER_GRACE_S", 30.0))
+    """JOBCAST_WORKER_GRACE_S: on SIGTERM, how long running jobs may finish before they are requeued."""
+    cancel_grace_s: float = 1.0
+    """After a cancel request, how long a handler may take to notice before its task is cancelled."""
+    llm_concurrency: int = field(
+        default_factory=lambda: _env_int("MAX_LLM_CONCURRENCY", _env_int("JOBCAST_LLM_CONCURRENCY", 4))
+    )
+    """MAX_LLM_CONCURRENCY: jobs (and LLM chunks) in flight at once in the llm pool."""
+    retry_base_s: float = field(default_factory=lambda: _env_float("JOBCAST_RETRY_BASE_S", 2.0))
+    """JOBCAST_RETRY_BASE_S: first backoff step for transient failures (doubles, with jitter)."""
+    retry_max_s: float = 300.0
+    """Longest backoff between two attempts."""
+    name: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+    """Shown in `started` events as the worker that took the job."""
+
+    @property
+    def slots(self) -> int:
+        """How many jobs run at once."""
+        if self.concurrency > 0:
+            return self.concurrency
+        return self.llm_concurrency if self.pool == "llm" else 1
