@@ -20,7 +20,7 @@ from app.controllers.compileo import CompileoController
 from app.controllers.health import HealthController
 from app.controllers.jobs import JobController
 from app.controllers.live import LiveController
-from streams import JobcastError, connect, ensure_stream
+from streams import JobcastError, close_quietly, connect, ensure_stream
 
 log = logging.getLogger("jobcast.api")
 
@@ -48,7 +48,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         finally:
             if projection is not None:
                 await projection.stop()
-            await nc.drain()
+            await close_quietly(nc)
             await db.dispose()
 
     return Litestar(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from litestar.datastructures import State
+from litestar.di import NamedDependency
 
 from app._jobs import JobService
 from app._settings import Settings
@@ -24,3 +25,10 @@ def provide_owner(state: State) -> str:
     """Whose jobs the caller sees; one local owner until API keys exist."""
     settings: Settings = state.settings
     return settings.local_owner
+
+
+Service = NamedDependency[JobService]
+"""A handler parameter receiving the JobService."""
+
+Owner = NamedDependency[str]
+"""A handler parameter receiving the caller's owner id."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from litestar import MediaType, Request, Response
 from litestar.exceptions import HTTPException
 from litestar.status_codes import (
@@ -40,9 +42,11 @@ STATUS_CODES: dict[type[Exception], int] = {
 }
 
 
-def jobcast_error_to_http(_: Request[object, object, object], exc: JobcastError) -> Response[dict[str, object]]:
+def jobcast_error_to_http(_: Request[Any, Any, Any], exc: JobcastError) -> Response[dict[str, object]]:
     """Render a jobcast error as `{status_code, detail}`, like Litestar's own errors."""
-    status = next((code for cls, code in STATUS_CODES.items() if isinstance(exc, cls)), HTTP_500_INTERNAL_SERVER_ERROR)
+    status = next(
+        (code for cls, code in STATUS_CODES.items() if isinstance(exc, cls)), HTTP_500_INTERNAL_SERVER_ERROR
+    )
     return Response(
         {"status_code": status, "detail": str(exc)}, status_code=status, media_type=MediaType.JSON
     )

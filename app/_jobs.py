@@ -11,7 +11,7 @@ from typing import Any
 import msgspec
 import nats.errors
 from nats.js import JetStreamContext
-from sqlalchemy import Select, func, select
+from sqlalchemy import func, select
 
 from app._db import Database, EventRow, JobRow
 from app._exceptions import UnavailableError, not_found
@@ -29,6 +29,9 @@ from streams import (
     operation,
     submit_subject,
     validate_params,
+)
+from streams import (
+    TERMINAL_STATUSES as TERMINAL,
 )
 
 _envelope_decoder = msgspec.json.Decoder(EventEnvelope)
@@ -105,9 +108,9 @@ class JobService:
             raise not_found("job", job_id)
         return job_view(row)
 
-    async def list(self, where: JobFilter, limit: int, offset: int) -> JobPage:
+    async def find(self, where: JobFilter, limit: int, offset: int) -> JobPage:
         """A page of jobs, newest first, and the total that match."""
-        query: Select[tuple[JobRow]] = select(JobRow)
+        query = select(JobRow)
         if where.owner is not None:
             query = query.where(JobRow.owner == where.owner)
         statuses = set(where.statuses)
@@ -130,7 +133,9 @@ class JobService:
         async with self.db.session() as session, session.begin():
             rows = list(
                 await session.scalars(
-                    select(EventRow).where(EventRow.job_id == job_id, EventRow.seq > after).order_by(EventRow.seq)
+                    select(EventRow)
+                    .where(EventRow.job_id == job_id, EventRow.seq > after)
+                    .order_by(EventRow.seq)
                 )
             )
             job = await session.get(JobRow, job_id)
@@ -174,7 +179,9 @@ class JobService:
             reference = current_status or job.status
             if since is not None and job.last_event_id > since:
                 return job
-            if since is None and job.status != reference:
+            if since is None and (
+                job.status != reference or (current_status is None and job.status in TERMINAL)
+            ):
                 return job
             deadline = asyncio.get_running_loop().time() + timeout
             while (remaining := deadline - asyncio.get_running_loop().time()) > 0:
@@ -194,7 +201,7 @@ class JobService:
         params = validate_params(spec, body.params)
         job_id = str(uuid.uuid4())
         event = Submitted(
-            job_id=job_id, type=spec.type, pool=spec.pool, owner=owner, params=params, title=body.title,
+            job_id=job_id, type=spec.name, pool=spec.pool, owner=owner, params=params, title=body.title,
             description=body.description, file_id=body.file_id, priority=body.priority,
             max_attempts=body.max_attempts or spec.max_attempts,
         )  # fmt: skip

@@ -28,7 +28,7 @@ def _api(args: argparse.Namespace) -> int:
     port = args.port or settings.port
     config = uvicorn.Config(
         create_app(settings), host=host, port=port, lifespan="on", log_level=args.log_level.lower(),
-        access_log=False, ws_max_size=64 * 1024, timeout_graceful_shutdown=5,
+        access_log=False, ws="websockets-sansio", ws_max_size=64 * 1024, timeout_graceful_shutdown=5,
     )  # fmt: skip
     uvicorn.Server(config).run()
     return 0
@@ -48,7 +48,9 @@ def _worker(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
-    parser = argparse.ArgumentParser(prog="jobcast", description="A self-hosted job server on NATS JetStream.")
+    parser = argparse.ArgumentParser(
+        prog="jobcast", description="A self-hosted job server on NATS JetStream."
+    )
     parser.add_argument("--log-level", default=os.environ.get("JOBCAST_LOG_LEVEL", "INFO"))
     sub = parser.add_subparsers(dest="command", required=True)
 

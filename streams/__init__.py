@@ -1,13 +1,13 @@
 """The contract between the API and the workers: NATS names, configs, payloads, operations."""
 
 from streams._config import JOBS_STREAM, Pool, WorkerConsumer, ensure_consumer, ensure_stream
-from streams._connect import connect
+from streams._connect import close_quietly, connect
 from streams._errors import InvalidParamsError, JobcastError, NatsServerError, UnknownOperationError
 from streams._events import (
     ACTIVE_STATUSES,
     TERMINAL_STATUSES,
-    CancelRequested,
     Cancelled,
+    CancelRequested,
     Completed,
     Event,
     Failed,
@@ -21,7 +21,14 @@ from streams._events import (
     is_terminal,
     utcnow,
 )
-from streams._operations import OPERATIONS, NoopParams, OperationSpec, operation, parse_params, validate_params
+from streams._operations import (
+    OPERATIONS,
+    NoopParams,
+    OperationSpec,
+    operation,
+    parse_params,
+    validate_params,
+)
 from streams._server import NatsServer, nats_server_binary
 from streams._subjects import (
     ALL_CONTROL,
@@ -67,6 +74,7 @@ __all__ = [
     "Submitted",
     "UnknownOperationError",
     "WorkerConsumer",
+    "close_quietly",
     "connect",
     "control_subject",
     "decode_event",

@@ -35,3 +35,13 @@ async def connect(url: str, name: str, **options: Any) -> Client:
         reconnected_cb=on_reconnected,
         **options,
     )
+
+
+async def close_quietly(nc: Client) -> None:
+    """Flush what was published, then close (drain would wait on every subscription)."""
+    try:
+        if nc.is_connected:
+            await nc.flush(timeout=2)
+    except Exception as exc:  # closing anyway
+        log.debug("flush before close: %s", exc)
+    await nc.close()

@@ -36,7 +36,7 @@ class NoopParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 class OperationSpec:
     """What the API needs to know about an operation."""
 
-    type: str
+    name: str
     pool: Pool
     params: type[msgspec.Struct]
     description: str
@@ -45,10 +45,10 @@ class OperationSpec:
 
 
 OPERATIONS: dict[str, OperationSpec] = {
-    spec.type: spec
+    spec.name: spec
     for spec in (
         OperationSpec(
-            type="noop",
+            name="noop",
             pool=Pool.CPU,
             params=NoopParams,
             description="Sleeps through `steps` progress updates; can fail on request.",
@@ -68,7 +68,7 @@ def operation(job_type: str) -> OperationSpec:
 def validate_params(spec: OperationSpec, params: dict[str, Any] | None) -> dict[str, Any]:
     """Params checked against the spec, with defaults filled in; raises InvalidParamsError."""
     try:
-        parsed = msgspec.convert(params or {}, spec.params)
+        parsed: msgspec.Struct = msgspec.convert(params or {}, spec.params)
     except msgspec.ValidationError as exc:
         raise InvalidParamsError(_located(exc)) from None
     result: dict[str, Any] = msgspec.to_builtins(parsed)

@@ -27,8 +27,8 @@ from streams import (
     JOB_HEADER,
     KIND_HEADER,
     STREAM,
-    CancelRequested,
     Cancelled,
+    CancelRequested,
     Completed,
     Event,
     Failed,
@@ -37,6 +37,7 @@ from streams import (
     Started,
     Submitted,
     WorkerConsumer,
+    close_quietly,
     connect,
     control_subject,
     decode_event,
@@ -104,12 +105,13 @@ class Worker:
             await self.nc.subscribe(ALL_CONTROL, cb=self._on_control)
             psub = await self.js.pull_subscribe_bind(durable=self.consumer.durable, stream=STREAM)
             self.ready.set()
-            log.info("worker %s: pool %s, %d slot(s)", self.settings.name, self.settings.pool, self.settings.slots)
+            log.info(
+                "worker %s: pool %s, %d slot(s)", self.settings.name, self.settings.pool, self.settings.slots
+            )
             await self._fetch_loop(psub)
             await self._shutdown()
         finally:
-            with contextlib.suppress(Exception):
-                await self.nc.drain()
+            await close_quietly(self.nc)
 
     async def _fetch_loop(self, psub: JetStreamContext.PullSubscription) -> None:
         while not self._stopping.is_set():
@@ -193,7 +195,9 @@ class Worker:
             ))  # fmt: skip
             return
 
-        await self._publish(Started(job_id=job.job_id, attempt=attempt, worker=self.settings.name, delivery=delivery))
+        await self._publish(
+            Started(job_id=job.job_id, attempt=attempt, worker=self.settings.name, delivery=delivery)
+        )
 
         async def publish_progress(percent: float, step: str) -> None:
             with contextlib.suppress(nats.errors.Error):

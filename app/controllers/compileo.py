@@ -8,11 +8,11 @@ from typing import Annotated
 import msgspec
 from litestar import Controller, get
 from litestar.di import Provide
-from litestar.params import Parameter
+from litestar.params import FromPath, FromQuery, QueryParameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
-from app._deps import provide_owner, provide_service
-from app._jobs import JobService, compileo_status, compileo_update
+from app._deps import Owner, Service, provide_owner, provide_service
+from app._jobs import compileo_status, compileo_update
 from app._schemas import JobStatusView, StatusUpdate
 from app.controllers.live import SSE_HEADERS
 from streams import JobStatus
@@ -29,24 +29,24 @@ class CompileoController(Controller):
                     "owner": Provide(provide_owner, sync_to_thread=False)}  # fmt: skip
 
     @get("/{job_id:str}", operation_id="getJobStatus")
-    async def status(self, job_id: str, service: JobService, owner: str) -> JobStatusView:
+    async def status(self, job_id: FromPath[str], service: Service, owner: Owner) -> JobStatusView:
         """The job's current status."""
         return compileo_status(await service.get(job_id, owner))
 
     @get("/{job_id:str}/poll", operation_id="pollJobStatus")
     async def poll(
         self,
-        job_id: str,
-        service: JobService,
-        owner: str,
-        timeout: Annotated[float, Parameter(ge=1, le=300)] = 30,
-        current_status: JobStatus | None = None,
+        job_id: FromPath[str],
+        service: Service,
+        owner: Owner,
+        timeout: Annotated[float, QueryParameter(ge=1, le=300)] = 30,
+        current_status: FromQuery[JobStatus | None] = None,
     ) -> JobStatusView:
         """Returns as soon as the status differs from `current_status`, or at the timeout."""
         return compileo_status(await service.wait_change(job_id, owner, timeout, current_status, None))
 
     @get("/{job_id:str}/stream", operation_id="streamJobStatus")
-    async def stream(self, job_id: str, service: JobService, owner: str) -> ServerSentEvent:
+    async def stream(self, job_id: FromPath[str], service: Service, owner: Owner) -> ServerSentEvent:
         """SSE of status snapshots (`data:` lines only), from now until the job ends."""
         job = await service.get(job_id, owner)
 
@@ -63,6 +63,8 @@ class CompileoController(Controller):
                     yield ServerSentEventMessage(comment="ping", data=None)
                     continue
                 final = await service.get(job_id, owner) if item.ends else job
-                yield ServerSentEventMessage(data=_encoder.encode(compileo_update(item.payload, final)).decode())
+                yield ServerSentEventMessage(
+                    data=_encoder.encode(compileo_update(item.payload, final)).decode()
+                )
 
         return ServerSentEvent(updates(), headers=SSE_HEADERS)

@@ -29,4 +29,6 @@ class HealthController(Controller):
             status="ready" if connected and caught_up else ("catching up" if connected else "nats unavailable"),
             nats=connected, applied_seq=projection.applied_seq, stream_seq=projection.catch_up_to,
         )  # fmt: skip
-        return Response(body, status_code=HTTP_200_OK if connected and caught_up else HTTP_503_SERVICE_UNAVAILABLE)
+        return Response(
+            body, status_code=HTTP_200_OK if connected and caught_up else HTTP_503_SERVICE_UNAVAILABLE
+        )

@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
-from typing import Annotated
+from collections.abc import AsyncIterator, Coroutine
+from typing import Annotated, Any
 
 import msgspec
 from litestar import Controller, WebSocket, get, websocket
 from litestar.di import Provide
 from litestar.exceptions import WebSocketDisconnect
-from litestar.params import Parameter
+from litestar.params import FromPath, FromQuery, HeaderParameter, QueryParameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
-from app._deps import provide_owner, provide_service
+from app._deps import Owner, Service, provide_owner, provide_service
 from app._exceptions import NotFoundError
 from app._hub import Applied
-from app._jobs import JobService
 from app._schemas import Job, WsCommand
 from streams import JobStatus
 
@@ -25,7 +24,8 @@ _ws_commands = msgspec.json.Decoder(WsCommand)
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 LastEventId = Annotated[
-    int | None, Parameter(header="Last-Event-ID", ge=0, description="Resume after this event id", required=False)
+    int | None,
+    HeaderParameter(name="Last-Event-ID", ge=0, description="Resume after this event id", required=False),
 ]
 
 
@@ -38,7 +38,7 @@ async def sse_events(items: AsyncIterator[Applied | None]) -> AsyncIterator[Serv
             yield ServerSentEventMessage(id=item.seq, event=item.kind, data=item.payload.decode())
 
 
-async def _until_disconnect(socket: WebSocket[object, object, object]) -> None:
+async def _until_disconnect(socket: WebSocket[Any, Any, Any]) -> None:
     with contextlib.suppress(WebSocketDisconnect):
         while True:
             await socket.receive_data(mode="text")
@@ -55,11 +55,11 @@ class LiveController(Controller):
     @get("/jobs/{job_id:str}/events", operation_id="streamJobEvents")
     async def events(
         self,
-        job_id: str,
-        service: JobService,
-        owner: str,
+        job_id: FromPath[str],
+        service: Service,
+        owner: Owner,
         last_event_id: LastEventId = None,
-        after: Annotated[int | None, Parameter(ge=0, description="Same as Last-Event-ID")] = None,
+        after: Annotated[int | None, QueryParameter(ge=0, description="Same as Last-Event-ID")] = None,
     ) -> ServerSentEvent:
         """SSE: the job's history after Last-Event-ID, then live events, ending after the last."""
         await service.get(job_id, owner)
@@ -69,12 +69,14 @@ class LiveController(Controller):
     @get("/jobs/{job_id:str}/poll", operation_id="pollJob")
     async def poll(
         self,
-        job_id: str,
-        service: JobService,
-        owner: str,
-        timeout: Annotated[float, Parameter(ge=1, le=300)] = 30,
-        current_status: JobStatus | None = None,
-        since: Annotated[int | None, Parameter(ge=0, description="Return once an event newer than this exists")] = None,
+        job_id: FromPath[str],
+        service: Service,
+        owner: Owner,
+        timeout: Annotated[float, QueryParameter(ge=1, le=300)] = 30,
+        current_status: FromQuery[JobStatus | None] = None,
+        since: Annotated[
+            int | None, QueryParameter(ge=0, description="Return once an event newer than this exists")
+        ] = None,
     ) -> Job:
         """Long-poll: returns when the status differs from `current_status` (or a newer event than
         `since` exists), else at the timeout with the current state."""
@@ -82,8 +84,8 @@ class LiveController(Controller):
 
     @websocket("/jobs/{job_id:str}/ws")
     async def job_socket(
-        self, socket: WebSocket[object, object, object], job_id: str, service: JobService, owner: str,
-        last_event_id: Annotated[int | None, Parameter(ge=0)] = None,
+        self, socket: WebSocket[Any, Any, Any], job_id: FromPath[str], service: Service, owner: Owner,
+        last_event_id: Annotated[int | None, QueryParameter(ge=0)] = None,
     ) -> None:  # fmt: skip
         """WebSocket: the same events as SSE, as JSON text frames; closes after the job ends."""
         await socket.accept()
@@ -102,7 +104,7 @@ class LiveController(Controller):
         await self._race(socket, send_all())
 
     @websocket("/ws", operation_id="eventsSocket")
-    async def multi_socket(self, socket: WebSocket[object, object, object], service: JobService, owner: str) -> None:
+    async def multi_socket(self, socket: WebSocket[Any, Any, Any], service: Service, owner: Owner) -> None:
         """WebSocket: subscribe by message to job ids, or to all of the caller's jobs.
 
         Send `{"action": "subscribe", "job_ids": [...]}`, `{"action": "subscribe", "all": true}` or
@@ -133,7 +135,9 @@ class LiveController(Controller):
                         sub.remove_jobs(cmd.job_ids)
                         if cmd.all:
                             sub.follow_owner(None)
-                        await socket.send_json({"type": "unsubscribed", "job_ids": cmd.job_ids, "all": cmd.all})
+                        await socket.send_json(
+                            {"type": "unsubscribed", "job_ids": cmd.job_ids, "all": cmd.all}
+                        )
                         continue
                     if cmd.all:
                         sub.follow_owner(owner)
@@ -168,9 +172,9 @@ class LiveController(Controller):
                 await asyncio.gather(*tasks, return_exceptions=True)
 
     @staticmethod
-    async def _race(socket: WebSocket[object, object, object], sender: object) -> None:
+    async def _race(socket: WebSocket[Any, Any, Any], sender: Coroutine[Any, Any, None]) -> None:
         """Run `sender` until it ends (then close) or the client goes away (then stop it)."""
-        send_task = asyncio.ensure_future(sender)  # type: ignore[arg-type]
+        send_task = asyncio.create_task(sender)
         watch_task = asyncio.create_task(_until_disconnect(socket))
         done, pending = await asyncio.wait({send_task, watch_task}, return_when=asyncio.FIRST_COMPLETED)
         for task in pending:
