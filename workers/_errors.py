@@ -7,7 +7,7 @@ class WorkerError(Exception):
     """Root of the worker's exceptions."""
 
 
-class Retry(WorkerError):
+class Retry(WorkerError):  # noqa: N818 - arq's name for the retry protocol
     """Raise to run the job again later; `defer` seconds, or exponential backoff when None."""
 
     def __init__(self, reason: str = "retry requested", defer: float | None = None) -> None:
