@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Float, Index, Integer, LargeBinary, String, Text, event
+from sqlalchemy import JSON, Boolean, DateTime, Float, Index, Integer, LargeBinary, String, Text, event
 from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -59,8 +59,19 @@ class JobRow(Base):
     max_attempts: Mapped[int] = mapped_column(Integer, default=3)
     priority: Mapped[int] = mapped_column(Integer, default=0)
     worker: Mapped[str | None] = mapped_column(String(256))
+    held_by: Mapped[str | None] = mapped_column(String(256))
+    """The worker that started the current attempt and has not let go of it yet."""
+    exhausted: Mapped[bool] = mapped_column(Boolean, default=False)
+    """Failed because its attempts ran out."""
+    client_request_id: Mapped[str | None] = mapped_column(String(256))
+    scheduled_for: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    callback_url: Mapped[str | None] = mapped_column(Text)
+    callback_status: Mapped[str | None] = mapped_column(String(16))
+    """pending, delivered or failed; None without a callback_url."""
     submit_seq: Mapped[int] = mapped_column(Integer)
     """Stream sequence of the first submission: the order jobs were accepted in."""
+    queue_seq: Mapped[int] = mapped_column(Integer)
+    """Stream sequence of the latest submission: where workers will find it in the queue."""
     last_seq: Mapped[int] = mapped_column(Integer)
     """Stream sequence of the newest event recorded for this job."""
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
@@ -71,21 +82,27 @@ class JobRow(Base):
     __table_args__ = (
         Index("ix_jobs_owner_seq", "owner", "submit_seq"),
         Index("ix_jobs_status_seq", "status", "submit_seq"),
-        Index("ix_jobs_parent", "parent_id"),
+        Index("ix_jobs_parent", "parent_id", "submit_seq"),
+        Index("ix_jobs_pool_status", "pool", "status", "priority", "queue_seq"),
     )
 
 
 class EventRow(Base):
-    """One event of a job, as clients receive it (the envelope, encoded once)."""
+    """One event of a job, as clients receive it (the envelope, encoded once).
+
+    A batch parent's derived events reuse the sequence of the child event that caused
+    them, so `seq` is unique per job, not per table.
+    """
 
     __tablename__ = "job_events"
 
-    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    seq: Mapped[int] = mapped_column(Integer)
     job_id: Mapped[str] = mapped_column(String(64))
     kind: Mapped[str] = mapped_column(String(32))
     payload: Mapped[bytes] = mapped_column(LargeBinary)
 
-    __table_args__ = (Index("ix_job_events_job_seq", "job_id", "seq"),)
+    __table_args__ = (Index("ix_job_events_job_seq", "job_id", "seq", unique=True),)
 
 
 class BookmarkRow(Base):

@@ -4,30 +4,52 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
 import nats.errors
 from nats.js import JetStreamContext
-from sqlalchemy import func, select
+from nats.js.api import PubAck
+from sqlalchemy import and_, func, or_, select
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from app._db import Database, EventRow, JobRow
-from app._exceptions import UnavailableError, not_found
+from app._exceptions import ConflictError, NotFoundError, UnavailableError, not_found
 from app._hub import Applied, Hub
 from app._projection import Projection
-from app._schemas import EventEnvelope, Job, JobPage, JobStatusView, StatusUpdate, SubmitJob
+from app._schemas import (
+    BatchItem,
+    EventEnvelope,
+    Job,
+    JobPage,
+    JobStatusView,
+    QueuePosition,
+    StatusUpdate,
+    SubmitBatch,
+    SubmitJob,
+)
 from app._settings import Settings
 from streams import (
     ACTIVE_STATUSES,
     JOB_HEADER,
     KIND_HEADER,
+    Cancelled,
+    CancelRequested,
+    Deleted,
+    Event,
+    InvalidParamsError,
     JobStatus,
     Submitted,
+    control_subject,
     encode_event,
+    events_subject,
     operation,
+    schedule_subject,
     submit_subject,
+    utcnow,
     validate_params,
 )
 from streams import (
@@ -43,16 +65,24 @@ COMPILEO_STATUS = {
 """Compileo knows five statuses; a scheduled job is still pending, a retrying one still running."""
 
 
-def job_view(row: JobRow) -> Job:
+def job_view(row: JobRow, queue_position: QueuePosition | None = None) -> Job:
     """The client's view of a job row."""
     return Job(
         id=row.id, type=row.type, pool=row.pool, status=row.status, title=row.title,
         description=row.description, params=row.params, file_id=row.file_id, progress=row.progress,
         current_step=row.current_step, result=row.result, error=row.error, attempt=row.attempt,
         max_attempts=row.max_attempts, priority=row.priority, owner=row.owner, parent_id=row.parent_id,
-        worker=row.worker, last_event_id=row.last_seq, created_at=row.created_at,
+        worker=row.worker, held_by=row.held_by, exhausted=row.exhausted,
+        client_request_id=row.client_request_id, scheduled_for=row.scheduled_for,
+        callback_url=row.callback_url, callback_status=row.callback_status,
+        queue_position=queue_position, last_event_id=row.last_seq, created_at=row.created_at,
         started_at=row.started_at, completed_at=row.completed_at, updated_at=row.updated_at,
     )  # fmt: skip
+
+
+def compileo_status_name(status: str) -> str:
+    """A jobcast status as one of Compileo's five."""
+    return str(COMPILEO_STATUS.get(JobStatus(status), status))
 
 
 def compileo_status(job: Job) -> JobStatusView:
@@ -84,6 +114,10 @@ class JobFilter:
     statuses: frozenset[str] = frozenset()
     type: str | None = None
     active: bool = False
+    parent_id: str | None = None
+    include_children: bool = False
+    """Batch children are left out unless asked for (or `parent_id` is given)."""
+    exhausted: bool | None = None
 
 
 class JobService:
@@ -103,10 +137,46 @@ class JobService:
     async def get(self, job_id: str, owner: str | None) -> Job:
         """The job, if `owner` may see it (None: any owner); raises NotFoundError."""
         async with self.db.session() as session:
-            row = await session.get(JobRow, job_id)
+            row = await self._row(session, job_id, owner)
+            position = await self._queue_position(session, row) if row.status == JobStatus.PENDING else None
+        return job_view(row, position)
+
+    @staticmethod
+    async def _row(session: AsyncSession, job_id: str, owner: str | None) -> JobRow:
+        row = await session.get(JobRow, job_id)
         if row is None or (owner is not None and row.owner != owner):
             raise not_found("job", job_id)
-        return job_view(row)
+        return row
+
+    @staticmethod
+    async def _queue_position(session: AsyncSession, row: JobRow) -> QueuePosition | None:
+        """Counted the way workers take jobs: higher priority first, then stream order."""
+        if row.pool == BATCH_POOL:
+            return None
+        same_pool = JobRow.pool == row.pool
+        ahead = await session.scalar(
+            select(func.count()).where(
+                same_pool,
+                JobRow.status == JobStatus.PENDING,
+                or_(
+                    JobRow.priority > row.priority,
+                    and_(JobRow.priority == row.priority, JobRow.queue_seq < row.queue_seq),
+                ),
+            )
+        )
+        active = await session.scalar(
+            select(func.count()).where(same_pool, JobRow.status.in_(sorted(ACTIVE_STATUSES)))
+        )
+        return QueuePosition(ahead=ahead or 0, total_active=active or 0)
+
+    async def children(self, job_id: str, owner: str | None) -> list[Job]:
+        """A batch's children in submit order (none for a single job)."""
+        async with self.db.session() as session:
+            await self._row(session, job_id, owner)
+            rows = await session.scalars(
+                select(JobRow).where(JobRow.parent_id == job_id).order_by(JobRow.submit_seq)
+            )
+            return [job_view(row) for row in rows]
 
     async def find(self, where: JobFilter, limit: int, offset: int) -> JobPage:
         """A page of jobs, newest first, and the total that match."""
@@ -122,6 +192,12 @@ class JobService:
             query = query.where(JobRow.status.in_(sorted(statuses)))
         if where.type:
             query = query.where(JobRow.type == where.type)
+        if where.parent_id is not None:
+            query = query.where(JobRow.parent_id == where.parent_id)
+        elif not where.include_children:
+            query = query.where(JobRow.parent_id.is_(None))
+        if where.exhausted is not None:
+            query = query.where(JobRow.exhausted.is_(where.exhausted))
         async with self.db.session() as session:
             total = await session.scalar(select(func.count()).select_from(query.subquery()))
             rows = await session.scalars(query.order_by(JobRow.submit_seq.desc()).limit(limit).offset(offset))
@@ -170,17 +246,19 @@ class JobService:
                     return
 
     async def wait_change(
-        self, job_id: str, owner: str | None, timeout: float, current_status: str | None, since: int | None
-    ) -> Job:
+        self, job_id: str, owner: str | None, timeout: float, current_status: str | None, since: int | None,
+        view: Callable[[str], str] = str,
+    ) -> Job:  # fmt: skip
         """Long-poll: the job once its status differs from `current_status` (or, with `since`,
-        once it has an event newer than that), else at the timeout."""
+        once it has an event newer than that), else at the timeout. Statuses are compared as
+        `view` maps them (e.g. `compileo_status_name`, where retrying is still running)."""
         with self.hub.subscribe([job_id]) as sub:
             job = await self.get(job_id, owner)
-            reference = current_status or job.status
+            reference = view(current_status or job.status)
             if since is not None and job.last_event_id > since:
                 return job
             if since is None and (
-                job.status != reference or (current_status is None and job.status in TERMINAL)
+                view(job.status) != reference or (current_status is None and job.status in TERMINAL)
             ):
                 return job
             deadline = asyncio.get_running_loop().time() + timeout
@@ -189,35 +267,219 @@ class JobService:
                     item = await asyncio.wait_for(sub.queue.get(), remaining)
                 except TimeoutError:
                     break
-                if (since is not None and item.seq > since) or (since is None and item.status != reference):
+                if (since is not None and item.seq > since) or (
+                    since is None and view(item.status) != reference
+                ):
                     break
             return await self.get(job_id, owner)
 
     # commands -----------------------------------------------------------------------
 
-    async def submit(self, body: SubmitJob, owner: str) -> Job:
-        """Validate, publish one submission, and return the job once the projection has it."""
+    async def submit(
+        self, body: SubmitJob, owner: str, idempotency_key: str | None = None
+    ) -> tuple[Job, bool]:
+        """Validate and publish one submission; returns the job once the projection has it, and
+        whether it is new (False: the idempotency key named an existing job)."""
         spec = operation(body.type)
         params = validate_params(spec, body.params)
-        job_id = str(uuid.uuid4())
+        key = body.client_request_id or idempotency_key
+        job_id = _job_id(owner, key)
+        if key and (existing := await self._existing(job_id, owner)) is not None:
+            return existing, False
         event = Submitted(
             job_id=job_id, type=spec.name, pool=spec.pool, owner=owner, params=params, title=body.title,
             description=body.description, file_id=body.file_id, priority=body.priority,
-            max_attempts=body.max_attempts or spec.max_attempts,
+            max_attempts=body.max_attempts or spec.max_attempts, client_request_id=key,
+            scheduled_for=_utc(body.scheduled_for), callback_url=body.callback_url,
         )  # fmt: skip
-        await self._publish_and_apply(submit_subject(spec.pool, job_id), event, f"{job_id}:{event.attempt}")
+        ack = await self._publish(event)
+        await self._applied(ack.seq, job_id)
+        return await self.get(job_id, owner), not ack.duplicate
+
+    async def submit_batch(
+        self, body: SubmitBatch, owner: str, idempotency_key: str | None = None
+    ) -> tuple[Job, bool]:
+        """A parent job and one child per file id or item, each an ordinary job of its pool."""
+        spec = operation(body.type)
+        if (body.file_ids is None) == (body.items is None):
+            raise InvalidParamsError("give exactly one of `file_ids` or `items` - at `$`")
+        items = body.items if body.items is not None else [BatchItem(file_id=f) for f in body.file_ids or []]
+        if not items:
+            raise InvalidParamsError("a batch needs at least one file or item - at `$.items`")
+        children_params = []
+        for index, item in enumerate(items):
+            try:
+                children_params.append(validate_params(spec, {**body.params, **item.params}))
+            except InvalidParamsError as exc:
+                raise InvalidParamsError(
+                    str(exc).replace("`$.params", f"`$.items[{index}].params", 1)
+                ) from None
+        key = body.client_request_id or idempotency_key
+        parent_id = _job_id(owner, key)
+        if key and (existing := await self._existing(parent_id, owner)) is not None:
+            return existing, False
+        common: dict[str, Any] = {
+            "owner": owner, "priority": body.priority, "max_attempts": body.max_attempts or spec.max_attempts,
+            "scheduled_for": _utc(body.scheduled_for),
+        }  # fmt: skip
+        parent = Submitted(
+            job_id=parent_id, type=f"batch_{spec.name}", pool=BATCH_POOL, params={"type": spec.name,
+            "params": body.params, "count": len(items)}, title=body.title, description=body.description,
+            client_request_id=key, callback_url=body.callback_url, **(common | {"max_attempts": 1}),
+        )  # fmt: skip
+        ack = await self._publish(parent)
+        children = [
+            Submitted(
+                job_id=str(uuid.uuid5(uuid.UUID(parent_id), str(index))),
+                type=spec.name,
+                pool=spec.pool,
+                params=params,
+                title=item.title or f"{body.title or spec.name} #{index + 1}",
+                file_id=item.file_id,
+                parent_id=parent_id,
+                **common,
+            )
+            for index, (item, params) in enumerate(zip(items, children_params, strict=True))
+        ]
+        acks = await asyncio.gather(*(self._publish(child) for child in children))
+        await self._applied(max([ack.seq, *(a.seq for a in acks)]), parent_id)
+        return await self.get(parent_id, owner), not ack.duplicate
+
+    async def cancel(self, job_id: str, owner: str | None, reason: str = "cancelled by request") -> Job:
+        """Cancel an active job (a batch: its active children too). Queued jobs end at once; a
+        running job is stopped by its worker, which publishes `cancelled`."""
+        async with self.db.session() as session:
+            row = await self._row(session, job_id, owner)
+            if JobStatus(row.status).terminal:
+                raise ConflictError(
+                    f"job {job_id} is already {row.status}; only active jobs can be cancelled"
+                )
+            children = list(
+                await session.scalars(
+                    select(JobRow).where(
+                        JobRow.parent_id == job_id, JobRow.status.in_(sorted(ACTIVE_STATUSES))
+                    )
+                )
+            )
+        seqs = await asyncio.gather(*(self._cancel_one(child, reason) for child in children))
+        last = await self._cancel_one(row, reason)
+        await self._applied(max([last, *seqs]), job_id)
         return await self.get(job_id, owner)
 
-    async def _publish_and_apply(self, subject: str, event: Submitted, msg_id: str) -> int:
-        headers: dict[str, Any] = {"Nats-Msg-Id": msg_id, KIND_HEADER: event.kind, JOB_HEADER: event.job_id}
+    async def _cancel_one(self, row: JobRow, reason: str) -> int:
+        ack = await self._publish(CancelRequested(job_id=row.id, attempt=row.attempt, reason=reason))
+        if row.status == JobStatus.RUNNING and row.pool != BATCH_POOL:
+            return ack.seq  # its worker stops it and says so
+        ended = Cancelled(job_id=row.id, attempt=row.attempt, reason=reason)
+        return (await self._publish(ended, msg_id=f"{row.id}:{row.attempt}:cancelled:api")).seq
+
+    async def retry(self, job_id: str, owner: str | None) -> Job:
+        """Run a failed or cancelled job again as a new attempt (a batch: its unfinished children)."""
+        async with self.db.session() as session:
+            row = await self._row(session, job_id, owner)
+            if row.status not in (JobStatus.FAILED, JobStatus.CANCELLED):
+                raise ConflictError(
+                    f"job {job_id} is {row.status}; only failed or cancelled jobs can be retried"
+                )
+            children = list(
+                await session.scalars(
+                    select(JobRow)
+                    .where(
+                        JobRow.parent_id == job_id, JobRow.status.in_([JobStatus.FAILED, JobStatus.CANCELLED])
+                    )
+                    .order_by(JobRow.submit_seq)
+                )
+            )
+        acks = [await self._publish(_resubmission(row))]
+        acks += await asyncio.gather(*(self._publish(_resubmission(child)) for child in children))
+        await self._applied(max(a.seq for a in acks), job_id)
+        return await self.get(job_id, owner)
+
+    async def delete(self, job_id: str, owner: str | None, files: bool = False) -> None:
+        """Delete a finished job (a batch: with its children); its history stays in the stream."""
+        async with self.db.session() as session:
+            row = await self._row(session, job_id, owner)
+            rows = [row, *(await session.scalars(select(JobRow).where(JobRow.parent_id == job_id)))]
+        for each in rows:
+            if not JobStatus(each.status).terminal:
+                raise ConflictError(f"job {each.id} is {each.status}; cancel it before deleting it")
+            if each.held_by is not None:
+                raise ConflictError(
+                    f"job {each.id} is still held by worker {each.held_by}; try again shortly"
+                )
+        ack = await self._publish(Deleted(job_id=job_id, attempt=row.attempt, files=files))
+        await self._applied(ack.seq, job_id)
+
+    async def _existing(self, job_id: str, owner: str) -> Job | None:
         try:
-            ack = await self.js.publish(subject, encode_event(event), headers=headers, timeout=5)
+            return await self.get(job_id, owner)
+        except NotFoundError:
+            return None
+
+    async def _publish(self, event: Event, msg_id: str | None = None) -> PubAck:
+        """Publish an event where it belongs: submissions to their pool (or, when scheduled,
+        to the stream's scheduler), everything else to the job's events or control subject."""
+        headers: dict[str, str] = {KIND_HEADER: event.kind, JOB_HEADER: event.job_id}
+        if isinstance(event, Submitted):
+            headers["Nats-Msg-Id"] = msg_id or f"{event.job_id}:{event.attempt}"
+            if event.pool == BATCH_POOL:
+                subject = events_subject(event.job_id)
+            else:
+                subject = submit_subject(event.pool, event.priority, event.job_id)
+            if event.scheduled_for is not None and event.scheduled_for > utcnow():
+                headers["Nats-Msg-Id"] += ":scheduled"
+                headers["Nats-Schedule"] = f"@at {event.scheduled_for:%Y-%m-%dT%H:%M:%SZ}"
+                headers["Nats-Schedule-Target"] = subject
+                subject = schedule_subject(event.job_id)
+        else:
+            subject = (
+                control_subject(event.job_id)
+                if isinstance(event, CancelRequested)
+                else events_subject(event.job_id)
+            )
+            if msg_id:
+                headers["Nats-Msg-Id"] = msg_id
+        try:
+            return await self.js.publish(subject, encode_event(event), headers=headers, timeout=5)
         except (nats.errors.Error, TimeoutError) as exc:
             raise UnavailableError(f"the job queue is unavailable ({type(exc).__name__}); try again") from exc
+
+    async def _applied(self, seq: int, job_id: str) -> None:
+        """Read-your-writes: wait until the projection has applied `seq`."""
         try:
-            await self.projection.wait_for(ack.seq, self.settings.submit_timeout_s)
+            await self.projection.wait_for(seq, self.settings.submit_timeout_s)
         except TimeoutError:
             raise UnavailableError(
-                f"job {event.job_id} was queued but is not visible yet; poll GET /api/v1/jobs/{event.job_id}"
+                f"job {job_id} was accepted but is not visible yet; poll GET /api/v1/jobs/{job_id}"
             ) from None
-        return ack.seq
+
+
+BATCH_POOL = "batch"
+"""A batch parent's pool: no worker consumes it; its state follows its children."""
+
+_IDEMPOTENCY_NAMESPACE = uuid.UUID("0f0b7a54-5b0e-4d43-8c36-8a1f7a2a6a11")
+
+
+def _job_id(owner: str, key: str | None) -> str:
+    """A random id, or with an idempotency key one derived from owner and key, so concurrent
+    duplicates collide on the same id (and on the same Nats-Msg-Id)."""
+    if key is None:
+        return str(uuid.uuid4())
+    return str(uuid.uuid5(_IDEMPOTENCY_NAMESPACE, f"{owner}\n{key}"))
+
+
+def _utc(moment: datetime | None) -> datetime | None:
+    """Naive datetimes from clients are UTC."""
+    if moment is None:
+        return None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _resubmission(row: JobRow) -> Submitted:
+    """The job's spec again, as its next attempt."""
+    return Submitted(
+        job_id=row.id, attempt=row.attempt + 1, type=row.type, pool=row.pool, owner=row.owner,
+        params=row.params, title=row.title, description=row.description, file_id=row.file_id,
+        parent_id=row.parent_id, max_attempts=row.max_attempts, priority=row.priority,
+        created_at=row.created_at, client_request_id=row.client_request_id, callback_url=row.callback_url,
+    )  # fmt: skip

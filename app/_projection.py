@@ -12,13 +12,17 @@ import asyncio
 import heapq
 import itertools
 import logging
+from collections import Counter
+from datetime import datetime
 
 import msgspec
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription as NatsSubscription
 from nats.js import JetStreamContext
 from nats.js import api as js_api
+from sqlalchemy import delete, select
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from app._db import BookmarkRow, Database, EventRow, JobRow
 from app._hub import Applied, Hub
@@ -26,8 +30,11 @@ from app._schemas import EventEnvelope
 from streams import (
     ALL_SUBJECTS,
     STREAM,
+    TERMINAL_STATUSES,
+    Cancelled,
     CancelRequested,
     Completed,
+    Deleted,
     Event,
     Failed,
     JobStatus,
@@ -37,13 +44,25 @@ from streams import (
     Submitted,
     decode_event,
     is_terminal,
+    released_by_worker,
+    utcnow,
 )
 
 log = logging.getLogger("jobcast.projection")
 
 BOOKMARK = "jobs"
 MAX_BATCH = 1000
-_envelope_encoder = msgspec.json.Encoder()
+_encoder = msgspec.json.Encoder()
+
+
+def _envelope(job: JobRow, seq: int, kind: str, attempt: int, ts: datetime, raw: bytes) -> bytes:
+    """The client-facing envelope: the job's state after the event, and the raw event."""
+    return _encoder.encode(
+        EventEnvelope(
+            seq=seq, job_id=job.id, kind=kind, status=job.status, progress=job.progress,
+            current_step=job.current_step, attempt=attempt, ts=ts, event=msgspec.Raw(raw),
+        )
+    )  # fmt: skip
 
 
 def fold(job: JobRow | None, event: Event, seq: int) -> tuple[JobRow | None, bool]:
@@ -53,27 +72,12 @@ def fold(job: JobRow | None, event: Event, seq: int) -> tuple[JobRow | None, boo
     older attempt, and non-terminal events after the end, are recorded but change nothing.
     """
     if isinstance(event, Submitted):
-        if job is None:
-            job = JobRow(
-                id=event.job_id, type=event.type, pool=event.pool, owner=event.owner,
-                title=event.title, description=event.description, params=event.params,
-                file_id=event.file_id, parent_id=event.parent_id, max_attempts=event.max_attempts,
-                priority=event.priority, submit_seq=seq, created_at=event.created_at,
-                result=None, error=None, worker=None, started_at=None, completed_at=None,
-            )  # fmt: skip
-        elif event.attempt <= job.attempt:
-            job.last_seq = seq
-            return job, False
-        job.status = JobStatus.PENDING
-        job.attempt = event.attempt
-        job.progress = 0.0
-        job.current_step = "queued"
-        job.result = job.error = job.completed_at = None
-        job.last_seq, job.updated_at = seq, event.ts
-        return job, False
+        return _submitted(job, event, seq), False
     if job is None:
         return None, False  # events of a job the projection never saw (deleted): nothing to update
     job.last_seq = seq
+    if released_by_worker(event) and event.attempt >= job.attempt:
+        job.held_by = None
     finished = JobStatus(job.status).terminal
     if event.attempt < job.attempt or (finished and event.attempt == job.attempt):
         return job, False
@@ -82,7 +86,12 @@ def fold(job: JobRow | None, event: Event, seq: int) -> tuple[JobRow | None, boo
     match event:
         case Started():
             job.status, job.attempt, job.worker = JobStatus.RUNNING, event.attempt, event.worker
-            job.started_at, job.progress, job.current_step = event.ts, 0.0, "started"
+            job.held_by, job.started_at, job.progress, job.current_step = (
+                event.worker,
+                event.ts,
+                0.0,
+                "started",
+            )
             job.error = job.completed_at = None
         case Progress():
             job.status, job.progress, job.current_step = JobStatus.RUNNING, event.progress, event.step
@@ -96,12 +105,46 @@ def fold(job: JobRow | None, event: Event, seq: int) -> tuple[JobRow | None, boo
             job.current_step = "completed"
         case Failed():
             job.status, job.error, job.current_step = JobStatus.FAILED, event.error, "failed"
-        case _:  # Cancelled
+            job.exhausted = event.exhausted
+        case Cancelled():
             job.status, job.current_step = JobStatus.CANCELLED, "cancelled"
+            job.error = event.reason or None
+        case _:
+            return job, False
     if is_terminal(event):
         job.attempt, job.completed_at = max(job.attempt, event.attempt), event.ts
     job.updated_at = event.ts
     return job, is_terminal(event)
+
+
+def _submitted(job: JobRow | None, event: Submitted, seq: int) -> JobRow | None:
+    scheduled = event.scheduled_for is not None and event.scheduled_for > event.ts
+    if job is None:
+        job = JobRow(
+            id=event.job_id, type=event.type, pool=event.pool, owner=event.owner, title=event.title,
+            description=event.description, params=event.params, file_id=event.file_id,
+            parent_id=event.parent_id, max_attempts=event.max_attempts, priority=event.priority,
+            submit_seq=seq, created_at=event.created_at, result=None, error=None, worker=None,
+            held_by=None, exhausted=False, client_request_id=event.client_request_id,
+            scheduled_for=event.scheduled_for, callback_url=event.callback_url,
+            callback_status="pending" if event.callback_url else None, started_at=None, completed_at=None,
+        )  # fmt: skip
+    elif event.attempt < job.attempt or (event.attempt == job.attempt and job.status != JobStatus.SCHEDULED):
+        # A duplicate, or a scheduled submission the server has just released for an
+        # attempt that already ended (e.g. cancelled while it waited).
+        job.last_seq = seq
+        return job
+    if job.status == JobStatus.SCHEDULED and event.attempt == job.attempt:
+        scheduled = False  # the stream released it: it is due now
+    job.status = JobStatus.SCHEDULED if scheduled else JobStatus.PENDING
+    job.attempt = event.attempt
+    job.progress = 0.0
+    job.current_step = f"scheduled for {event.scheduled_for:%Y-%m-%d %H:%M:%S} UTC" if scheduled else "queued"
+    job.result = job.error = job.completed_at = None
+    job.exhausted = False
+    job.queue_seq = seq
+    job.last_seq, job.updated_at = seq, event.ts
+    return job
 
 
 class Projection:
@@ -194,6 +237,7 @@ class Projection:
         applied: list[Applied] = []
         last = self.applied_seq
         rows: dict[str, JobRow | None] = {}
+        parents: dict[str, int] = {}
         async with self.db.session() as session, session.begin():
             for msg in batch:
                 seq = msg.metadata.sequence.stream
@@ -208,23 +252,98 @@ class Projection:
                 if event.job_id not in rows:
                     rows[event.job_id] = await session.get(JobRow, event.job_id)
                 before = rows[event.job_id]
+                if isinstance(event, Deleted):
+                    if before is not None:
+                        applied += await self._delete(session, before, seq, rows)
+                    continue
                 job, ends = fold(before, event, seq)
                 if job is None:
                     continue
                 if before is None:
                     session.add(job)
                     rows[event.job_id] = job
-                payload = _envelope_encoder.encode(EventEnvelope(
-                    seq=seq, job_id=job.id, kind=event.kind, status=job.status, progress=job.progress,
-                    current_step=job.current_step, attempt=event.attempt, ts=event.ts,
-                    event=msgspec.Raw(msg.data),
-                ))  # fmt: skip
+                payload = _envelope(job, seq, event.kind, event.attempt, event.ts, msg.data)
                 session.add(EventRow(seq=seq, job_id=job.id, kind=event.kind, payload=payload))
                 applied.append(Applied(seq, job.id, job.owner, event.kind, job.status, ends, payload))
+                if job.parent_id is not None:
+                    parents[job.parent_id] = seq
+            for parent_id, seq in parents.items():
+                derived = await self._derive_parent(session, parent_id, seq, rows)
+                if derived is not None:
+                    applied.append(derived)
             if last > self.applied_seq:
                 await session.merge(BookmarkRow(name=BOOKMARK, last_seq=last))
         self.applied_seq = last
         return applied
+
+    async def _delete(
+        self, session: AsyncSession, job: JobRow, seq: int, rows: dict[str, JobRow | None]
+    ) -> list[Applied]:
+        """Remove a job, its children and their events; followers get a last `deleted` event."""
+        ids = [job.id, *(await session.scalars(select(JobRow.id).where(JobRow.parent_id == job.id)))]
+        await session.execute(delete(EventRow).where(EventRow.job_id.in_(ids)))
+        await session.execute(delete(JobRow).where(JobRow.id.in_(ids)))
+        for job_id in ids:
+            rows[job_id] = None
+        payload = _envelope(job, seq, "deleted", job.attempt, utcnow(), b'{"kind":"deleted"}')
+        return [Applied(seq, job_id, job.owner, "deleted", job.status, True, payload) for job_id in ids]
+
+    async def _derive_parent(
+        self, session: AsyncSession, parent_id: str, seq: int, rows: dict[str, JobRow | None]
+    ) -> Applied | None:
+        """A batch parent's status, progress and result follow its children."""
+        parent = rows.get(parent_id) or await session.get(JobRow, parent_id)
+        if parent is None:
+            return None
+        rows[parent_id] = parent
+        children = (
+            await session.execute(
+                select(JobRow.id, JobRow.status, JobRow.progress)
+                .where(JobRow.parent_id == parent_id)
+                .order_by(JobRow.submit_seq)
+            )
+        ).all()
+        if not children:
+            return None
+        counts = Counter(status for _, status, _ in children)
+        done = sum(counts[s] for s in TERMINAL_STATUSES)
+        total = len(children)
+        progress = round(
+            sum(100.0 if JobStatus(status).terminal else prog for _, status, prog in children) / total, 2
+        )
+        result: dict[str, object] = {"total": total, "counts": dict(sorted(counts.items()))}
+        if parent.status == JobStatus.CANCELLED:
+            status = JobStatus.CANCELLED
+        elif done == total:
+            status = JobStatus.COMPLETED if counts[JobStatus.COMPLETED] == total else JobStatus.FAILED
+            for outcome in TERMINAL_STATUSES:
+                result[str(outcome)] = [cid for cid, s, _ in children if s == outcome]
+        elif counts[JobStatus.PENDING] + counts[JobStatus.SCHEDULED] == total:
+            status = JobStatus(parent.status)
+        else:
+            status = JobStatus.RUNNING
+        before = (parent.status, parent.progress, parent.result)
+        now = utcnow()
+        parent.result, parent.progress = result, progress
+        parent.current_step = f"{done} of {total} done"
+        if status != parent.status:
+            parent.status = status
+            if status == JobStatus.RUNNING and parent.started_at is None:
+                parent.started_at = now
+            if status.terminal and parent.completed_at is None:
+                parent.completed_at = now
+            if status == JobStatus.FAILED:
+                parent.error = f"{total - counts[JobStatus.COMPLETED]} of {total} children did not complete"
+        if (parent.status, parent.progress, parent.result) == before or before[0] == JobStatus.CANCELLED:
+            return None
+        parent.last_seq, parent.updated_at = seq, now
+        kind = str(status) if status.terminal else "progress"
+        raw = _encoder.encode(
+            {"kind": kind, "job_id": parent_id, "derived": True, "counts": result["counts"]}
+        )
+        payload = _envelope(parent, seq, kind, parent.attempt, now, raw)
+        session.add(EventRow(seq=seq, job_id=parent_id, kind=kind, payload=payload))
+        return Applied(seq, parent_id, parent.owner, kind, parent.status, status.terminal, payload)
 
     def _wake(self) -> None:
         while self._waiters and self._waiters[0][0] <= self.applied_seq:

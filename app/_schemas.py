@@ -7,8 +7,14 @@ from typing import Annotated, Any
 
 import msgspec
 
+from streams import MAX_PRIORITY, MIN_PRIORITY
+
 Title = Annotated[str, msgspec.Meta(max_length=500)]
 Description = Annotated[str, msgspec.Meta(max_length=10_000)]
+MaxAttempts = Annotated[int, msgspec.Meta(ge=1, le=50)]
+Priority = Annotated[int, msgspec.Meta(ge=MIN_PRIORITY, le=MAX_PRIORITY)]
+RequestId = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+CallbackUrl = Annotated[str, msgspec.Meta(pattern=r"^https?://", max_length=2000)]
 
 
 class SubmitJob(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -22,9 +28,52 @@ class SubmitJob(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     description: Description = ""
     file_id: Annotated[str, msgspec.Meta(max_length=64)] | None = None
     """The input file, for operations that take one."""
-    max_attempts: Annotated[int, msgspec.Meta(ge=1, le=50)] | None = None
+    max_attempts: MaxAttempts | None = None
     """Runs before a transiently failing job fails for good; the operation's default when absent."""
-    priority: Annotated[int, msgspec.Meta(ge=-100, le=100)] = 0
+    priority: Priority = 0
+    """Higher runs first among the pending jobs of a pool (-10 to 10)."""
+    client_request_id: RequestId | None = None
+    """Idempotency key: the same owner and key return the existing job (also as Idempotency-Key)."""
+    scheduled_for: datetime | None = None
+    """Run no earlier than this time (UTC unless it says otherwise)."""
+    callback_url: CallbackUrl | None = None
+    """POSTed the job, signed, when it ends."""
+
+
+class BatchItem(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """One child of a batch given by params."""
+
+    params: dict[str, Any] = {}
+    title: Title = ""
+    file_id: Annotated[str, msgspec.Meta(max_length=64)] | None = None
+
+
+class SubmitBatch(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Body of POST /api/v1/jobs/batch: one child job per file id or per item."""
+
+    type: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+    file_ids: (
+        Annotated[list[Annotated[str, msgspec.Meta(max_length=64)]], msgspec.Meta(max_length=1000)] | None
+    ) = None
+    items: Annotated[list[BatchItem], msgspec.Meta(max_length=1000)] | None = None
+    params: dict[str, Any] = {}
+    """Params shared by every child; an item's own params override them."""
+    title: Title = ""
+    description: Description = ""
+    max_attempts: MaxAttempts | None = None
+    priority: Priority = 0
+    client_request_id: RequestId | None = None
+    scheduled_for: datetime | None = None
+    callback_url: CallbackUrl | None = None
+
+
+class QueuePosition(msgspec.Struct, kw_only=True):
+    """Where a pending job stands in its pool's queue."""
+
+    ahead: int
+    """Pending jobs of the same pool that workers will take before this one."""
+    total_active: int
+    """Active jobs (pending, scheduled, running, retrying) in the pool."""
 
 
 class Job(msgspec.Struct, kw_only=True):
@@ -48,6 +97,16 @@ class Job(msgspec.Struct, kw_only=True):
     owner: str
     parent_id: str | None
     worker: str | None
+    held_by: str | None
+    """The worker still holding the job (it may not be deleted meanwhile)."""
+    exhausted: bool
+    """Failed because its attempts ran out."""
+    client_request_id: str | None
+    scheduled_for: datetime | None
+    callback_url: str | None
+    callback_status: str | None
+    queue_position: QueuePosition | None
+    """Only while pending."""
     last_event_id: int
     """Stream sequence of the job's newest event: resume SSE from here with Last-Event-ID."""
     created_at: datetime

@@ -13,7 +13,7 @@ from nats.js import JetStreamContext
 from nats.js import api as js_api
 from nats.js.errors import BadRequestError
 
-from streams._subjects import ALL_SUBJECTS, STREAM, pool_submissions
+from streams._subjects import ALL_SUBJECTS, STREAM, pool_submissions, priority_token
 
 
 class Pool(enum.StrEnum):
@@ -37,15 +37,23 @@ JOBS_STREAM = js_api.StreamConfig(
     duplicate_window=120.0,
     # Direct gets let workers read the last control/event message of a job cheaply.
     allow_direct=True,
+    # `scheduled_for`: the stream itself holds a scheduled submission (jobs.schedule.<id>)
+    # and publishes it to its jobs.submit subject when it is due (nats-server >= 2.12).
+    allow_msg_schedules=True,
     discard=js_api.DiscardPolicy.OLD,
 )
 
 
 @dataclass(frozen=True, slots=True)
 class WorkerConsumer:
-    """The durable pull consumer a pool's workers share."""
+    """The durable pull consumer a pool's workers share for one priority.
+
+    One consumer per priority keeps each priority FIFO; workers ask the highest
+    priority first, so a high-priority job never waits behind low-priority ones.
+    """
 
     pool: str
+    priority: int = 0
     ack_wait_s: float = 30.0
     """Unacked this long, a message is redelivered. Workers send in_progress() every
     ack_wait/3 while a job runs, so only a dead worker lets it expire."""
@@ -58,7 +66,7 @@ class WorkerConsumer:
     @property
     def durable(self) -> str:
         """Durable name: worker processes of one pool share it and survive restarts."""
-        return f"workers-{self.pool}"
+        return f"workers-{self.pool}-{priority_token(self.priority)}"
 
     def config(self) -> js_api.ConsumerConfig:
         """The ConsumerConfig for this pool."""
@@ -67,7 +75,7 @@ class WorkerConsumer:
         backoff = [self.ack_wait_s * (2**i) for i in range(min(self.max_deliver - 1, 6))]
         return js_api.ConsumerConfig(
             durable_name=self.durable,
-            filter_subject=pool_submissions(self.pool),
+            filter_subject=pool_submissions(self.pool, self.priority),
             ack_policy=js_api.AckPolicy.EXPLICIT,
             deliver_policy=js_api.DeliverPolicy.ALL,
             ack_wait=self.ack_wait_s,

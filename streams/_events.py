@@ -67,6 +67,12 @@ class Submitted(_Event, frozen=True, tag="submitted"):
     max_attempts: int = 3
     priority: int = 0
     created_at: datetime = msgspec.field(default_factory=utcnow)
+    client_request_id: str | None = None
+    """The submitter's idempotency key; the job id is derived from it."""
+    scheduled_for: datetime | None = None
+    """Run no earlier than this; the stream holds the submission until then."""
+    callback_url: str | None = None
+    """POSTed the job when it ends."""
 
     status = JobStatus.PENDING
 
@@ -93,6 +99,8 @@ class Completed(_Event, frozen=True, tag="completed"):
     """The job succeeded; `result` is operation specific."""
 
     result: dict[str, Any] | None = None
+    worker: str | None = None
+    """The worker that ran it; None when an admin completed it by hand."""
 
     status = JobStatus.COMPLETED
 
@@ -101,6 +109,10 @@ class Failed(_Event, frozen=True, tag="failed"):
     """The job failed for good (permanent error, or its attempts ran out)."""
 
     error: str
+    worker: str | None = None
+    """The worker that gave up on it."""
+    exhausted: bool = False
+    """True when the job failed because its attempts ran out."""
 
     status = JobStatus.FAILED
 
@@ -110,6 +122,7 @@ class Retrying(_Event, frozen=True, tag="retrying"):
 
     error: str
     delay_s: float = 0.0
+    worker: str | None = None
 
     status = JobStatus.RETRYING
 
@@ -124,11 +137,20 @@ class Cancelled(_Event, frozen=True, tag="cancelled"):
     """The job stopped because it was cancelled."""
 
     reason: str = ""
+    worker: str | None = None
+    """The worker that stopped it; None when the API cancelled a job no worker held."""
 
     status = JobStatus.CANCELLED
 
 
-Event = Submitted | Started | Progress | Completed | Failed | Retrying | CancelRequested | Cancelled
+class Deleted(_Event, frozen=True, tag="deleted"):
+    """The job (and a batch's children) leave the projection; the stream keeps their history."""
+
+    files: bool = False
+    """Delete the files the job produced as well."""
+
+
+Event = Submitted | Started | Progress | Completed | Failed | Retrying | CancelRequested | Cancelled | Deleted
 """Everything that travels on the JOBS stream."""
 
 TERMINAL_EVENTS = (Completed, Failed, Cancelled)
@@ -150,3 +172,8 @@ def decode_event(data: bytes) -> Event:
 def is_terminal(event: Event) -> bool:
     """Whether the event ends its attempt."""
     return isinstance(event, TERMINAL_EVENTS)
+
+
+def released_by_worker(event: Event) -> bool:
+    """Whether a worker published this event as it let go of the job."""
+    return isinstance(event, (*TERMINAL_EVENTS, Retrying)) and event.worker is not None

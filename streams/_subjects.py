@@ -8,6 +8,12 @@ STREAM = "JOBS"
 SUBMIT_PREFIX = "jobs.submit"
 EVENTS_PREFIX = "jobs.events"
 CONTROL_PREFIX = "jobs.control"
+SCHEDULE_PREFIX = "jobs.schedule"
+
+MIN_PRIORITY = -10
+MAX_PRIORITY = 10
+PRIORITIES = tuple(range(MAX_PRIORITY, MIN_PRIORITY - 1, -1))
+"""Every priority, highest first: the order workers look for jobs in."""
 
 ALL_SUBJECTS = "jobs.>"
 ALL_EVENTS = f"{EVENTS_PREFIX}.>"
@@ -20,14 +26,26 @@ JOB_HEADER = "Jobcast-Job"
 """Header naming the job id."""
 
 
-def submit_subject(pool: str, job_id: str) -> str:
-    """Subject a job spec is published to; workers of `pool` consume it."""
-    return f"{SUBMIT_PREFIX}.{pool}.{job_id}"
+def priority_token(priority: int) -> str:
+    """A priority as a subject token: p3, p0, m2 (minus two)."""
+    return f"p{priority}" if priority >= 0 else f"m{-priority}"
 
 
-def pool_submissions(pool: str) -> str:
-    """Filter subject of a pool's worker consumer."""
-    return f"{SUBMIT_PREFIX}.{pool}.>"
+def submit_subject(pool: str, priority: int, job_id: str) -> str:
+    """Subject a job spec is published to: jobs.submit.<pool>.<priority>.<job_id>."""
+    return f"{SUBMIT_PREFIX}.{pool}.{priority_token(priority)}.{job_id}"
+
+
+def pool_submissions(pool: str, priority: int | None = None) -> str:
+    """Filter subject of a pool's submissions (of one priority, or all of them)."""
+    if priority is None:
+        return f"{SUBMIT_PREFIX}.{pool}.>"
+    return f"{SUBMIT_PREFIX}.{pool}.{priority_token(priority)}.*"
+
+
+def schedule_subject(job_id: str) -> str:
+    """Subject of a job's scheduled submission, held by the stream until it is due."""
+    return f"{SCHEDULE_PREFIX}.{job_id}"
 
 
 def events_subject(job_id: str) -> str:

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import random
 import signal
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 import nats.errors
@@ -26,6 +26,7 @@ from streams import (
     ALL_CONTROL,
     JOB_HEADER,
     KIND_HEADER,
+    PRIORITIES,
     STREAM,
     Cancelled,
     CancelRequested,
@@ -47,6 +48,8 @@ from streams import (
     events_subject,
     is_terminal,
     job_id_of,
+    pool_submissions,
+    utcnow,
 )
 from workers._context import Handler, JobContext, Reporter
 from workers._errors import JobCancelledError, PermanentError, Retry
@@ -55,15 +58,22 @@ from workers._settings import WorkerSettings
 
 log = logging.getLogger("jobcast.worker")
 
+_NO_WAIT = b'{"batch":1,"no_wait":true}'
+
 
 class _Running:
     """A job this worker is running now."""
 
-    def __init__(self, ctx: JobContext, task: asyncio.Task[dict[str, Any] | None]) -> None:
+    def __init__(self, ctx: JobContext) -> None:
         self.ctx = ctx
-        self.task = task
+        self.task: asyncio.Task[dict[str, Any] | None] | None = None
         self.cancel_reason: str | None = None
         self.shutdown = False
+
+    def stop(self) -> None:
+        """Cancel the handler's task, if it runs."""
+        if self.task is not None:
+            self.task.cancel()
 
 
 class Worker:
@@ -72,7 +82,13 @@ class Worker:
     def __init__(self, settings: WorkerSettings, handlers: dict[str, Handler] | None = None) -> None:
         self.settings = settings
         self.handlers = handlers if handlers is not None else handlers_for_pool(settings.pool)
-        self.consumer = WorkerConsumer(pool=settings.pool, ack_wait_s=settings.ack_wait_s)
+        self.consumers = {
+            priority: WorkerConsumer(pool=settings.pool, priority=priority, ack_wait_s=settings.ack_wait_s)
+            for priority in PRIORITIES
+        }
+        self._hot: set[int] = set(PRIORITIES)
+        """Priorities that may hold jobs; all of them at first."""
+        self._doorbell = asyncio.Event()
         self.nc: Client | None = None
         self.js: JetStreamContext | None = None
         self._running: dict[str, _Running] = {}
@@ -88,6 +104,7 @@ class Worker:
         """Stop fetching; running jobs get `grace_s` to finish (arq's SIGTERM behaviour)."""
         self._stopping.set()
         self._slot_free.set()
+        self._doorbell.set()
 
     def install_signal_handlers(self) -> None:
         """SIGTERM / SIGINT start a graceful stop."""
@@ -101,41 +118,76 @@ class Worker:
         self.js = self.nc.jetstream()
         try:
             await ensure_stream(self.js)
-            await ensure_consumer(self.js, self.consumer)
+            for consumer in self.consumers.values():
+                await ensure_consumer(self.js, consumer)
             await self.nc.subscribe(ALL_CONTROL, cb=self._on_control)
-            psub = await self.js.pull_subscribe_bind(durable=self.consumer.durable, stream=STREAM)
+            await self.nc.subscribe(pool_submissions(self.settings.pool), cb=self._on_submission)
             self.ready.set()
             log.info(
                 "worker %s: pool %s, %d slot(s)", self.settings.name, self.settings.pool, self.settings.slots
             )
-            await self._fetch_loop(psub)
+            await self._fetch_loop()
             await self._shutdown()
         finally:
             await close_quietly(self.nc)
 
-    async def _fetch_loop(self, psub: JetStreamContext.PullSubscription) -> None:
+    async def _on_submission(self, msg: Msg) -> None:
+        """The doorbell: a job was just submitted to this pool at the subject's priority."""
+        token = msg.subject.split(".")[3]
+        self._hot.add(-int(token[1:]) if token.startswith("m") else int(token[1:]))
+        self._doorbell.set()
+
+    async def _fetch_loop(self) -> None:
+        # Ask each priority that may hold jobs, highest first, for one job at a time; with
+        # nothing anywhere, sleep until the doorbell rings, re-asking every priority now and
+        # then for redeliveries and retries, which ring no bell.
         while not self._stopping.is_set():
-            free = self.settings.slots - len(self._running)
-            if free <= 0:
+            if len(self._running) >= self.settings.slots:
                 self._slot_free.clear()
                 await self._slot_free.wait()
                 continue
-            try:
-                msgs = await psub.fetch(batch=free, timeout=1.0)
-            except nats.errors.TimeoutError:
-                continue
-            except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError):
-                await asyncio.sleep(0.5)
-                continue
-            except nats.errors.Error as exc:
-                log.warning("fetch failed: %s", exc)
-                await asyncio.sleep(0.5)
-                continue
-            for msg in msgs:
-                if self._stopping.is_set():
-                    await msg.nak()
+            self._doorbell.clear()
+            msg = None
+            for priority in PRIORITIES:
+                if priority not in self._hot:
                     continue
+                self._hot.discard(priority)  # before asking: a bell meanwhile puts it back
+                msg = await self._pull_one(self.consumers[priority].durable)
+                if msg is not None:
+                    self._hot.add(priority)
+                    break
+            if msg is None:
+                try:
+                    await asyncio.wait_for(self._doorbell.wait(), self.settings.idle_poll_s)
+                except TimeoutError:
+                    self._hot.update(PRIORITIES)
+            elif self._stopping.is_set():
+                await msg.nak()
+            else:
                 self._spawn(self._process(msg))
+
+    async def _pull_one(self, durable: str) -> Msg | None:
+        """One job from a consumer if it has one, without waiting (one round trip)."""
+        assert self.nc is not None
+        try:
+            # old_style: JetStream answers on the inbox with the job's own subject, which
+            # the shared response mux cannot match; a per-request inbox matches by sid.
+            msg = await self.nc.request(
+                f"$JS.API.CONSUMER.MSG.NEXT.{STREAM}.{durable}", _NO_WAIT, timeout=5, old_style=True
+            )
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError):
+            return None
+        except (
+            nats.errors.ConnectionClosedError,
+            nats.errors.ConnectionReconnectingError,
+            nats.errors.Error,
+        ) as exc:
+            log.debug("pull from %s failed: %s", durable, exc)
+            await asyncio.sleep(0.2)
+            return None
+        if msg.headers and msg.headers.get("Status"):
+            return None  # 404 no messages, 408 expired, 409 consumer changed: nothing now
+        return msg
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
@@ -146,12 +198,12 @@ class Worker:
         if self._running:
             log.info("stopping: %d job(s) get %.0f s to finish", len(self._running), self.settings.grace_s)
             _, pending = await asyncio.wait(
-                [r.task for r in self._running.values()], timeout=self.settings.grace_s
+                [r.task for r in self._running.values() if r.task is not None], timeout=self.settings.grace_s
             )
             for running in list(self._running.values()):
                 if running.task in pending:
                     running.shutdown = True
-                    running.task.cancel()
+                    running.stop()
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=10)
 
@@ -169,47 +221,31 @@ class Worker:
             return
         delivery = msg.metadata.num_delivered or 1
         attempt = job.attempt + delivery - 1
-        handler = self.handlers.get(job.type)
-
-        cancel, last = await asyncio.gather(
-            self._last(control_subject(job.job_id)), self._last(events_subject(job.job_id))
-        )
-        if last is not None and is_terminal(last) and last.attempt >= job.attempt:
-            # Finished before its ack got through (the worker died in between): only ack.
-            await msg.ack()
-            return
-        if isinstance(cancel, CancelRequested) and cancel.attempt >= job.attempt:
-            await self._finish(msg, Cancelled(job_id=job.job_id, attempt=attempt, reason=cancel.reason))
-            return
-        if delivery > job.max_attempts:
-            await self._finish(msg, Failed(
-                job_id=job.job_id, attempt=attempt - 1,
-                error=f"gave up after {job.max_attempts} attempt(s): the worker running it stopped "
-                "without finishing (crash, kill or lost connection)",
-            ))  # fmt: skip
-            return
-        if handler is None:
-            await self._finish(msg, Failed(
-                job_id=job.job_id, attempt=attempt,
-                error=f"no handler for operation {job.type!r} in pool {self.settings.pool!r}",
-            ))  # fmt: skip
-            return
-
-        await self._publish(
-            Started(job_id=job.job_id, attempt=attempt, worker=self.settings.name, delivery=delivery)
-        )
+        ids: dict[str, Any] = {"job_id": job.job_id, "attempt": attempt, "worker": self.settings.name}
 
         async def publish_progress(percent: float, step: str) -> None:
             with contextlib.suppress(nats.errors.Error):
                 await self._publish(Progress(job_id=job.job_id, attempt=attempt, progress=percent, step=step))
 
         reporter = Reporter(publish_progress, asyncio.get_running_loop())
-        ctx = JobContext(job, attempt=attempt, delivery=delivery, reporter=reporter)
-        running = _Running(ctx, asyncio.create_task(handler(ctx)))
+        running = _Running(JobContext(job, attempt=attempt, delivery=delivery, reporter=reporter))
+        # Registered before the checks below, so a cancel that arrives meanwhile is not missed.
         self._running[job.job_id] = running
         heartbeat = asyncio.create_task(self._heartbeat(msg))
         try:
-            outcome = await self._outcome(running, job, attempt, delivery)
+            early = await self._precheck(job, ids, delivery)
+            if early is False:
+                await msg.ack()
+                return
+            if early is not None:
+                await self._finish(msg, early)
+                return
+            await self._publish(Started(**ids, delivery=delivery))
+            if running.cancel_reason is not None:
+                await self._finish(msg, Cancelled(**ids, reason=running.cancel_reason))
+                return
+            running.task = asyncio.create_task(self.handlers[job.type](running.ctx))
+            outcome = await self._outcome(running, job, ids, delivery)
             await reporter.flush()
             if isinstance(outcome, Retrying):
                 await self._publish_reliably(outcome)
@@ -221,8 +257,34 @@ class Worker:
             self._running.pop(job.job_id, None)
             self._slot_free.set()
 
-    async def _outcome(self, running: _Running, job: Submitted, attempt: int, delivery: int) -> Event:
-        ids: dict[str, Any] = {"job_id": job.job_id, "attempt": attempt}
+    async def _precheck(
+        self, job: Submitted, ids: dict[str, Any], delivery: int
+    ) -> Event | Literal[False] | None:
+        """What to do instead of running: an event to finish with, False to only ack, None to run."""
+        cancel, last = await asyncio.gather(
+            self._last(control_subject(job.job_id)), self._last(events_subject(job.job_id))
+        )
+        if last is not None and is_terminal(last) and last.attempt >= job.attempt:
+            if getattr(last, "worker", None) is not None:
+                return False  # finished before its ack got through (its worker died in between)
+            # Ended by the API (cancelled while queued): say that no worker holds it any more.
+            return msgspec.structs.replace(last, attempt=ids["attempt"], worker=ids["worker"], ts=utcnow())
+        if isinstance(cancel, CancelRequested) and cancel.attempt >= job.attempt:
+            return Cancelled(**ids, reason=cancel.reason or "cancelled")
+        if delivery > job.max_attempts:
+            return Failed(
+                **(ids | {"attempt": ids["attempt"] - 1}), exhausted=True,
+                error=f"gave up after {job.max_attempts} attempt(s): the worker running it stopped "
+                "without finishing (crash, kill or lost connection)",
+            )  # fmt: skip
+        if job.type not in self.handlers:
+            return Failed(
+                **ids, error=f"no handler for operation {job.type!r} in pool {self.settings.pool!r}"
+            )
+        return None
+
+    async def _outcome(self, running: _Running, job: Submitted, ids: dict[str, Any], delivery: int) -> Event:
+        assert running.task is not None
         try:
             result = await running.task
         except asyncio.CancelledError:
@@ -241,7 +303,7 @@ class Worker:
                 log.exception("job %s (%s) raised", job.job_id, job.type)
                 error = f"{type(exc).__name__}: {error}"
             if delivery >= job.max_attempts:
-                return Failed(**ids, error=f"{error} (gave up after {delivery} attempt(s))")
+                return Failed(**ids, error=f"{error} (gave up after {delivery} attempt(s))", exhausted=True)
             defer = exc.defer if isinstance(exc, Retry) else None
             return Retrying(**ids, error=error, delay_s=self._backoff(delivery) if defer is None else defer)
         if running.cancel_reason is not None:
@@ -279,7 +341,7 @@ class Worker:
         running.cancel_reason = event.reason or "cancelled"
         running.ctx.cancelled.set()
         # A handler that does not notice within the grace period is stopped outright.
-        asyncio.get_running_loop().call_later(self.settings.cancel_grace_s, running.task.cancel)
+        asyncio.get_running_loop().call_later(self.settings.cancel_grace_s, running.stop)
 
     # publishing ----------------------------------------------------------------------
 

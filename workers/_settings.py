@@ -41,6 +41,8 @@ class WorkerSettings:
     """JOBCAST_RETRY_BASE_S: first backoff step for transient failures (doubles, with jitter)."""
     retry_max_s: float = 300.0
     """Longest backoff between two attempts."""
+    idle_poll_s: float = 0.5
+    """With nothing to do, how often to look for redeliveries and retries (which ring no bell)."""
     name: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
     """Shown in `started` events as the worker that took the job."""
 

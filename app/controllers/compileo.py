@@ -6,13 +6,14 @@ from collections.abc import AsyncIterator
 from typing import Annotated
 
 import msgspec
-from litestar import Controller, get
+from litestar import Controller, get, post
 from litestar.di import Provide
 from litestar.params import FromPath, FromQuery, QueryParameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage
+from litestar.status_codes import HTTP_200_OK
 
 from app._deps import Owner, Service, provide_owner, provide_service
-from app._jobs import compileo_status, compileo_update
+from app._jobs import compileo_status, compileo_status_name, compileo_update
 from app._schemas import JobStatusView, StatusUpdate
 from app.controllers.live import SSE_HEADERS
 from streams import JobStatus
@@ -20,20 +21,26 @@ from streams import JobStatus
 _encoder = msgspec.json.Encoder()
 
 
-class CompileoController(Controller):
-    """Job status in Compileo's shape."""
+class Message(msgspec.Struct):
+    """Compileo's acknowledgement body."""
 
-    path = "/api/v1/jobs/status"
+    message: str
+
+
+class CompileoController(Controller):
+    """The Compileo jobs API: status, poll and stream under /status, cancel and restart."""
+
+    path = "/api/v1/jobs"
     tags = ["compileo"]
     dependencies = {"service": Provide(provide_service, sync_to_thread=False),
                     "owner": Provide(provide_owner, sync_to_thread=False)}  # fmt: skip
 
-    @get("/{job_id:str}", operation_id="getJobStatus")
+    @get("/status/{job_id:str}", operation_id="getJobStatus")
     async def status(self, job_id: FromPath[str], service: Service, owner: Owner) -> JobStatusView:
         """The job's current status."""
         return compileo_status(await service.get(job_id, owner))
 
-    @get("/{job_id:str}/poll", operation_id="pollJobStatus")
+    @get("/status/{job_id:str}/poll", operation_id="pollJobStatus")
     async def poll(
         self,
         job_id: FromPath[str],
@@ -43,9 +50,11 @@ class CompileoController(Controller):
         current_status: FromQuery[JobStatus | None] = None,
     ) -> JobStatusView:
         """Returns as soon as the status differs from `current_status`, or at the timeout."""
-        return compileo_status(await service.wait_change(job_id, owner, timeout, current_status, None))
+        return compileo_status(
+            await service.wait_change(job_id, owner, timeout, current_status, None, compileo_status_name)
+        )
 
-    @get("/{job_id:str}/stream", operation_id="streamJobStatus")
+    @get("/status/{job_id:str}/stream", operation_id="streamJobStatus")
     async def stream(self, job_id: FromPath[str], service: Service, owner: Owner) -> ServerSentEvent:
         """SSE of status snapshots (`data:` lines only), from now until the job ends."""
         job = await service.get(job_id, owner)
@@ -68,3 +77,15 @@ class CompileoController(Controller):
                 )
 
         return ServerSentEvent(updates(), headers=SSE_HEADERS)
+
+    @post("/cancel/{job_id:str}", status_code=HTTP_200_OK, operation_id="cancelJobCompileo")
+    async def cancel(self, job_id: FromPath[str], service: Service, owner: Owner) -> Message:
+        """Cancel a running or pending job."""
+        await service.cancel(job_id, owner)
+        return Message(f"Job {job_id} cancelled successfully")
+
+    @post("/restart/{job_id:str}", status_code=HTTP_200_OK, operation_id="restartJobCompileo")
+    async def restart(self, job_id: FromPath[str], service: Service, owner: Owner) -> Message:
+        """Restart a failed or cancelled job."""
+        await service.retry(job_id, owner)
+        return Message(f"Job {job_id} restarted successfully")

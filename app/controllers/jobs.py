@@ -1,18 +1,30 @@
-"""Jobs: submit, list, get."""
+"""Jobs: submit (one or a batch), list, get, children, cancel, retry, delete."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
-from litestar import Controller, get, post
+from litestar import Controller, Response, delete, get, post
 from litestar.di import Provide
-from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
-from litestar.status_codes import HTTP_202_ACCEPTED
+from litestar.params import FromPath, FromQuery, HeaderParameter, JSONBody, QueryParameter
+from litestar.status_codes import HTTP_200_OK, HTTP_202_ACCEPTED, HTTP_204_NO_CONTENT
 
 from app._deps import Owner, Service, provide_owner, provide_service
 from app._jobs import JobFilter
-from app._schemas import Job, JobPage, SubmitJob
+from app._schemas import Job, JobPage, SubmitBatch, SubmitJob
 from streams import JobStatus
+
+IdempotencyKey = Annotated[
+    str | None,
+    HeaderParameter(
+        name="Idempotency-Key", required=False, max_length=200, description="Same as client_request_id"
+    ),
+]
+
+
+def _accepted(job: Job, created: bool) -> Response[Job]:
+    """202 for a new job; 200 when an idempotency key named an existing one."""
+    return Response(job, status_code=HTTP_202_ACCEPTED if created else HTTP_200_OK)
 
 
 class JobController(Controller):
@@ -24,9 +36,26 @@ class JobController(Controller):
                     "owner": Provide(provide_owner, sync_to_thread=False)}  # fmt: skip
 
     @post("/", status_code=HTTP_202_ACCEPTED, operation_id="submitJob")
-    async def submit(self, data: JSONBody[SubmitJob], service: Service, owner: Owner) -> Job:
+    async def submit(
+        self,
+        data: JSONBody[SubmitJob],
+        service: Service,
+        owner: Owner,
+        idempotency_key: IdempotencyKey = None,
+    ) -> Response[Job]:
         """Queue a job; answers once the job is visible to GET."""
-        return await service.submit(data, owner)
+        return _accepted(*await service.submit(data, owner, idempotency_key))
+
+    @post("/batch", status_code=HTTP_202_ACCEPTED, operation_id="submitBatch")
+    async def submit_batch(
+        self,
+        data: JSONBody[SubmitBatch],
+        service: Service,
+        owner: Owner,
+        idempotency_key: IdempotencyKey = None,
+    ) -> Response[Job]:
+        """Queue a batch: a parent job and one child per file or item; answers with the parent."""
+        return _accepted(*await service.submit_batch(data, owner, idempotency_key))
 
     @get("/", operation_id="listJobs")
     async def list_jobs(
@@ -38,14 +67,41 @@ class JobController(Controller):
         ] = None,
         job_type: Annotated[str | None, QueryParameter(name="type", max_length=64)] = None,
         active: FromQuery[bool] = False,
+        parent_id: Annotated[str | None, QueryParameter(max_length=64)] = None,
+        include_children: FromQuery[bool] = False,
         limit: Annotated[int, QueryParameter(ge=1, le=500)] = 50,
         offset: Annotated[int, QueryParameter(ge=0)] = 0,
     ) -> JobPage:
-        """The caller's jobs, newest first."""
-        where = JobFilter(owner=owner, statuses=frozenset(status or ()), type=job_type, active=active)
+        """The caller's jobs, newest first; batch children only with `include_children` or `parent_id`."""
+        where = JobFilter(
+            owner=owner, statuses=frozenset(status or ()), type=job_type, active=active,
+            parent_id=parent_id, include_children=include_children,
+        )  # fmt: skip
         return await service.find(where, limit=limit, offset=offset)
 
     @get("/{job_id:str}", operation_id="getJob")
     async def get_job(self, job_id: FromPath[str], service: Service, owner: Owner) -> Job:
-        """One job."""
+        """One job; a pending one with its queue position."""
         return await service.get(job_id, owner)
+
+    @get("/{job_id:str}/children", operation_id="listChildren")
+    async def children(self, job_id: FromPath[str], service: Service, owner: Owner) -> list[Job]:
+        """A batch's child jobs in submit order (empty for a single job)."""
+        return await service.children(job_id, owner)
+
+    @post("/{job_id:str}/cancel", status_code=HTTP_200_OK, operation_id="cancelJob")
+    async def cancel(self, job_id: FromPath[str], service: Service, owner: Owner) -> Job:
+        """Cancel a pending or running job (409 once it has ended)."""
+        return await service.cancel(job_id, owner)
+
+    @post("/{job_id:str}/retry", status_code=HTTP_200_OK, operation_id="retryJob")
+    async def retry(self, job_id: FromPath[str], service: Service, owner: Owner) -> Job:
+        """Run a failed or cancelled job again as a new attempt (409 otherwise)."""
+        return await service.retry(job_id, owner)
+
+    @delete("/{job_id:str}", status_code=HTTP_204_NO_CONTENT, operation_id="deleteJob")
+    async def delete_job(
+        self, job_id: FromPath[str], service: Service, owner: Owner, files: FromQuery[bool] = False
+    ) -> None:
+        """Delete a finished job (a batch with its children); 409 while it is active."""
+        await service.delete(job_id, owner, files=files)

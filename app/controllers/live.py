@@ -113,6 +113,7 @@ class LiveController(Controller):
         await socket.accept()
         with service.hub.subscribe() as sub:
             sent: dict[str, int] = {}
+            replaying = asyncio.Lock()
 
             async def deliver(job_id: str, seq: int, payload: bytes) -> None:
                 if seq > sent.get(job_id, 0):
@@ -150,18 +151,20 @@ class LiveController(Controller):
                                                     "job_id": job_id})  # fmt: skip
                             continue
                         known.append(job_id)
-                    sub.add_jobs(known)
-                    await socket.send_json({"type": "subscribed", "job_ids": known, "all": cmd.all})
-                    for job_id in known:
-                        history, _ = await service.history(job_id, cmd.last_event_id or 0)
-                        for row in history:
-                            await deliver(job_id, row.seq, row.payload)
+                    async with replaying:  # live events wait until the history before them is out
+                        sub.add_jobs(known)
+                        await socket.send_json({"type": "subscribed", "job_ids": known, "all": cmd.all})
+                        for job_id in known:
+                            history, _ = await service.history(job_id, cmd.last_event_id or 0)
+                            for row in history:
+                                await deliver(job_id, row.seq, row.payload)
 
             async def writer() -> None:
                 while True:
                     item = await sub.queue.get()
-                    if item.job_id in sub.job_ids or item.owner == sub.owner:
-                        await deliver(item.job_id, item.seq, item.payload)
+                    async with replaying:
+                        if item.job_id in sub.job_ids or item.owner == sub.owner:
+                            await deliver(item.job_id, item.seq, item.payload)
 
             tasks = [asyncio.create_task(reader()), asyncio.create_task(writer())]
             try:
