@@ -16,10 +16,14 @@ from app._hub import Hub
 from app._jobs import JobService
 from app._projection import Projection
 from app._settings import Settings, get_settings
+from app._stats import Stats
+from app._webhooks import Webhooks
+from app.controllers.admin import AdminController
 from app.controllers.compileo import CompileoController
 from app.controllers.health import HealthController
 from app.controllers.jobs import JobController
 from app.controllers.live import LiveController
+from app.controllers.queue import QueueController
 from streams import JobcastError, close_quietly, connect, ensure_stream
 
 log = logging.getLogger("jobcast.api")
@@ -36,6 +40,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         await db.create_all()
         nc = await connect(settings.nats_url, name="jobcast-api")
         projection: Projection | None = None
+        webhooks: Webhooks | None = None
         try:
             js = nc.jetstream()
             await ensure_stream(js)
@@ -43,16 +48,28 @@ def create_app(settings: Settings | None = None) -> Litestar:
             projection = Projection(db, hub)
             await projection.start(js)
             app.state.nats = nc
-            app.state.service = JobService(settings, db, js, projection, hub)
+            app.state.service = service = JobService(settings, db, js, projection, hub)
+            app.state.stats = Stats(db, js)
+            webhooks = Webhooks(service)
+            await webhooks.start()
             yield
         finally:
+            if webhooks is not None:
+                await webhooks.stop()
             if projection is not None:
                 await projection.stop()
             await close_quietly(nc)
             await db.dispose()
 
     return Litestar(
-        route_handlers=[JobController, LiveController, CompileoController, HealthController],
+        route_handlers=[
+            JobController,
+            LiveController,
+            CompileoController,
+            QueueController,
+            AdminController,
+            HealthController,
+        ],
         lifespan=[lifespan],
         state=State({"settings": settings}),
         exception_handlers={JobcastError: jobcast_error_to_http},

@@ -7,6 +7,7 @@ from litestar.di import NamedDependency
 
 from app._jobs import JobService
 from app._settings import Settings
+from app._stats import Stats
 
 
 def provide_service(state: State) -> JobService:
@@ -21,6 +22,12 @@ def provide_settings(state: State) -> Settings:
     return settings
 
 
+def provide_stats(state: State) -> Stats:
+    """The process's Stats reader."""
+    stats: Stats = state.stats
+    return stats
+
+
 def provide_owner(state: State) -> str:
     """Whose jobs the caller sees; one local owner until API keys exist."""
     settings: Settings = state.settings
@@ -29,6 +36,9 @@ def provide_owner(state: State) -> str:
 
 Service = NamedDependency[JobService]
 """A handler parameter receiving the JobService."""
+
+StatsDep = NamedDependency[Stats]
+"""A handler parameter receiving the Stats reader."""
 
 Owner = NamedDependency[str]
 """A handler parameter receiving the caller's owner id."""

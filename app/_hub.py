@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
@@ -70,6 +71,8 @@ class Hub:
     def __init__(self) -> None:
         self._by_job: defaultdict[str, set[Subscription]] = defaultdict(set)
         self._by_owner: defaultdict[str, set[Subscription]] = defaultdict(set)
+        self.listeners: list[Callable[[Applied], None]] = []
+        """Called with every applied event (e.g. the webhook sender); must not block."""
 
     def subscribe(self, job_ids: list[str] | None = None, owner: str | None = None) -> Subscription:
         """A new subscription; use it as a context manager so it is always closed."""
@@ -80,6 +83,8 @@ class Hub:
 
     def publish(self, item: Applied) -> None:
         """Hand `item` to every interested subscriber (no awaits: one pass, no coroutine switch)."""
+        for listener in self.listeners:
+            listener(item)
         targets = self._by_job.get(item.job_id)
         owners = self._by_owner.get(item.owner)
         if owners:

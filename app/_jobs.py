@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgspec
@@ -22,6 +23,7 @@ from app._hub import Applied, Hub
 from app._projection import Projection
 from app._schemas import (
     BatchItem,
+    CleanupReport,
     EventEnvelope,
     Job,
     JobPage,
@@ -38,6 +40,7 @@ from streams import (
     KIND_HEADER,
     Cancelled,
     CancelRequested,
+    Completed,
     Deleted,
     Event,
     InvalidParamsError,
@@ -52,9 +55,7 @@ from streams import (
     utcnow,
     validate_params,
 )
-from streams import (
-    TERMINAL_STATUSES as TERMINAL,
-)
+from streams import TERMINAL_STATUSES as TERMINAL
 
 _envelope_decoder = msgspec.json.Decoder(EventEnvelope)
 
@@ -234,7 +235,8 @@ class JobService:
                 return
             while True:
                 try:
-                    item = await asyncio.wait_for(sub.queue.get(), self.settings.sse_ping_s)
+                    async with asyncio.timeout(self.settings.sse_ping_s):
+                        item = await sub.queue.get()
                 except TimeoutError:
                     yield None
                     continue
@@ -264,7 +266,8 @@ class JobService:
             deadline = asyncio.get_running_loop().time() + timeout
             while (remaining := deadline - asyncio.get_running_loop().time()) > 0:
                 try:
-                    item = await asyncio.wait_for(sub.queue.get(), remaining)
+                    async with asyncio.timeout(remaining):
+                        item = await sub.queue.get()
                 except TimeoutError:
                     break
                 if (since is not None and item.seq > since) or (
@@ -292,7 +295,7 @@ class JobService:
             max_attempts=body.max_attempts or spec.max_attempts, client_request_id=key,
             scheduled_for=_utc(body.scheduled_for), callback_url=body.callback_url,
         )  # fmt: skip
-        ack = await self._publish(event)
+        ack = await self.publish(event)
         await self._applied(ack.seq, job_id)
         return await self.get(job_id, owner), not ack.duplicate
 
@@ -327,7 +330,7 @@ class JobService:
             "params": body.params, "count": len(items)}, title=body.title, description=body.description,
             client_request_id=key, callback_url=body.callback_url, **(common | {"max_attempts": 1}),
         )  # fmt: skip
-        ack = await self._publish(parent)
+        ack = await self.publish(parent)
         children = [
             Submitted(
                 job_id=str(uuid.uuid5(uuid.UUID(parent_id), str(index))),
@@ -341,7 +344,7 @@ class JobService:
             )
             for index, (item, params) in enumerate(zip(items, children_params, strict=True))
         ]
-        acks = await asyncio.gather(*(self._publish(child) for child in children))
+        acks = await asyncio.gather(*(self.publish(child) for child in children))
         await self._applied(max([ack.seq, *(a.seq for a in acks)]), parent_id)
         return await self.get(parent_id, owner), not ack.duplicate
 
@@ -361,17 +364,18 @@ class JobService:
                     )
                 )
             )
+        # The parent first: once it is cancelled, its children's cancels cannot make it `failed`.
+        first = await self._cancel_one(row, reason)
         seqs = await asyncio.gather(*(self._cancel_one(child, reason) for child in children))
-        last = await self._cancel_one(row, reason)
-        await self._applied(max([last, *seqs]), job_id)
+        await self._applied(max([first, *seqs]), job_id)
         return await self.get(job_id, owner)
 
     async def _cancel_one(self, row: JobRow, reason: str) -> int:
-        ack = await self._publish(CancelRequested(job_id=row.id, attempt=row.attempt, reason=reason))
+        ack = await self.publish(CancelRequested(job_id=row.id, attempt=row.attempt, reason=reason))
         if row.status == JobStatus.RUNNING and row.pool != BATCH_POOL:
             return ack.seq  # its worker stops it and says so
         ended = Cancelled(job_id=row.id, attempt=row.attempt, reason=reason)
-        return (await self._publish(ended, msg_id=f"{row.id}:{row.attempt}:cancelled:api")).seq
+        return (await self.publish(ended, msg_id=f"{row.id}:{row.attempt}:cancelled:api")).seq
 
     async def retry(self, job_id: str, owner: str | None) -> Job:
         """Run a failed or cancelled job again as a new attempt (a batch: its unfinished children)."""
@@ -390,8 +394,8 @@ class JobService:
                     .order_by(JobRow.submit_seq)
                 )
             )
-        acks = [await self._publish(_resubmission(row))]
-        acks += await asyncio.gather(*(self._publish(_resubmission(child)) for child in children))
+        acks = [await self.publish(_resubmission(row))]
+        acks += await asyncio.gather(*(self.publish(_resubmission(child)) for child in children))
         await self._applied(max(a.seq for a in acks), job_id)
         return await self.get(job_id, owner)
 
@@ -407,8 +411,47 @@ class JobService:
                 raise ConflictError(
                     f"job {each.id} is still held by worker {each.held_by}; try again shortly"
                 )
-        ack = await self._publish(Deleted(job_id=job_id, attempt=row.attempt, files=files))
+        ack = await self.publish(Deleted(job_id=job_id, attempt=row.attempt, files=files))
         await self._applied(ack.seq, job_id)
+
+    async def force_complete(self, job_id: str, result: dict[str, Any] | None) -> Job:
+        """Admin: mark an active job completed with `result`; a worker running it is told to stop."""
+        async with self.db.session() as session:
+            row = await self._row(session, job_id, None)
+        if JobStatus(row.status).terminal:
+            raise ConflictError(f"job {job_id} is already {row.status}")
+        done = Completed(job_id=job_id, attempt=row.attempt, result=result)
+        ack = await self.publish(done, msg_id=f"{job_id}:{row.attempt}:completed:admin")
+        # Then stop a worker that runs it: its `cancelled` comes after `completed` and changes nothing.
+        stop = CancelRequested(job_id=job_id, attempt=row.attempt, reason="force-completed by an admin")
+        await self.publish(stop)
+        await self._applied(ack.seq, job_id)
+        return await self.get(job_id, None)
+
+    async def cleanup(self, days_old: int) -> CleanupReport:
+        """Admin: delete completed and cancelled jobs that ended more than `days_old` days ago; failed
+        ones are kept for analysis."""
+        cutoff = utcnow() - timedelta(days=days_old)
+        old = (JobRow.parent_id.is_(None), JobRow.completed_at < cutoff)
+        async with self.db.session() as session:
+            doomed = (
+                await session.execute(
+                    select(JobRow.id, JobRow.status, JobRow.attempt).where(
+                        *old,
+                        JobRow.status.in_([JobStatus.COMPLETED, JobStatus.CANCELLED]),
+                        JobRow.held_by.is_(None),
+                    )
+                )
+            ).all()
+            kept = await session.scalar(select(func.count()).where(*old, JobRow.status == JobStatus.FAILED))
+        acks = await asyncio.gather(*(self.publish(Deleted(job_id=i, attempt=a)) for i, _, a in doomed))
+        if acks:
+            await self._applied(max(a.seq for a in acks), "cleanup")
+        statuses = Counter(status for _, status, _ in doomed)
+        return CleanupReport(
+            days_old=days_old, deleted=len(doomed), completed=statuses[JobStatus.COMPLETED],
+            cancelled=statuses[JobStatus.CANCELLED], failed_kept=kept or 0,
+        )  # fmt: skip
 
     async def _existing(self, job_id: str, owner: str) -> Job | None:
         try:
@@ -416,7 +459,7 @@ class JobService:
         except NotFoundError:
             return None
 
-    async def _publish(self, event: Event, msg_id: str | None = None) -> PubAck:
+    async def publish(self, event: Event, msg_id: str | None = None) -> PubAck:
         """Publish an event where it belongs: submissions to their pool (or, when scheduled,
         to the stream's scheduler), everything else to the job's events or control subject."""
         headers: dict[str, str] = {KIND_HEADER: event.kind, JOB_HEADER: event.job_id}
@@ -428,7 +471,7 @@ class JobService:
                 subject = submit_subject(event.pool, event.priority, event.job_id)
             if event.scheduled_for is not None and event.scheduled_for > utcnow():
                 headers["Nats-Msg-Id"] += ":scheduled"
-                headers["Nats-Schedule"] = f"@at {event.scheduled_for:%Y-%m-%dT%H:%M:%SZ}"
+                headers["Nats-Schedule"] = f"@at {event.scheduled_for:%Y-%m-%dT%H:%M:%S.%fZ}"
                 headers["Nats-Schedule-Target"] = subject
                 subject = schedule_subject(event.job_id)
         else:
@@ -469,10 +512,10 @@ def _job_id(owner: str, key: str | None) -> str:
 
 
 def _utc(moment: datetime | None) -> datetime | None:
-    """Naive datetimes from clients are UTC."""
+    """A client's time in UTC; a naive one is taken to be UTC already."""
     if moment is None:
         return None
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def _resubmission(row: JobRow) -> Submitted:

@@ -31,6 +31,7 @@ from streams import (
     ALL_SUBJECTS,
     STREAM,
     TERMINAL_STATUSES,
+    CallbackResult,
     Cancelled,
     CancelRequested,
     Completed,
@@ -78,6 +79,10 @@ def fold(job: JobRow | None, event: Event, seq: int) -> tuple[JobRow | None, boo
     job.last_seq = seq
     if released_by_worker(event) and event.attempt >= job.attempt:
         job.held_by = None
+    if isinstance(event, CallbackResult):
+        if event.attempt == job.attempt:
+            job.callback_status = "delivered" if event.delivered else "failed"
+        return job, False
     finished = JobStatus(job.status).terminal
     if event.attempt < job.attempt or (finished and event.attempt == job.attempt):
         return job, False
@@ -209,7 +214,8 @@ class Projection:
             return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         heapq.heappush(self._waiters, (seq, next(self._counter), future))
-        await asyncio.wait_for(future, timeout)
+        async with asyncio.timeout(timeout):
+            await future
 
     async def _enqueue(self, msg: Msg) -> None:
         self._queue.put_nowait(msg)
@@ -312,8 +318,10 @@ class Projection:
             sum(100.0 if JobStatus(status).terminal else prog for _, status, prog in children) / total, 2
         )
         result: dict[str, object] = {"total": total, "counts": dict(sorted(counts.items()))}
-        if parent.status == JobStatus.CANCELLED:
-            status = JobStatus.CANCELLED
+        if JobStatus(parent.status).terminal:
+            # Ended by its children, or explicitly (cancelled, force-completed): only a retry,
+            # which resets it to pending, lets the children move it again.
+            status = JobStatus(parent.status)
         elif done == total:
             status = JobStatus.COMPLETED if counts[JobStatus.COMPLETED] == total else JobStatus.FAILED
             for outcome in TERMINAL_STATUSES:
@@ -334,7 +342,7 @@ class Projection:
                 parent.completed_at = now
             if status == JobStatus.FAILED:
                 parent.error = f"{total - counts[JobStatus.COMPLETED]} of {total} children did not complete"
-        if (parent.status, parent.progress, parent.result) == before or before[0] == JobStatus.CANCELLED:
+        if (parent.status, parent.progress, parent.result) == before or JobStatus(before[0]).terminal:
             return None
         parent.last_seq, parent.updated_at = seq, now
         kind = str(status) if status.terminal else "progress"

@@ -166,6 +166,76 @@ class EventEnvelope(msgspec.Struct, kw_only=True):
     event: msgspec.Raw
 
 
+class QueueHealth(msgspec.Struct, kw_only=True):
+    """Compileo's queue_health block."""
+
+    status: str
+    resource_utilization: str
+    limit_enforcement: str
+
+
+class QueueStats(msgspec.Struct, kw_only=True):
+    """GET /api/v1/jobs/queue/stats, in Compileo's shape."""
+
+    pending_jobs: int
+    running_jobs: int
+    scheduled_jobs: int
+    completed_jobs: int
+    failed_jobs: int
+    cancelled_jobs: int
+    retrying_jobs: int
+    total_jobs: int
+    queue_type: str
+    cache_size: int
+    """Open live subscriptions (SSE, WebSocket, long-poll) in this API process."""
+    cpu_usage_percent: float
+    memory_usage_mb: float
+    active_workers: int
+    queue_health: QueueHealth
+
+
+class WorkerView(msgspec.Struct, kw_only=True):
+    """A worker as its last heartbeat described it."""
+
+    name: str
+    pool: str
+    slots: int
+    running: list[str]
+    host: str
+    pid: int
+    started_at: float
+    last_seen: float
+
+
+class TypeStatistics(msgspec.Struct, kw_only=True):
+    """Admin statistics of one job type; times in seconds."""
+
+    total: int
+    counts: dict[str, int]
+    success_rate: float | None
+    failure_rate: float | None
+    avg_run_s: float | None
+    p50_run_s: float | None
+    p95_run_s: float | None
+    avg_queue_wait_s: float | None
+
+
+class ForceComplete(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Body of POST /api/v1/jobs/admin/{id}/force-complete."""
+
+    result: dict[str, Any] | None = None
+
+
+class CleanupReport(msgspec.Struct, kw_only=True):
+    """What DELETE /api/v1/jobs/admin/cleanup removed and kept."""
+
+    days_old: int
+    deleted: int
+    completed: int
+    cancelled: int
+    failed_kept: int
+
+
 class Health(msgspec.Struct):
     """GET /health and /ready."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -40,6 +41,28 @@ class Settings:
     """JOBCAST_SUBMIT_TIMEOUT_S: how long a submit waits for its own projection before 503."""
     max_page_size: int = 500
     """Upper bound of `limit` on list endpoints."""
+    webhook_secret: str = field(default_factory=lambda: os.environ.get("JOBCAST_WEBHOOK_SECRET", ""))
+    """JOBCAST_WEBHOOK_SECRET: HMAC-SHA256 key of callback signatures; empty: one generated and kept
+    in the data dir."""
+    webhook_tries: int = field(default_factory=lambda: _env_int("JOBCAST_WEBHOOK_TRIES", 5))
+    """JOBCAST_WEBHOOK_TRIES: deliveries attempted before a callback counts as failed."""
+    webhook_backoff_s: float = field(default_factory=lambda: _env_float("JOBCAST_WEBHOOK_BACKOFF_S", 1.0))
+    """JOBCAST_WEBHOOK_BACKOFF_S: wait after the first failed delivery; doubles each time."""
+    webhook_timeout_s: float = field(default_factory=lambda: _env_float("JOBCAST_WEBHOOK_TIMEOUT_S", 10.0))
+    """JOBCAST_WEBHOOK_TIMEOUT_S: how long one delivery may take."""
+    webhook_sweep_s: float = field(default_factory=lambda: _env_float("JOBCAST_WEBHOOK_SWEEP_S", 30.0))
+    """JOBCAST_WEBHOOK_SWEEP_S: how often undelivered callbacks (their sender died) are looked for."""
+
+    def signing_key(self) -> bytes:
+        """The webhook secret; generated once and stored in the data dir when not configured."""
+        if self.webhook_secret:
+            return self.webhook_secret.encode()
+        path = self.data_dir / "webhook-secret"
+        if not path.exists():
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            path.write_text(secrets.token_hex(32))
+            path.chmod(0o600)
+        return path.read_text().strip().encode()
 
     @property
     def sqlalchemy_url(self) -> str:

@@ -1,11 +1,23 @@
 """The contract between the API and the workers: NATS names, configs, payloads, operations."""
 
-from streams._config import JOBS_STREAM, Pool, WorkerConsumer, ensure_consumer, ensure_stream
+from streams._config import (
+    CALLBACK_CLAIM_TTL_S,
+    JOBS_STREAM,
+    WORKER_TTL_S,
+    Pool,
+    WorkerConsumer,
+    callbacks_bucket,
+    ensure_consumer,
+    ensure_stream,
+    worker_ttl,
+    workers_bucket,
+)
 from streams._connect import close_quietly, connect
 from streams._errors import InvalidParamsError, JobcastError, NatsServerError, UnknownOperationError
 from streams._events import (
     ACTIVE_STATUSES,
     TERMINAL_STATUSES,
+    CallbackResult,
     Cancelled,
     CancelRequested,
     Completed,
@@ -56,6 +68,7 @@ __all__ = [
     "ALL_CONTROL",
     "ALL_EVENTS",
     "ALL_SUBJECTS",
+    "CALLBACK_CLAIM_TTL_S",
     "JOBS_STREAM",
     "JOB_HEADER",
     "KIND_HEADER",
@@ -65,6 +78,8 @@ __all__ = [
     "PRIORITIES",
     "STREAM",
     "TERMINAL_STATUSES",
+    "WORKER_TTL_S",
+    "CallbackResult",
     "CancelRequested",
     "Cancelled",
     "Completed",
@@ -85,6 +100,7 @@ __all__ = [
     "Submitted",
     "UnknownOperationError",
     "WorkerConsumer",
+    "callbacks_bucket",
     "close_quietly",
     "connect",
     "control_subject",
@@ -105,4 +121,6 @@ __all__ = [
     "submit_subject",
     "utcnow",
     "validate_params",
+    "worker_ttl",
+    "workers_bucket",
 ]

@@ -7,11 +7,13 @@ truth for how JetStream keeps jobs.
 from __future__ import annotations
 
 import enum
+import os
 from dataclasses import dataclass
 
 from nats.js import JetStreamContext
 from nats.js import api as js_api
 from nats.js.errors import BadRequestError
+from nats.js.kv import KeyValue
 
 from streams._subjects import ALL_SUBJECTS, STREAM, pool_submissions, priority_token
 
@@ -42,6 +44,40 @@ JOBS_STREAM = js_api.StreamConfig(
     allow_msg_schedules=True,
     discard=js_api.DiscardPolicy.OLD,
 )
+
+
+WORKERS_BUCKET = "JOBCAST_WORKERS"
+"""KV bucket of worker heartbeats, one key per worker (`<pool>.<name>`)."""
+WORKER_TTL_S = 15.0
+"""A worker that has not refreshed its key this long is gone; workers refresh every TTL/3.
+JOBCAST_WORKER_TTL_S overrides it (every process of a deployment must agree)."""
+
+
+def worker_ttl() -> float:
+    """The heartbeat TTL in force."""
+    return float(os.environ.get("JOBCAST_WORKER_TTL_S") or WORKER_TTL_S)
+
+
+CALLBACKS_BUCKET = "JOBCAST_CALLBACKS"
+"""KV bucket of webhook claims: the API instance that creates a job's key sends its callback."""
+CALLBACK_CLAIM_TTL_S = 120.0
+"""A claim expires this long after its instance stopped refreshing it (it crashed mid-delivery)."""
+
+
+async def workers_bucket(js: JetStreamContext) -> KeyValue:
+    """The heartbeat bucket, created on first use."""
+    return await js.create_key_value(
+        config=js_api.KeyValueConfig(
+            bucket=WORKERS_BUCKET, ttl=worker_ttl(), history=1, storage=js_api.StorageType.MEMORY
+        )
+    )
+
+
+async def callbacks_bucket(js: JetStreamContext) -> KeyValue:
+    """The webhook-claim bucket, created on first use."""
+    return await js.create_key_value(
+        config=js_api.KeyValueConfig(bucket=CALLBACKS_BUCKET, ttl=CALLBACK_CLAIM_TTL_S, history=1)
+    )
 
 
 @dataclass(frozen=True, slots=True)

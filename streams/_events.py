@@ -150,7 +150,27 @@ class Deleted(_Event, frozen=True, tag="deleted"):
     """Delete the files the job produced as well."""
 
 
-Event = Submitted | Started | Progress | Completed | Failed | Retrying | CancelRequested | Cancelled | Deleted
+class CallbackResult(_Event, frozen=True, tag="callback"):
+    """The outcome of POSTing the finished job to its callback_url."""
+
+    delivered: bool
+    tries: int
+    error: str = ""
+    http_status: int | None = None
+
+
+Event = (
+    Submitted
+    | Started
+    | Progress
+    | Completed
+    | Failed
+    | Retrying
+    | CancelRequested
+    | Cancelled
+    | Deleted
+    | CallbackResult
+)
 """Everything that travels on the JOBS stream."""
 
 TERMINAL_EVENTS = (Completed, Failed, Cancelled)

@@ -97,6 +97,7 @@ class JobContext:
         self.reporter = reporter
         self.cancelled = threading.Event()
         """Set once the job is cancelled; blocking code polls it between steps."""
+        self._cancelled_async: asyncio.Event | None = None
 
     @property
     def params(self) -> dict[str, Any]:
@@ -106,6 +107,25 @@ class JobContext:
     def progress(self, percent: float, step: str = "") -> None:
         """Report progress; throttled, thread-safe."""
         self.reporter.update(percent, step)
+
+    async def sleep(self, seconds: float) -> None:
+        """Sleep, but raise JobCancelledError as soon as the job is cancelled."""
+        if self._cancelled_async is None:
+            self._cancelled_async = asyncio.Event()
+            if self.cancelled.is_set():
+                self._cancelled_async.set()
+        try:
+            async with asyncio.timeout(seconds):
+                await self._cancelled_async.wait()
+        except TimeoutError:
+            return
+        raise JobCancelledError("cancelled")
+
+    def cancel(self) -> None:
+        """Mark the job cancelled (called by the runtime on the event loop)."""
+        self.cancelled.set()
+        if self._cancelled_async is not None:
+            self._cancelled_async.set()
 
     def check_cancelled(self) -> None:
         """Raise JobCancelledError if the job was cancelled; call between steps."""

@@ -53,6 +53,7 @@ from streams import (
 )
 from workers._context import Handler, JobContext, Reporter
 from workers._errors import JobCancelledError, PermanentError, Retry
+from workers._heartbeat import Heartbeat
 from workers._registry import handlers_for_pool
 from workers._settings import WorkerSettings
 
@@ -89,6 +90,7 @@ class Worker:
         self._hot: set[int] = set(PRIORITIES)
         """Priorities that may hold jobs; all of them at first."""
         self._doorbell = asyncio.Event()
+        self.heartbeat: Heartbeat | None = None
         self.nc: Client | None = None
         self.js: JetStreamContext | None = None
         self._running: dict[str, _Running] = {}
@@ -122,12 +124,15 @@ class Worker:
                 await ensure_consumer(self.js, consumer)
             await self.nc.subscribe(ALL_CONTROL, cb=self._on_control)
             await self.nc.subscribe(pool_submissions(self.settings.pool), cb=self._on_submission)
+            self.heartbeat = Heartbeat(self.js, self.settings.name, self.settings.pool, self.settings.slots)
+            await self.heartbeat.start()
             self.ready.set()
             log.info(
                 "worker %s: pool %s, %d slot(s)", self.settings.name, self.settings.pool, self.settings.slots
             )
             await self._fetch_loop()
             await self._shutdown()
+            await self.heartbeat.stop()
         finally:
             await close_quietly(self.nc)
 
@@ -158,13 +163,15 @@ class Worker:
                     break
             if msg is None:
                 try:
-                    await asyncio.wait_for(self._doorbell.wait(), self.settings.idle_poll_s)
+                    async with asyncio.timeout(self.settings.idle_poll_s):
+                        await self._doorbell.wait()
                 except TimeoutError:
                     self._hot.update(PRIORITIES)
             elif self._stopping.is_set():
                 await msg.nak()
             else:
                 self._spawn(self._process(msg))
+                await asyncio.sleep(0)  # let it take its slot (in _running) before the next fetch
 
     async def _pull_one(self, durable: str) -> Msg | None:
         """One job from a consumer if it has one, without waiting (one round trip)."""
@@ -195,7 +202,7 @@ class Worker:
         task.add_done_callback(self._tasks.discard)
 
     async def _shutdown(self) -> None:
-        if self._running:
+        if any(r.task is not None for r in self._running.values()):
             log.info("stopping: %d job(s) get %.0f s to finish", len(self._running), self.settings.grace_s)
             _, pending = await asyncio.wait(
                 [r.task for r in self._running.values() if r.task is not None], timeout=self.settings.grace_s
@@ -231,6 +238,7 @@ class Worker:
         running = _Running(JobContext(job, attempt=attempt, delivery=delivery, reporter=reporter))
         # Registered before the checks below, so a cancel that arrives meanwhile is not missed.
         self._running[job.job_id] = running
+        self._announce()
         heartbeat = asyncio.create_task(self._heartbeat(msg))
         try:
             early = await self._precheck(job, ids, delivery)
@@ -255,7 +263,12 @@ class Worker:
         finally:
             heartbeat.cancel()
             self._running.pop(job.job_id, None)
+            self._announce()
             self._slot_free.set()
+
+    def _announce(self) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.update(list(self._running))
 
     async def _precheck(
         self, job: Submitted, ids: dict[str, Any], delivery: int
@@ -339,7 +352,7 @@ class Worker:
         if not isinstance(event, CancelRequested) or event.attempt < running.ctx.job.attempt:
             return
         running.cancel_reason = event.reason or "cancelled"
-        running.ctx.cancelled.set()
+        running.ctx.cancel()
         # A handler that does not notice within the grace period is stopped outright.
         asyncio.get_running_loop().call_later(self.settings.cancel_grace_s, running.stop)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from streams import NoopParams, parse_params
@@ -19,10 +18,10 @@ async def noop(ctx: JobContext) -> dict[str, Any]:
     for step in range(1, params.steps + 1):
         ctx.check_cancelled()
         if pause:
-            await asyncio.sleep(pause)
+            await ctx.sleep(pause)
         ctx.progress(100.0 * step / params.steps, f"step {step} of {params.steps}")
     if not params.steps and pause:
-        await asyncio.sleep(pause)
+        await ctx.sleep(pause)
     if params.fail:
         raise PermanentError(params.error)
     return {"steps": params.steps, "duration_s": params.duration_s, "delivery": ctx.delivery}

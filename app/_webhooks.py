@@ -1,0 +1,141 @@
+"""Webhooks: POST a finished job to its callback_url, signed, retried, sent by exactly one API.
+
+Every API instance sees every terminal event; the one that creates the job's key in the
+callbacks KV bucket sends it. The outcome goes back into the stream as a `callback` event,
+so `callback_status` is projected like everything else. A claim whose sender died expires,
+and the periodic sweep of any instance picks the callback up again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import logging
+import uuid
+
+import httpx
+import msgspec
+import nats.errors
+from nats.js.errors import KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
+from sqlalchemy import select
+
+from app._db import JobRow
+from app._exceptions import NotFoundError
+from app._hub import Applied
+from app._jobs import JobService
+from streams import TERMINAL_STATUSES, CallbackResult, callbacks_bucket
+
+log = logging.getLogger("jobcast.webhooks")
+
+SIGNATURE_HEADER = "X-Jobcast-Signature"
+"""`sha256=<hex HMAC-SHA256 of the raw body>` under the server's webhook secret."""
+
+
+def sign(key: bytes, body: bytes) -> str:
+    """The signature header value for `body`."""
+    return "sha256=" + hmac.new(key, body, hashlib.sha256).hexdigest()
+
+
+class Webhooks:
+    """Sends callbacks for jobs that ended."""
+
+    def __init__(self, service: JobService) -> None:
+        self.service = service
+        self.settings = service.settings
+        self.instance = uuid.uuid4().hex
+        self._key = self.settings.signing_key()
+        self._kv: KeyValue | None = None
+        self._client = httpx.AsyncClient(timeout=self.settings.webhook_timeout_s, follow_redirects=False)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._sweeper: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Listen for finished jobs and look for callbacks left undelivered."""
+        self._kv = await callbacks_bucket(self.service.js)
+        self.service.hub.listeners.append(self._on_applied)
+        self._sweeper = asyncio.create_task(self._sweep_forever())
+
+    async def stop(self) -> None:
+        """Stop sending; unsent callbacks are picked up by another instance or the next start."""
+        with contextlib.suppress(ValueError):
+            self.service.hub.listeners.remove(self._on_applied)
+        for task in [*self._tasks, *([self._sweeper] if self._sweeper else [])]:
+            task.cancel()
+        await asyncio.gather(
+            *self._tasks, *([self._sweeper] if self._sweeper else []), return_exceptions=True
+        )
+        await self._client.aclose()
+
+    def _on_applied(self, item: Applied) -> None:
+        if item.ends and item.kind in TERMINAL_STATUSES:
+            self._spawn(item.job_id)
+
+    def _spawn(self, job_id: str) -> None:
+        task = asyncio.create_task(self.deliver(job_id))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            async with self.service.db.session() as session:
+                ids = await session.scalars(
+                    select(JobRow.id).where(
+                        JobRow.callback_status == "pending", JobRow.status.in_(sorted(TERMINAL_STATUSES))
+                    )
+                )
+                for job_id in ids:
+                    self._spawn(job_id)
+            await asyncio.sleep(self.settings.webhook_sweep_s)
+
+    async def deliver(self, job_id: str) -> None:
+        """Send one job's callback if it is due and nobody else is sending it."""
+        try:
+            job = await self.service.get(job_id, None)
+        except NotFoundError:
+            return  # deleted meanwhile
+        if not job.callback_url or job.callback_status != "pending" or job.status not in TERMINAL_STATUSES:
+            return
+        assert self._kv is not None
+        claim = f"{job.id}.{job.attempt}"
+        try:
+            await self._kv.create(claim, self.instance.encode())
+        except (KeyWrongLastSequenceError, nats.errors.Error):
+            return  # another instance has it (or had it, and it has not expired yet)
+        body = msgspec.json.encode(job)
+        headers = {
+            "Content-Type": "application/json",
+            SIGNATURE_HEADER: sign(self._key, body),
+            "X-Jobcast-Event": f"job.{job.status}",
+            "X-Jobcast-Delivery": claim,
+        }
+        error, status, tries = "", None, 0
+        delay = self.settings.webhook_backoff_s
+        for tries in range(1, self.settings.webhook_tries + 1):
+            try:
+                response = await self._client.post(job.callback_url, content=body, headers=headers)
+                status = response.status_code
+                if response.is_success:
+                    error = ""
+                    break
+                error = f"HTTP {status}"
+            except httpx.HTTPError as exc:
+                status, error = None, f"{type(exc).__name__}: {exc}"
+            if tries < self.settings.webhook_tries:
+                await asyncio.sleep(delay)
+                delay *= 2
+        delivered = not error
+        log.info(
+            "callback of %s to %s: %s after %d tries", job.id, job.callback_url, error or "delivered", tries
+        )
+        result = CallbackResult(
+            job_id=job.id,
+            attempt=job.attempt,
+            delivered=delivered,
+            tries=tries,
+            error=error,
+            http_status=status,
+        )
+        await self.service.publish(result)

@@ -1,0 +1,87 @@
+"""Worker heartbeats in a KV bucket with a TTL: a live worker refreshes its key, a dead one's expires."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import socket
+import time
+
+import msgspec
+import nats.errors
+from nats.js import JetStreamContext
+from nats.js.kv import KeyValue
+
+from streams import worker_ttl, workers_bucket
+
+log = logging.getLogger("jobcast.worker")
+
+
+class WorkerInfo(msgspec.Struct, kw_only=True):
+    """What a worker says about itself every few seconds."""
+
+    name: str
+    pool: str
+    slots: int
+    running: list[str]
+    """Ids of the jobs it runs now."""
+    host: str
+    pid: int
+    started_at: float
+    last_seen: float
+
+
+class Heartbeat:
+    """Keeps `<pool>.<name>` fresh in the workers bucket while the worker lives."""
+
+    def __init__(self, js: JetStreamContext, name: str, pool: str, slots: int) -> None:
+        self.js = js
+        self.key = f"{pool}.{re.sub(r'[^A-Za-z0-9_=-]', '-', name)}"
+        self.info = WorkerInfo(
+            name=name, pool=pool, slots=slots, running=[], host=socket.gethostname(), pid=os.getpid(),
+            started_at=time.time(), last_seen=time.time(),
+        )  # fmt: skip
+        self._kv: KeyValue | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+
+    async def start(self) -> None:
+        """Announce the worker and keep announcing it."""
+        self._kv = await workers_bucket(self.js)
+        await self._beat()
+        self._task = asyncio.create_task(self._loop())
+
+    def update(self, running: list[str]) -> None:
+        """The jobs running now; published at once, not at the next beat."""
+        self.info.running = running
+        self._wake.set()
+
+    async def stop(self) -> None:
+        """Stop beating and remove the key: the worker is gone now, not in TTL seconds."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._kv is not None:
+            with contextlib.suppress(Exception):
+                await self._kv.delete(self.key)
+
+    async def _loop(self) -> None:
+        while True:
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel that races
+            # with the event being set, and stop() would then wait forever.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(worker_ttl() / 3):
+                    await self._wake.wait()
+            self._wake.clear()
+            await self._beat()
+
+    async def _beat(self) -> None:
+        assert self._kv is not None
+        self.info.last_seen = time.time()
+        try:
+            await self._kv.put(self.key, msgspec.json.encode(self.info))
+        except (nats.errors.Error, TimeoutError) as exc:
+            log.debug("heartbeat failed: %s", exc)
