@@ -12,6 +12,7 @@ from litestar.openapi import OpenAPIConfig
 
 from app._db import Database
 from app._exceptions import jobcast_error_to_http
+from app._files import FileService
 from app._hub import Hub
 from app._jobs import JobService
 from app._projection import Projection
@@ -20,11 +21,12 @@ from app._stats import Stats
 from app._webhooks import Webhooks
 from app.controllers.admin import AdminController
 from app.controllers.compileo import CompileoController
+from app.controllers.files import FileController
 from app.controllers.health import HealthController
 from app.controllers.jobs import JobController
 from app.controllers.live import LiveController
 from app.controllers.queue import QueueController
-from streams import JobcastError, close_quietly, connect, ensure_stream
+from streams import JobcastError, close_quietly, connect, ensure_stream, files_store
 
 log = logging.getLogger("jobcast.api")
 
@@ -50,6 +52,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             app.state.nats = nc
             app.state.service = service = JobService(settings, db, js, projection, hub)
             app.state.stats = Stats(db, js)
+            app.state.files = FileService(service, await files_store(js), settings.data_dir / "cache")
             webhooks = Webhooks(service)
             await webhooks.start()
             yield
@@ -67,11 +70,13 @@ def create_app(settings: Settings | None = None) -> Litestar:
             LiveController,
             CompileoController,
             QueueController,
+            FileController,
             AdminController,
             HealthController,
         ],
         lifespan=[lifespan],
         state=State({"settings": settings}),
         exception_handlers={JobcastError: jobcast_error_to_http},
+        request_max_body_size=settings.max_upload_bytes,
         openapi_config=OpenAPIConfig(title="jobcast", version="0.1.0", path="/schema"),
     )

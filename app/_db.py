@@ -105,6 +105,25 @@ class EventRow(Base):
     __table_args__ = (Index("ix_job_events_job_seq", "job_id", "seq", unique=True),)
 
 
+class FileRow(Base):
+    """A file's metadata; its bytes are in the object store under its id."""
+
+    __tablename__ = "files"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(128))
+    name: Mapped[str] = mapped_column(String(256))
+    content_type: Mapped[str] = mapped_column(String(128))
+    size: Mapped[int] = mapped_column(Integer)
+    sha256: Mapped[str] = mapped_column(String(64))
+    job_id: Mapped[str | None] = mapped_column(String(64))
+    """The job that produced it; None for an upload."""
+    seq: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+    __table_args__ = (Index("ix_files_owner_seq", "owner", "seq"), Index("ix_files_job", "job_id"))
+
+
 class BookmarkRow(Base):
     """The last stream sequence applied, committed with the rows it produced."""
 

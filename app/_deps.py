@@ -5,6 +5,7 @@ from __future__ import annotations
 from litestar.datastructures import State
 from litestar.di import NamedDependency
 
+from app._files import FileService
 from app._jobs import JobService
 from app._settings import Settings
 from app._stats import Stats
@@ -28,6 +29,12 @@ def provide_stats(state: State) -> Stats:
     return stats
 
 
+def provide_files(state: State) -> FileService:
+    """The process's FileService."""
+    files: FileService = state.files
+    return files
+
+
 def provide_owner(state: State) -> str:
     """Whose jobs the caller sees; one local owner until API keys exist."""
     settings: Settings = state.settings
@@ -39,6 +46,9 @@ Service = NamedDependency[JobService]
 
 StatsDep = NamedDependency[Stats]
 """A handler parameter receiving the Stats reader."""
+
+FilesDep = NamedDependency[FileService]
+"""A handler parameter receiving the FileService."""
 
 Owner = NamedDependency[str]
 """A handler parameter receiving the caller's owner id."""

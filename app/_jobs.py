@@ -17,7 +17,7 @@ from nats.js.api import PubAck
 from sqlalchemy import and_, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app._db import Database, EventRow, JobRow
+from app._db import Database, EventRow, FileRow, JobRow
 from app._exceptions import ConflictError, NotFoundError, UnavailableError, not_found
 from app._hub import Applied, Hub
 from app._projection import Projection
@@ -43,12 +43,16 @@ from streams import (
     Completed,
     Deleted,
     Event,
+    FileDeleted,
+    FileStored,
     InvalidParamsError,
     JobStatus,
+    OperationSpec,
     Submitted,
     control_subject,
     encode_event,
     events_subject,
+    files_subject,
     operation,
     schedule_subject,
     submit_subject,
@@ -285,6 +289,7 @@ class JobService:
         whether it is new (False: the idempotency key named an existing job)."""
         spec = operation(body.type)
         params = validate_params(spec, body.params)
+        await self._check_input(spec, body.file_id, owner, "`$.file_id`")
         key = body.client_request_id or idempotency_key
         job_id = _job_id(owner, key)
         if key and (existing := await self._existing(job_id, owner)) is not None:
@@ -309,6 +314,9 @@ class JobService:
         items = body.items if body.items is not None else [BatchItem(file_id=f) for f in body.file_ids or []]
         if not items:
             raise InvalidParamsError("a batch needs at least one file or item - at `$.items`")
+        for index, item in enumerate(items):
+            where = f"`$.file_ids[{index}]`" if body.file_ids is not None else f"`$.items[{index}].file_id`"
+            await self._check_input(spec, item.file_id, owner, where)
         children_params = []
         for index, item in enumerate(items):
             try:
@@ -399,8 +407,9 @@ class JobService:
         await self._applied(max(a.seq for a in acks), job_id)
         return await self.get(job_id, owner)
 
-    async def delete(self, job_id: str, owner: str | None, files: bool = False) -> None:
-        """Delete a finished job (a batch: with its children); its history stays in the stream."""
+    async def delete(self, job_id: str, owner: str | None, files: bool = False) -> list[str]:
+        """Delete a finished job (a batch: with its children); its history stays in the stream.
+        Returns the ids of the jobs deleted."""
         async with self.db.session() as session:
             row = await self._row(session, job_id, owner)
             rows = [row, *(await session.scalars(select(JobRow).where(JobRow.parent_id == job_id)))]
@@ -413,6 +422,7 @@ class JobService:
                 )
         ack = await self.publish(Deleted(job_id=job_id, attempt=row.attempt, files=files))
         await self._applied(ack.seq, job_id)
+        return [each.id for each in rows]
 
     async def force_complete(self, job_id: str, result: dict[str, Any] | None) -> Job:
         """Admin: mark an active job completed with `result`; a worker running it is told to stop."""
@@ -453,6 +463,19 @@ class JobService:
             cancelled=statuses[JobStatus.CANCELLED], failed_kept=kept or 0,
         )  # fmt: skip
 
+    async def _check_input(self, spec: OperationSpec, file_id: str | None, owner: str, where: str) -> None:
+        """An operation that reads a file needs one, and it must be the caller's."""
+        if not spec.needs_file:
+            return
+        if file_id is None:
+            raise InvalidParamsError(
+                f"operation {spec.name!r} needs an input file: upload it, then give its id - at {where}"
+            )
+        async with self.db.session() as session:
+            row = await session.get(FileRow, file_id)
+        if row is None or row.owner != owner:
+            raise not_found("file", file_id)
+
     async def _existing(self, job_id: str, owner: str) -> Job | None:
         try:
             return await self.get(job_id, owner)
@@ -475,17 +498,22 @@ class JobService:
                 headers["Nats-Schedule-Target"] = subject
                 subject = schedule_subject(event.job_id)
         else:
-            subject = (
-                control_subject(event.job_id)
-                if isinstance(event, CancelRequested)
-                else events_subject(event.job_id)
-            )
+            if isinstance(event, FileStored | FileDeleted):
+                subject = files_subject(event.file_id)
+            elif isinstance(event, CancelRequested):
+                subject = control_subject(event.job_id)
+            else:
+                subject = events_subject(event.job_id)
             if msg_id:
                 headers["Nats-Msg-Id"] = msg_id
         try:
             return await self.js.publish(subject, encode_event(event), headers=headers, timeout=5)
         except (nats.errors.Error, TimeoutError) as exc:
             raise UnavailableError(f"the job queue is unavailable ({type(exc).__name__}); try again") from exc
+
+    async def wait_applied(self, seq: int, ident: str) -> None:
+        """Read-your-writes for other resources (files)."""
+        await self._applied(seq, ident)
 
     async def _applied(self, seq: int, job_id: str) -> None:
         """Read-your-writes: wait until the projection has applied `seq`."""

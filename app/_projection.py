@@ -24,7 +24,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app._db import BookmarkRow, Database, EventRow, JobRow
+from app._db import BookmarkRow, Database, EventRow, FileRow, JobRow
 from app._hub import Applied, Hub
 from app._schemas import EventEnvelope
 from streams import (
@@ -38,6 +38,8 @@ from streams import (
     Deleted,
     Event,
     Failed,
+    FileDeleted,
+    FileStored,
     JobStatus,
     Progress,
     Retrying,
@@ -152,6 +154,25 @@ def _submitted(job: JobRow | None, event: Submitted, seq: int) -> JobRow | None:
     return job
 
 
+async def _apply_file(session: AsyncSession, event: FileStored | FileDeleted, seq: int) -> None:
+    if isinstance(event, FileDeleted):
+        await session.execute(delete(FileRow).where(FileRow.id == event.file_id))
+    elif await session.get(FileRow, event.file_id) is None:
+        session.add(
+            FileRow(
+                id=event.file_id,
+                owner=event.owner,
+                name=event.name,
+                content_type=event.content_type,
+                size=event.size,
+                sha256=event.sha256,
+                job_id=event.job_id or None,
+                seq=seq,
+                created_at=event.ts,
+            )
+        )
+
+
 class Projection:
     """Applies the JOBS stream to SQLite and wakes whoever waits on it."""
 
@@ -254,6 +275,9 @@ class Projection:
                     event = decode_event(msg.data)
                 except msgspec.MsgspecError as exc:
                     log.warning("seq %d on %s is not a jobcast event: %s", seq, msg.subject, exc)
+                    continue
+                if isinstance(event, FileStored | FileDeleted):
+                    await _apply_file(session, event, seq)
                     continue
                 if event.job_id not in rows:
                     rows[event.job_id] = await session.get(JobRow, event.job_id)

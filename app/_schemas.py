@@ -236,6 +236,31 @@ class CleanupReport(msgspec.Struct, kw_only=True):
     failed_kept: int
 
 
+class FileInfo(msgspec.Struct, kw_only=True):
+    """A stored file."""
+
+    id: str
+    name: str
+    content_type: str
+    size: int
+    sha256: str
+    job_id: str | None
+    """The job that produced it; null for an upload."""
+    owner: str
+    created_at: datetime
+    url: str
+    """Where its bytes are served (Range requests work)."""
+
+
+class FilePage(msgspec.Struct, kw_only=True):
+    """A page of files, newest first."""
+
+    items: list[FileInfo]
+    total: int
+    limit: int
+    offset: int
+
+
 class Health(msgspec.Struct):
     """GET /health and /ready."""
 

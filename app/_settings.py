@@ -39,6 +39,8 @@ class Settings:
     """JOBCAST_SSE_PING_S: keep-alive comment interval on idle SSE streams."""
     submit_timeout_s: float = field(default_factory=lambda: _env_float("JOBCAST_SUBMIT_TIMEOUT_S", 10.0))
     """JOBCAST_SUBMIT_TIMEOUT_S: how long a submit waits for its own projection before 503."""
+    max_upload_bytes: int = field(default_factory=lambda: _env_int("JOBCAST_MAX_UPLOAD_MB", 2048) * 2**20)
+    """JOBCAST_MAX_UPLOAD_MB: the largest request (upload) accepted; larger ones get 413."""
     max_page_size: int = 500
     """Upper bound of `limit` on list endpoints."""
     webhook_secret: str = field(default_factory=lambda: os.environ.get("JOBCAST_WEBHOOK_SECRET", ""))

@@ -14,6 +14,7 @@ from nats.js import JetStreamContext
 from nats.js import api as js_api
 from nats.js.errors import BadRequestError
 from nats.js.kv import KeyValue
+from nats.js.object_store import ObjectStore
 
 from streams._subjects import ALL_SUBJECTS, STREAM, pool_submissions, priority_token
 
@@ -77,6 +78,19 @@ async def callbacks_bucket(js: JetStreamContext) -> KeyValue:
     """The webhook-claim bucket, created on first use."""
     return await js.create_key_value(
         config=js_api.KeyValueConfig(bucket=CALLBACKS_BUCKET, ttl=CALLBACK_CLAIM_TTL_S, history=1)
+    )
+
+
+FILES_BUCKET = "JOBCAST_FILES"
+"""Object store bucket of every file's bytes, by file id: a worker on another machine reads
+inputs and writes outputs here, no shared disk needed."""
+
+
+async def files_store(js: JetStreamContext) -> ObjectStore:
+    """The files bucket, created on first use."""
+    return await js.create_object_store(
+        FILES_BUCKET,
+        config=js_api.ObjectStoreConfig(description="jobcast files", storage=js_api.StorageType.FILE),
     )
 
 

@@ -159,6 +159,24 @@ class CallbackResult(_Event, frozen=True, tag="callback"):
     http_status: int | None = None
 
 
+class FileStored(_Event, frozen=True, tag="file_stored"):
+    """A file's bytes are in the object store under `file_id`; `job_id` is the job that produced
+    it, empty for an upload."""
+
+    file_id: str
+    owner: str
+    name: str
+    content_type: str
+    size: int
+    sha256: str
+
+
+class FileDeleted(_Event, frozen=True, tag="file_deleted"):
+    """A file and its bytes are gone."""
+
+    file_id: str
+
+
 Event = (
     Submitted
     | Started
@@ -170,6 +188,8 @@ Event = (
     | Cancelled
     | Deleted
     | CallbackResult
+    | FileStored
+    | FileDeleted
 )
 """Everything that travels on the JOBS stream."""
 

@@ -7,7 +7,7 @@ workers map the same type names to handlers.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 
@@ -32,6 +32,61 @@ class NoopParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Fail transiently on the first N deliveries (for retry tests)."""
 
 
+class TranscribeParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """faster-whisper options of `transcribe`."""
+
+    model: Annotated[str, msgspec.Meta(min_length=1, max_length=500)] = "tiny.en"
+    """A faster-whisper model name or a local path; tiny.en ships with jobcast."""
+    language: Annotated[str, msgspec.Meta(pattern=r"^[a-z]{2,3}$")] | None = None
+    """ISO code; detected when absent."""
+    task: Literal["transcribe", "translate"] = "transcribe"
+    beam_size: Annotated[int, msgspec.Meta(ge=1, le=20)] = 5
+    vad_filter: bool = False
+    word_timestamps: bool = False
+    initial_prompt: Annotated[str, msgspec.Meta(max_length=4000)] | None = None
+    device: Literal["cpu", "cuda"] | None = None
+    """cuda when available, else cpu."""
+    compute_type: Literal["int8", "int8_float16", "int16", "float16", "float32"] | None = None
+    """float16 on cuda, int8 on cpu."""
+
+
+class GenerateSrtParams(TranscribeParams, kw_only=True, forbid_unknown_fields=True):
+    """`transcribe` options plus the layout of the subtitles."""
+
+    word_timestamps: bool = True
+    """Long segments are split at word boundaries when word times are known."""
+    max_line_length: Annotated[int, msgspec.Meta(ge=10, le=200)] = 42
+    max_lines_per_cue: Annotated[int, msgspec.Meta(ge=1, le=5)] = 2
+    max_cue_duration: Annotated[float, msgspec.Meta(ge=0.5, le=60)] = 7.0
+
+
+class ConvertParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Options of `convert` (to MP4: H.264 + AAC, or M4A)."""
+
+    video_codec: Literal["libx264"] = "libx264"
+    crf: Annotated[int, msgspec.Meta(ge=0, le=51)] = 23
+    """Quality when transcoding (lower is better); ignored when `bitrate` is given."""
+    bitrate: Annotated[int, msgspec.Meta(ge=50_000, le=100_000_000)] | None = None
+    """Video bits per second when transcoding."""
+    max_height: Annotated[int, msgspec.Meta(ge=16, le=4320)] | None = None
+    """Scale taller video down to this height (forces a transcode)."""
+    audio_only: bool = False
+    """Produce an .m4a with the audio alone."""
+
+
+class FixSrtParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Options of `fix_srt`; the API key is the worker's (JOBCAST_LLM_API_KEY), never a job's."""
+
+    model: Annotated[str, msgspec.Meta(min_length=1, max_length=200)] | None = None
+    """Chat model; JOBCAST_LLM_MODEL when absent."""
+    base_url: Annotated[str, msgspec.Meta(pattern=r"^https?://", max_length=2000)] | None = None
+    """OpenAI-compatible endpoint; JOBCAST_LLM_BASE_URL when absent."""
+    sys_msg: Annotated[str, msgspec.Meta(max_length=10_000)] | None = None
+    """System message replacing the default instructions."""
+    chunk_size: Annotated[int, msgspec.Meta(ge=1, le=200)] = 20
+    """Cues per request."""
+
+
 @dataclass(frozen=True, slots=True)
 class OperationSpec:
     """What the API needs to know about an operation."""
@@ -42,6 +97,8 @@ class OperationSpec:
     description: str
     max_attempts: int = 3
     """Default number of runs before a transiently failing job is failed for good."""
+    needs_file: bool = False
+    """The job names its input by `file_id`."""
 
 
 OPERATIONS: dict[str, OperationSpec] = {
@@ -52,6 +109,34 @@ OPERATIONS: dict[str, OperationSpec] = {
             pool=Pool.CPU,
             params=NoopParams,
             description="Sleeps through `steps` progress updates; can fail on request.",
+        ),
+        OperationSpec(
+            name="transcribe",
+            pool=Pool.GPU,
+            params=TranscribeParams,
+            description="Speech to text with faster-whisper: text, segments, .json and .txt files.",
+            needs_file=True,
+        ),
+        OperationSpec(
+            name="generate_srt",
+            pool=Pool.GPU,
+            params=GenerateSrtParams,
+            description="Speech to subtitles with faster-whisper: .srt and .vtt files.",
+            needs_file=True,
+        ),
+        OperationSpec(
+            name="convert",
+            pool=Pool.CPU,
+            params=ConvertParams,
+            description="To MP4 (H.264 + AAC) with PyAV, remuxing when the streams allow it; or M4A.",
+            needs_file=True,
+        ),
+        OperationSpec(
+            name="fix_srt",
+            pool=Pool.LLM,
+            params=FixSrtParams,
+            description="An SRT's text corrected by an OpenAI-compatible chat model; timestamps kept.",
+            needs_file=True,
         ),
     )
 }

@@ -9,6 +9,7 @@ SUBMIT_PREFIX = "jobs.submit"
 EVENTS_PREFIX = "jobs.events"
 CONTROL_PREFIX = "jobs.control"
 SCHEDULE_PREFIX = "jobs.schedule"
+FILES_PREFIX = "jobs.files"
 
 MIN_PRIORITY = -10
 MAX_PRIORITY = 10
@@ -41,6 +42,11 @@ def pool_submissions(pool: str, priority: int | None = None) -> str:
     if priority is None:
         return f"{SUBMIT_PREFIX}.{pool}.>"
     return f"{SUBMIT_PREFIX}.{pool}.{priority_token(priority)}.*"
+
+
+def files_subject(file_id: str) -> str:
+    """Subject of a file's metadata events (stored, deleted); its bytes are in the object store."""
+    return f"{FILES_PREFIX}.{file_id}"
 
 
 def schedule_subject(job_id: str) -> str:

@@ -70,7 +70,8 @@ async def test_unknown_type_is_422_naming_type(client: httpx.AsyncClient) -> Non
     assert body["status_code"] == 422
     assert "type" in body["detail"]
     assert "'nope'" in body["detail"]
-    assert "known operations: noop" in body["detail"]
+    assert "known operations: " in body["detail"]
+    assert "noop" in body["detail"].split("known operations: ")[1]
 
 
 async def test_bad_params_are_422_naming_the_field(client: httpx.AsyncClient) -> None:

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import tempfile
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, ParamSpec, Protocol, TypeVar
 
 from streams import Submitted
-from workers._errors import JobCancelledError
+from workers._errors import JobCancelledError, PermanentError
+from workers._files import WorkerFiles
+from workers._settings import WorkerSettings
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -88,8 +92,22 @@ class Reporter:
 class JobContext:
     """Everything a handler may use while it runs one job."""
 
-    def __init__(self, job: Submitted, attempt: int, delivery: int, reporter: Reporter) -> None:
+    def __init__(
+        self,
+        job: Submitted,
+        attempt: int,
+        delivery: int,
+        reporter: Reporter,
+        files: WorkerFiles | None = None,
+        workdir: Path | None = None,
+        settings: WorkerSettings | None = None,
+    ) -> None:
         self.job = job
+        self.settings = settings or WorkerSettings()
+        """The worker's settings (LLM endpoint, concurrency, ...)."""
+        self.files = files
+        self.workdir = workdir or Path(tempfile.gettempdir())
+        """A private scratch folder, removed when the job ends."""
         self.attempt = attempt
         """Run number of this job, counting every delivery and manual retry."""
         self.delivery = delivery
@@ -131,6 +149,18 @@ class JobContext:
         """Raise JobCancelledError if the job was cancelled; call between steps."""
         if self.cancelled.is_set():
             raise JobCancelledError("cancelled")
+
+    async def input_file(self) -> Path:
+        """The job's input file, downloaded into the work folder."""
+        if self.job.file_id is None:
+            raise PermanentError("this operation needs a file_id")
+        assert self.files is not None, "the runtime provides file access"
+        return await self.files.fetch(self.job.file_id, self.workdir)
+
+    async def save_output(self, path: Path, name: str, content_type: str) -> dict[str, Any]:
+        """Store an output file as the job owner's; returns its result entry (id, name, url, ...)."""
+        assert self.files is not None, "the runtime provides file access"
+        return await self.files.save(path, name, content_type, self.job.owner, self.job.job_id)
 
     async def run_blocking(self, func: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
         """Run blocking work in a thread; the runtime's heartbeat keeps the job alive meanwhile."""

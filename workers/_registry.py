@@ -4,10 +4,17 @@ from __future__ import annotations
 
 from streams import OPERATIONS
 from workers._context import Handler
+from workers.convert import convert
+from workers.fix_srt import fix_srt
 from workers.noop import noop
+from workers.transcribe import generate_srt, transcribe
 
 HANDLERS: dict[str, Handler] = {
     "noop": noop,
+    "transcribe": transcribe,
+    "generate_srt": generate_srt,
+    "convert": convert,
+    "fix_srt": fix_srt,
 }
 
 _missing = set(OPERATIONS) - set(HANDLERS)

@@ -12,7 +12,10 @@ import asyncio
 import contextlib
 import logging
 import random
+import shutil
 import signal
+import tempfile
+from pathlib import Path
 from typing import Any, Literal
 
 import msgspec
@@ -33,6 +36,7 @@ from streams import (
     Completed,
     Event,
     Failed,
+    FileStored,
     Progress,
     Retrying,
     Started,
@@ -46,6 +50,7 @@ from streams import (
     ensure_consumer,
     ensure_stream,
     events_subject,
+    files_store,
     is_terminal,
     job_id_of,
     pool_submissions,
@@ -53,6 +58,7 @@ from streams import (
 )
 from workers._context import Handler, JobContext, Reporter
 from workers._errors import JobCancelledError, PermanentError, Retry
+from workers._files import WorkerFiles
 from workers._heartbeat import Heartbeat
 from workers._registry import handlers_for_pool
 from workers._settings import WorkerSettings
@@ -91,6 +97,7 @@ class Worker:
         """Priorities that may hold jobs; all of them at first."""
         self._doorbell = asyncio.Event()
         self.heartbeat: Heartbeat | None = None
+        self.files: WorkerFiles | None = None
         self.nc: Client | None = None
         self.js: JetStreamContext | None = None
         self._running: dict[str, _Running] = {}
@@ -124,6 +131,7 @@ class Worker:
                 await ensure_consumer(self.js, consumer)
             await self.nc.subscribe(ALL_CONTROL, cb=self._on_control)
             await self.nc.subscribe(pool_submissions(self.settings.pool), cb=self._on_submission)
+            self.files = WorkerFiles(await files_store(self.js), self._publish_reliably)
             self.heartbeat = Heartbeat(self.js, self.settings.name, self.settings.pool, self.settings.slots)
             await self.heartbeat.start()
             self.ready.set()
@@ -235,7 +243,11 @@ class Worker:
                 await self._publish(Progress(job_id=job.job_id, attempt=attempt, progress=percent, step=step))
 
         reporter = Reporter(publish_progress, asyncio.get_running_loop())
-        running = _Running(JobContext(job, attempt=attempt, delivery=delivery, reporter=reporter))
+        workdir = Path(tempfile.mkdtemp(prefix=f"jobcast-{job.job_id[:8]}-"))
+        ctx = JobContext(
+            job, attempt, delivery, reporter, files=self.files, workdir=workdir, settings=self.settings
+        )
+        running = _Running(ctx)
         # Registered before the checks below, so a cancel that arrives meanwhile is not missed.
         self._running[job.job_id] = running
         self._announce()
@@ -262,6 +274,7 @@ class Worker:
                 await self._finish(msg, outcome)
         finally:
             heartbeat.cancel()
+            await asyncio.to_thread(shutil.rmtree, workdir, True)
             self._running.pop(job.job_id, None)
             self._announce()
             self._slot_free.set()
@@ -379,6 +392,8 @@ class Worker:
     async def _publish_reliably(self, event: Event) -> None:
         """Publish a terminal event, riding out a broker restart; the msg id makes retries safe."""
         msg_id = f"{event.job_id}:{event.attempt}:{event.kind}"
+        if isinstance(event, FileStored):
+            msg_id += f":{event.file_id}"
         delay = 0.1
         while True:
             try:

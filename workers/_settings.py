@@ -41,6 +41,18 @@ class WorkerSettings:
     """JOBCAST_RETRY_BASE_S: first backoff step for transient failures (doubles, with jitter)."""
     retry_max_s: float = 300.0
     """Longest backoff between two attempts."""
+    llm_base_url: str = field(
+        default_factory=lambda: os.environ.get("JOBCAST_LLM_BASE_URL", "https://api.openai.com/v1")
+    )
+    """JOBCAST_LLM_BASE_URL: the OpenAI-compatible endpoint of fix_srt."""
+    llm_api_key: str = field(
+        default_factory=lambda: os.environ.get("JOBCAST_LLM_API_KEY") or os.environ.get("OPENAI_API_KEY", "")
+    )
+    """JOBCAST_LLM_API_KEY (or OPENAI_API_KEY)."""
+    llm_model: str = field(default_factory=lambda: os.environ.get("JOBCAST_LLM_MODEL", "gpt-4o-mini"))
+    """JOBCAST_LLM_MODEL: the chat model of fix_srt."""
+    llm_retry_delay_s: float = field(default_factory=lambda: _env_float("JOBCAST_LLM_RETRY_DELAY_S", 1.0))
+    """JOBCAST_LLM_RETRY_DELAY_S: first backoff step after a 429 or 5xx."""
     idle_poll_s: float = 0.5
     """With nothing to do, how often to look for redeliveries and retries (which ring no bell)."""
     name: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")

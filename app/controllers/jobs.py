@@ -9,7 +9,7 @@ from litestar.di import Provide
 from litestar.params import FromPath, FromQuery, HeaderParameter, JSONBody, QueryParameter
 from litestar.status_codes import HTTP_200_OK, HTTP_202_ACCEPTED, HTTP_204_NO_CONTENT
 
-from app._deps import Owner, Service, provide_owner, provide_service
+from app._deps import FilesDep, Owner, Service, provide_files, provide_owner, provide_service
 from app._jobs import JobFilter
 from app._schemas import Job, JobPage, SubmitBatch, SubmitJob
 from streams import JobStatus
@@ -33,6 +33,7 @@ class JobController(Controller):
     path = "/api/v1/jobs"
     tags = ["jobs"]
     dependencies = {"service": Provide(provide_service, sync_to_thread=False),
+                    "files_service": Provide(provide_files, sync_to_thread=False),
                     "owner": Provide(provide_owner, sync_to_thread=False)}  # fmt: skip
 
     @post("/", status_code=HTTP_202_ACCEPTED, operation_id="submitJob")
@@ -101,7 +102,11 @@ class JobController(Controller):
 
     @delete("/{job_id:str}", status_code=HTTP_204_NO_CONTENT, operation_id="deleteJob")
     async def delete_job(
-        self, job_id: FromPath[str], service: Service, owner: Owner, files: FromQuery[bool] = False
-    ) -> None:
-        """Delete a finished job (a batch with its children); 409 while it is active."""
-        await service.delete(job_id, owner, files=files)
+        self, job_id: FromPath[str], service: Service, files_service: FilesDep, owner: Owner,
+        files: FromQuery[bool] = False,
+    ) -> None:  # fmt: skip
+        """Delete a finished job (a batch with its children); 409 while it is active. The files it
+        produced stay unless `files=true`."""
+        deleted = await service.delete(job_id, owner, files=files)
+        if files:
+            await files_service.delete_produced(deleted)

@@ -1,0 +1,173 @@
+"""fix_cues against a local OpenAI-compatible server: chunking, concurrency, retries, errors, cancel."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.llm_server import ChatRequest, FakeLLM, drop_last_line, numbered, tidy
+from workers.llm import DEFAULT_SYS_MSG, Cue, FixCancelled, LLMError, fix_cues
+
+KEY = "sk-test"
+
+
+@pytest.fixture
+def server() -> Iterator[FakeLLM]:
+    """A fresh fake model server per test."""
+    with FakeLLM(api_key=KEY) as fake:
+        yield fake
+
+
+def stamp(seconds: int, millis: int) -> str:
+    """An SRT timestamp."""
+    return f"{seconds // 3600:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d},{millis:03d}"
+
+
+def make_cues(*texts: str) -> list[Cue]:
+    """Cues two seconds apart, each shown for 1.5 s, with the given texts."""
+    return [
+        Cue(index=i, start=stamp(2 * (i - 1), 0), end=stamp(2 * i - 1, 500), text=text)
+        for i, text in enumerate(texts, 1)
+    ]
+
+
+async def fix(server: FakeLLM, cues: list[Cue], **kwargs: Any) -> Any:
+    """fix_cues against `server`, with fast retries."""
+    kwargs.setdefault("retry_delay", 0.01)
+    return await fix_cues(cues, base_url=server.base_url, api_key=KEY, model="test-model", **kwargs)
+
+
+async def test_fixes_text_and_counts_changes(server: FakeLLM) -> None:
+    cues = make_cues("hello world", "Already fine.", "two\nlines", "")
+    result = await fix(server, cues)
+    assert [c.text for c in result.cues] == ["Hello world.", "Already fine.", "Two\nlines.", ""]
+    assert result.changed == 2
+    assert (result.chunks, result.warnings, result.retries) == (1, [], 0)
+    assert len(server.requests) == 1
+    request = server.requests[0]
+    assert request.body["model"] == "test-model"
+    assert request.authorization == f"Bearer {KEY}"
+    assert request.user == "1: hello world\n2: Already fine.\n3: two<br>lines\n4: "
+    assert request.system == DEFAULT_SYS_MSG
+
+
+async def test_timestamps_and_count_preserved(server: FakeLLM) -> None:
+    cues = make_cues(*(f"line {i}" for i in range(1, 46)))
+    result = await fix(server, cues, chunk_size=20)
+    assert result.chunks == 3
+    assert len(result.cues) == 45
+    assert [(c.index, c.start, c.end) for c in result.cues] == [(c.index, c.start, c.end) for c in cues]
+    assert result.cues[44] == Cue(index=45, start="00:01:28,000", end="00:01:29,500", text="Line 45.")
+    assert result.changed == 45
+    # Only text went out: no timestamp appears in any request.
+    assert all("-->" not in r.user and ",000" not in r.user for r in server.requests)
+    assert sorted(len(numbered(r.user)) for r in server.requests) == [5, 20, 20]
+
+
+async def test_concurrency_is_bounded(server: FakeLLM) -> None:
+    server.delay = 0.2
+    steps: list[tuple[float, str]] = []
+    result = await fix(
+        server,
+        make_cues(*(f"cue {i}" for i in range(10))),
+        chunk_size=2,
+        max_concurrency=2,
+        progress=lambda pct, step: steps.append((pct, step)),
+    )
+    assert result.chunks == 5
+    assert len(server.requests) == 5
+    assert server.max_in_flight == 2
+    assert steps == [(20.0 * n, f"fixing chunk {n} of 5") for n in range(1, 6)]
+
+
+async def test_rate_limit_then_server_error_are_retried(server: FakeLLM) -> None:
+    server.fail_first = [429, 500]
+    result = await fix(server, make_cues("a", "b"), max_retries=3)
+    assert [c.text for c in result.cues] == ["A.", "B."]
+    assert (result.retries, result.warnings, result.changed) == (2, [], 2)
+    assert len(server.requests) == 3
+
+
+async def test_transient_errors_past_max_retries_fail_retryable(server: FakeLLM) -> None:
+    server.fail_first = [503, 503, 503]
+    with pytest.raises(LLMError, match=r"still failing after 2 retries: HTTP 503") as info:
+        await fix(server, make_cues("a"), max_retries=2)
+    assert info.value.retryable is True
+    assert len(server.requests) == 3
+
+
+async def test_wrong_line_count_is_retried_then_accepted(server: FakeLLM) -> None:
+    def broken_once(request: ChatRequest) -> str:
+        return drop_last_line(request) if request.number == 1 else tidy(request)
+
+    server.reply = broken_once
+    result = await fix(server, make_cues("one", "two", "three"))
+    assert [c.text for c in result.cues] == ["One.", "Two.", "Three."]
+    assert (result.retries, result.warnings, result.changed) == (1, [], 3)
+    assert len(server.requests) == 2
+
+
+async def test_always_broken_chunk_is_kept_with_warning(server: FakeLLM) -> None:
+    def break_second_chunk(request: ChatRequest) -> str:
+        return drop_last_line(request) if "c3" in request.user else tidy(request)
+
+    server.reply = break_second_chunk
+    cues = make_cues("c1", "c2", "c3", "c4", "c5")
+    result = await fix(server, cues, chunk_size=2, max_retries=2)
+    assert [c.text for c in result.cues] == ["C1.", "C2.", "c3", "c4", "C5."]
+    assert result.cues[2:4] == cues[2:4]
+    assert result.warnings == ["chunk 2 of 3 (cues 3-4): no answer with 2 numbered lines; kept unchanged"]
+    assert (result.retries, result.changed) == (2, 3)
+    assert len(server.requests) == 5  # chunks 1 and 3 once, chunk 2 three times
+
+
+async def test_unauthorized_fails_at_once() -> None:
+    with FakeLLM(api_key="sk-other") as server:
+        started = time.monotonic()
+        with pytest.raises(LLMError, match=r"authentication failed \(HTTP 401\): check the API key") as info:
+            await fix(server, make_cues("a", "b", "c"), chunk_size=1, max_concurrency=1, retry_delay=5.0)
+        assert time.monotonic() - started < 2.0
+        assert info.value.retryable is False
+        assert len(server.requests) == 1
+
+
+async def test_bad_request_fails_at_once(server: FakeLLM) -> None:
+    server.fail_first = [400]
+    with pytest.raises(LLMError, match=r"refused the request: HTTP 400") as info:
+        await fix(server, make_cues("a"), retry_delay=5.0)
+    assert info.value.retryable is False
+    assert len(server.requests) == 1
+
+
+async def test_cancelled_before_start_sends_nothing(server: FakeLLM) -> None:
+    with pytest.raises(FixCancelled, match="cancelled"):
+        await fix(server, make_cues("a", "b"), cancelled=lambda: True)
+    assert server.requests == []
+
+
+async def test_cancelled_between_chunks(server: FakeLLM) -> None:
+    steps: list[str] = []
+    with pytest.raises(FixCancelled):
+        await fix(
+            server,
+            make_cues("a", "b", "c", "d"),
+            chunk_size=1,
+            max_concurrency=1,
+            progress=lambda pct, step: steps.append(step),
+            cancelled=lambda: len(steps) >= 2,
+        )
+    assert len(server.requests) == 2
+    assert steps == ["fixing chunk 1 of 4", "fixing chunk 2 of 4"]
+
+
+async def test_sys_msg_is_the_system_message(server: FakeLLM) -> None:
+    result = await fix(server, make_cues("a"), sys_msg="Fix German subtitles.")
+    assert result.cues[0].text == "A."
+    messages = server.requests[0].body["messages"]
+    assert messages == [
+        {"role": "system", "content": "Fix German subtitles."},
+        {"role": "user", "content": "1: a"},
+    ]

@@ -1,0 +1,205 @@
+"""The async core of `fix_srt`: send subtitle text to an OpenAI-compatible chat model in chunks.
+
+Only the text of each cue goes to the model, as numbered lines ("1: text"); indices and timestamps
+stay here, so the cue count and every timestamp survive whatever the model answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import re
+from collections.abc import Callable
+
+import msgspec
+import openai
+
+from workers._errors import JobCancelledError
+
+DEFAULT_SYS_MSG = (
+    "You correct subtitles produced by automatic speech recognition. "
+    "Fix transcription errors (misheard words, wrong homophones, misspelled names), punctuation and casing. "
+    "Do not translate, summarise, merge, split or reorder lines, and do not add commentary. "
+    "The input is numbered lines of the form 'N: text'. Answer with exactly one line per input line, "
+    "with the same numbers in the same order, in the form 'N: corrected text'. "
+    "Keep every <br> marker: it stands for a line break inside one subtitle."
+)
+# A cue's own line breaks would break the one-line-per-cue protocol, so they travel as a marker.
+BREAK = "<br>"
+_NUMBERED = re.compile(r"^\s*(\d+)\s*[:.)]\s?(.*)$")
+# Worth retrying with backoff: the server is overloaded, rate limiting, or briefly unreachable.
+_TRANSIENT_STATUS = {408, 409, 429}
+_MAX_DELAY = 60.0
+
+
+class Cue(msgspec.Struct, frozen=True):
+    """One subtitle cue; timestamps are kept as the SRT text they came from."""
+
+    index: int
+    start: str
+    end: str
+    text: str
+
+
+class FixResult(msgspec.Struct, kw_only=True):
+    """What `fix_cues` did: the fixed cues and how it went."""
+
+    cues: list[Cue]
+    changed: int
+    """Cues whose text the model changed."""
+    chunks: int
+    warnings: list[str]
+    retries: int
+    """Requests sent again, after a transient error or an unusable answer."""
+
+
+class LLMError(RuntimeError):
+    """The model's API failed in a way this run cannot get past; `retryable` if a later run might."""
+
+    def __init__(self, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+class FixCancelled(JobCancelledError):  # noqa: N818 - the name the fix_srt operation was specified with
+    """`cancelled()` said stop; subclassing JobCancelledError lets the worker runtime treat it as such."""
+
+
+def to_lines(texts: list[str]) -> str:
+    """Number texts one per line ("1: text"), line breaks inside a text turned into markers."""
+    return "\n".join(f"{n}: {BREAK.join(t.splitlines())}" for n, t in enumerate(texts, 1))
+
+
+def from_lines(answer: str, count: int) -> list[str] | None:
+    """Texts from an answer in the `to_lines` form, or None unless it numbers exactly 1..count."""
+    texts: list[str] = []
+    for line in answer.strip().splitlines():
+        if not line.strip() or line.strip().startswith("```"):
+            continue  # models like to wrap answers in code fences or leave blank lines
+        match = _NUMBERED.match(line)
+        if match is None or int(match[1]) != len(texts) + 1:
+            return None
+        texts.append("\n".join(part.strip() for part in match[2].split(BREAK)).strip())
+    return texts if len(texts) == count else None
+
+
+def _transient(exc: Exception) -> bool:
+    if isinstance(exc, openai.APIConnectionError):  # includes APITimeoutError
+        return True
+    return isinstance(exc, openai.APIStatusError) and (
+        exc.status_code in _TRANSIENT_STATUS or exc.status_code >= 500
+    )
+
+
+def _backoff(attempt: int, base: float, exc: Exception) -> float:
+    delay: float = base * 2**attempt
+    if isinstance(exc, openai.APIStatusError):
+        # Respect the server's own estimate when it gives one.
+        with contextlib.suppress(ValueError):
+            delay = max(delay, float(exc.response.headers.get("retry-after") or 0))
+    # Jitter keeps concurrent chunks that failed together from retrying in lockstep.
+    return min(_MAX_DELAY, delay * random.uniform(1.0, 1.5))
+
+
+async def fix_cues(
+    cues: list[Cue],
+    *,
+    base_url: str,
+    api_key: str,
+    model: str,
+    sys_msg: str | None = None,
+    chunk_size: int = 20,
+    max_concurrency: int = 4,
+    max_retries: int = 3,
+    retry_delay: float = 1.0,
+    timeout: float = 120.0,
+    progress: Callable[[float, str], None] | None = None,
+    cancelled: Callable[[], bool] | None = None,
+) -> FixResult:
+    """Fix the text of `cues` with the model, chunk by chunk; timestamps and cue count are kept."""
+    if chunk_size < 1 or max_concurrency < 1 or max_retries < 0:
+        raise ValueError("chunk_size and max_concurrency must be >= 1, max_retries >= 0")
+    chunks = [cues[i : i + chunk_size] for i in range(0, len(cues), chunk_size)]
+    fixed: list[list[Cue]] = [list(chunk) for chunk in chunks]
+    warnings: dict[int, str] = {}  # by chunk, since chunks finish in any order
+    retries = 0
+    done = 0
+    semaphore = asyncio.Semaphore(max_concurrency)
+    system = sys_msg or DEFAULT_SYS_MSG
+
+    async def ask(client: openai.AsyncOpenAI, texts: list[str], label: str) -> list[str] | None:
+        """One chunk's texts from the model, None when every answer had the wrong shape."""
+        nonlocal retries
+        prompt = to_lines(texts)
+        attempt = 0
+        while True:
+            try:
+                response = await client.chat.completions.create(
+                    model=model,
+                    messages=[{"role": "system", "content": system}, {"role": "user", "content": prompt}],
+                )
+            except openai.APIError as exc:
+                if not _transient(exc):
+                    raise LLMError(f"{label}: the model's API refused the request: {_describe(exc)}") from exc
+                if attempt >= max_retries:
+                    raise LLMError(
+                        f"{label}: still failing after {max_retries} retries: {_describe(exc)}",
+                        retryable=True,
+                    ) from exc
+                await asyncio.sleep(_backoff(attempt, retry_delay, exc))
+            else:
+                content = response.choices[0].message.content if response.choices else None
+                answer = from_lines(content or "", len(texts))
+                if answer is not None:
+                    return answer
+                if attempt >= max_retries:
+                    return None
+            attempt += 1
+            retries += 1
+
+    async def run(client: openai.AsyncOpenAI, n: int, chunk: list[Cue]) -> None:
+        nonlocal done
+        label = f"chunk {n + 1} of {len(chunks)} (cues {chunk[0].index}-{chunk[-1].index})"
+        async with semaphore:
+            # Checked once a slot is free, so a cancel stops chunks that were only queued.
+            if cancelled is not None and cancelled():
+                raise FixCancelled("fixing subtitles was cancelled")
+            answer = await ask(client, [cue.text for cue in chunk], label)
+        if answer is None:
+            warnings[n] = f"{label}: no answer with {len(chunk)} numbered lines; kept unchanged"
+        else:
+            # An emptied cue would leave a blank subtitle on screen: keep the original text instead.
+            fixed[n] = [
+                msgspec.structs.replace(c, text=t or c.text) for c, t in zip(chunk, answer, strict=True)
+            ]
+        done += 1
+        if progress is not None:
+            progress(100.0 * done / len(chunks), f"fixing chunk {done} of {len(chunks)}")
+
+    async with openai.AsyncOpenAI(
+        base_url=base_url, api_key=api_key, max_retries=0, timeout=timeout
+    ) as client:
+        try:
+            async with asyncio.TaskGroup() as group:  # one failure cancels the other chunks
+                for n, chunk in enumerate(chunks):
+                    group.create_task(run(client, n, chunk))
+        except ExceptionGroup as eg:
+            raise eg.exceptions[0] from None
+    out = [cue for chunk in fixed for cue in chunk]
+    changed = sum(a.text != b.text for a, b in zip(cues, out, strict=True))
+    return FixResult(
+        cues=out,
+        changed=changed,
+        chunks=len(chunks),
+        warnings=[warnings[n] for n in sorted(warnings)],
+        retries=retries,
+    )
+
+
+def _describe(exc: openai.APIError) -> str:
+    if isinstance(exc, openai.AuthenticationError):
+        return "authentication failed (HTTP 401): check the API key"
+    if isinstance(exc, openai.APIStatusError):
+        return f"HTTP {exc.status_code}: {exc.message}"
+    return f"{type(exc).__name__}: {exc.message}"

