@@ -11,6 +11,7 @@ from litestar.datastructures import State
 from litestar.openapi import OpenAPIConfig
 
 from app._db import Database
+from app._deps import DEPENDENCIES
 from app._exceptions import jobcast_error_to_http
 from app._files import FileService
 from app._hub import Hub
@@ -77,6 +78,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         lifespan=[lifespan],
         state=State({"settings": settings}),
         exception_handlers={JobcastError: jobcast_error_to_http},
+        dependencies=DEPENDENCIES,
         request_max_body_size=settings.max_upload_bytes,
         openapi_config=OpenAPIConfig(title="jobcast", version="0.1.0", path="/schema"),
     )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from litestar.datastructures import State
-from litestar.di import NamedDependency
+from litestar.di import NamedDependency, Provide
 
 from app._files import FileService
 from app._jobs import JobService
@@ -35,6 +35,11 @@ def provide_files(state: State) -> FileService:
     return files
 
 
+def provide_files_service(state: State) -> FileService:
+    """The FileService, for handlers where `files` names a query parameter."""
+    return provide_files(state)
+
+
 def provide_owner(state: State) -> str:
     """Whose jobs the caller sees; one local owner until API keys exist."""
     settings: Settings = state.settings
@@ -52,3 +57,13 @@ FilesDep = NamedDependency[FileService]
 
 Owner = NamedDependency[str]
 """A handler parameter receiving the caller's owner id."""
+
+
+DEPENDENCIES = {
+    "service": Provide(provide_service, sync_to_thread=False),
+    "files": Provide(provide_files, sync_to_thread=False),
+    "files_service": Provide(provide_files_service, sync_to_thread=False),
+    "stats": Provide(provide_stats, sync_to_thread=False),
+    "owner": Provide(provide_owner, sync_to_thread=False),
+}
+"""Every handler's dependencies, registered once on the app."""

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import mimetypes
 import os
-import re
 import uuid
 from pathlib import Path
-from typing import IO
 
 from litestar.datastructures import UploadFile
 from nats.js import api as js_api
@@ -22,9 +19,7 @@ from app._db import FileRow
 from app._exceptions import not_found
 from app._jobs import JobService
 from app._schemas import FileInfo, FilePage
-from streams import FileDeleted, FileStored
-
-CHUNK = 1 << 20
+from streams import FileDeleted, FileStored, digest, file_url, safe_name
 
 _EXTRA_TYPES = {
     ".srt": "application/x-subrip",
@@ -32,13 +27,6 @@ _EXTRA_TYPES = {
     ".flac": "audio/flac",
     ".m4a": "audio/mp4",
 }
-
-
-def safe_name(name: str, default: str = "file") -> str:
-    """A file name that cannot escape a directory: its last component, tame characters only."""
-    base = re.split(r"[\\/]", name)[-1]
-    base = re.sub(r"[^A-Za-z0-9._ -]", "_", base).strip(" .")[:200]
-    return base or default
 
 
 def content_type_of(name: str) -> str:
@@ -51,18 +39,8 @@ def file_view(row: FileRow) -> FileInfo:
     """The client's view of a file."""
     return FileInfo(
         id=row.id, name=row.name, content_type=row.content_type, size=row.size, sha256=row.sha256,
-        job_id=row.job_id, owner=row.owner, created_at=row.created_at, url=f"/api/v1/files/{row.id}/content",
+        job_id=row.job_id, owner=row.owner, created_at=row.created_at, url=file_url(row.id),
     )  # fmt: skip
-
-
-def _digest(handle: IO[bytes]) -> tuple[int, str]:
-    digest, size = hashlib.sha256(), 0
-    handle.seek(0)
-    while chunk := handle.read(CHUNK):
-        digest.update(chunk)
-        size += len(chunk)
-    handle.seek(0)
-    return size, digest.hexdigest()
 
 
 class FileService:
@@ -79,7 +57,7 @@ class FileService:
         """Store an uploaded file (already spooled to disk by the multipart parser) as the owner's."""
         name = safe_name(upload.filename or "", default="upload")
         handle = upload.file
-        size, sha256 = await asyncio.to_thread(_digest, handle)
+        size, sha256 = await asyncio.to_thread(digest, handle)
         file_id = str(uuid.uuid4())
         await self.store.put(file_id, handle, meta=js_api.ObjectMeta(description=name))  # type: ignore[arg-type]
         event = FileStored(

@@ -194,19 +194,6 @@ class QueueStats(msgspec.Struct, kw_only=True):
     queue_health: QueueHealth
 
 
-class WorkerView(msgspec.Struct, kw_only=True):
-    """A worker as its last heartbeat described it."""
-
-    name: str
-    pool: str
-    slots: int
-    running: list[str]
-    host: str
-    pid: int
-    started_at: float
-    last_seen: float
-
-
 class TypeStatistics(msgspec.Struct, kw_only=True):
     """Admin statistics of one job type; times in seconds."""
 

@@ -17,8 +17,8 @@ from nats.js.errors import NotFoundError as NatsNotFoundError
 from sqlalchemy import func, select
 
 from app._db import Database, JobRow
-from app._schemas import QueueHealth, QueueStats, TypeStatistics, WorkerView
-from streams import PRIORITIES, STREAM, JobStatus, Pool, WorkerConsumer, workers_bucket
+from app._schemas import QueueHealth, QueueStats, TypeStatistics
+from streams import PRIORITIES, STREAM, JobStatus, Pool, WorkerConsumer, WorkerInfo, workers_bucket
 
 
 class _CpuMeter:
@@ -49,7 +49,7 @@ class Stats:
         self.js = js
         self._cpu = _CpuMeter()
 
-    async def workers(self) -> list[WorkerView]:
+    async def workers(self) -> list[WorkerInfo]:
         """Workers whose heartbeat has not expired."""
         kv = await workers_bucket(self.js)
         try:
@@ -61,7 +61,7 @@ class Stats:
             with contextlib.suppress(nats.errors.Error, msgspec.DecodeError):
                 entry = await kv.get(key)
                 if entry.value:
-                    views.append(msgspec.json.decode(entry.value, type=WorkerView))
+                    views.append(msgspec.json.decode(entry.value, type=WorkerInfo))
         return sorted(views, key=lambda w: (w.pool, w.name))
 
     async def counts(self, owner: str | None) -> Counter[str]:

@@ -10,6 +10,7 @@ import enum
 import os
 from dataclasses import dataclass
 
+import msgspec
 from nats.js import JetStreamContext
 from nats.js import api as js_api
 from nats.js.errors import BadRequestError
@@ -63,6 +64,20 @@ CALLBACKS_BUCKET = "JOBCAST_CALLBACKS"
 """KV bucket of webhook claims: the API instance that creates a job's key sends its callback."""
 CALLBACK_CLAIM_TTL_S = 120.0
 """A claim expires this long after its instance stopped refreshing it (it crashed mid-delivery)."""
+
+
+class WorkerInfo(msgspec.Struct, kw_only=True):
+    """A worker's heartbeat: the value of its key in the workers bucket."""
+
+    name: str
+    pool: str
+    slots: int
+    running: list[str]
+    """Ids of the jobs it runs now."""
+    host: str
+    pid: int
+    started_at: float
+    last_seen: float
 
 
 async def workers_bucket(js: JetStreamContext) -> KeyValue:

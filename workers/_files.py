@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import re
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -14,30 +12,8 @@ from nats.js import api as js_api
 from nats.js.errors import ObjectNotFoundError
 from nats.js.object_store import ObjectStore
 
-from streams import Event, FileStored
+from streams import Event, FileStored, digest, file_url, safe_name
 from workers._errors import PermanentError
-
-
-def safe_name(name: str, default: str = "file") -> str:
-    """A file name that cannot escape a directory: its last component, tame characters only."""
-    base = re.split(r"[\\/]", name)[-1]
-    base = re.sub(r"[^A-Za-z0-9._ -]", "_", base).strip(" .")[:200]
-    return base or default
-
-
-def file_url(file_id: str) -> str:
-    """Where the API serves a file's bytes."""
-    return f"/api/v1/files/{file_id}/content"
-
-
-def _digest(path: Path) -> tuple[int, str]:
-    digest = hashlib.sha256()
-    size = 0
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-            size += len(chunk)
-    return size, digest.hexdigest()
 
 
 class WorkerFiles:
@@ -61,7 +37,8 @@ class WorkerFiles:
     async def save(self, path: Path, name: str, content_type: str, owner: str, job_id: str) -> dict[str, Any]:
         """Upload an output and announce it; returns its entry for the job's result."""
         file_id = str(uuid.uuid4())
-        size, sha256 = await asyncio.to_thread(_digest, path)
+        with path.open("rb") as handle:
+            size, sha256 = await asyncio.to_thread(digest, handle)
         name = safe_name(name)
         with path.open("rb") as handle:
             await self.store.put(file_id, handle, meta=js_api.ObjectMeta(description=name))

@@ -15,23 +15,9 @@ import nats.errors
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
-from streams import worker_ttl, workers_bucket
+from streams import WorkerInfo, worker_ttl, workers_bucket
 
 log = logging.getLogger("jobcast.worker")
-
-
-class WorkerInfo(msgspec.Struct, kw_only=True):
-    """What a worker says about itself every few seconds."""
-
-    name: str
-    pool: str
-    slots: int
-    running: list[str]
-    """Ids of the jobs it runs now."""
-    host: str
-    pid: int
-    started_at: float
-    last_seen: float
 
 
 class Heartbeat:

@@ -5,11 +5,10 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from litestar import Controller, delete, get, post
-from litestar.di import Provide
 from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 from litestar.status_codes import HTTP_200_OK
 
-from app._deps import Service, StatsDep, provide_service, provide_stats
+from app._deps import Service, StatsDep
 from app._jobs import JobFilter
 from app._schemas import CleanupReport, ForceComplete, Job, JobPage, TypeStatistics
 from streams import JobStatus
@@ -20,8 +19,6 @@ class AdminController(Controller):
 
     path = "/api/v1/jobs/admin"
     tags = ["admin"]
-    dependencies = {"service": Provide(provide_service, sync_to_thread=False),
-                    "stats": Provide(provide_stats, sync_to_thread=False)}  # fmt: skip
 
     @get("/all", operation_id="adminListJobs")
     async def all_jobs(

@@ -7,12 +7,11 @@ from typing import Annotated
 
 import msgspec
 from litestar import Controller, get, post
-from litestar.di import Provide
 from litestar.params import FromPath, FromQuery, QueryParameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 from litestar.status_codes import HTTP_200_OK
 
-from app._deps import Owner, Service, provide_owner, provide_service
+from app._deps import Owner, Service
 from app._jobs import compileo_status, compileo_status_name, compileo_update
 from app._schemas import JobStatusView, StatusUpdate
 from app.controllers.live import SSE_HEADERS
@@ -32,8 +31,6 @@ class CompileoController(Controller):
 
     path = "/api/v1/jobs"
     tags = ["compileo"]
-    dependencies = {"service": Provide(provide_service, sync_to_thread=False),
-                    "owner": Provide(provide_owner, sync_to_thread=False)}  # fmt: skip
 
     @get("/status/{job_id:str}", operation_id="getJobStatus")
     async def status(self, job_id: FromPath[str], service: Service, owner: Owner) -> JobStatusView:

@@ -10,15 +10,14 @@ from typing import Annotated
 import anyio
 from litestar import Controller, delete, get, post
 from litestar.datastructures import UploadFile
-from litestar.di import Provide
 from litestar.exceptions import HTTPException
 from litestar.params import FromPath, HeaderParameter, MultipartBody, QueryParameter
 from litestar.response import Stream
 from litestar.status_codes import HTTP_201_CREATED, HTTP_204_NO_CONTENT, HTTP_206_PARTIAL_CONTENT
 
-from app._deps import FilesDep, Owner, provide_files, provide_owner
-from app._files import CHUNK
+from app._deps import FilesDep, Owner
 from app._schemas import FileInfo, FilePage
+from streams import CHUNK
 
 
 @dataclass
@@ -68,8 +67,6 @@ class FileController(Controller):
 
     path = "/api/v1/files"
     tags = ["files"]
-    dependencies = {"files": Provide(provide_files, sync_to_thread=False),
-                    "owner": Provide(provide_owner, sync_to_thread=False)}  # fmt: skip
 
     @post("/", status_code=HTTP_201_CREATED, operation_id="uploadFile")
     async def upload(self, data: MultipartBody[UploadForm], files: FilesDep, owner: Owner) -> FileInfo:

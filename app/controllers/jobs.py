@@ -5,11 +5,10 @@ from __future__ import annotations
 from typing import Annotated
 
 from litestar import Controller, Response, delete, get, post
-from litestar.di import Provide
 from litestar.params import FromPath, FromQuery, HeaderParameter, JSONBody, QueryParameter
 from litestar.status_codes import HTTP_200_OK, HTTP_202_ACCEPTED, HTTP_204_NO_CONTENT
 
-from app._deps import FilesDep, Owner, Service, provide_files, provide_owner, provide_service
+from app._deps import FilesDep, Owner, Service
 from app._jobs import JobFilter
 from app._schemas import Job, JobPage, SubmitBatch, SubmitJob
 from streams import JobStatus
@@ -32,9 +31,6 @@ class JobController(Controller):
 
     path = "/api/v1/jobs"
     tags = ["jobs"]
-    dependencies = {"service": Provide(provide_service, sync_to_thread=False),
-                    "files_service": Provide(provide_files, sync_to_thread=False),
-                    "owner": Provide(provide_owner, sync_to_thread=False)}  # fmt: skip
 
     @post("/", status_code=HTTP_202_ACCEPTED, operation_id="submitJob")
     async def submit(

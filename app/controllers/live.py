@@ -9,12 +9,11 @@ from typing import Annotated, Any
 
 import msgspec
 from litestar import Controller, WebSocket, get, websocket
-from litestar.di import Provide
 from litestar.exceptions import WebSocketDisconnect
 from litestar.params import FromPath, FromQuery, HeaderParameter, QueryParameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
-from app._deps import Owner, Service, provide_owner, provide_service
+from app._deps import Owner, Service
 from app._exceptions import NotFoundError
 from app._hub import Applied
 from app._schemas import Job, WsCommand
@@ -49,8 +48,6 @@ class LiveController(Controller):
 
     path = "/api/v1"
     tags = ["live"]
-    dependencies = {"service": Provide(provide_service, sync_to_thread=False),
-                    "owner": Provide(provide_owner, sync_to_thread=False)}  # fmt: skip
 
     @get("/jobs/{job_id:str}/events", operation_id="streamJobEvents")
     async def events(

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from litestar import Controller, get
-from litestar.di import Provide
 
-from app._deps import Owner, Service, StatsDep, provide_owner, provide_service, provide_stats
+from app._deps import Owner, Service, StatsDep
 from app._schemas import QueueStats
 
 
@@ -14,9 +13,6 @@ class QueueController(Controller):
 
     path = "/api/v1/jobs/queue"
     tags = ["queue"]
-    dependencies = {"service": Provide(provide_service, sync_to_thread=False),
-                    "stats": Provide(provide_stats, sync_to_thread=False),
-                    "owner": Provide(provide_owner, sync_to_thread=False)}  # fmt: skip
 
     @get("/stats", operation_id="queueStats")
     async def stats(self, stats: StatsDep, service: Service, owner: Owner) -> QueueStats:
