@@ -35,11 +35,6 @@ def provide_files(state: State) -> FileService:
     return files
 
 
-def provide_files_service(state: State) -> FileService:
-    """The FileService, for handlers where `files` names a query parameter."""
-    return provide_files(state)
-
-
 def provide_owner(state: State) -> str:
     """Whose jobs the caller sees; one local owner until API keys exist."""
     settings: Settings = state.settings
@@ -62,7 +57,6 @@ Owner = NamedDependency[str]
 DEPENDENCIES = {
     "service": Provide(provide_service, sync_to_thread=False),
     "files": Provide(provide_files, sync_to_thread=False),
-    "files_service": Provide(provide_files_service, sync_to_thread=False),
     "stats": Provide(provide_stats, sync_to_thread=False),
     "owner": Provide(provide_owner, sync_to_thread=False),
 }

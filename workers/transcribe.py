@@ -11,12 +11,17 @@ from streams import GenerateSrtParams, TranscribeParams, parse_params
 from workers import subtitles
 from workers._context import JobContext
 from workers._errors import JobCancelledError, PermanentError
+from workers.media import MediaError, probe
 from workers.whisper import AudioError, Transcript, TranscriptionCancelled
 from workers.whisper import transcribe as run_whisper
 
 
 async def _transcript(ctx: JobContext, params: TranscribeParams) -> tuple[Path, Transcript]:
     source = await ctx.input_file()
+    try:
+        await ctx.run_blocking(probe, source)  # "not a media file: … looks like text" beats a decoder error
+    except MediaError as exc:
+        raise PermanentError(str(exc)) from None
     ctx.progress(0.0, "loading model")
     try:
         transcript = await ctx.run_blocking(

@@ -98,11 +98,11 @@ class JobController(Controller):
 
     @delete("/{job_id:str}", status_code=HTTP_204_NO_CONTENT, operation_id="deleteJob")
     async def delete_job(
-        self, job_id: FromPath[str], service: Service, files_service: FilesDep, owner: Owner,
-        files: FromQuery[bool] = False,
+        self, job_id: FromPath[str], service: Service, files: FilesDep, owner: Owner,
+        with_files: Annotated[bool, QueryParameter(name="files", description="Delete the files it produced too")] = False,
     ) -> None:  # fmt: skip
         """Delete a finished job (a batch with its children); 409 while it is active. The files it
         produced stay unless `files=true`."""
-        deleted = await service.delete(job_id, owner, files=files)
-        if files:
-            await files_service.delete_produced(deleted)
+        deleted = await service.delete(job_id, owner, files=with_files)
+        if with_files:
+            await files.delete_produced(deleted)
