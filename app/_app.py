@@ -8,8 +8,10 @@ from contextlib import asynccontextmanager
 
 from litestar import Litestar
 from litestar.datastructures import State
+from litestar.middleware import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
 
+from app._auth import AuthMiddleware, Keys, is_loopback
 from app._db import Database
 from app._deps import DEPENDENCIES
 from app._exceptions import jobcast_error_to_http
@@ -21,6 +23,7 @@ from app._settings import Settings, get_settings
 from app._stats import Stats
 from app._webhooks import Webhooks
 from app.controllers.admin import AdminController
+from app.controllers.auth import AuthController
 from app.controllers.compileo import CompileoController
 from app.controllers.files import FileController
 from app.controllers.health import HealthController
@@ -43,6 +46,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         await db.create_all()
         nc = await connect(settings.nats_url, name="jobcast-api")
         projection: Projection | None = None
+        keys: Keys | None = None
         webhooks: Webhooks | None = None
         try:
             js = nc.jetstream()
@@ -52,14 +56,25 @@ def create_app(settings: Settings | None = None) -> Litestar:
             await projection.start(js)
             app.state.nats = nc
             app.state.service = service = JobService(settings, db, js, projection, hub)
+            app.state.api_keys = keys = Keys(js)
+            await keys.start()
+            if keys.empty and not is_loopback(settings.host):
+                raise RuntimeError(
+                    f"refusing to serve on {settings.host} without API keys: anyone who can reach it would "
+                    "have admin rights. Create one with `jobcast keys create --name NAME --admin`, or bind "
+                    "127.0.0.1."
+                )
             app.state.stats = Stats(db, js)
             app.state.files = FileService(service, await files_store(js), settings.data_dir / "cache")
             webhooks = Webhooks(service)
+            webhooks.local_mode = lambda: keys.empty and is_loopback(settings.host)
             await webhooks.start()
             yield
         finally:
             if webhooks is not None:
                 await webhooks.stop()
+            if keys is not None:
+                await keys.stop()
             if projection is not None:
                 await projection.stop()
             await close_quietly(nc)
@@ -72,11 +87,17 @@ def create_app(settings: Settings | None = None) -> Litestar:
             CompileoController,
             QueueController,
             FileController,
+            AuthController,
             AdminController,
             HealthController,
         ],
         lifespan=[lifespan],
-        state=State({"settings": settings}),
+        state=State({"settings": settings, "token_secret": settings.signing_key()}),
+        middleware=[
+            DefineMiddleware(
+                AuthMiddleware, exclude=["^/health$", "^/ready$", "^/schema", "^/api/v1/auth/login$"]
+            )
+        ],
         exception_handlers={JobcastError: jobcast_error_to_http},
         dependencies=DEPENDENCIES,
         request_max_body_size=settings.max_upload_bytes,

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from litestar.datastructures import State
 from litestar.di import NamedDependency, Provide
+from litestar.types import Scope
 
+from app._auth import Caller
 from app._files import FileService
 from app._jobs import JobService
 from app._settings import Settings
@@ -35,10 +37,10 @@ def provide_files(state: State) -> FileService:
     return files
 
 
-def provide_owner(state: State) -> str:
-    """Whose jobs the caller sees; one local owner until API keys exist."""
-    settings: Settings = state.settings
-    return settings.local_owner
+def provide_owner(scope: Scope) -> str:
+    """Whose jobs the caller sees (the authenticated key's name, or the local owner)."""
+    caller: Caller = scope["user"]
+    return caller.owner
 
 
 Service = NamedDependency[JobService]

@@ -52,6 +52,14 @@ class Settings:
     """JOBCAST_WEBHOOK_BACKOFF_S: wait after the first failed delivery; doubles each time."""
     webhook_timeout_s: float = field(default_factory=lambda: _env_float("JOBCAST_WEBHOOK_TIMEOUT_S", 10.0))
     """JOBCAST_WEBHOOK_TIMEOUT_S: how long one delivery may take."""
+    webhook_allow_loopback: bool = field(
+        default_factory=lambda: os.environ.get("JOBCAST_WEBHOOK_ALLOW_LOOPBACK") == "1"
+    )
+    """JOBCAST_WEBHOOK_ALLOW_LOOPBACK=1: callbacks may go to this machine (always so in local mode)."""
+    webhook_allow_private: bool = field(
+        default_factory=lambda: os.environ.get("JOBCAST_WEBHOOK_ALLOW_PRIVATE") == "1"
+    )
+    """JOBCAST_WEBHOOK_ALLOW_PRIVATE=1: callbacks may go to private network addresses."""
     webhook_sweep_s: float = field(default_factory=lambda: _env_float("JOBCAST_WEBHOOK_SWEEP_S", 30.0))
     """JOBCAST_WEBHOOK_SWEEP_S: how often undelivered callbacks (their sender died) are looked for."""
 

@@ -12,8 +12,11 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
+import ipaddress
 import logging
 import uuid
+from collections.abc import Callable
+from urllib.parse import urlsplit
 
 import httpx
 import msgspec
@@ -50,6 +53,8 @@ class Webhooks:
         self._kv: KeyValue | None = None
         self._client = httpx.AsyncClient(timeout=self.settings.webhook_timeout_s, follow_redirects=False)
         self._tasks: set[asyncio.Task[None]] = set()
+        self.local_mode: Callable[[], bool] = lambda: False
+        """Set by the app: local mode allows loopback callbacks."""
         self._sweeper: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -90,6 +95,24 @@ class Webhooks:
                     self._spawn(job_id)
             await asyncio.sleep(self.settings.webhook_sweep_s)
 
+    async def _refused(self, url: str) -> str:
+        """Why `url` may not be called: its host resolves to a private, loopback or link-local
+        address (so a webhook cannot reach internal services), unless settings allow it."""
+        host = urlsplit(url).hostname or ""
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(host, None)
+        except OSError as exc:
+            return f"cannot resolve {host}: {exc}"
+        for info in infos:
+            address = ipaddress.ip_address(str(info[4][0]).split("%")[0])
+            if address.is_loopback and (self.settings.webhook_allow_loopback or self.local_mode()):
+                continue
+            if address.is_private and self.settings.webhook_allow_private:
+                continue
+            if not address.is_global:
+                return f"refused: {host} resolves to the non-public address {address}"
+        return ""
+
     async def deliver(self, job_id: str) -> None:
         """Send one job's callback if it is due and nobody else is sending it."""
         try:
@@ -104,6 +127,7 @@ class Webhooks:
             await self._kv.create(claim, self.instance.encode())
         except (KeyWrongLastSequenceError, nats.errors.Error):
             return  # another instance has it (or had it, and it has not expired yet)
+        refused = await self._refused(job.callback_url)
         body = msgspec.json.encode(job)
         headers = {
             "Content-Type": "application/json",
@@ -113,7 +137,7 @@ class Webhooks:
         }
         error, status, tries = "", None, 0
         delay = self.settings.webhook_backoff_s
-        for tries in range(1, self.settings.webhook_tries + 1):
+        for tries in range(1, 0 if refused else self.settings.webhook_tries + 1):
             try:
                 response = await self._client.post(job.callback_url, content=body, headers=headers)
                 status = response.status_code
@@ -126,6 +150,7 @@ class Webhooks:
             if tries < self.settings.webhook_tries:
                 await asyncio.sleep(delay)
                 delay *= 2
+        error = refused or error
         delivered = not error
         log.info(
             "callback of %s to %s: %s after %d tries", job.id, job.callback_url, error or "delivered", tries

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import asyncio
 import logging
 import os
@@ -26,6 +27,7 @@ def _api(args: argparse.Namespace) -> int:
     settings = Settings()
     host = args.host or settings.host
     port = args.port or settings.port
+    settings = dataclasses.replace(settings, host=host, port=port)
     config = uvicorn.Config(
         create_app(settings), host=host, port=port, lifespan="on", log_level=args.log_level.lower(),
         access_log=False, ws="websockets-sansio", ws_max_size=64 * 1024, timeout_graceful_shutdown=5,
@@ -44,6 +46,14 @@ def _worker(args: argparse.Namespace) -> int:
 
     asyncio.run(run())
     return 0
+
+
+def _keys(args: argparse.Namespace) -> int:
+    from jobcast.keys import run
+
+    return asyncio.run(
+        run(args.action, getattr(args, "name", None), getattr(args, "admin", False), Path(args.data_dir))
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,6 +81,16 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--pool", required=True, choices=["gpu", "cpu", "llm"])
     worker.add_argument("--concurrency", type=int, default=0, help="jobs at once (default: the pool's)")
     worker.set_defaults(func=_worker)
+    keys = sub.add_parser("keys", help="manage API keys (a server must be running)")
+    keys.add_argument("--data-dir", default=os.environ.get("JOBCAST_DATA_DIR", "jobcast-data"))
+    actions = keys.add_subparsers(dest="action", required=True)
+    create = actions.add_parser("create", help="create a key and print it once")
+    create.add_argument("--name", required=True, help="the key's name, which is also its owner")
+    create.add_argument("--admin", action="store_true", help="may use the admin routes and see every owner")
+    actions.add_parser("list", help="list keys (names and roles, never the keys)")
+    revoke = actions.add_parser("revoke", help="revoke a key at once")
+    revoke.add_argument("name")
+    keys.set_defaults(func=_keys)
     return parser
 
 

@@ -86,8 +86,10 @@ class Supervisor:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         url = await self.nats.start()
         log.info("nats-server at %s, store %s", url, self.nats.store_dir)
+        (self.data_dir / "nats.url").write_text(url)  # where `jobcast keys` finds it
         env = dict(os.environ)
         env.update(JOBCAST_NATS_URL=url, JOBCAST_DATA_DIR=str(self.data_dir))
+        env.update(JOBCAST_HOST=self.host, JOBCAST_PORT=str(self.port))
         for child in self.children:
             await child.start(env)
         print(f"jobcast: serving on http://{self.host}:{self.port} (data in {self.data_dir}); Ctrl-C stops",

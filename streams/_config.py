@@ -96,6 +96,24 @@ async def callbacks_bucket(js: JetStreamContext) -> KeyValue:
     )
 
 
+KEYS_BUCKET = "JOBCAST_KEYS"
+"""KV bucket of API keys, one entry per key name; only the key's sha256 is stored."""
+
+
+class ApiKeyRecord(msgspec.Struct, kw_only=True):
+    """An API key as stored: its owner name, role and hash, never the key itself."""
+
+    name: str
+    sha256: str
+    admin: bool = False
+    created_at: float = 0.0
+
+
+async def keys_bucket(js: JetStreamContext) -> KeyValue:
+    """The API keys bucket, created on first use (history 1: a revoked key is deleted)."""
+    return await js.create_key_value(config=js_api.KeyValueConfig(bucket=KEYS_BUCKET, history=1))
+
+
 FILES_BUCKET = "JOBCAST_FILES"
 """Object store bucket of every file's bytes, by file id: a worker on another machine reads
 inputs and writes outputs here, no shared disk needed."""

@@ -8,6 +8,7 @@ from litestar import Controller, delete, get, post
 from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 from litestar.status_codes import HTTP_200_OK
 
+from app._auth import admin_only
 from app._deps import Service, StatsDep
 from app._jobs import JobFilter
 from app._schemas import CleanupReport, ForceComplete, Job, JobPage, TypeStatistics
@@ -19,6 +20,7 @@ class AdminController(Controller):
 
     path = "/api/v1/jobs/admin"
     tags = ["admin"]
+    guards = [admin_only]
 
     @get("/all", operation_id="adminListJobs")
     async def all_jobs(

@@ -1,0 +1,69 @@
+"""Browser sessions: log in with a key (cookie), short-lived tokens for EventSource and WebSocket."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import msgspec
+from litestar import Controller, Request, Response, post
+from litestar.datastructures import Cookie, State
+from litestar.exceptions import NotAuthorizedException
+from litestar.params import JSONBody
+from litestar.status_codes import HTTP_200_OK
+
+from app._auth import SESSION_COOKIE, Caller, Keys, sign_token
+
+SESSION_TTL_S = 12 * 3600
+TOKEN_TTL_S = 300
+
+
+class Login(msgspec.Struct, forbid_unknown_fields=True):
+    """Body of POST /api/v1/auth/login."""
+
+    key: Annotated[str, msgspec.Meta(min_length=1, max_length=500)]
+
+
+class Session(msgspec.Struct, kw_only=True):
+    """Who the session or token stands for."""
+
+    owner: str
+    admin: bool
+    token: str | None = None
+    """A signed token for `?token=` (EventSource and WebSocket cannot send headers)."""
+    expires_in: int
+
+
+class AuthController(Controller):
+    """Sessions and tokens."""
+
+    path = "/api/v1/auth"
+    tags = ["auth"]
+
+    @post("/login", status_code=HTTP_200_OK, operation_id="login")
+    async def login(self, data: JSONBody[Login], state: State) -> Response[Session]:
+        """Trade a key for an HttpOnly session cookie."""
+        keys: Keys = state.api_keys
+        record = keys.lookup(data.key)
+        if record is None:
+            raise NotAuthorizedException("invalid API key")
+        caller = Caller(owner=record.name, admin=record.admin)
+        cookie = Cookie(
+            key=SESSION_COOKIE, value=sign_token(state.token_secret, caller, SESSION_TTL_S), max_age=SESSION_TTL_S,
+            httponly=True, samesite="strict", path="/",
+        )  # fmt: skip
+        body = Session(owner=caller.owner, admin=caller.admin, expires_in=SESSION_TTL_S)
+        return Response(body, cookies=[cookie])
+
+    @post("/logout", status_code=HTTP_200_OK, operation_id="logout")
+    async def logout(self) -> Response[dict[str, str]]:
+        """Drop the session cookie."""
+        return Response(
+            {"status": "logged out"}, cookies=[Cookie(key=SESSION_COOKIE, value="", max_age=0, path="/")]
+        )
+
+    @post("/token", status_code=HTTP_200_OK, operation_id="issueToken")
+    async def token(self, request: Request[Any, Any, Any], state: State) -> Session:
+        """A token for `?token=`, valid for five minutes, for the authenticated caller."""
+        caller: Caller = request.user
+        token = sign_token(state.token_secret, caller, TOKEN_TTL_S)
+        return Session(owner=caller.owner, admin=caller.admin, token=token, expires_in=TOKEN_TTL_S)
