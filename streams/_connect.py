@@ -18,23 +18,22 @@ async def connect(url: str, name: str, **options: Any) -> Client:
         log.warning("nats: %s", exc)
 
     async def on_disconnected() -> None:
-        log.warning("nats: disconnected from %s", url)
+        log.info("nats: disconnected from %s", url)
 
     async def on_reconnected() -> None:
         log.info("nats: reconnected to %s", url)
 
-    return await nats.connect(
-        url,
-        name=name,
-        max_reconnect_attempts=-1,
-        reconnect_time_wait=0.5,
-        connect_timeout=5,
-        allow_reconnect=True,
-        error_cb=on_error,
-        disconnected_cb=on_disconnected,
-        reconnected_cb=on_reconnected,
-        **options,
-    )
+    settings: dict[str, Any] = {
+        "name": name,
+        "max_reconnect_attempts": -1,
+        "reconnect_time_wait": 0.5,
+        "connect_timeout": 5,
+        "allow_reconnect": True,
+        "error_cb": on_error,
+        "disconnected_cb": on_disconnected,
+        "reconnected_cb": on_reconnected,
+    }
+    return await nats.connect(url, **(settings | options))
 
 
 async def close_quietly(nc: Client) -> None:

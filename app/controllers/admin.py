@@ -30,7 +30,7 @@ class AdminController(Controller):
             list[JobStatus] | None, QueryParameter(description="Repeat to match several")
         ] = None,
         job_type: Annotated[str | None, QueryParameter(name="type", max_length=64)] = None,
-        owner: Annotated[str | None, QueryParameter(max_length=128)] = None,
+        of_owner: Annotated[str | None, QueryParameter(name="owner", max_length=128)] = None,
         exhausted: Annotated[
             bool | None, QueryParameter(description="Failed because attempts ran out")
         ] = None,
@@ -40,7 +40,7 @@ class AdminController(Controller):
     ) -> JobPage:
         """Jobs of every owner, newest first."""
         where = JobFilter(
-            owner=owner, statuses=frozenset(status or ()), type=job_type, exhausted=exhausted,
+            owner=of_owner, statuses=frozenset(status or ()), type=job_type, exhausted=exhausted,
             include_children=include_children,
         )  # fmt: skip
         return await service.find(where, limit=limit, offset=offset)
