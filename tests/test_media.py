@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import math
-import struct
 import time
-from fractions import Fraction
 from pathlib import Path
 
 import av
 import pytest
 
+from tests.media_clips import make_clip as make_media_clip
 from workers import media
 from workers.media import ConversionCancelled, MediaError, convert_to_mp4, probe
 
@@ -19,27 +17,8 @@ SECONDS, FPS, RATE, WIDTH, HEIGHT = 2.0, 25, 44100, 160, 120
 
 
 def make_clip(path: Path, fmt: str, video_codec: str, audio_codec: str) -> Path:
-    """Write a SECONDS-long clip: a colour ramp at WIDTHxHEIGHT and a mono 440 Hz tone."""
-    with av.open(str(path), "w", format=fmt) as out:
-        video = out.add_stream(video_codec, rate=FPS)
-        video.width, video.height, video.pix_fmt = WIDTH, HEIGHT, "yuv420p"
-        audio = out.add_stream(audio_codec, rate=RATE)
-        audio.layout = "mono"
-        for i in range(int(SECONDS * FPS)):
-            shade = i * 5 % 256
-            rgba = bytes([shade, 255 - shade, 128, 255]) * (WIDTH * HEIGHT)
-            frame = av.VideoFrame.from_bytes(rgba, WIDTH, HEIGHT, "rgba").reformat(format="yuv420p")
-            frame.pts, frame.time_base = i, Fraction(1, FPS)
-            out.mux(video.encode(frame))
-        out.mux(video.encode(None))
-        for start in range(0, int(SECONDS * RATE), 1024):
-            tone = [int(8000 * math.sin(2 * math.pi * 440 * (start + k) / RATE)) for k in range(1024)]
-            sound = av.AudioFrame(format="s16", layout="mono", samples=1024)
-            sound.planes[0].update(struct.pack("<1024h", *tone))
-            sound.sample_rate, sound.pts, sound.time_base = RATE, start, Fraction(1, RATE)
-            out.mux(audio.encode(sound))
-        out.mux(audio.encode(None))
-    return path
+    """A SECONDS-long clip at WIDTHxHEIGHT with a mono 440 Hz tone."""
+    return make_media_clip(path, fmt, video_codec, audio_codec, SECONDS, (WIDTH, HEIGHT), FPS)
 
 
 @pytest.fixture(scope="module")

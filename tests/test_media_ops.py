@@ -9,13 +9,11 @@ import json
 import re
 import time
 from collections.abc import AsyncIterator
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import av
 import httpx
-import numpy as np
 import pytest
 from httpx_sse import aconnect_sse
 
@@ -23,6 +21,7 @@ from app import Settings
 from streams import NatsServer
 from tests.conftest import MEDIA, ApiServer, WorkerRunner, replace, submit, wait_terminal
 from tests.llm_server import ChatRequest, FakeLLM, drop_last_line, tidy
+from tests.media_clips import make_clip
 from workers import WorkerSettings, subtitles
 
 JFK = MEDIA / "jfk.flac"
@@ -91,36 +90,6 @@ async def events(client: httpx.AsyncClient, job_id: str) -> AsyncIterator[tuple[
             # httpx-sse turns a keep-alive comment into an empty "message" (it keeps the last id).
             if sse.data:
                 yield sse.event, json.loads(sse.data)
-
-
-def make_clip(
-    path: Path, fmt: str, video_codec: str, audio_codec: str, seconds: float, size: tuple[int, int], fps: int
-) -> Path:
-    """A clip with a moving bar on a colour ramp and a mono 440 Hz tone."""
-    width, height = size
-    rate = 44100
-    with av.open(str(path), "w", format=fmt) as out:
-        video = out.add_stream(video_codec, rate=fps)
-        video.width, video.height, video.pix_fmt = width, height, "yuv420p"
-        audio = out.add_stream(audio_codec, rate=rate)
-        audio.layout = "mono"
-        for i in range(round(seconds * fps)):
-            shade = i * 5 % 256
-            image = np.full((height, width, 3), (shade, 255 - shade, 128), dtype=np.uint8)
-            image[:, i * 4 % width] = 255
-            frame = av.VideoFrame.from_ndarray(image, format="rgb24").reformat(format="yuv420p")
-            frame.pts, frame.time_base = i, Fraction(1, fps)
-            out.mux(video.encode(frame))
-        out.mux(video.encode(None))
-        for start in range(0, round(seconds * rate), 1024):
-            tone = 8000 * np.sin(2 * np.pi * 440 * np.arange(start, start + 1024) / rate)
-            sound = av.AudioFrame.from_ndarray(
-                tone.astype(np.int16).reshape(1, -1), format="s16", layout="mono"
-            )
-            sound.sample_rate, sound.pts, sound.time_base = rate, start, Fraction(1, rate)
-            out.mux(audio.encode(sound))
-        out.mux(audio.encode(None))
-    return path
 
 
 @pytest.fixture(scope="module")
