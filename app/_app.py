@@ -9,12 +9,13 @@ from contextlib import asynccontextmanager
 from litestar import Litestar
 from litestar.datastructures import State
 from litestar.middleware import DefineMiddleware
+from litestar.middleware.rate_limit import RateLimitConfig
 from litestar.openapi import OpenAPIConfig
 
-from app._auth import AuthMiddleware, Keys, is_loopback
+from app._auth import AuthMiddleware, Keys, is_loopback, rate_limit_identity
 from app._db import Database
 from app._deps import DEPENDENCIES
-from app._exceptions import jobcast_error_to_http
+from app._exceptions import document_errors, jobcast_error_to_http
 from app._files import FileService
 from app._hub import Hub
 from app._jobs import JobService
@@ -80,7 +81,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             await close_quietly(nc)
             await db.dispose()
 
-    return Litestar(
+    app = Litestar(
         route_handlers=[
             JobController,
             LiveController,
@@ -96,10 +97,17 @@ def create_app(settings: Settings | None = None) -> Litestar:
         middleware=[
             DefineMiddleware(
                 AuthMiddleware, exclude=["^/health$", "^/ready$", "^/schema", "^/api/v1/auth/login$"]
-            )
+            ),
+            RateLimitConfig(
+                rate_limit=("minute", settings.rate_limit_per_minute),
+                identifier_for_request=rate_limit_identity,
+                exclude=["^/health$", "^/ready$", "^/schema"],
+            ).middleware,
         ],
         exception_handlers={JobcastError: jobcast_error_to_http},
         dependencies=DEPENDENCIES,
         request_max_body_size=settings.max_upload_bytes,
         openapi_config=OpenAPIConfig(title="jobcast", version="0.1.0", path="/schema"),
     )
+    document_errors(app)
+    return app

@@ -20,6 +20,7 @@ import time
 from typing import Any
 
 import msgspec
+from litestar import Request
 from litestar.connection import ASGIConnection
 from litestar.exceptions import NotAuthorizedException, PermissionDeniedException
 from litestar.handlers.base import BaseRouteHandler
@@ -162,6 +163,16 @@ class AuthMiddleware(AbstractAuthenticationMiddleware):
         if keys.empty and is_loopback(settings.host):
             return AuthenticationResult(user=Caller(owner=settings.local_owner, admin=True), auth=None)
         raise NotAuthorizedException("an API key is required: send Authorization: Bearer <key> or X-API-Key")
+
+
+def rate_limit_identity(request: Request[Any, Any, Any]) -> str:
+    """Rate limits count per key (owner), not per address."""
+    caller = request.scope.get("user")
+    return (
+        f"owner:{caller.owner}"
+        if isinstance(caller, Caller)
+        else f"addr:{request.client.host if request.client else '-'}"
+    )
 
 
 def admin_only(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -18,7 +19,7 @@ from sqlalchemy import and_, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app._db import Database, EventRow, FileRow, JobRow
-from app._exceptions import ConflictError, NotFoundError, UnavailableError, not_found
+from app._exceptions import ConflictError, NotFoundError, TooManyError, UnavailableError, not_found
 from app._hub import Applied, Hub
 from app._projection import Projection
 from app._schemas import (
@@ -136,6 +137,24 @@ class JobService:
         self.js = js
         self.projection = projection
         self.hub = hub
+        self.open_streams: Counter[str] = Counter()
+        """Open SSE, WebSocket and long-poll connections per owner."""
+
+    def check_stream_quota(self, owner: str | None) -> None:
+        """429 before a stream opens when its owner already holds the most it may."""
+        if self.open_streams[owner or "*"] >= self.settings.max_streams_per_owner:
+            raise TooManyError(
+                f"too many open streams for this key ({self.settings.max_streams_per_owner}); close some first"
+            )
+
+    @contextlib.contextmanager
+    def counted_stream(self, owner: str | None) -> Iterator[None]:
+        """Count a stream as open for its owner while the block runs."""
+        self.open_streams[owner or "*"] += 1
+        try:
+            yield
+        finally:
+            self.open_streams[owner or "*"] -= 1
 
     # reads --------------------------------------------------------------------------
 
@@ -227,7 +246,7 @@ class JobService:
 
         Yields None whenever nothing happened for `sse_ping_s`, so callers can send a keep-alive.
         """
-        with self.hub.subscribe([job_id]) as sub:
+        with self.hub.subscribe([job_id]) as sub, self.counted_stream(owner):
             history, job = await self.history(job_id, after)
             if job is None or (owner is not None and job.owner != owner):
                 return
@@ -258,7 +277,8 @@ class JobService:
         """Long-poll: the job once its status differs from `current_status` (or, with `since`,
         once it has an event newer than that), else at the timeout. Statuses are compared as
         `view` maps them (e.g. `compileo_status_name`, where retrying is still running)."""
-        with self.hub.subscribe([job_id]) as sub:
+        self.check_stream_quota(owner)
+        with self.hub.subscribe([job_id]) as sub, self.counted_stream(owner):
             job = await self.get(job_id, owner)
             reference = view(current_status or job.status)
             if since is not None and job.last_event_id > since:

@@ -9,6 +9,9 @@ import msgspec
 
 from streams import MAX_PRIORITY, MIN_PRIORITY
 
+MAX_INT = 2**62
+"""Bound of integer query values, so none overflows SQLite's 64-bit integers."""
+
 Title = Annotated[str, msgspec.Meta(max_length=500)]
 Description = Annotated[str, msgspec.Meta(max_length=10_000)]
 MaxAttempts = Annotated[int, msgspec.Meta(ge=1, le=50)]
@@ -265,5 +268,5 @@ class WsCommand(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     job_ids: list[str] = []
     all: bool = False
     """Every job of the caller, present and future."""
-    last_event_id: int | None = None
+    last_event_id: Annotated[int, msgspec.Meta(ge=0, le=MAX_INT)] | None = None
     """With `subscribe` to job ids: replay their events after this sequence first."""

@@ -11,7 +11,7 @@ from litestar.status_codes import HTTP_200_OK
 from app._auth import admin_only
 from app._deps import Service, StatsDep
 from app._jobs import JobFilter
-from app._schemas import CleanupReport, ForceComplete, Job, JobPage, TypeStatistics
+from app._schemas import MAX_INT, CleanupReport, ForceComplete, Job, JobPage, TypeStatistics
 from streams import JobStatus
 
 
@@ -36,7 +36,7 @@ class AdminController(Controller):
         ] = None,
         include_children: FromQuery[bool] = False,
         limit: Annotated[int, QueryParameter(ge=1, le=500)] = 50,
-        offset: Annotated[int, QueryParameter(ge=0)] = 0,
+        offset: Annotated[int, QueryParameter(ge=0, le=MAX_INT)] = 0,
     ) -> JobPage:
         """Jobs of every owner, newest first."""
         where = JobFilter(

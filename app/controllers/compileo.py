@@ -55,6 +55,7 @@ class CompileoController(Controller):
     async def stream(self, job_id: FromPath[str], service: Service, owner: Owner) -> ServerSentEvent:
         """SSE of status snapshots (`data:` lines only), from now until the job ends."""
         job = await service.get(job_id, owner)
+        service.check_stream_quota(owner)
 
         async def updates() -> AsyncIterator[ServerSentEventMessage]:
             current = compileo_status(job)

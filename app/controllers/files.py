@@ -16,7 +16,7 @@ from litestar.response import Stream
 from litestar.status_codes import HTTP_201_CREATED, HTTP_204_NO_CONTENT, HTTP_206_PARTIAL_CONTENT
 
 from app._deps import FilesDep, Owner
-from app._schemas import FileInfo, FilePage
+from app._schemas import MAX_INT, FileInfo, FilePage
 from streams import CHUNK
 
 
@@ -85,7 +85,7 @@ class FileController(Controller):
             str | None, QueryParameter(max_length=64, description="Files a job produced")
         ] = None,
         limit: Annotated[int, QueryParameter(ge=1, le=500)] = 50,
-        offset: Annotated[int, QueryParameter(ge=0)] = 0,
+        offset: Annotated[int, QueryParameter(ge=0, le=MAX_INT)] = 0,
     ) -> FilePage:
         """The caller's files, newest first."""
         return await files.find(owner, job_id, limit, offset)

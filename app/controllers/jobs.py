@@ -10,7 +10,7 @@ from litestar.status_codes import HTTP_200_OK, HTTP_202_ACCEPTED, HTTP_204_NO_CO
 
 from app._deps import FilesDep, Owner, Service
 from app._jobs import JobFilter
-from app._schemas import Job, JobPage, SubmitBatch, SubmitJob
+from app._schemas import MAX_INT, Job, JobPage, SubmitBatch, SubmitJob
 from streams import JobStatus
 
 IdempotencyKey = Annotated[
@@ -67,7 +67,7 @@ class JobController(Controller):
         parent_id: Annotated[str | None, QueryParameter(max_length=64)] = None,
         include_children: FromQuery[bool] = False,
         limit: Annotated[int, QueryParameter(ge=1, le=500)] = 50,
-        offset: Annotated[int, QueryParameter(ge=0)] = 0,
+        offset: Annotated[int, QueryParameter(ge=0, le=MAX_INT)] = 0,
     ) -> JobPage:
         """The caller's jobs, newest first; batch children only with `include_children` or `parent_id`."""
         where = JobFilter(

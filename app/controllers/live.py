@@ -14,17 +14,22 @@ from litestar.params import FromPath, FromQuery, HeaderParameter, QueryParameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
 from app._deps import Owner, Service
-from app._exceptions import NotFoundError
+from app._exceptions import NotFoundError, TooManyError
 from app._hub import Applied
-from app._schemas import Job, WsCommand
+from app._jobs import JobService
+from app._schemas import MAX_INT, Job, WsCommand
 from streams import JobStatus
 
 _ws_commands = msgspec.json.Decoder(WsCommand)
+MAX_WS_MESSAGE = 16 * 1024
+"""Subscription messages are small; anything longer is refused."""
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 LastEventId = Annotated[
     int | None,
-    HeaderParameter(name="Last-Event-ID", ge=0, description="Resume after this event id", required=False),
+    HeaderParameter(
+        name="Last-Event-ID", ge=0, le=MAX_INT, description="Resume after this event id", required=False
+    ),
 ]
 
 
@@ -35,6 +40,16 @@ async def sse_events(items: AsyncIterator[Applied | None]) -> AsyncIterator[Serv
             yield ServerSentEventMessage(comment="ping", data=None)
         else:
             yield ServerSentEventMessage(id=item.seq, event=item.kind, data=item.payload.decode())
+
+
+async def _within_quota(socket: WebSocket[Any, Any, Any], service: JobService, owner: str) -> bool:
+    try:
+        service.check_stream_quota(owner)
+    except TooManyError as exc:
+        await socket.send_json({"type": "error", "status_code": 429, "detail": str(exc)})
+        await socket.close(code=4429, reason="too many streams")
+        return False
+    return True
 
 
 async def _until_disconnect(socket: WebSocket[Any, Any, Any]) -> None:
@@ -56,11 +71,14 @@ class LiveController(Controller):
         service: Service,
         owner: Owner,
         last_event_id: LastEventId = None,
-        after: Annotated[int | None, QueryParameter(ge=0, description="Same as Last-Event-ID")] = None,
+        after: Annotated[
+            int | None, QueryParameter(ge=0, le=MAX_INT, description="Same as Last-Event-ID")
+        ] = None,
     ) -> ServerSentEvent:
         """SSE: the job's history after Last-Event-ID, then live events, ending after the last."""
         await service.get(job_id, owner)
         start = last_event_id if last_event_id is not None else (after or 0)
+        service.check_stream_quota(owner)
         return ServerSentEvent(sse_events(service.follow(job_id, owner, start)), headers=SSE_HEADERS)
 
     @get("/jobs/{job_id:str}/poll", operation_id="pollJob")
@@ -72,7 +90,8 @@ class LiveController(Controller):
         timeout: Annotated[float, QueryParameter(ge=1, le=300)] = 30,
         current_status: FromQuery[JobStatus | None] = None,
         since: Annotated[
-            int | None, QueryParameter(ge=0, description="Return once an event newer than this exists")
+            int | None,
+            QueryParameter(ge=0, le=MAX_INT, description="Return once an event newer than this exists"),
         ] = None,
     ) -> Job:
         """Long-poll: returns when the status differs from `current_status` (or a newer event than
@@ -82,10 +101,12 @@ class LiveController(Controller):
     @websocket("/jobs/{job_id:str}/ws")
     async def job_socket(
         self, socket: WebSocket[Any, Any, Any], job_id: FromPath[str], service: Service, owner: Owner,
-        last_event_id: Annotated[int | None, QueryParameter(ge=0)] = None,
+        last_event_id: Annotated[int | None, QueryParameter(ge=0, le=MAX_INT)] = None,
     ) -> None:  # fmt: skip
         """WebSocket: the same events as SSE, as JSON text frames; closes after the job ends."""
         await socket.accept()
+        if not await _within_quota(socket, service, owner):
+            return
         try:
             await service.get(job_id, owner)
         except NotFoundError as exc:
@@ -108,7 +129,9 @@ class LiveController(Controller):
         `{"action": "unsubscribe", ...}`; receive event envelopes and `{"type": ...}` replies.
         """
         await socket.accept()
-        with service.hub.subscribe() as sub:
+        if not await _within_quota(socket, service, owner):
+            return
+        with service.hub.subscribe() as sub, service.counted_stream(owner):
             sent: dict[str, int] = {}
             replaying = asyncio.Lock()
 
@@ -120,6 +143,10 @@ class LiveController(Controller):
             async def reader() -> None:
                 while True:
                     raw = await socket.receive_data(mode="text")
+                    if len(raw) > MAX_WS_MESSAGE:
+                        await socket.send_json({"type": "error", "status_code": 413,
+                                                "detail": f"messages are limited to {MAX_WS_MESSAGE} bytes"})  # fmt: skip
+                        continue
                     try:
                         cmd = _ws_commands.decode(raw)
                     except msgspec.DecodeError as exc:

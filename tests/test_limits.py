@@ -1,0 +1,74 @@
+"""Limits: requests per key per minute, open streams per key, WebSocket message size."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from dataclasses import replace
+
+import httpx
+import pytest
+from httpx_sse import aconnect_sse
+from websockets.asyncio.client import connect as ws_connect
+
+from app import Settings
+from tests.conftest import ApiServer, submit
+
+
+@pytest.fixture
+async def limited(settings: Settings) -> AsyncIterator[ApiServer]:
+    """An API with tiny limits."""
+    server = ApiServer(replace(settings, rate_limit_per_minute=8, max_streams_per_owner=1))
+    await server.start()
+    yield server
+    await server.stop()
+
+
+async def test_rate_limit_per_key(limited: ApiServer) -> None:
+    async with httpx.AsyncClient(base_url=limited.url) as client:
+        answers = [await client.get("/api/v1/jobs") for _ in range(10)]
+        codes = [a.status_code for a in answers]
+        assert codes[:8] == [200] * 8
+        assert codes[8:] == [429, 429]
+        assert answers[-1].json()["status_code"] == 429
+        assert "RateLimit-Reset" in answers[-1].headers or "ratelimit-reset" in answers[-1].headers
+        health = await client.get("/health")  # probes are never limited
+        assert health.json()["status"] == "ok"
+
+
+async def test_one_open_stream_per_key(limited: ApiServer) -> None:
+    ws_base = limited.url.replace("http", "ws")
+    async with httpx.AsyncClient(base_url=limited.url, timeout=10) as client:
+        job = await submit(client)  # no worker: it stays pending, so its stream stays open
+        async with aconnect_sse(client, "GET", f"/api/v1/jobs/{job['id']}/events") as first:
+            events = first.aiter_sse()
+            assert (await anext(events)).event == "submitted"
+            second = await client.get(f"/api/v1/jobs/{job['id']}/events")
+            assert second.status_code == 429
+            assert "too many open streams" in second.json()["detail"]
+            poll = await client.get(f"/api/v1/jobs/{job['id']}/poll", params={"timeout": 1})
+            assert poll.status_code == 429
+            async with ws_connect(f"{ws_base}/api/v1/jobs/{job['id']}/ws") as socket:
+                refusal = json.loads(await socket.recv())
+                assert refusal["status_code"] == 429
+                await asyncio.wait_for(socket.wait_closed(), 5)
+                assert socket.close_code == 4429
+        # the first stream is closed: a new one may open
+        await asyncio.sleep(0.2)
+        again = await client.get(f"/api/v1/jobs/{job['id']}/poll", params={"timeout": 1})
+        assert again.status_code == 200
+        assert again.json()["id"] == job["id"]
+
+
+async def test_websocket_message_size(api: ApiServer) -> None:
+    async with ws_connect(f"{api.url.replace('http', 'ws')}/api/v1/ws") as socket:
+        await socket.send(json.dumps({"action": "subscribe", "job_ids": ["x" * 20_000]}))
+        answer = json.loads(await socket.recv())
+        assert answer == {
+            "type": "error",
+            "status_code": 413,
+            "detail": "messages are limited to 16384 bytes",
+        }
+        await socket.send(json.dumps({"action": "subscribe", "all": True}))
+        assert json.loads(await socket.recv()) == {"type": "subscribed", "job_ids": [], "all": True}
