@@ -19,6 +19,7 @@ from app._exceptions import document_errors, jobcast_error_to_http
 from app._files import FileService
 from app._hub import Hub
 from app._jobs import JobService
+from app._metrics import Metrics
 from app._projection import Projection
 from app._settings import Settings, get_settings
 from app._stats import Stats
@@ -30,6 +31,7 @@ from app.controllers.files import FileController
 from app.controllers.health import HealthController
 from app.controllers.jobs import JobController
 from app.controllers.live import LiveController
+from app.controllers.metrics import MetricsController
 from app.controllers.queue import QueueController
 from streams import JobcastError, close_quietly, connect, ensure_stream, files_store
 
@@ -53,7 +55,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             js = nc.jetstream()
             await ensure_stream(js)
             hub = Hub()
-            projection = Projection(db, hub)
+            projection = Projection(db, hub, app.state.metrics)
             await projection.start(js)
             app.state.nats = nc
             app.state.service = service = JobService(settings, db, js, projection, hub)
@@ -88,12 +90,13 @@ def create_app(settings: Settings | None = None) -> Litestar:
             CompileoController,
             QueueController,
             FileController,
+            MetricsController,
             AuthController,
             AdminController,
             HealthController,
         ],
         lifespan=[lifespan],
-        state=State({"settings": settings, "token_secret": settings.signing_key()}),
+        state=State({"settings": settings, "token_secret": settings.signing_key(), "metrics": Metrics()}),
         middleware=[
             DefineMiddleware(
                 AuthMiddleware, exclude=["^/health$", "^/ready$", "^/schema", "^/api/v1/auth/login$"]

@@ -26,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app._db import BookmarkRow, Database, EventRow, FileRow, JobRow
 from app._hub import Applied, Hub
+from app._metrics import Metrics
 from app._schemas import EventEnvelope
 from streams import (
     ALL_SUBJECTS,
@@ -176,9 +177,10 @@ async def _apply_file(session: AsyncSession, event: FileStored | FileDeleted, se
 class Projection:
     """Applies the JOBS stream to SQLite and wakes whoever waits on it."""
 
-    def __init__(self, db: Database, hub: Hub) -> None:
+    def __init__(self, db: Database, hub: Hub, metrics: Metrics | None = None) -> None:
         self.db = db
         self.hub = hub
+        self.metrics = metrics or Metrics()
         self.applied_seq = 0
         self.caught_up = asyncio.Event()
         """Set once everything in the stream at start-up has been applied."""
@@ -289,6 +291,7 @@ class Projection:
                 job, ends = fold(before, event, seq)
                 if job is None:
                     continue
+                self.metrics.observe(job, event)
                 if before is None:
                     session.add(job)
                     rows[event.job_id] = job

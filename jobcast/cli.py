@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import logging
 import os
 from pathlib import Path
+
+from jobcast.logs import configure
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -62,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="jobcast", description="A self-hosted job server on NATS JetStream."
     )
     parser.add_argument("--log-level", default=os.environ.get("JOBCAST_LOG_LEVEL", "INFO"))
+    parser.add_argument(
+        "--log-format", choices=["text", "json"], default=os.environ.get("JOBCAST_LOG_FORMAT", "text"),
+        help="json: one object a line, with job_id where a record is about a job",
+    )  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run NATS, the API and one worker per pool on this machine")
@@ -97,8 +102,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `jobcast` console script."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure(args.log_level, args.log_format)
     result: int = args.func(args)
     return result

@@ -326,7 +326,7 @@ class Worker:
         except Exception as exc:
             error = str(exc) or type(exc).__name__
             if not isinstance(exc, Retry):
-                log.exception("job %s (%s) raised", job.job_id, job.type)
+                log.exception("job %s (%s) raised", job.job_id, job.type, extra={"job_id": job.job_id})
                 error = f"{type(exc).__name__}: {error}"
             if delivery >= job.max_attempts:
                 return Failed(**ids, error=f"{error} (gave up after {delivery} attempt(s))", exhausted=True)
@@ -343,6 +343,9 @@ class Worker:
 
     async def _finish(self, msg: Msg, event: Event) -> None:
         await self._publish_reliably(event)
+        log.info(
+            "job %s %s", event.job_id, event.kind, extra={"job_id": event.job_id, "attempt": event.attempt}
+        )
         await msg.ack()
 
     async def _heartbeat(self, msg: Msg) -> None:
