@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import dataclasses
 import os
+import sys
 from pathlib import Path
 
 from jobcast.logs import configure
@@ -57,6 +58,31 @@ def _keys(args: argparse.Namespace) -> int:
     )
 
 
+def _client_command(args: argparse.Namespace) -> int:
+    from jobcast import client as c
+
+    try:
+        api = c.Client(*c.connection(args.server, args.key))
+        match args.command:
+            case "submit":
+                params = c.parse_params(args.param)
+                return c.submit(api, [Path(f) for f in args.files], args.op, params, args.watch, args.out)
+            case "jobs":
+                return c.list_jobs(api, args.status, args.type, args.limit)
+            case "watch":
+                return c.follow(api, [api.call("GET", f"/api/v1/jobs/{args.id}")], args.out)
+            case "cancel" | "retry":
+                job = api.call("POST", f"/api/v1/jobs/{args.id}/{args.command}")
+                print(f"{job['id']} {job['status']} ({job['current_step']})")
+            case "rm":
+                api.call("DELETE", f"/api/v1/jobs/{args.id}", params={"files": "true"} if args.files else {})
+                print(f"{args.id} deleted")
+        return 0
+    except (c.ClientError, OSError) as exc:
+        print(f"jobcast: {exc}", file=sys.stderr)
+        return 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(
@@ -86,6 +112,36 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--pool", required=True, choices=["gpu", "cpu", "llm"])
     worker.add_argument("--concurrency", type=int, default=0, help="jobs at once (default: the pool's)")
     worker.set_defaults(func=_worker)
+    client = argparse.ArgumentParser(add_help=False)
+    client.add_argument("--server", help="server URL (JOBCAST_SERVER, or `server` in the config file)")
+    client.add_argument("--key", help="API key (JOBCAST_KEY, or `key` in the config file)")
+    submit = sub.add_parser(
+        "submit", parents=[client], help="upload files and submit a job (a batch for several)"
+    )
+    submit.add_argument("files", nargs="+")
+    submit.add_argument("--op", required=True, choices=["transcribe", "generate_srt", "convert", "fix_srt"])
+    submit.add_argument("--param", action="append", default=[], help="key=value, repeatable")
+    submit.add_argument("--watch", action="store_true", help="show live progress until the job ends")
+    submit.add_argument("--out", type=Path, help="download the outputs into this folder (with --watch)")
+    jobs = sub.add_parser("jobs", parents=[client], help="list recent jobs")
+    jobs.add_argument("--status", action="append", default=[])
+    jobs.add_argument("--type")
+    jobs.add_argument("--limit", type=int, default=20)
+    watch = sub.add_parser("watch", parents=[client], help="follow a job live")
+    watch.add_argument("id")
+    watch.add_argument("--out", type=Path)
+    for name, text in (
+        ("cancel", "cancel a job"),
+        ("retry", "retry a failed or cancelled job"),
+        ("rm", "delete a job"),
+    ):
+        command = sub.add_parser(name, parents=[client], help=text)
+        command.add_argument("id")
+        if name == "rm":
+            command.add_argument("--files", action="store_true", help="also delete the files it produced")
+    for name in ("submit", "jobs", "watch", "cancel", "retry", "rm"):
+        sub.choices[name].set_defaults(func=_client_command)
+
     keys = sub.add_parser("keys", help="manage API keys (a server must be running)")
     keys.add_argument("--data-dir", default=os.environ.get("JOBCAST_DATA_DIR", "jobcast-data"))
     actions = keys.add_subparsers(dest="action", required=True)

@@ -1,0 +1,142 @@
+"""The client commands: submit, jobs, watch, cancel, retry, rm, against a jobcast server over HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.table import Column, Table
+
+TERMINAL = {"completed", "failed", "cancelled"}
+CONFIG = Path(os.environ.get("XDG_CONFIG_HOME", Path.home() / ".config")) / "jobcast" / "config.toml"
+console = Console(stderr=True)
+
+
+class ClientError(Exception):
+    """A request the server refused, with its message."""
+
+
+def connection(server: str | None, key: str | None) -> tuple[str, str | None]:
+    """Server URL and key: flags, then JOBCAST_SERVER / JOBCAST_KEY, then the config file."""
+    config: dict[str, Any] = tomllib.loads(CONFIG.read_text()) if CONFIG.exists() else {}
+    url = server or os.environ.get("JOBCAST_SERVER") or config.get("server") or "http://127.0.0.1:8000"
+    return url.rstrip("/"), key or os.environ.get("JOBCAST_KEY") or config.get("key")
+
+
+class Client:
+    """A thin, synchronous HTTP client of the jobcast API."""
+
+    def __init__(self, server: str, key: str | None) -> None:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.http = httpx.Client(base_url=server, headers=headers, timeout=httpx.Timeout(30, read=None))
+
+    def call(self, method: str, path: str, **kwargs: Any) -> Any:
+        """One request; ClientError with the server's detail on 4xx/5xx."""
+        response = self.http.request(method, path, **kwargs)
+        if response.status_code >= 400:
+            try:
+                detail = response.json().get("detail", response.text)
+            except ValueError:
+                detail = response.text
+            raise ClientError(f"{response.status_code}: {detail}")
+        return response.json() if response.content else None
+
+    def events(self, job_id: str) -> Iterator[dict[str, Any]]:
+        """The job's events (history, then live) until it ends, from the SSE stream."""
+        with self.http.stream("GET", f"/api/v1/jobs/{job_id}/events") as response:
+            if response.status_code >= 400:
+                response.read()
+                raise ClientError(f"{response.status_code}: {response.text}")
+            for line in response.iter_lines():
+                if line.startswith("data:"):
+                    yield json.loads(line[5:])
+
+    def download(self, url: str, target: Path) -> None:
+        """Stream a file to disk."""
+        with self.http.stream("GET", url) as response, target.open("wb") as out:
+            for chunk in response.iter_bytes():
+                out.write(chunk)
+
+
+def submit(
+    client: Client, files: list[Path], op: str, params: dict[str, Any], watch: bool, out: Path | None
+) -> int:
+    """Upload, submit (a batch for several files), optionally follow and download."""
+    ids = []
+    for path in files:
+        with path.open("rb") as handle:
+            ids.append(client.call("POST", "/api/v1/files", files={"file": (path.name, handle)})["id"])
+    if len(ids) == 1:
+        job = client.call("POST", "/api/v1/jobs", json={"type": op, "file_id": ids[0], "params": params})
+        jobs = [job]
+    else:
+        job = client.call("POST", "/api/v1/jobs/batch", json={"type": op, "file_ids": ids, "params": params})
+        jobs = client.call("GET", f"/api/v1/jobs/{job['id']}/children")
+    print(job["id"])
+    if not watch:
+        return 0
+    return follow(client, jobs, out)
+
+
+def follow(client: Client, jobs: list[dict[str, Any]], out: Path | None) -> int:
+    """A progress bar per job, fed by SSE; downloads outputs to `out` when given."""
+    failed = 0
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>5.1f}%"),
+               TextColumn("{task.fields[step]}"), TimeElapsedColumn())  # fmt: skip
+    with Progress(*columns, console=console) as bars:
+        for job in jobs:
+            task: TaskID = bars.add_task(job.get("title") or job["id"][:8], total=100, step="")
+            status = job["status"]
+            for event in client.events(job["id"]):
+                status = event["status"]
+                bars.update(task, completed=event["progress"], step=event["current_step"][:40])
+            final = client.call("GET", f"/api/v1/jobs/{job['id']}")
+            bars.update(
+                task, step=final["status"] if final["status"] != "failed" else f"failed: {final['error']}"
+            )
+            failed += status != "completed"
+            if out is not None and final["result"]:
+                out.mkdir(parents=True, exist_ok=True)
+                for output in final["result"].get("outputs", []):
+                    client.download(output["url"], out / output["name"])
+                    console.print(f"saved {out / output['name']}")
+    return 1 if failed else 0
+
+
+def list_jobs(client: Client, statuses: list[str], job_type: str | None, limit: int) -> int:
+    """A table of recent jobs."""
+    params: dict[str, Any] = {"limit": limit}
+    if statuses:
+        params["status"] = statuses
+    if job_type:
+        params["type"] = job_type
+    page = client.call("GET", "/api/v1/jobs", params=params)
+    table = Table("type", "status", "progress", "step", "created")
+    table.columns.insert(0, Column("id", no_wrap=True, min_width=36))
+    for job in page["items"]:
+        table.add_row(job["id"], job["type"], job["status"], f"{job['progress']:.0f}%", job["current_step"][:40],
+                      job["created_at"][:19])  # fmt: skip
+    Console().print(table)
+    Console().print(f"Showing {len(page['items'])} of {page['total']}")
+    return 0
+
+
+def parse_params(pairs: list[str]) -> dict[str, Any]:
+    """k=v pairs; values are JSON when they parse as JSON (numbers, true, null), else strings."""
+    params: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ClientError(f"--param expects key=value, got {pair!r}")
+        try:
+            params[key] = json.loads(value)
+        except ValueError:
+            params[key] = value
+    return params

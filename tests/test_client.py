@@ -1,0 +1,97 @@
+"""The `jobcast` client commands against a real server and worker, run as subprocesses."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import MEDIA, ApiServer, WorkerRunner, submit, wait_terminal
+from workers import WorkerSettings
+
+
+async def jobcast(*args: str, server: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """Run `jobcast ARGS --server URL`; returns exit code, stdout, stderr."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "jobcast", *args, "--server", server,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env={**os.environ, **(env or {})},
+    )  # fmt: skip
+    async with asyncio.timeout(90):
+        out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+@pytest.fixture
+async def gpu(worker_settings: WorkerSettings) -> AsyncIterator[WorkerRunner]:
+    """A gpu worker for transcriptions."""
+    from dataclasses import replace
+
+    runner = WorkerRunner(replace(worker_settings, pool="gpu", ack_wait_s=5, name="gpu"))
+    await runner.start()
+    yield runner
+    await runner.stop()
+
+
+async def test_submit_watch_and_download(api: ApiServer, gpu: WorkerRunner, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    code, stdout, stderr = await jobcast(
+        "submit", str(MEDIA / "jfk.flac"), "--op", "transcribe", "--param", "beam_size=1", "--watch",
+        "--out", str(out), server=api.url,
+    )  # fmt: skip
+    assert code == 0, stderr
+    job_id = stdout.strip()
+    assert len(job_id) == 36
+    assert sorted(p.name for p in out.iterdir()) == ["jfk.json", "jfk.txt"]
+    assert "ask not what your country can do for you" in (out / "jfk.txt").read_text().lower()
+    assert "saved" in stderr
+
+    code, stdout, _ = await jobcast("jobs", "--status", "completed", server=api.url)
+    assert code == 0
+    assert job_id in stdout
+    assert "Showing 1 of 1" in stdout
+
+
+async def test_batch_of_two_files(api: ApiServer, gpu: WorkerRunner, tmp_path: Path) -> None:
+    second = tmp_path / "again.flac"
+    second.write_bytes((MEDIA / "jfk.flac").read_bytes())
+    code, stdout, stderr = await jobcast(
+        "submit", str(MEDIA / "jfk.flac"), str(second), "--op", "transcribe", "--param", "beam_size=1", "--watch",
+        server=api.url,
+    )  # fmt: skip
+    assert code == 0, stderr
+    async with httpx.AsyncClient(base_url=api.url) as client:
+        parent = (await client.get(f"/api/v1/jobs/{stdout.strip()}")).json()
+    assert parent["type"] == "batch_transcribe"
+    assert parent["status"] == "completed"
+
+
+async def test_cancel_retry_rm_and_errors(
+    api: ApiServer, client: httpx.AsyncClient, worker: WorkerRunner
+) -> None:
+    job = await submit(client, params={"steps": 20, "duration_s": 20})
+    code, stdout, _ = await jobcast("cancel", job["id"], server=api.url)
+    assert code == 0
+    assert stdout.startswith(job["id"])
+    assert (await wait_terminal(client, job["id"]))["status"] == "cancelled"
+    code, stdout, _ = await jobcast("retry", job["id"], server=api.url)
+    assert code == 0
+    assert "pending" in stdout or "running" in stdout
+    await client.post(f"/api/v1/jobs/{job['id']}/cancel")
+    await wait_terminal(client, job["id"])
+    await asyncio.sleep(0.3)  # let the worker let go of it
+    code, stdout, _ = await jobcast("rm", job["id"], server=api.url)
+    assert code == 0, stdout
+    assert stdout.strip() == f"{job['id']} deleted"
+    assert (await client.get(f"/api/v1/jobs/{job['id']}")).status_code == 404
+    code, _, stderr = await jobcast("cancel", "no-such-job", server=api.url)
+    assert code == 1
+    assert "404: job no-such-job not found" in stderr
+    code, _, stderr = await jobcast("jobs", server=api.url, env={"JOBCAST_KEY": "wrong"})
+    assert code == 1
+    assert "401" in stderr
