@@ -83,6 +83,12 @@ def _client_command(args: argparse.Namespace) -> int:
         return 1
 
 
+def _events(args: argparse.Namespace) -> int:
+    from jobcast.replay import replay
+
+    return asyncio.run(replay(args.job_id, Path(args.data_dir), follow=args.follow))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(
@@ -152,6 +158,16 @@ def build_parser() -> argparse.ArgumentParser:
     revoke = actions.add_parser("revoke", help="revoke a key at once")
     revoke.add_argument("name")
     keys.set_defaults(func=_keys)
+
+    events = sub.add_parser("events", help="read a job's messages straight from JetStream")
+    events.add_argument("--data-dir", default=os.environ.get("JOBCAST_DATA_DIR", "jobcast-data"))
+    event_actions = events.add_subparsers(dest="action", required=True)
+    replay_cmd = event_actions.add_parser(
+        "replay", help="print a job's messages in stream order, one JSON a line"
+    )
+    replay_cmd.add_argument("job_id")
+    replay_cmd.add_argument("--follow", action="store_true", help="keep printing until the job ends")
+    events.set_defaults(func=_events)
     return parser
 
 

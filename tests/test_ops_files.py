@@ -1,0 +1,229 @@
+"""The operational files: compose.yaml and the justfile parse and say what they should;
+`jobcast.replay` prints a job's history from JetStream as the API's SSE history has it."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from jobcast.replay import replay
+from streams import NatsServer
+from tests.conftest import REPO, WorkerRunner, submit, wait_terminal
+from tests.test_live import read_sse
+
+POOLS = ("gpu", "cpu", "llm")
+RECIPES = ("default", "serve", "test", "lint", "typecheck", "fmt", "bench", "up", "down")
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    """compose.yaml, parsed (anchors and merge keys resolved)."""
+    parsed: dict[str, Any] = yaml.safe_load((REPO / "compose.yaml").read_text())
+    return parsed
+
+
+def _argv(service: dict[str, Any]) -> list[str]:
+    command = service["command"]
+    return command.split() if isinstance(command, str) else [str(part) for part in command]
+
+
+def _env(service: dict[str, Any]) -> dict[str, str]:
+    env = service.get("environment", {})
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    return {str(k): str(v) for k, v in env.items()}
+
+
+def _depends_on(service: dict[str, Any]) -> dict[str, Any]:
+    depends = service.get("depends_on", {})
+    return {name: {} for name in depends} if isinstance(depends, list) else dict(depends)
+
+
+def test_compose_services_and_commands(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    assert set(services) == {"nats", "api", *(f"worker-{pool}" for pool in POOLS)}
+
+    nats = services["nats"]
+    assert nats["image"].startswith("nats:2.12")
+    argv = _argv(nats)
+    assert "-js" in argv
+    assert argv[argv.index("-sd") + 1] == "/data"
+    assert argv[argv.index("-m") + 1] == "8222"
+    volume = next(v for v in nats["volumes"] if v.split(":")[1] == "/data")
+    assert volume.split(":")[0] in compose["volumes"]  # a named volume, not a host path
+
+    api = services["api"]
+    assert api.get("image") == "jobcast:latest" or "build" in api
+    assert _argv(api) == ["jobcast", "api", "--host", "0.0.0.0", "--port", "8000"]
+    assert _env(api)["JOBCAST_DATA_DIR"] == "/data"
+    assert any(v.split(":")[1] == "/data" and v.split(":")[0] in compose["volumes"] for v in api["volumes"])
+    assert any(str(port).split(":")[-1] == "8000" for port in api["ports"])
+
+    for pool in POOLS:
+        worker = services[f"worker-{pool}"]
+        assert worker.get("image") == "jobcast:latest" or "build" in worker
+        assert _argv(worker) == ["jobcast", "worker", "--pool", pool]
+
+
+def test_compose_wires_every_process_to_the_nats_service(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    for name, service in services.items():
+        if name == "nats":
+            continue
+        url = _env(service)["JOBCAST_NATS_URL"]
+        assert re.fullmatch(r"nats://nats:4222", url), (name, url)
+        assert "nats" in _depends_on(service), name
+
+    llm = _env(services["worker-llm"])
+    for var in ("JOBCAST_LLM_BASE_URL", "JOBCAST_LLM_API_KEY"):
+        assert llm[var].startswith("${" + var), (var, llm[var])  # taken from the host's environment
+    for pool in ("gpu", "cpu"):
+        assert not any(k.startswith("JOBCAST_LLM") for k in _env(services[f"worker-{pool}"]))
+
+
+def test_compose_gpu_reservation(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    devices = services["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    for name in ("api", "worker-cpu", "worker-llm", "nats"):
+        assert "deploy" not in services[name], name
+
+
+def test_compose_healthchecks_and_startup_order(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    nats_check = " ".join(services["nats"]["healthcheck"]["test"])
+    assert "wget" in nats_check
+    assert "localhost:8222/healthz" in nats_check
+    api_check = " ".join(services["api"]["healthcheck"]["test"])
+    assert "curl" in api_check
+    assert "localhost:8000/ready" in api_check
+    for name in ("api", *(f"worker-{pool}" for pool in POOLS)):
+        assert _depends_on(services[name])["nats"] == {"condition": "service_healthy"}, name
+    assert "API keys" in (REPO / "compose.yaml").read_text().split("services:")[0]
+
+
+def test_justfile_has_every_recipe_with_a_doc_comment() -> None:
+    lines = (REPO / "justfile").read_text().splitlines()
+    recipes: dict[str, tuple[str, list[str]]] = {}
+    for index, line in enumerate(lines):
+        match = re.match(r"^@?([a-z][a-z0-9_-]*)(?: [^:=]*)?:(?!=)", line)
+        if not match:
+            continue
+        above = index - 1
+        attributes: list[str] = []
+        while above >= 0 and lines[above].startswith("["):
+            attributes.append(lines[above])
+            above -= 1
+        doc = lines[above] if above >= 0 else ""
+        recipes[match.group(1)] = (doc, attributes)
+
+    assert set(RECIPES) <= set(recipes), sorted(recipes)
+    for name in RECIPES:
+        doc, attributes = recipes[name]
+        assert re.fullmatch(r"# \S.*", doc), (name, doc)
+        assert any(re.fullmatch(r"\[group\('[a-z]+'\)\]", a) for a in attributes), (name, attributes)
+
+    text = "\n".join(lines)
+    assert "just --list" in text
+    assert "ruff check" in text
+    assert "ruff format --check" in text
+    assert "mypy" in text
+    assert "python -m bench" in text
+    assert "docker compose up" in text
+    assert "docker compose down" in text
+    assert ".venv/bin" in text
+
+
+def test_nats_doc_names_the_commands() -> None:
+    text = (REPO / "docs" / "nats.md").read_text()
+    for command in (
+        "nats stream view JOBS --subject 'jobs.events.",
+        "nats sub 'jobs.events.>'",
+        "nats kv watch JOBCAST_WORKERS",
+        "nats object ls JOBCAST_FILES",
+        "nats consumer ls JOBS",
+        "nats.url",
+        "jobcast events replay",
+    ):
+        assert command in text, command
+
+
+async def test_replay_prints_the_job_history_as_the_api_streams_it(
+    client: httpx.AsyncClient,
+    worker: WorkerRunner,
+    nats_server: NatsServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    job = await submit(client, params={"steps": 3})
+    done = await wait_terminal(client, job["id"])
+    assert done["status"] == "completed"
+    history = await read_sse(client, job["id"])
+
+    # the CLI's way to NATS: no JOBCAST_NATS_URL, the URL `jobcast serve` leaves in the data dir
+    monkeypatch.delenv("JOBCAST_NATS_URL", raising=False)
+    data_dir = tmp_path / "cli-data"
+    data_dir.mkdir()
+    (data_dir / "nats.url").write_text(nats_server.url + "\n")
+    capsys.readouterr()
+    assert await replay(job["id"], data_dir) == 0
+    out = capsys.readouterr().out
+    lines = [json.loads(line) for line in out.splitlines()]
+
+    seqs = [line["seq"] for line in lines]
+    assert seqs == sorted(set(seqs))
+    assert lines[0]["kind"] == "submitted"
+    assert lines[0]["subject"].startswith("jobs.submit.cpu.p0.")
+    assert lines[-1]["kind"] == "completed"
+    assert all(line["subject"].endswith(job["id"]) for line in lines)
+    assert all(line["event"]["job_id"] == job["id"] for line in lines)
+    assert all(line["event"]["kind"] == line["kind"] for line in lines)
+    assert {line["subject"] for line in lines[1:]} == {f"jobs.events.{job['id']}"}
+
+    assert [(line["seq"], line["kind"]) for line in lines] == [(seq, kind) for seq, kind, _ in history]
+    assert [line["event"] for line in lines] == [data["event"] for _, _, data in history]
+
+    # follow on a finished job ends at its terminal event, with the same lines
+    assert await replay(job["id"], data_dir, follow=True) == 0
+    assert capsys.readouterr().out == out
+
+
+async def test_replay_follow_prints_until_the_job_ends(
+    client: httpx.AsyncClient,
+    worker: WorkerRunner,
+    nats_server: NatsServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("JOBCAST_NATS_URL", nats_server.url)
+    job = await submit(client, params={"steps": 4, "duration_s": 1.5})
+    assert await replay(job["id"], tmp_path, follow=True) == 0
+    kinds = [json.loads(line)["kind"] for line in capsys.readouterr().out.splitlines()]
+    assert kinds[0] == "submitted"
+    assert kinds[-1] == "completed"
+    assert "progress" in kinds
+    done = await wait_terminal(client, job["id"], timeout=5)
+    assert done["status"] == "completed"
+
+
+async def test_replay_of_an_unknown_job_exits_1(
+    nats_server: NatsServer,
+    client: httpx.AsyncClient,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("JOBCAST_NATS_URL", nats_server.url)  # `client` started the API: the stream exists
+    assert await replay("0d4f6c1e-0000-4000-8000-000000000000", tmp_path) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "no messages for job" in captured.err
+    assert await replay("jobs.>", tmp_path) == 2
