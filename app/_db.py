@@ -16,6 +16,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.pool import ConnectionPoolEntry
 from sqlalchemy.types import TypeDecorator
 
+from streams import durable_mode
+
 
 class UTCDateTime(TypeDecorator[datetime]):
     """Stores UTC without an offset (SQLite has no time zones); returns aware datetimes."""
@@ -136,8 +138,9 @@ class BookmarkRow(Base):
 def _sqlite_pragmas(dbapi_connection: DBAPIConnection, _: ConnectionPoolEntry) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
-    # NORMAL is durable against process crashes in WAL mode; the stream is the log anyway.
-    cursor.execute("PRAGMA synchronous=NORMAL")
+    # NORMAL is durable against process crashes in WAL mode, and the stream is the log the
+    # projection is rebuilt from; durable mode asks for an fsync per commit anyway.
+    cursor.execute("PRAGMA synchronous=FULL" if durable_mode() else "PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA busy_timeout=10000")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()

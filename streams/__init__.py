@@ -54,7 +54,7 @@ from streams._operations import (
     parse_params,
     validate_params,
 )
-from streams._server import NatsServer, nats_server_binary
+from streams._server import NatsServer, durable_mode, nats_server_binary
 from streams._subjects import (
     ALL_CONTROL,
     ALL_EVENTS,
@@ -127,6 +127,7 @@ __all__ = [
     "control_subject",
     "decode_event",
     "digest",
+    "durable_mode",
     "encode_event",
     "ensure_consumer",
     "ensure_stream",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import shutil
 import signal
 import sys
@@ -13,6 +14,11 @@ import time
 from pathlib import Path
 
 from streams._errors import NatsServerError
+
+
+def durable_mode() -> bool:
+    """JOBCAST_DURABLE=1: survive power loss, not only crashes, at the cost of an fsync per write."""
+    return os.environ.get("JOBCAST_DURABLE", "") == "1"
 
 
 def nats_server_binary() -> str:
@@ -38,8 +44,12 @@ class NatsServer:
         port: Client port; 0 picks a free one (read back from the server's ports file).
     """
 
-    def __init__(self, store_dir: Path, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self, store_dir: Path, host: str = "127.0.0.1", port: int = 0, durable: bool | None = None
+    ) -> None:
         self.store_dir = Path(store_dir)
+        self.durable = durable_mode() if durable is None else durable
+        """fsync every JetStream write (`sync_interval: always`) instead of every 2 minutes."""
         self.host = host
         self.port = port
         self.process: asyncio.subprocess.Process | None = None
@@ -66,6 +76,10 @@ class NatsServer:
             "--ports_file_dir", str(ports_dir),
             "-l", str(log),
         ]  # fmt: skip
+        if self.durable:
+            config = self.store_dir / "durable.conf"
+            config.write_text("jetstream {\n  sync_interval: always\n}\n")
+            args += ["-c", str(config)]
         self.process = await asyncio.create_subprocess_exec(
             *args, stdin=asyncio.subprocess.DEVNULL, start_new_session=True
         )
