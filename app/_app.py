@@ -32,6 +32,7 @@ from app.controllers.health import HealthController
 from app.controllers.jobs import JobController
 from app.controllers.live import LiveController
 from app.controllers.metrics import MetricsController
+from app.controllers.openai_audio import OpenAIAudioController
 from app.controllers.queue import QueueController
 from streams import JobcastError, close_quietly, connect, ensure_stream, files_store
 
@@ -94,6 +95,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             AuthController,
             AdminController,
             HealthController,
+            OpenAIAudioController,
         ],
         lifespan=[lifespan],
         state=State({"settings": settings, "token_secret": settings.signing_key(), "metrics": Metrics()}),

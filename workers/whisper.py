@@ -189,8 +189,12 @@ def transcribe(
     for seg in segments_iter:
         words = None
         if word_timestamps:
-            words = [TranscriptWord(w.start, w.end, w.word, w.probability) for w in seg.words or []]
-        segments.append(TranscriptSegment(seg.start, seg.end, seg.text.strip(), words))
+            # word times come back as numpy floats, which msgspec will not encode
+            words = [
+                TranscriptWord(float(w.start), float(w.end), w.word, float(w.probability))
+                for w in seg.words or []
+            ]
+        segments.append(TranscriptSegment(float(seg.start), float(seg.end), seg.text.strip(), words))
         if progress is not None:
             # 100 is reserved for "done": the last segment often ends before the audio does.
             percent = min(seg.end / duration * 100.0, 99.9) if duration else 99.9

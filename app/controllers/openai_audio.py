@@ -1,0 +1,291 @@
+"""OpenAI-compatible speech to text: `POST /v1/audio/transcriptions` as a `transcribe` job.
+
+The upload is stored as the caller's file, a `transcribe` job (`generate_srt` for srt and vtt)
+is submitted, its end is awaited by following its events, and the result is answered in the
+format OpenAI's clients expect. A client that goes away before the answer cancels its job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import anyio
+import msgspec
+from litestar import Controller, MediaType, Request, Response, post
+from litestar.datastructures import UploadFile
+from litestar.exceptions import HTTPException
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.status_codes import HTTP_400_BAD_REQUEST, HTTP_500_INTERNAL_SERVER_ERROR
+from litestar.types import Receive
+
+from app._deps import FilesDep, Owner, Service
+from app._exceptions import STATUS_CODES
+from app._files import FileService
+from app._jobs import JobService
+from app._schemas import Job, SubmitJob
+from streams import InvalidParamsError, JobcastError, JobStatus, UnknownOperationError
+
+DEFAULT_MODEL = "tiny.en"
+"""What OpenAI's `whisper-1` means here."""
+
+FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
+GRANULARITIES = ("word", "segment")
+
+_CANCELLING: set[asyncio.Task[None]] = set()
+"""Cancels still running after their request went away (kept so they are not garbage-collected)."""
+
+
+class OpenAIRequestError(Exception):
+    """An error answered in OpenAI's shape."""
+
+    def __init__(
+        self, message: str, status_code: int = HTTP_400_BAD_REQUEST, param: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status_code = status_code
+        self.param = param
+
+
+class OpenAIErrorDetail(msgspec.Struct, kw_only=True):
+    """OpenAI's error object."""
+
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class OpenAIErrorBody(msgspec.Struct, kw_only=True):
+    """Every error answer of this route: `{"error": {...}}`, as OpenAI's clients parse it."""
+
+    error: OpenAIErrorDetail
+
+
+def error_response(
+    message: str, status_code: int, param: str | None = None, headers: dict[str, str] | None = None
+) -> Response[dict[str, Any]]:
+    """An error in OpenAI's shape."""
+    kind = "invalid_request_error" if status_code < HTTP_500_INTERNAL_SERVER_ERROR else "server_error"
+    body = {"error": {"message": message, "type": kind, "param": param, "code": None}}
+    return Response(body, status_code=status_code, media_type=MediaType.JSON, headers=headers)
+
+
+def to_openai_error(_: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
+    """This route's errors, jobcast's and Litestar's alike, in OpenAI's shape."""
+    if isinstance(exc, OpenAIRequestError):
+        return error_response(exc.message, exc.status_code, exc.param)
+    if isinstance(exc, InvalidParamsError | UnknownOperationError):
+        return error_response(str(exc), HTTP_400_BAD_REQUEST)
+    if isinstance(exc, HTTPException):
+        return error_response(str(exc.detail), exc.status_code)
+    status = next(
+        (code for cls, code in STATUS_CODES.items() if isinstance(exc, cls)), HTTP_500_INTERNAL_SERVER_ERROR
+    )
+    return error_response(str(exc), status)
+
+
+ERROR_RESPONSES = {
+    code: ResponseSpec(data_container=OpenAIErrorBody, description=text, generate_examples=False)
+    for code, text in {
+        400: "Invalid request, or the transcription failed: the message says why",
+        404: "A file the job produced is gone",
+        413: "Request body too large",
+        503: "The job queue is unavailable; try again",
+    }.items()
+}
+
+
+def _text(form: Any, name: str) -> str | None:
+    """A text field of the form; None when absent or empty."""
+    value = form.get(name)
+    if value is None or isinstance(value, UploadFile):
+        return None
+    text = str(value).strip()
+    return text or None
+
+
+def _params(form: Any) -> tuple[str, dict[str, Any], str, bool, bool]:
+    """From the form: the job type, its params, the response format, and whether words and
+    segments go into a verbose_json answer."""
+    response_format = _text(form, "response_format") or "json"
+    if response_format not in FORMATS:
+        raise OpenAIRequestError(
+            f"response_format must be one of {', '.join(FORMATS)}, not {response_format!r}",
+            param="response_format",
+        )
+    granularities = [
+        str(value).strip()
+        for key in ("timestamp_granularities[]", "timestamp_granularities")
+        for value in form.getall(key, [])
+        if not isinstance(value, UploadFile) and str(value).strip()
+    ]
+    for granularity in granularities:
+        if granularity not in GRANULARITIES:
+            raise OpenAIRequestError(
+                f"timestamp_granularities must be word and/or segment, not {granularity!r}",
+                param="timestamp_granularities",
+            )
+    temperature = _text(form, "temperature")
+    if temperature is not None:  # accepted, and ignored: faster-whisper's fallback schedule decides
+        try:
+            float(temperature)
+        except ValueError:
+            raise OpenAIRequestError(
+                f"temperature must be a number, not {temperature!r}", param="temperature"
+            ) from None
+    words = response_format == "verbose_json" and "word" in granularities
+    segments = not granularities or "segment" in granularities
+    model = _text(form, "model") or "whisper-1"
+    params: dict[str, Any] = {"model": DEFAULT_MODEL if model == "whisper-1" else model}
+    if (language := _text(form, "language")) is not None:
+        params["language"] = language
+    if (prompt := _text(form, "prompt")) is not None:
+        params["initial_prompt"] = prompt
+    if words:
+        params["word_timestamps"] = True
+    job_type = "generate_srt" if response_format in ("srt", "vtt") else "transcribe"
+    return job_type, params, response_format, words, segments
+
+
+async def _ended(service: JobService, job_id: str, owner: str) -> Job:
+    """The job once it has ended, awaited on its events (a retried attempt is followed too)."""
+    after = 0
+    while True:
+        async for applied in service.follow(job_id, owner, after):
+            if applied is not None:
+                after = applied.seq
+        job = await service.get(job_id, owner)
+        if JobStatus(job.status).terminal:
+            return job
+
+
+async def _disconnected(receive: Receive) -> None:
+    """Returns when the client has gone away (the body is read by then)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _cancel(service: JobService, job_id: str, owner: str) -> None:
+    with contextlib.suppress(JobcastError):
+        await service.cancel(job_id, owner, reason="the client went away before the transcription ended")
+
+
+async def _output(files: FileService, job: Job, owner: str, suffix: str) -> str:
+    """The text of the job's output file with this suffix."""
+    outputs = (job.result or {}).get("outputs") or []
+    for output in outputs:
+        if str(output.get("name", "")).endswith(suffix):
+            _, path = await files.local_copy(str(output["file_id"]), owner)
+            return await anyio.Path(path).read_text(encoding="utf-8")
+    raise OpenAIRequestError(f"job {job.id} produced no {suffix} file", HTTP_500_INTERNAL_SERVER_ERROR)
+
+
+def _verbose(result: dict[str, Any], words: bool, segments: bool) -> dict[str, Any]:
+    """OpenAI's verbose_json from a transcribe result."""
+    found = result.get("segments") or []
+    body: dict[str, Any] = {
+        "task": "transcribe",
+        "language": result.get("language"),
+        "duration": result.get("duration_s"),
+        "text": result.get("text", ""),
+    }
+    if segments:
+        body["segments"] = [
+            {"id": index, "start": s["start"], "end": s["end"], "text": s["text"]}
+            for index, s in enumerate(found)
+        ]
+    if words:
+        body["words"] = [
+            {"word": w["word"].strip(), "start": w["start"], "end": w["end"]}
+            for s in found
+            for w in s.get("words") or []
+        ]
+    return body
+
+
+class OpenAIAudioController(Controller):
+    """OpenAI's audio API, speech to text."""
+
+    path = "/v1/audio"
+    tags = ["openai"]
+    exception_handlers = {
+        OpenAIRequestError: to_openai_error,
+        JobcastError: to_openai_error,
+        HTTPException: to_openai_error,
+    }
+
+    @post(
+        "/transcriptions",
+        status_code=200,
+        operation_id="createTranscription",
+        responses=ERROR_RESPONSES,
+    )
+    async def transcriptions(
+        self, request: Request[Any, Any, Any], service: Service, files: FilesDep, owner: Owner
+    ) -> Response[Any]:
+        """Speech to text in OpenAI's wire format (multipart: `file`, `model`, `language`, `prompt`,
+        `response_format`, `timestamp_granularities[]`, `temperature`); `whisper-1` means tiny.en."""
+        form = await request.form()
+        upload = form.get("file")
+        try:
+            if not isinstance(upload, UploadFile):
+                raise OpenAIRequestError("a file is required in the multipart field `file`", param="file")
+            job_type, params, response_format, words, segments = _params(form)
+            stored = await files.upload(upload, owner)
+        finally:
+            for _, value in form.multi_items():
+                if isinstance(value, UploadFile):
+                    await value.close()
+        job, _ = await service.submit(SubmitJob(type=job_type, params=params, file_id=stored.id), owner)
+        job = await self._await(request, service, job.id, owner)
+        headers = {"X-Jobcast-Job-Id": job.id}
+        if job.status != JobStatus.COMPLETED:
+            reason = job.error or f"the transcription job was {job.status}"
+            return error_response(reason, HTTP_400_BAD_REQUEST, headers=headers)
+        result = job.result or {}
+        if response_format in ("srt", "vtt"):
+            text = await _output(files, job, owner, f".{response_format}")
+            return Response(text, media_type="text/plain; charset=utf-8", headers=headers)
+        if response_format == "text":
+            return Response(
+                f"{result.get('text', '')}\n", media_type="text/plain; charset=utf-8", headers=headers
+            )
+        if response_format == "verbose_json":
+            return Response(_verbose(result, words, segments), media_type=MediaType.JSON, headers=headers)
+        body = {"text": result.get("text", ""), "usage": {"type": "duration", "seconds": _seconds(result)}}
+        return Response(body, media_type=MediaType.JSON, headers=headers)
+
+    @staticmethod
+    async def _await(request: Request[Any, Any, Any], service: Service, job_id: str, owner: str) -> Job:
+        """The ended job; cancelled when the client disconnects or this request is cancelled first."""
+        waiting = asyncio.create_task(_ended(service, job_id, owner))
+        gone = asyncio.create_task(_disconnected(request.receive))
+        ended = False
+        try:
+            await asyncio.wait({waiting, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not waiting.done():
+                raise OpenAIRequestError("the client disconnected; the job was cancelled")
+            job = waiting.result()
+            ended = True
+            return job
+        finally:
+            for task in (waiting, gone):
+                task.cancel()
+            await asyncio.gather(waiting, gone, return_exceptions=True)
+            if not ended:
+                cancelling = asyncio.create_task(_cancel(service, job_id, owner))
+                _CANCELLING.add(cancelling)
+                cancelling.add_done_callback(_CANCELLING.discard)
+                await asyncio.shield(cancelling)
+
+
+def _seconds(result: dict[str, Any]) -> int:
+    """Billed seconds, as OpenAI's duration usage counts them (rounded up)."""
+    duration = float(result.get("duration_s") or 0)
+    return int(-(-duration // 1))
+
+
+__all__ = ["OpenAIAudioController"]
