@@ -12,6 +12,7 @@ from pathlib import Path
 
 import msgspec
 import nats.errors
+from nats.aio.client import Client
 from nats.js.errors import KeyNotFoundError
 
 from streams import ApiKeyRecord, close_quietly, connect, keys_bucket
@@ -29,13 +30,20 @@ def nats_url(data_dir: Path) -> str:
     return "nats://127.0.0.1:4222"
 
 
-async def run(action: str, name: str | None, admin: bool, data_dir: Path) -> int:
-    """Carry out one `keys` action; prints what a person needs and returns an exit code."""
+async def cli_connection(data_dir: Path, name: str) -> Client | None:
+    """A connection for a one-shot command, or None after saying why there is none."""
     url = nats_url(data_dir)
     try:
-        nc = await connect(url, name="jobcast-keys", max_reconnect_attempts=0, allow_reconnect=False)
+        return await connect(url, name=name, max_reconnect_attempts=0, allow_reconnect=False)
     except (nats.errors.Error, OSError) as exc:
         print(f"cannot reach NATS at {url} ({exc}); is `jobcast serve` running?", file=sys.stderr)
+        return None
+
+
+async def run(action: str, name: str | None, admin: bool, data_dir: Path) -> int:
+    """Carry out one `keys` action; prints what a person needs and returns an exit code."""
+    nc = await cli_connection(data_dir, "jobcast-keys")
+    if nc is None:
         return 1
     try:
         kv = await keys_bucket(nc.jetstream())

@@ -17,17 +17,15 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-import nats.errors
 from nats.js.api import RawStreamMsg
 from nats.js.client import JetStreamContext
 from nats.js.errors import NotFoundError
 
-from jobcast.keys import nats_url
+from jobcast.keys import cli_connection
 from streams import (
     KIND_HEADER,
     STREAM,
     close_quietly,
-    connect,
     control_subject,
     decode_event,
     events_subject,
@@ -109,11 +107,8 @@ async def replay(job_id: str, data_dir: Path, follow: bool = False) -> int:
     if not job_id or any(c in job_id for c in ".*> \t\r\n"):
         print(f"not a job id: {job_id!r}", file=sys.stderr)
         return 2
-    url = nats_url(data_dir)
-    try:
-        nc = await connect(url, name="jobcast-replay", max_reconnect_attempts=0, allow_reconnect=False)
-    except (nats.errors.Error, OSError) as exc:
-        print(f"cannot reach NATS at {url} ({exc}); is `jobcast serve` running?", file=sys.stderr)
+    nc = await cli_connection(data_dir, "jobcast-replay")
+    if nc is None:
         return 1
     try:
         printed = await _print_messages(nc.jetstream(), job_id, follow)
