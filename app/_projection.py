@@ -215,6 +215,9 @@ class Projection:
                 deliver_policy=js_api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start
             ),
             pending_msgs_limit=1_000_000,
+            # nats-py resets an ordered consumer after two missed heartbeats; its default of 5 s
+            # left the projection (and every submit) stalled ~18 s after a broker restart.
+            idle_heartbeat=1.0,
         )
         log.info("projection resumes after seq %d; stream is at %d", self.applied_seq, self.catch_up_to)
 

@@ -126,9 +126,7 @@ class Worker:
         self.nc = await connect(self.settings.nats_url, name=f"jobcast-worker-{self.settings.pool}")
         self.js = self.nc.jetstream()
         try:
-            await ensure_stream(self.js)
-            for consumer in self.consumers.values():
-                await ensure_consumer(self.js, consumer)
+            await self._declare()
             await self.nc.subscribe(ALL_CONTROL, cb=self._on_control)
             await self.nc.subscribe(pool_submissions(self.settings.pool), cb=self._on_submission)
             self.files = WorkerFiles(await files_store(self.js), self._publish_reliably)
@@ -143,6 +141,23 @@ class Worker:
             await self.heartbeat.stop()
         finally:
             await close_quietly(self.nc)
+
+    async def _declare(self) -> None:
+        """Stream and consumers; retried while the broker is away (it may restart as we start)."""
+        assert self.js is not None
+        delay = 0.2
+        while True:
+            try:
+                await ensure_stream(self.js)
+                for consumer in self.consumers.values():
+                    await ensure_consumer(self.js, consumer)
+                return
+            except (nats.errors.Error, TimeoutError) as exc:
+                if self._stopping.is_set():
+                    raise
+                log.warning("declaring the stream and consumers failed (%s); retrying in %.1f s", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     async def _on_submission(self, msg: Msg) -> None:
         """The doorbell: a job was just submitted to this pool at the subject's priority."""

@@ -1,0 +1,1 @@
+"""Reliability ("chaos") tests: real processes killed, restarted and overloaded."""
