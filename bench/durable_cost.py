@@ -19,9 +19,9 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from app import Settings  # noqa: E402
-from streams import NatsServer  # noqa: E402
-from tests.conftest import ApiServer  # noqa: E402
+from app import Settings
+from streams import NatsServer
+from tests.conftest import ApiServer
 
 JOBS = int(os.environ.get("BENCH_JOBS", "300"))
 
