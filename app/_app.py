@@ -38,6 +38,9 @@ from streams import JobcastError, close_quietly, connect, ensure_stream, files_s
 
 log = logging.getLogger("jobcast.api")
 
+UPLOAD_OPERATIONS = {"uploadFile", "createTranscription"}
+"""Routes whose bodies are media files, limited by JOBCAST_MAX_UPLOAD_MB instead."""
+
 
 def create_app(settings: Settings | None = None) -> Litestar:
     """Build the API; resources are acquired in the lifespan, not at import."""
@@ -111,8 +114,12 @@ def create_app(settings: Settings | None = None) -> Litestar:
         ],
         exception_handlers={JobcastError: jobcast_error_to_http},
         dependencies=DEPENDENCIES,
-        request_max_body_size=settings.max_upload_bytes,
+        request_max_body_size=settings.max_request_bytes,
         openapi_config=OpenAPIConfig(title="jobcast", version="0.1.0", path="/schema"),
     )
     document_errors(app)
+    for route in app.routes:  # uploads may be large; every other body is small JSON
+        for handler in getattr(route, "route_handlers", []):
+            if getattr(handler, "operation_id", None) in UPLOAD_OPERATIONS:
+                handler.request_max_body_size = settings.max_upload_bytes
     return app

@@ -39,6 +39,8 @@ class Settings:
     """JOBCAST_SSE_PING_S: keep-alive comment interval on idle SSE streams."""
     submit_timeout_s: float = field(default_factory=lambda: _env_float("JOBCAST_SUBMIT_TIMEOUT_S", 10.0))
     """JOBCAST_SUBMIT_TIMEOUT_S: how long a submit waits for its own projection before 503."""
+    max_request_bytes: int = field(default_factory=lambda: _env_int("JOBCAST_MAX_REQUEST_KB", 1024) * 1024)
+    """JOBCAST_MAX_REQUEST_KB: the largest JSON request body; 413 beyond (uploads have their own limit)."""
     max_upload_bytes: int = field(default_factory=lambda: _env_int("JOBCAST_MAX_UPLOAD_MB", 2048) * 2**20)
     """JOBCAST_MAX_UPLOAD_MB: the largest request (upload) accepted; larger ones get 413."""
     rate_limit_per_minute: int = field(default_factory=lambda: _env_int("JOBCAST_RATE_LIMIT_PER_MIN", 6000))

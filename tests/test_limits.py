@@ -72,3 +72,20 @@ async def test_websocket_message_size(api: ApiServer) -> None:
         }
         await socket.send(json.dumps({"action": "subscribe", "all": True}))
         assert json.loads(await socket.recv()) == {"type": "subscribed", "job_ids": [], "all": True}
+
+
+async def test_json_bodies_are_small_uploads_may_be_large(settings: Settings) -> None:
+    server = ApiServer(replace(settings, max_request_bytes=2000, max_upload_bytes=100_000))
+    await server.start()
+    try:
+        async with httpx.AsyncClient(base_url=server.url) as client:
+            big = await client.post("/api/v1/jobs", json={"type": "noop", "title": "x" * 5000})
+            assert big.status_code == 413
+            assert big.json()["status_code"] == 413
+            upload = await client.post("/api/v1/files", files={"file": ("a.bin", b"\0" * 50_000)})
+            assert upload.status_code == 201, upload.text
+            assert upload.json()["size"] == 50_000
+            too_big = await client.post("/api/v1/files", files={"file": ("b.bin", b"\0" * 200_000)})
+            assert too_big.status_code == 413
+    finally:
+        await server.stop()
