@@ -170,7 +170,8 @@ class Worker:
         # nothing anywhere, sleep until the doorbell rings, re-asking every priority now and
         # then for redeliveries and retries, which ring no bell.
         while not self._stopping.is_set():
-            if len(self._running) >= self.settings.slots:
+            # Tasks, not _running: a job holds its slot from the moment it is fetched.
+            if len(self._tasks) >= self.settings.slots:
                 self._slot_free.clear()
                 await self._slot_free.wait()
                 continue
@@ -194,7 +195,6 @@ class Worker:
                 await msg.nak()
             else:
                 self._spawn(self._process(msg))
-                await asyncio.sleep(0)  # let it take its slot (in _running) before the next fetch
 
     async def _pull_one(self, durable: str) -> Msg | None:
         """One job from a consumer if it has one, without waiting (one round trip)."""
@@ -222,7 +222,11 @@ class Worker:
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._slot_free.set()
 
     async def _shutdown(self) -> None:
         if any(r.task is not None for r in self._running.values()):
