@@ -32,7 +32,7 @@ def _api(args: argparse.Namespace) -> int:
     settings = dataclasses.replace(settings, host=host, port=port)
     config = uvicorn.Config(
         create_app(settings), host=host, port=port, lifespan="on", log_level=args.log_level.lower(),
-        access_log=False, ws="websockets-sansio", ws_max_size=64 * 1024, timeout_graceful_shutdown=5,
+        access_log=False, timeout_keep_alive=30, ws="websockets-sansio", ws_max_size=64 * 1024, timeout_graceful_shutdown=5,
     )  # fmt: skip
     uvicorn.Server(config).run()
     return 0

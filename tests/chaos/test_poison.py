@@ -80,9 +80,9 @@ async def test_poison_and_worker_killing_jobs(tmp_path: Path, nats_server: NatsS
     assert failed["exhausted"] is True
     assert failed["attempt"] == 3
     assert "gave up after 3 attempt(s)" in failed["error"], failed["error"]
-    assert poison_kinds.count("started") == 3, poison_kinds
-    # Two retries, or one when a delivery of the poison job was cut short by a killed worker
-    # (a delivery that dies counts as an attempt too: the limit holds either way).
+    # Three deliveries, two of them retried; a delivery cut short by a killed worker counts
+    # as an attempt too (its `started` may not even have been published): the limit holds.
+    assert poison_kinds.count("started") in (2, 3), poison_kinds
     assert poison_kinds.count("retrying") in (1, 2), poison_kinds
     assert poison_kinds[-1] == "failed", poison_kinds
 
