@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import asyncio
 import dataclasses
 import os
@@ -60,6 +61,8 @@ def _keys(args: argparse.Namespace) -> int:
 
 def _client_command(args: argparse.Namespace) -> int:
     from jobcast import client as c
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise in a terminal
 
     try:
         api = c.Client(*c.connection(args.server, args.key))
