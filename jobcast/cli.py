@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import asyncio
 import dataclasses
+import logging
 import os
 import sys
 from pathlib import Path
