@@ -20,6 +20,11 @@ serve *args:
 test *args:
     {{ venv }}/pytest {{ args }}
 
+# refresh the UI screenshots in docs/img (the browser tests save them there)
+[group('check')]
+screenshots:
+    JOBCAST_UI_SHOTS=docs/img {{ venv }}/pytest tests/test_ui.py -q
+
 # ruff check and ruff format --check
 [group('check')]
 lint:

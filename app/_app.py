@@ -5,14 +5,18 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from litestar import Litestar
 from litestar.datastructures import State
 from litestar.middleware import DefineMiddleware
 from litestar.middleware.rate_limit import RateLimitConfig
 from litestar.openapi import OpenAPIConfig
+from litestar.plugins.jinja import JinjaTemplateEngine
+from litestar.static_files import create_static_files_router
+from litestar.template.config import TemplateConfig
 
-from app._auth import AuthMiddleware, Keys, is_loopback, rate_limit_identity
+from app._auth import UI_PREFIX, AuthMiddleware, Keys, LoginRequired, is_loopback, rate_limit_identity
 from app._db import Database
 from app._deps import DEPENDENCIES
 from app._exceptions import document_errors, jobcast_error_to_http
@@ -34,10 +38,12 @@ from app.controllers.live import LiveController
 from app.controllers.metrics import MetricsController
 from app.controllers.openai_audio import OpenAIAudioController
 from app.controllers.queue import QueueController
+from app.controllers.ui import UiController, login_redirect, to_ui
 from streams import JobcastError, close_quietly, connect, ensure_stream, files_store
 
 log = logging.getLogger("jobcast.api")
 
+UI_FILES = Path(__file__).resolve().parent
 UPLOAD_OPERATIONS = {"uploadFile", "createTranscription"}
 """Routes whose bodies are media files, limited by JOBCAST_MAX_UPLOAD_MB instead."""
 
@@ -99,7 +105,16 @@ def create_app(settings: Settings | None = None) -> Litestar:
             AdminController,
             HealthController,
             OpenAIAudioController,
+            UiController,
+            to_ui,
+            create_static_files_router(
+                path=f"{UI_PREFIX}/static",
+                directories=[UI_FILES / "static"],
+                include_in_schema=False,
+                opt={"exclude_from_auth": True},
+            ),
         ],
+        template_config=TemplateConfig(directory=UI_FILES / "templates", engine=JinjaTemplateEngine),
         lifespan=[lifespan],
         state=State({"settings": settings, "token_secret": settings.signing_key(), "metrics": Metrics()}),
         middleware=[
@@ -109,10 +124,10 @@ def create_app(settings: Settings | None = None) -> Litestar:
             RateLimitConfig(
                 rate_limit=("minute", settings.rate_limit_per_minute),
                 identifier_for_request=rate_limit_identity,
-                exclude=["^/health$", "^/ready$", "^/schema"],
+                exclude=["^/health$", "^/ready$", "^/schema", f"^{UI_PREFIX}/static/"],
             ).middleware,
         ],
-        exception_handlers={JobcastError: jobcast_error_to_http},
+        exception_handlers={JobcastError: jobcast_error_to_http, LoginRequired: login_redirect},
         dependencies=DEPENDENCIES,
         request_max_body_size=settings.max_request_bytes,
         openapi_config=OpenAPIConfig(title="jobcast", version="0.1.0", path="/schema"),

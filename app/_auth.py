@@ -22,6 +22,7 @@ from typing import Any
 import msgspec
 from litestar import Request
 from litestar.connection import ASGIConnection
+from litestar.datastructures import Cookie
 from litestar.exceptions import NotAuthorizedException, PermissionDeniedException
 from litestar.handlers.base import BaseRouteHandler
 from litestar.middleware import AbstractAuthenticationMiddleware, AuthenticationResult
@@ -34,7 +35,13 @@ from streams import ApiKeyRecord, keys_bucket
 log = logging.getLogger("jobcast.auth")
 
 SESSION_COOKIE = "jobcast_session"
+SESSION_TTL_S = 12 * 3600
 TOKEN_QUERY = "token"
+UI_PREFIX = "/ui"
+
+
+class LoginRequired(NotAuthorizedException):
+    """A browser page was asked for without a valid session: it is sent to the login form."""
 
 
 class Caller(msgspec.Struct, frozen=True):
@@ -118,6 +125,14 @@ def sign_token(secret: bytes, caller: Caller, ttl_s: float) -> str:
     return f"{payload}.{signature}"
 
 
+def session_cookie(secret: bytes, caller: Caller) -> Cookie:
+    """The HttpOnly session cookie a login sets."""
+    return Cookie(
+        key=SESSION_COOKIE, value=sign_token(secret, caller, SESSION_TTL_S), max_age=SESSION_TTL_S,
+        httponly=True, samesite="strict", path="/",
+    )  # fmt: skip
+
+
 def verify_token(secret: bytes, token: str) -> Caller | None:
     """The caller a token stands for, if its signature holds and it has not expired."""
     payload, _, signature = token.partition(".")
@@ -139,7 +154,16 @@ class AuthMiddleware(AbstractAuthenticationMiddleware):
     async def authenticate_request(
         self, connection: ASGIConnection[Any, Any, Any, Any]
     ) -> AuthenticationResult:
-        """Key header, then token, then local mode."""
+        """Key header, then token, then local mode; pages of the UI send the browser to log in."""
+        try:
+            return self._authenticate(connection)
+        except NotAuthorizedException as exc:
+            if connection.scope["path"].startswith(UI_PREFIX):
+                raise LoginRequired(exc.detail) from exc
+            raise
+
+    @staticmethod
+    def _authenticate(connection: ASGIConnection[Any, Any, Any, Any]) -> AuthenticationResult:
         state = connection.app.state
         keys: Keys = state.api_keys
         settings: Settings = state.settings

@@ -51,11 +51,16 @@ STATUS_CODES: dict[type[Exception], int] = {
 }
 
 
-def jobcast_error_to_http(_: Request[Any, Any, Any], exc: JobcastError) -> Response[dict[str, object]]:
-    """Render a jobcast error as `{status_code, detail}`, like Litestar's own errors."""
-    status = next(
+def status_of(exc: JobcastError) -> int:
+    """The HTTP status a jobcast error answers with."""
+    return next(
         (code for cls, code in STATUS_CODES.items() if isinstance(exc, cls)), HTTP_500_INTERNAL_SERVER_ERROR
     )
+
+
+def jobcast_error_to_http(_: Request[Any, Any, Any], exc: JobcastError) -> Response[dict[str, object]]:
+    """Render a jobcast error as `{status_code, detail}`, like Litestar's own errors."""
+    status = status_of(exc)
     return Response(
         {"status_code": status, "detail": str(exc)}, status_code=status, media_type=MediaType.JSON
     )
@@ -110,4 +115,5 @@ __all__ = [
     "UnavailableError",
     "jobcast_error_to_http",
     "not_found",
+    "status_of",
 ]

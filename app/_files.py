@@ -79,6 +79,16 @@ class FileService:
             raise not_found("file", file_id)
         return row
 
+    async def names(self, file_ids: set[str], owner: str | None) -> dict[str, str]:
+        """Display names of the owner's files among `file_ids` (deleted ones are left out)."""
+        if not file_ids:
+            return {}
+        query = select(FileRow.id, FileRow.name).where(FileRow.id.in_(sorted(file_ids)))
+        if owner is not None:
+            query = query.where(FileRow.owner == owner)
+        async with self.db.session() as session:
+            return {file_id: name for file_id, name in (await session.execute(query)).all()}
+
     async def find(self, owner: str | None, job_id: str | None, limit: int, offset: int) -> FilePage:
         """The owner's files, newest first."""
         query = select(FileRow)

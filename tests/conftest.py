@@ -140,6 +140,15 @@ async def worker(worker_settings: WorkerSettings) -> AsyncIterator[WorkerRunner]
 
 
 @pytest.fixture
+async def gpu(worker_settings: WorkerSettings) -> AsyncIterator[WorkerRunner]:
+    """A worker of the gpu pool (transcribe, generate_srt); whisper runs on the CPU here."""
+    runner = WorkerRunner(replace(worker_settings, pool="gpu", ack_wait_s=5, name="gpu"))
+    await runner.start()
+    yield runner
+    await runner.stop()
+
+
+@pytest.fixture
 async def client(api: ApiServer) -> AsyncIterator[httpx.AsyncClient]:
     """An HTTP client for the API."""
     async with httpx.AsyncClient(base_url=api.url, timeout=30) as http:

@@ -5,14 +5,11 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
-import pytest
 
 from tests.conftest import MEDIA, ApiServer, WorkerRunner, submit, wait_terminal
-from workers import WorkerSettings
 
 
 async def jobcast(*args: str, server: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
@@ -25,17 +22,6 @@ async def jobcast(*args: str, server: str, env: dict[str, str] | None = None) ->
         out, err = await proc.communicate()
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
-
-
-@pytest.fixture
-async def gpu(worker_settings: WorkerSettings) -> AsyncIterator[WorkerRunner]:
-    """A gpu worker for transcriptions."""
-    from dataclasses import replace
-
-    runner = WorkerRunner(replace(worker_settings, pool="gpu", ack_wait_s=5, name="gpu"))
-    await runner.start()
-    yield runner
-    await runner.stop()
 
 
 async def test_submit_watch_and_download(api: ApiServer, gpu: WorkerRunner, tmp_path: Path) -> None:

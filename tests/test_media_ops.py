@@ -49,13 +49,6 @@ def pool_settings(nats_server: NatsServer, pool: str, **kwargs: Any) -> WorkerSe
 
 
 @pytest.fixture
-async def gpu(nats_server: NatsServer) -> AsyncIterator[WorkerRunner]:
-    """A worker of the gpu pool (transcribe, generate_srt); whisper runs on the CPU here."""
-    async with running(pool_settings(nats_server, "gpu")) as runner:
-        yield runner
-
-
-@pytest.fixture
 async def cpu(nats_server: NatsServer) -> AsyncIterator[WorkerRunner]:
     """A worker of the cpu pool (convert)."""
     async with running(pool_settings(nats_server, "cpu")) as runner:

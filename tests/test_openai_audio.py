@@ -18,7 +18,7 @@ from app._auth import key_hash
 from streams import ApiKeyRecord, NatsServer, close_quietly, keys_bucket
 from streams import connect as nats_connect
 from tests.conftest import ApiServer, WorkerRunner, wait_terminal
-from workers import WorkerSettings, subtitles
+from workers import subtitles
 
 JFK = Path(__file__).resolve().parents[2] / "shared" / "media" / "jfk.flac"
 SPEECH60 = JFK.with_name("speech60.mp3")
@@ -76,19 +76,6 @@ async def caller(nats_server: NatsServer, settings: Settings) -> AsyncIterator[C
         await who.openai.close()
         await who.http.aclose()
         await server.stop()
-
-
-@pytest.fixture
-async def gpu(nats_server: NatsServer) -> AsyncIterator[WorkerRunner]:
-    """A worker of the gpu pool (transcribe, generate_srt); whisper runs on the CPU here."""
-    runner = WorkerRunner(
-        WorkerSettings(pool="gpu", nats_url=nats_server.url, ack_wait_s=5, grace_s=2, name="gpu")
-    )
-    await runner.start()
-    try:
-        yield runner
-    finally:
-        await runner.stop()
 
 
 async def test_json_and_text(caller: Caller, gpu: WorkerRunner) -> None:

@@ -11,9 +11,8 @@ from litestar.exceptions import NotAuthorizedException
 from litestar.params import JSONBody
 from litestar.status_codes import HTTP_200_OK
 
-from app._auth import SESSION_COOKIE, Caller, Keys, sign_token
+from app._auth import SESSION_COOKIE, SESSION_TTL_S, Caller, Keys, session_cookie, sign_token
 
-SESSION_TTL_S = 12 * 3600
 TOKEN_TTL_S = 300
 
 
@@ -47,12 +46,8 @@ class AuthController(Controller):
         if record is None:
             raise NotAuthorizedException("invalid API key")
         caller = Caller(owner=record.name, admin=record.admin)
-        cookie = Cookie(
-            key=SESSION_COOKIE, value=sign_token(state.token_secret, caller, SESSION_TTL_S), max_age=SESSION_TTL_S,
-            httponly=True, samesite="strict", path="/",
-        )  # fmt: skip
         body = Session(owner=caller.owner, admin=caller.admin, expires_in=SESSION_TTL_S)
-        return Response(body, cookies=[cookie])
+        return Response(body, cookies=[session_cookie(state.token_secret, caller)])
 
     @post("/logout", status_code=HTTP_200_OK, operation_id="logout")
     async def logout(self) -> Response[dict[str, str]]:

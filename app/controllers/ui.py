@@ -1,0 +1,188 @@
+"""The browser UI: submit, recent jobs, a live job page, the queue; server-rendered templates."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, get_args
+from urllib.parse import urlencode
+
+import msgspec
+from litestar import Controller, Request, Response, get, post
+from litestar.datastructures import Cookie, State
+from litestar.enums import RequestEncodingType
+from litestar.exceptions import HTTPException
+from litestar.params import Body, FromPath, QueryParameter
+from litestar.response import Redirect, Template
+from litestar.status_codes import HTTP_303_SEE_OTHER, HTTP_401_UNAUTHORIZED, HTTP_500_INTERNAL_SERVER_ERROR
+
+from app._auth import SESSION_COOKIE, UI_PREFIX, Caller, Keys, LoginRequired, session_cookie
+from app._deps import FilesDep, Owner, Service, StatsDep
+from app._exceptions import status_of
+from app._forms import operation_forms
+from app._jobs import JobFilter
+from app._schemas import MAX_INT, Job
+from streams import ACTIVE_STATUSES, OPERATIONS, TERMINAL_STATUSES, Event, JobcastError, JobStatus
+
+PAGE_SIZE = 20
+EVENT_KINDS = tuple(str(kind.__struct_config__.tag) for kind in get_args(Event))
+"""Every `event:` name an SSE stream can carry (EventSource needs a listener per name)."""
+
+
+class LoginForm(msgspec.Struct, kw_only=True):
+    """The login form's fields."""
+
+    key: Annotated[str, msgspec.Meta(max_length=500)] = ""
+    next: Annotated[str, msgspec.Meta(max_length=2000)] = UI_PREFIX
+
+
+def _page(name: str, request: Request[Any, Any, Any], status_code: int = 200, **context: Any) -> Template:
+    """A page with what the header needs: who is signed in, and whether sessions exist at all."""
+    keys: Keys = request.app.state.api_keys
+    caller = request.scope.get("user")
+    context.update(caller=caller, sessions=not keys.empty, prefix=UI_PREFIX)
+    return Template(template_name=name, context=context, status_code=status_code)
+
+
+def _safe_next(target: str) -> str:
+    """Only redirect within the UI (no open redirect)."""
+    return target if target.startswith(UI_PREFIX) and not target.startswith("//") else UI_PREFIX
+
+
+def login_redirect(request: Request[Any, Any, Any], _: LoginRequired) -> Response[Any]:
+    """An unauthenticated page view goes to the login form, remembering where it was going."""
+    wanted = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    return Redirect(f"{UI_PREFIX}/login?{urlencode({'next': wanted})}", status_code=HTTP_303_SEE_OTHER)
+
+
+def error_page(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    """Errors on a page are shown as a page, with the same status the API would give."""
+    if isinstance(exc, JobcastError):
+        status, detail = status_of(exc), str(exc)
+    elif isinstance(exc, HTTPException):
+        status, detail = exc.status_code, exc.detail
+    else:
+        status, detail = HTTP_500_INTERNAL_SERVER_ERROR, "internal error"
+    return _page("error.html", request, status_code=status, status=status, detail=detail)
+
+
+@get("/", include_in_schema=False, exclude_from_auth=True)
+async def to_ui() -> Redirect:
+    """The bare address opens the UI."""
+    return Redirect(UI_PREFIX, status_code=HTTP_303_SEE_OTHER)
+
+
+class UiController(Controller):
+    """Pages for people; every action on them calls the same JSON API a script would."""
+
+    path = UI_PREFIX
+    include_in_schema = False
+    exception_handlers = {JobcastError: error_page, HTTPException: error_page}
+
+    @get("/", name="ui:submit")
+    async def submit(self, request: Request[Any, Any, Any]) -> Template:
+        """Upload files, pick an operation and its options, submit one job or a batch."""
+        return _page("submit.html", request, operations=operation_forms())
+
+    @get("/jobs", name="ui:jobs")
+    async def jobs(
+        self,
+        request: Request[Any, Any, Any],
+        service: Service,
+        files: FilesDep,
+        owner: Owner,
+        status: Annotated[list[JobStatus] | None, QueryParameter()] = None,
+        job_type: Annotated[str | None, QueryParameter(name="type", max_length=64)] = None,
+        page: Annotated[int, QueryParameter(ge=1, le=MAX_INT // PAGE_SIZE)] = 1,
+    ) -> Template:
+        """Recent jobs, newest first: filter by statuses and type, page by page."""
+        chosen = frozenset(status or ())
+        where = JobFilter(owner=owner, statuses=chosen, type=job_type or None)
+        found = await service.find(where, limit=PAGE_SIZE, offset=(page - 1) * PAGE_SIZE)
+        names = await files.names({job.file_id for job in found.items if job.file_id}, owner)
+        query = [("status", s) for s in sorted(chosen)] + ([("type", job_type)] if job_type else [])
+
+        def page_url(number: int) -> str:
+            return f"{UI_PREFIX}/jobs?{urlencode([*query, ('page', number)])}"
+
+        last_page = max(1, -(-found.total // PAGE_SIZE))
+        return _page(
+            "jobs.html", request, jobs=found.items, total=found.total, first=found.offset + 1,
+            names=names, statuses=list(JobStatus), chosen=chosen, job_type=job_type or "",
+            types=list(OPERATIONS), page=page, last_page=last_page,
+            prev_url=page_url(page - 1) if page > 1 else None,
+            next_url=page_url(page + 1) if page < last_page else None,
+        )  # fmt: skip
+
+    @get("/jobs/{job_id:str}", name="ui:job")
+    async def job(
+        self, request: Request[Any, Any, Any], job_id: FromPath[str], service: Service, files: FilesDep,
+        owner: Owner,
+    ) -> Template:  # fmt: skip
+        """One job, live: progress, step, events, result and actions; a batch's children too."""
+        job = await service.get(job_id, owner)
+        children = await service.children(job_id, owner)
+        return _page("job.html", request, kinds=EVENT_KINDS, **await self._view(job, children, files, owner))
+
+    @get("/jobs/{job_id:str}/summary", name="ui:job-summary")
+    async def summary(
+        self, request: Request[Any, Any, Any], job_id: FromPath[str], service: Service, files: FilesDep,
+        owner: Owner,
+    ) -> Template:  # fmt: skip
+        """The job page's result panel alone, fetched once when the job ends."""
+        job = await service.get(job_id, owner)
+        return _page("_summary.html", request, **await self._view(job, [], files, owner))
+
+    @staticmethod
+    async def _view(job: Job, children: list[Job], files: FilesDep, owner: str) -> dict[str, Any]:
+        ids = {j.file_id for j in (job, *children) if j.file_id}
+        result = job.result or {}
+        outputs = [o for o in result.get("outputs", ()) if isinstance(o, dict)]
+        details = {k: v for k, v in result.items() if k not in ("outputs", "segments", "text")}
+        return {
+            "job": job, "children": children, "names": await files.names(ids, owner), "outputs": outputs,
+            "text": result.get("text") if isinstance(result.get("text"), str) else None,
+            "details": msgspec.json.format(msgspec.json.encode(details)).decode() if details else "",
+            "terminal": sorted(TERMINAL_STATUSES), "active": sorted(ACTIVE_STATUSES),
+        }  # fmt: skip
+
+    @get("/queue", name="ui:queue")
+    async def queue(
+        self, request: Request[Any, Any, Any], stats: StatsDep, service: Service, owner: Owner
+    ) -> Template:
+        """The queue's figures; workers and per-type statistics for admins."""
+        caller: Caller = request.user
+        figures = await stats.queue_stats(owner, service.hub.subscriber_count)
+        workers = await stats.workers() if caller.admin else []
+        by_type = await stats.statistics() if caller.admin else {}
+        return _page("queue.html", request, stats=figures, workers=workers, by_type=by_type)
+
+    @get("/login", name="ui:login", exclude_from_auth=True)
+    async def login_form(self, request: Request[Any, Any, Any], next_page: Annotated[
+        str, QueryParameter(name="next", max_length=2000)] = UI_PREFIX,
+    ) -> Response[Any]:  # fmt: skip
+        """The key form (straight to the UI when no key is configured)."""
+        keys: Keys = request.app.state.api_keys
+        if keys.empty:
+            return Redirect(_safe_next(next_page), status_code=HTTP_303_SEE_OTHER)
+        return _page("login.html", request, next=_safe_next(next_page), error=None)
+
+    @post("/login", name="ui:login-submit", exclude_from_auth=True, status_code=HTTP_303_SEE_OTHER)
+    async def login(
+        self,
+        request: Request[Any, Any, Any],
+        state: State,
+        data: Annotated[LoginForm, Body(media_type=RequestEncodingType.URL_ENCODED)],
+    ) -> Response[Any]:
+        """Trade a key for the session cookie, then go where the user was heading."""
+        keys: Keys = state.api_keys
+        record = keys.lookup(data.key) if data.key else None
+        if record is None:
+            return _page("login.html", request, HTTP_401_UNAUTHORIZED, next=_safe_next(data.next),
+                         error="That key is not valid.")  # fmt: skip
+        cookie = session_cookie(state.token_secret, Caller(owner=record.name, admin=record.admin))
+        return Redirect(_safe_next(data.next), status_code=HTTP_303_SEE_OTHER, cookies=[cookie])
+
+    @post("/logout", name="ui:logout", exclude_from_auth=True, status_code=HTTP_303_SEE_OTHER)
+    async def logout(self) -> Redirect:
+        """Forget the session."""
+        gone = Cookie(key=SESSION_COOKIE, value="", max_age=0, path="/")
+        return Redirect(f"{UI_PREFIX}/login", status_code=HTTP_303_SEE_OTHER, cookies=[gone])

@@ -1,0 +1,242 @@
+// jobcast UI: plain JavaScript, no build step. Every action calls the same JSON API a script would;
+// the session cookie authenticates fetch, EventSource and WebSocket alike.
+"use strict";
+
+const API = "/api/v1";
+
+async function api(method, path, body) {
+  const init = { method, headers: {} };
+  if (body !== undefined) {
+    init.headers["Content-Type"] = "application/json";
+    init.body = JSON.stringify(body);
+  }
+  const res = await fetch(API + path, init);
+  const text = await res.text();
+  const data = text ? JSON.parse(text) : null;
+  if (!res.ok) throw new Error((data && data.detail) || `${res.status} ${res.statusText}`);
+  return data;
+}
+
+function show(el, message) {
+  el.textContent = message;
+  el.hidden = !message;
+}
+
+// ---- status badge and progress bar (same markup as the _status.html macros) ----
+
+function paint(scope, status, progress) {
+  const badge = scope.querySelector("[data-role=status]");
+  if (badge && status) {
+    badge.textContent = status;
+    badge.className = `status status-${status}`;
+  }
+  const bar = scope.querySelector("[role=progressbar]");
+  if (bar && status) bar.className = `bar bar-${status}`;
+  if (progress === undefined || progress === null) return;
+  if (bar) {
+    bar.setAttribute("aria-valuenow", progress.toFixed(1));
+    bar.querySelector(".fill").style.width = `${progress}%`;
+  }
+  const pct = scope.querySelector("[data-role=pct]");
+  if (pct) pct.textContent = `${Math.round(progress)} %`;
+}
+
+// ---- submit page ----
+
+function initSubmit() {
+  const form = document.getElementById("submit-form");
+  const operation = document.getElementById("operation");
+  const files = document.getElementById("files");
+  const error = document.getElementById("form-error");
+  const button = document.getElementById("submit-button");
+
+  const needsFile = () => operation.selectedOptions[0].dataset.needsFile === "true";
+  function choose() {
+    for (const el of form.querySelectorAll("[data-op]")) {
+      const active = el.dataset.op === operation.value;
+      el.hidden = !active;
+      if (el.tagName === "FIELDSET") el.disabled = !active;
+    }
+    document.getElementById("files-row").hidden = !needsFile();
+    document.getElementById("count-row").hidden = needsFile();
+  }
+  operation.addEventListener("change", choose);
+  choose();
+
+  function params() {
+    const out = {};
+    const fieldset = form.querySelector(`fieldset[data-op="${operation.value}"]`);
+    for (const input of fieldset.querySelectorAll("[data-kind]")) {
+      const kind = input.dataset.kind;
+      if (kind === "bool") out[input.name] = input.checked;
+      else if (input.value === "") continue;
+      else if (kind === "int" || kind === "float") out[input.name] = Number(input.value);
+      else out[input.name] = input.value;
+    }
+    return out;
+  }
+
+  function upload(file, index, total) {
+    const bar = document.getElementById("upload-progress");
+    const status = document.getElementById("upload-status");
+    document.getElementById("upload").hidden = false;
+    return new Promise((resolve, reject) => {
+      const xhr = new XMLHttpRequest();
+      xhr.open("POST", `${API}/files`);
+      xhr.upload.onprogress = (e) => {
+        if (e.lengthComputable) bar.value = (100 * e.loaded) / e.total;
+        status.textContent = `Uploading ${file.name} (${index + 1} of ${total})`;
+      };
+      xhr.onload = () => {
+        let body = {};
+        try { body = JSON.parse(xhr.responseText || "{}"); } catch { /* not JSON */ }
+        if (xhr.status >= 200 && xhr.status < 300) resolve(body);
+        else reject(new Error(`${file.name}: ${body.detail || xhr.statusText}`));
+      };
+      xhr.onerror = () => reject(new Error(`${file.name}: the upload failed (network error)`));
+      const data = new FormData();
+      data.append("file", file);
+      xhr.send(data);
+    });
+  }
+
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    show(error, "");
+    const chosen = needsFile() ? [...files.files] : [];
+    if (needsFile() && chosen.length === 0) {
+      show(error, `Choose a file: ${operation.value} works on one (several make a batch).`);
+      return;
+    }
+    button.disabled = true;
+    try {
+      const common = { type: operation.value, params: params(),
+                       title: document.getElementById("title").value,
+                       priority: Number(document.getElementById("priority").value || 0) };
+      const ids = [];
+      for (const [i, file] of chosen.entries()) ids.push((await upload(file, i, chosen.length)).id);
+      const count = Number(document.getElementById("count").value || 1);
+      let job;
+      if (ids.length > 1) job = await api("POST", "/jobs/batch", { ...common, file_ids: ids });
+      else if (ids.length === 1) job = await api("POST", "/jobs", { ...common, file_id: ids[0] });
+      else if (count > 1) job = await api("POST", "/jobs/batch", { ...common, items: Array.from({ length: count }, () => ({})) });
+      else job = await api("POST", "/jobs", common);
+      window.location.assign(`${document.body.dataset.prefix || "/ui"}/jobs/${job.id}`);
+    } catch (err) {
+      show(error, err.message);
+      button.disabled = false;
+    }
+  });
+}
+
+// ---- job page ----
+
+function describe(env) {
+  const e = env.event || {};
+  switch (env.kind) {
+    case "submitted": return `${e.type} queued${e.priority ? `, priority ${e.priority}` : ""}`;
+    case "started": return `on ${e.worker}${e.delivery > 1 ? `, delivery ${e.delivery}` : ""}`;
+    case "progress": return `${Math.round(env.progress)} %${env.current_step ? ` · ${env.current_step}` : ""}`;
+    case "completed": return e.derived ? "every child ended" : "done";
+    case "failed": return e.error || (e.derived ? "children did not complete" : "");
+    case "retrying": return `${e.error || ""} (retry in ${Number(e.delay_s || 0).toFixed(1)} s)`;
+    case "cancel_requested":
+    case "cancelled": return e.reason || "";
+    case "callback": return e.delivered ? `delivered (HTTP ${e.http_status})` : `not delivered: ${e.error}`;
+    default: return "";
+  }
+}
+
+function initJob() {
+  const root = document.getElementById("job");
+  const id = root.dataset.jobId;
+  const prefix = document.body.dataset.prefix || "/ui";
+  const renderedUpTo = Number(root.dataset.lastEventId);
+  const terminal = new Set(JSON.parse(root.dataset.terminal));
+  const timeline = document.getElementById("timeline");
+  const step = document.getElementById("step");
+  const live = root.querySelector(".live");
+  const actionError = document.getElementById("action-error");
+
+  function addToTimeline(env) {
+    const li = document.createElement("li");
+    li.dataset.kind = env.kind;
+    const time = document.createElement("time");
+    time.dateTime = env.ts;
+    time.textContent = new Date(env.ts).toLocaleTimeString([], { hour12: false }) +
+      `.${String(new Date(env.ts).getMilliseconds()).padStart(3, "0")}`;
+    const kind = document.createElement("span");
+    kind.className = "kind";
+    kind.textContent = env.kind.replace("_", " ");
+    const text = document.createElement("span");
+    text.textContent = describe(env);
+    li.append(time, kind, text);
+    timeline.append(li);
+  }
+
+  async function refreshSummary() {
+    const res = await fetch(`${prefix}/jobs/${id}/summary`);
+    if (res.ok) document.getElementById("summary").innerHTML = await res.text();
+  }
+
+  // The whole history replays first (after=0), then live events; the server ends the stream
+  // after the job's last event, and EventSource would reconnect, so close it ourselves then.
+  const source = new EventSource(`${API}/jobs/${id}/events`);
+  function onEvent(message) {
+    const env = JSON.parse(message.data);
+    addToTimeline(env);
+    root.dataset.status = env.status;
+    paint(live, env.status, env.progress);
+    step.textContent = env.current_step;
+    document.getElementById("attempt").textContent = env.attempt;
+    const ended = terminal.has(env.status) && ["completed", "failed", "cancelled", "deleted"].includes(env.kind);
+    if (ended && env.seq >= renderedUpTo) {
+      source.close();
+      refreshSummary();
+    }
+  }
+  for (const kind of JSON.parse(root.dataset.kinds)) source.addEventListener(kind, onEvent);
+
+  const actions = {
+    cancel: () => api("POST", `/jobs/${id}/cancel`),
+    retry: async () => { await api("POST", `/jobs/${id}/retry`); window.location.reload(); },
+    delete: async () => {
+      if (!window.confirm("Delete this job and its events? Its output files are kept.")) return;
+      await api("DELETE", `/jobs/${id}`);
+      window.location.assign(`${prefix}/jobs`);
+    },
+  };
+  for (const button of root.querySelectorAll("[data-action]")) {
+    button.addEventListener("click", async () => {
+      show(actionError, "");
+      button.disabled = true;
+      try { await actions[button.dataset.action](); }
+      catch (err) { show(actionError, err.message); }
+      finally { button.disabled = false; }
+    });
+  }
+
+  // A batch's children: one WebSocket subscribed to all of them (ids sent in small messages).
+  const rows = new Map([...root.querySelectorAll("[data-child-id]")].map((tr) => [tr.dataset.childId, tr]));
+  if (rows.size) {
+    const scheme = window.location.protocol === "https:" ? "wss" : "ws";
+    const socket = new WebSocket(`${scheme}://${window.location.host}${API}/ws`);
+    socket.addEventListener("open", () => {
+      const ids = [...rows.keys()];
+      for (let i = 0; i < ids.length; i += 100) {
+        socket.send(JSON.stringify({ action: "subscribe", job_ids: ids.slice(i, i + 100) }));
+      }
+    });
+    socket.addEventListener("message", (message) => {
+      const env = JSON.parse(message.data);
+      const row = env.job_id && env.kind && rows.get(env.job_id);
+      if (row) paint(row, env.status, env.progress);
+    });
+  }
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  const page = document.body.dataset.page;
+  if (page === "submit") initSubmit();
+  if (page === "job") initJob();
+});
