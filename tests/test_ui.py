@@ -220,6 +220,9 @@ async def test_filter_by_two_statuses(
     await expect(page.locator(".empty")).to_contain_text("No jobs match")
     await page.goto("/ui/jobs?status=running&type=noop")
     assert await rows(page) == [running["id"]]
+    row = page.locator(f"tr[data-job-id='{running['id']}']")
+    rendered = await row.locator("[data-role=pct]").inner_text()
+    await expect(row.locator("[data-role=pct]")).not_to_have_text(rendered, timeout=5_000)  # rows move live
     link = page.locator(f"tr[data-job-id='{running['id']}'] a").first
     await link.click()
     await page.wait_for_url(f"**/ui/jobs/{running['id']}")
@@ -316,7 +319,7 @@ async def test_batch_of_identical_jobs_children_move_live(
     assert ids == [c["id"] for c in children]
 
 
-async def test_form_errors_are_shown(page: Page, worker: WorkerRunner) -> None:
+async def test_form_errors_are_shown(page: Page, client: httpx.AsyncClient, worker: WorkerRunner) -> None:
     await page.goto("/ui")
     await page.select_option("#operation", "transcribe")
     await page.click("#submit-button")
@@ -328,6 +331,15 @@ async def test_form_errors_are_shown(page: Page, worker: WorkerRunner) -> None:
     assert page.url.endswith("/ui")
     await page.goto("/ui/jobs/no-such-job")
     await expect(page.locator(".error")).to_have_text("job no-such-job not found")
+
+    # what users type is shown as text, never run as markup
+    title = "<img src=x onerror=\"document.title='owned'\">"
+    job = await submit(client, params={"steps": 0}, title=title)
+    for url in ("/ui/jobs", f"/ui/jobs/{job['id']}"):
+        await page.goto(url)
+        await expect(page.get_by_text(title).first).to_be_visible()
+        assert await page.locator("main img").count() == 0
+        assert await page.title() != "owned"
 
 
 async def test_queue_page(page: Page, client: httpx.AsyncClient, worker: WorkerRunner, shots: Path) -> None:

@@ -216,27 +216,35 @@ function initJob() {
     });
   }
 
-  // A batch's children: one WebSocket subscribed to all of them (ids sent in small messages).
-  const rows = new Map([...root.querySelectorAll("[data-child-id]")].map((tr) => [tr.dataset.childId, tr]));
-  if (rows.size) {
-    const scheme = window.location.protocol === "https:" ? "wss" : "ws";
-    const socket = new WebSocket(`${scheme}://${window.location.host}${API}/ws`);
-    socket.addEventListener("open", () => {
-      const ids = [...rows.keys()];
-      for (let i = 0; i < ids.length; i += 100) {
-        socket.send(JSON.stringify({ action: "subscribe", job_ids: ids.slice(i, i + 100) }));
-      }
-    });
-    socket.addEventListener("message", (message) => {
-      const env = JSON.parse(message.data);
-      const row = env.job_id && env.kind && rows.get(env.job_id);
-      if (row) paint(row, env.status, env.progress);
-    });
-  }
+  followRows(root, "childId");
+}
+
+// ---- rows of jobs (a batch's children, the recent jobs list) ----
+
+// One WebSocket for every row on the page, subscribed in messages of 100 ids (the socket
+// refuses messages over 16 KB); each event repaints its row's badge and bar.
+function followRows(scope, key) {
+  const attribute = key.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`);
+  const rows = new Map([...scope.querySelectorAll(`[data-${attribute}]`)].map((tr) => [tr.dataset[key], tr]));
+  if (!rows.size) return;
+  const scheme = window.location.protocol === "https:" ? "wss" : "ws";
+  const socket = new WebSocket(`${scheme}://${window.location.host}${API}/ws`);
+  socket.addEventListener("open", () => {
+    const ids = [...rows.keys()];
+    for (let i = 0; i < ids.length; i += 100) {
+      socket.send(JSON.stringify({ action: "subscribe", job_ids: ids.slice(i, i + 100) }));
+    }
+  });
+  socket.addEventListener("message", (message) => {
+    const env = JSON.parse(message.data);
+    const row = env.job_id && env.kind && rows.get(env.job_id);
+    if (row) paint(row, env.status, env.progress);
+  });
 }
 
 document.addEventListener("DOMContentLoaded", () => {
   const page = document.body.dataset.page;
   if (page === "submit") initSubmit();
   if (page === "job") initJob();
+  if (page === "jobs") followRows(document, "jobId");
 });
