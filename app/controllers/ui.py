@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, get_args
+from typing import Annotated, Any, Literal, get_args
 from urllib.parse import urlencode
 
 import msgspec
@@ -115,21 +115,15 @@ class UiController(Controller):
     @get("/jobs/{job_id:str}", name="ui:job")
     async def job(
         self, request: Request[Any, Any, Any], job_id: FromPath[str], service: Service, files: FilesDep,
-        owner: Owner,
+        owner: Owner, part: Annotated[Literal["summary"] | None, QueryParameter(
+            description="Only the result panel (the page fetches it once when the job ends)")] = None,
     ) -> Template:  # fmt: skip
         """One job, live: progress, step, events, result and actions; a batch's children too."""
         job = await service.get(job_id, owner)
+        if part == "summary":
+            return _page("_summary.html", request, **await self._view(job, [], files, owner))
         children = await service.children(job_id, owner)
         return _page("job.html", request, kinds=EVENT_KINDS, **await self._view(job, children, files, owner))
-
-    @get("/jobs/{job_id:str}/summary", name="ui:job-summary")
-    async def summary(
-        self, request: Request[Any, Any, Any], job_id: FromPath[str], service: Service, files: FilesDep,
-        owner: Owner,
-    ) -> Template:  # fmt: skip
-        """The job page's result panel alone, fetched once when the job ends."""
-        job = await service.get(job_id, owner)
-        return _page("_summary.html", request, **await self._view(job, [], files, owner))
 
     @staticmethod
     async def _view(job: Job, children: list[Job], files: FilesDep, owner: str) -> dict[str, Any]:

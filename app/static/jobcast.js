@@ -175,7 +175,7 @@ function initJob() {
   }
 
   async function refreshSummary() {
-    const res = await fetch(`${prefix}/jobs/${id}/summary`);
+    const res = await fetch(`${prefix}/jobs/${id}?part=summary`);
     if (res.ok) document.getElementById("summary").innerHTML = await res.text();
   }
 
