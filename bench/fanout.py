@@ -152,23 +152,31 @@ class _Clients:
                 raise RuntimeError(f"a load generator did not connect everyone: {line[:200]!r}")
 
     async def burst_landed(self, timeout: float) -> float | None:
-        """Wait until every process got its whole burst; their CPU seconds meanwhile (None: timed out)."""
-        total = 0.0
-        try:
-            for proc in self.procs:
-                assert proc.stdout is not None
+        """Wait until every process got its whole burst; their CPU seconds meanwhile (None: one
+        gave up first and sent its final report instead)."""
+        total: float | None = 0.0
+        self.early: dict[int, dict[str, Any]] = {}
+        for i, proc in enumerate(self.procs):
+            assert proc.stdout is not None
+            try:
                 line = await asyncio.wait_for(proc.stdout.readline(), timeout)
-                total += float(line.split()[1])
-        except TimeoutError:
-            return None
+            except TimeoutError:
+                return None
+            if line.startswith(b"burst "):
+                total = None if total is None else total + float(line.split()[1])
+            else:
+                self.early[i] = json.loads(line)
+                total = None
         return total
 
     async def results(self) -> list[dict[str, Any]]:
         out = []
-        for proc in self.procs:
+        for i, proc in enumerate(self.procs):
             assert proc.stdout is not None
-            line = await asyncio.wait_for(proc.stdout.readline(), 200)
-            out.append(json.loads(line))
+            if i in self.early:
+                out.append(self.early[i])
+            else:
+                out.append(json.loads(await asyncio.wait_for(proc.stdout.readline(), 200)))
             await proc.wait()
         return out
 
@@ -407,6 +415,6 @@ if __name__ == "__main__":
         import uvloop
 
         listing = Path(sys.argv[3]).read_text().split("\n")
-        uvloop.run(_client(int(sys.argv[2]), listing, int(sys.argv[4]), timeout=150))
+        uvloop.run(_client(int(sys.argv[2]), listing, int(sys.argv[4]), timeout=300))
     else:
         asyncio.run(run())
