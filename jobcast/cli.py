@@ -36,18 +36,12 @@ def _api(args: argparse.Namespace) -> int:
         create_app(settings), host=host, port=port, lifespan="on", log_level=args.log_level.lower(),
         access_log=False, timeout_keep_alive=30, ws="websockets-sansio", ws_max_size=64 * 1024, timeout_graceful_shutdown=5,
     )  # fmt: skip
-    # Thousands of idle SSE/WS connections each hold ~100 tracked objects: with the default
-    # thresholds, full collections walk all of them again and again and pause the process for
-    # seconds. Everything imported so far lives forever (freeze), and young collections run less often.
+    # Everything imported and built so far lives as long as the process: frozen, full collections
+    # (which thousands of idle SSE/WS connections already make long) need not walk it again.
     gc.collect()
     gc.freeze()
-    gc.set_threshold(GC_THRESHOLD, 20, 100)
     uvicorn.Server(config).run()
     return 0
-
-
-GC_THRESHOLD = 50_000
-"""Allocations between young collections in the API process (CPython's default: 700)."""
 
 
 def _worker(args: argparse.Namespace) -> int:
