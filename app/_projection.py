@@ -174,6 +174,11 @@ async def _apply_file(session: AsyncSession, event: FileStored | FileDeleted, se
         )
 
 
+def _chunks(items: list[str], size: int) -> list[list[str]]:
+    """`items` in lists of at most `size` (SQLite bounds the parameters of one statement)."""
+    return [items[start : start + size] for start in range(0, len(items), size)]
+
+
 class Projection:
     """Applies the JOBS stream to SQLite and wakes whoever waits on it."""
 
@@ -270,22 +275,27 @@ class Projection:
         last = self.applied_seq
         rows: dict[str, JobRow | None] = {}
         parents: dict[str, int] = {}
+        decoded: list[tuple[Msg, int, Event]] = []
+        for msg in batch:
+            seq = msg.metadata.sequence.stream
+            if seq <= last:
+                continue
+            last = seq
+            try:
+                decoded.append((msg, seq, decode_event(msg.data)))
+            except msgspec.MsgspecError as exc:
+                log.warning("seq %d on %s is not a jobcast event: %s", seq, msg.subject, exc)
         async with self.db.session() as session, session.begin():
-            for msg in batch:
-                seq = msg.metadata.sequence.stream
-                if seq <= last:
-                    continue
-                last = seq
-                try:
-                    event = decode_event(msg.data)
-                except msgspec.MsgspecError as exc:
-                    log.warning("seq %d on %s is not a jobcast event: %s", seq, msg.subject, exc)
-                    continue
+            # One query for every job the batch touches, not one per job.
+            wanted = {e.job_id for _, _, e in decoded if not isinstance(e, FileStored | FileDeleted)}
+            for chunk in _chunks(sorted(wanted), 500):
+                for row in await session.scalars(select(JobRow).where(JobRow.id.in_(chunk))):
+                    rows[row.id] = row
+            rows.update((job_id, None) for job_id in wanted if job_id not in rows)
+            for msg, seq, event in decoded:
                 if isinstance(event, FileStored | FileDeleted):
                     await _apply_file(session, event, seq)
                     continue
-                if event.job_id not in rows:
-                    rows[event.job_id] = await session.get(JobRow, event.job_id)
                 before = rows[event.job_id]
                 if isinstance(event, Deleted):
                     if before is not None:

@@ -16,9 +16,9 @@ import ipaddress
 import logging
 import uuid
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-import httpx
 import msgspec
 import nats.errors
 from nats.js.errors import KeyWrongLastSequenceError
@@ -31,10 +31,19 @@ from app._hub import Applied
 from app._jobs import JobService
 from streams import TERMINAL_STATUSES, CallbackResult, callbacks_bucket
 
+if TYPE_CHECKING:
+    import httpx
+
 log = logging.getLogger("jobcast.webhooks")
 
 SIGNATURE_HEADER = "X-Jobcast-Signature"
 """`sha256=<hex HMAC-SHA256 of the raw body>` under the server's webhook secret."""
+
+
+def _http_error() -> type[Exception]:
+    import httpx
+
+    return httpx.HTTPError
 
 
 def sign(key: bytes, body: bytes) -> str:
@@ -51,11 +60,20 @@ class Webhooks:
         self.instance = uuid.uuid4().hex
         self._key = self.settings.signing_key()
         self._kv: KeyValue | None = None
-        self._client = httpx.AsyncClient(timeout=self.settings.webhook_timeout_s, follow_redirects=False)
+        self._client_: httpx.AsyncClient | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.local_mode: Callable[[], bool] = lambda: False
         """Set by the app: local mode allows loopback callbacks."""
         self._sweeper: asyncio.Task[None] | None = None
+
+    @property
+    def _client(self) -> httpx.AsyncClient:
+        # httpx (with the rich it imports) costs the API ~5 MB of idle RSS: loaded on the first callback.
+        if self._client_ is None:
+            import httpx
+
+            self._client_ = httpx.AsyncClient(timeout=self.settings.webhook_timeout_s, follow_redirects=False)
+        return self._client_
 
     async def start(self) -> None:
         """Listen for finished jobs and look for callbacks left undelivered."""
@@ -72,7 +90,8 @@ class Webhooks:
         await asyncio.gather(
             *self._tasks, *([self._sweeper] if self._sweeper else []), return_exceptions=True
         )
-        await self._client.aclose()
+        if self._client_ is not None:
+            await self._client_.aclose()
 
     def _on_applied(self, item: Applied) -> None:
         if item.ends and item.kind in TERMINAL_STATUSES:
@@ -145,7 +164,7 @@ class Webhooks:
                     error = ""
                     break
                 error = f"HTTP {status}"
-            except httpx.HTTPError as exc:
+            except _http_error() as exc:
                 status, error = None, f"{type(exc).__name__}: {exc}"
             if tries < self.settings.webhook_tries:
                 await asyncio.sleep(delay)

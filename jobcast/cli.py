@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import gc
 import logging
 import os
 import sys
@@ -35,6 +36,10 @@ def _api(args: argparse.Namespace) -> int:
         create_app(settings), host=host, port=port, lifespan="on", log_level=args.log_level.lower(),
         access_log=False, timeout_keep_alive=30, ws="websockets-sansio", ws_max_size=64 * 1024, timeout_graceful_shutdown=5,
     )  # fmt: skip
+    # Everything imported and built so far lives as long as the process: frozen, full collections
+    # (which thousands of idle SSE/WS connections already make long) need not walk it again.
+    gc.collect()
+    gc.freeze()
     uvicorn.Server(config).run()
     return 0
 

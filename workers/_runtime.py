@@ -66,6 +66,8 @@ from workers._settings import WorkerSettings
 log = logging.getLogger("jobcast.worker")
 
 _NO_WAIT = b'{"batch":1,"no_wait":true}'
+BELL_RECHECK_S = 0.05
+"""After the doorbell rings, how long an empty pull is retried at once rather than slept on."""
 
 
 class _Running:
@@ -96,6 +98,8 @@ class Worker:
         self._hot: set[int] = set(PRIORITIES)
         """Priorities that may hold jobs; all of them at first."""
         self._doorbell = asyncio.Event()
+        self._rung: dict[int, float] = {}
+        """When the doorbell last rang for each priority (loop time)."""
         self.heartbeat: Heartbeat | None = None
         self.files: WorkerFiles | None = None
         self.nc: Client | None = None
@@ -162,7 +166,9 @@ class Worker:
     async def _on_submission(self, msg: Msg) -> None:
         """The doorbell: a job was just submitted to this pool at the subject's priority."""
         token = msg.subject.split(".")[3]
-        self._hot.add(-int(token[1:]) if token.startswith("m") else int(token[1:]))
+        priority = -int(token[1:]) if token.startswith("m") else int(token[1:])
+        self._hot.add(priority)
+        self._rung[priority] = asyncio.get_running_loop().time()
         self._doorbell.set()
 
     async def _fetch_loop(self) -> None:
@@ -185,7 +191,16 @@ class Worker:
                 if msg is not None:
                     self._hot.add(priority)
                     break
-            if msg is None:
+            now = asyncio.get_running_loop().time()
+            recent = [p for p, at in self._rung.items() if now - at < BELL_RECHECK_S] if msg is None else []
+            if recent:
+                # The bell (a core subscription) can ring before the stream has stored the
+                # submission, so the pull right after it finds nothing: ask again shortly instead
+                # of sleeping until the idle poll (up to 0.5 s of dispatch latency otherwise).
+                self._hot.update(recent)
+                await asyncio.sleep(0.001)
+            elif msg is None:
+                self._rung.clear()
                 try:
                     async with asyncio.timeout(self.settings.idle_poll_s):
                         await self._doorbell.wait()
