@@ -306,6 +306,9 @@ def _transcode(
             raise MediaError(f"{video_codec} is not a video encoder")
         vout = added
         vout.width, vout.height, vout.pix_fmt = width, height, "yuv420p"
+        # PyAV's default (slice threads) makes x264 split each frame: slower and larger than the
+        # frame threading the ffmpeg CLI gets.
+        vout.codec_context.thread_type = "FRAME"
         # Keep the source's clock so variable frame rate input keeps its timing.
         if video.time_base:
             vout.codec_context.time_base = video.time_base
