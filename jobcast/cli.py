@@ -24,6 +24,9 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _api(args: argparse.Namespace) -> int:
+    # pydantic is installed for the llm worker's openai client; the API has no use for it, but
+    # Litestar would import it (8 MB) to register its plugins. Marked absent, it is skipped.
+    sys.modules.setdefault("pydantic", None)  # type: ignore[arg-type]
     import uvicorn
 
     from app import Settings, create_app
