@@ -61,6 +61,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         projection: Projection | None = None
         keys: Keys | None = None
         webhooks: Webhooks | None = None
+        service: JobService | None = None
         try:
             js = nc.jetstream()
             await ensure_stream(js)
@@ -88,6 +89,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 await webhooks.stop()
             if keys is not None:
                 await keys.stop()
+            if service is not None:
+                await service.sse.close()
             if projection is not None:
                 await projection.stop()
             await close_quietly(nc)

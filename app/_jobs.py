@@ -35,6 +35,7 @@ from app._schemas import (
     SubmitJob,
 )
 from app._settings import Settings
+from app._sse import SseFanout
 from streams import (
     ACTIVE_STATUSES,
     JOB_HEADER,
@@ -139,6 +140,8 @@ class JobService:
         self.hub = hub
         self.open_streams: Counter[str] = Counter()
         """Open SSE, WebSocket and long-poll connections per owner."""
+        self.sse = SseFanout(hub, settings.sse_ping_s)
+        """The job event streams' followers (`/jobs/{id}/events`)."""
 
     def check_stream_quota(self, owner: str | None) -> None:
         """429 before a stream opens when its owner already holds the most it may."""
