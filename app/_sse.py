@@ -243,6 +243,7 @@ class _FollowResponse(ASGIResponse):
 
     async def send_body(self, send: Send, receive: Receive) -> None:
         """Replay the history, go live, and wait until the stream ends or the client leaves."""
+        self.headers.headers.clear()  # sent already; not kept for the connection's lifetime
         service, fanout = self.service, self.service.sse
         follower = SseFollower(fanout, self.job_id, send, self.after)
         fanout.attach(follower)  # before the history is read, so nothing falls between them
