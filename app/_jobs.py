@@ -168,6 +168,12 @@ class JobService:
             position = await self._queue_position(session, row) if row.status == JobStatus.PENDING else None
         return job_view(row, position)
 
+    async def check_visible(self, job_id: str, owner: str | None) -> None:
+        """NotFoundError unless the job exists for `owner`; unlike `get`, no queue-position counts
+        (two COUNTs over the pool's pending jobs per SSE connect made thousands of connects slow)."""
+        async with self.db.session() as session:
+            await self._row(session, job_id, owner)
+
     @staticmethod
     async def _row(session: AsyncSession, job_id: str, owner: str | None) -> JobRow:
         row = await session.get(JobRow, job_id)

@@ -46,13 +46,14 @@ async def _finish(coro: Coroutine[Any, Any, None], waiting: Any) -> None:
             if waiting is None:  # a bare yield (asyncio.sleep(0))
                 await asyncio.sleep(0)
             else:
+                # What Task.__step does with a yielded future before it waits on it.
+                waiting._asyncio_future_blocking = False
                 try:
                     await waiting
                 except BaseException:
-                    task = asyncio.current_task()
-                    if task is not None and task.cancelling():
-                        raise
-                    # the coroutine gets the future's exception when it resumes
+                    if not waiting.done() or waiting.cancelled():
+                        raise  # this task is being cancelled
+                    # else the coroutine gets the future's exception when it resumes
             waiting = coro.send(None)
     except StopIteration:
         pass
@@ -163,6 +164,9 @@ class SseFollower:
             log.debug("SSE write to a follower of %s failed: %s", self.job_id, exc)
             self.close()
             return
+        except BaseException:  # cancelled (shutdown): this follower gets nothing more
+            self.close()
+            raise
         self.blocked = False
         self.flush()
 

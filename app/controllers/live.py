@@ -67,7 +67,7 @@ class LiveController(Controller):
         ] = None,
     ) -> ServerSentEvent:
         """SSE: the job's history after Last-Event-ID, then live events, ending after the last."""
-        await service.get(job_id, owner)
+        await service.check_visible(job_id, owner)
         start = last_event_id if last_event_id is not None else (after or 0)
         service.check_stream_quota(owner)
         return FollowEvents(service, job_id, owner, start, headers=SSE_HEADERS)
