@@ -16,7 +16,15 @@ from litestar.plugins.jinja import JinjaTemplateEngine
 from litestar.static_files import create_static_files_router
 from litestar.template.config import TemplateConfig
 
-from app._auth import UI_PREFIX, AuthMiddleware, Keys, LoginRequired, is_loopback, rate_limit_identity
+from app._auth import (
+    UI_PREFIX,
+    AuthMiddleware,
+    CountingRateLimitMiddleware,
+    Keys,
+    LoginRequired,
+    is_loopback,
+    rate_limit_identity,
+)
 from app._db import Database
 from app._deps import DEPENDENCIES
 from app._exceptions import document_errors, jobcast_error_to_http
@@ -61,6 +69,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         projection: Projection | None = None
         keys: Keys | None = None
         webhooks: Webhooks | None = None
+        service: JobService | None = None
         try:
             js = nc.jetstream()
             await ensure_stream(js)
@@ -88,6 +97,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 await webhooks.stop()
             if keys is not None:
                 await keys.stop()
+            if service is not None:
+                await service.sse.close()
             if projection is not None:
                 await projection.stop()
             await close_quietly(nc)
@@ -125,6 +136,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 rate_limit=("minute", settings.rate_limit_per_minute),
                 identifier_for_request=rate_limit_identity,
                 exclude=["^/health$", "^/ready$", "^/schema", f"^{UI_PREFIX}/static/"],
+                middleware_class=CountingRateLimitMiddleware,
             ).middleware,
         ],
         exception_handlers={JobcastError: jobcast_error_to_http, LoginRequired: login_redirect},

@@ -6,6 +6,7 @@ import asyncio
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +24,18 @@ class Applied:
     """The EventEnvelope, JSON-encoded once for every subscriber."""
 
 
+def sse_frame(seq: int, kind: str, payload: bytes) -> bytes:
+    """One SSE message: id = stream sequence, event = kind, data = the envelope (JSON: one line)."""
+    return b"id: %d\r\nevent: %b\r\ndata: %b\r\n\r\n" % (seq, kind.encode(), payload)
+
+
+class Target(Protocol):
+    """Anything the hub hands events to: a queued Subscription, or an SSE follower that writes at once."""
+
+    def deliver(self, item: Applied, frame: bytes) -> None:
+        """Take one event; `frame` is its SSE message, encoded once for every follower. Never blocks."""
+
+
 @dataclass(eq=False)
 class Subscription:
     """A subscriber's queue and what it listens to."""
@@ -32,6 +45,10 @@ class Subscription:
     owner: str | None = None
     """Set to receive every job of this owner."""
     queue: asyncio.Queue[Applied] = field(default_factory=asyncio.Queue)
+
+    def deliver(self, item: Applied, frame: bytes) -> None:
+        """Queue one event for the subscriber's task (`frame`, its SSE encoding, is not needed here)."""
+        self.queue.put_nowait(item)
 
     def add_jobs(self, job_ids: list[str]) -> None:
         """Start receiving these jobs' events."""
@@ -69,8 +86,8 @@ class Hub:
     """Routes each applied event to the subscribers of its job and of its owner."""
 
     def __init__(self) -> None:
-        self._by_job: defaultdict[str, set[Subscription]] = defaultdict(set)
-        self._by_owner: defaultdict[str, set[Subscription]] = defaultdict(set)
+        self._by_job: defaultdict[str, set[Target]] = defaultdict(set)
+        self._by_owner: defaultdict[str, set[Target]] = defaultdict(set)
         self.listeners: list[Callable[[Applied], None]] = []
         """Called with every applied event (e.g. the webhook sender); must not block."""
 
@@ -81,6 +98,14 @@ class Hub:
         sub.follow_owner(owner)
         return sub
 
+    def add_target(self, job_id: str, target: Target) -> None:
+        """Hand `target` the events of `job_id` (for followers that are not Subscriptions)."""
+        self._by_job[job_id].add(target)
+
+    def remove_target(self, job_id: str, target: Target) -> None:
+        """Stop handing `target` the events of `job_id`; idempotent."""
+        self._discard(self._by_job, job_id, target)
+
     def publish(self, item: Applied) -> None:
         """Hand `item` to every interested subscriber (no awaits: one pass, no coroutine switch)."""
         for listener in self.listeners:
@@ -90,19 +115,21 @@ class Hub:
         if owners:
             targets = (targets | owners) if targets else owners
         if targets:
-            for sub in targets:
-                sub.queue.put_nowait(item)
+            # Encoded once here, not once per follower.
+            frame = sse_frame(item.seq, item.kind, item.payload)
+            for target in targets:
+                target.deliver(item, frame)
 
     @property
     def subscriber_count(self) -> int:
         """Distinct open subscriptions."""
-        subs: set[Subscription] = set()
+        subs: set[Target] = set()
         for group in (*self._by_job.values(), *self._by_owner.values()):
             subs |= group
         return len(subs)
 
     @staticmethod
-    def _discard(index: defaultdict[str, set[Subscription]], key: str, sub: Subscription) -> None:
+    def _discard(index: defaultdict[str, set[Target]], key: str, sub: Target) -> None:
         group = index.get(key)
         if group is not None:
             group.discard(sub)

@@ -35,6 +35,7 @@ from app._schemas import (
     SubmitJob,
 )
 from app._settings import Settings
+from app._sse import SseFanout
 from streams import (
     ACTIVE_STATUSES,
     JOB_HEADER,
@@ -139,6 +140,8 @@ class JobService:
         self.hub = hub
         self.open_streams: Counter[str] = Counter()
         """Open SSE, WebSocket and long-poll connections per owner."""
+        self.sse = SseFanout(hub, settings.sse_ping_s)
+        """The job event streams' followers (`/jobs/{id}/events`)."""
 
     def check_stream_quota(self, owner: str | None) -> None:
         """429 before a stream opens when its owner already holds the most it may."""
@@ -164,6 +167,12 @@ class JobService:
             row = await self._row(session, job_id, owner)
             position = await self._queue_position(session, row) if row.status == JobStatus.PENDING else None
         return job_view(row, position)
+
+    async def check_visible(self, job_id: str, owner: str | None) -> None:
+        """NotFoundError unless the job exists for `owner`; unlike `get`, no queue-position counts
+        (two COUNTs over the pool's pending jobs per SSE connect made thousands of connects slow)."""
+        async with self.db.session() as session:
+            await self._row(session, job_id, owner)
 
     @staticmethod
     async def _row(session: AsyncSession, job_id: str, owner: str | None) -> JobRow:

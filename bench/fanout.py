@@ -261,11 +261,12 @@ class _Jobcast(_Target):
                 from streams import JOB_HEADER, KIND_HEADER, Submitted, encode_event, submit_subject
 
                 self.jobs = [str(uuid.uuid4()) for _ in range(count)]
+                submissions = []
                 for job in self.jobs:
                     event = Submitted(job_id=job, type="noop", pool="cpu", owner="local", params={"steps": 0})
                     headers = {KIND_HEADER: event.kind, JOB_HEADER: job, "Nats-Msg-Id": f"{job}:1"}
-                    await self.nc.publish(submit_subject("cpu", 0, job), encode_event(event), headers=headers)
-                await self.nc.flush()
+                    submissions.append((submit_subject("cpu", 0, job), encode_event(event), headers))
+                await self._stored(submissions)
                 for _ in range(1200):
                     status, _ = await http.request("GET", f"/api/v1/jobs/{self.jobs[-1]}")
                     if status == 200:
@@ -278,26 +279,34 @@ class _Jobcast(_Target):
         paths = [f"/api/v1/jobs/{job}/events" for job in self.jobs]
         return paths * count if broadcast else paths
 
-    async def _send(self, event: Any) -> None:
+    async def _stored(self, messages: list[tuple[str, bytes, dict[str, str]]]) -> None:
+        """Publish into the stream and wait for its acks, pipelined: plain publishes of tens of
+        thousands of messages back to back could be dropped by the server (a 10k run lost some)."""
+        js = self.nc.jetstream()
+        for start in range(0, len(messages), 1_000):
+            chunk = messages[start : start + 1_000]
+            await asyncio.gather(
+                *(js.publish(subject, data, headers=headers) for subject, data, headers in chunk)
+            )
+
+    async def _send(self, events: list[Any]) -> None:
         from streams import JOB_HEADER, KIND_HEADER, encode_event, events_subject
 
-        headers = {KIND_HEADER: event.kind, JOB_HEADER: event.job_id}
-        await self.nc.publish(events_subject(event.job_id), encode_event(event), headers=headers)
+        await self._stored([
+            (events_subject(e.job_id), encode_event(e), {KIND_HEADER: e.kind, JOB_HEADER: e.job_id}) for e in events
+        ])  # fmt: skip
 
     async def publish(self, texts: list[str], broadcast: bool) -> None:
         from streams import Progress
 
-        for text in texts:
-            for job in self.jobs:
-                await self._send(Progress(job_id=job, attempt=1, progress=50.0, step=text))
-        await self.nc.flush()
+        await self._send(
+            [Progress(job_id=job, attempt=1, progress=50.0, step=text) for text in texts for job in self.jobs]
+        )
 
     async def end(self, broadcast: bool) -> None:
         from streams import Completed
 
-        for job in self.jobs:
-            await self._send(Completed(job_id=job, attempt=1, result={}))
-        await self.nc.flush()
+        await self._send([Completed(job_id=job, attempt=1, result={}) for job in self.jobs])
 
     async def stop(self) -> None:
         await self.nc.close()

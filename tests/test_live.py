@@ -14,6 +14,8 @@ from httpx_sse import aconnect_sse
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from app._hub import Applied, Hub, sse_frame
+from app._sse import SseFanout, SseFollower
 from tests.conftest import TERMINAL, ApiServer, WorkerRunner, submit, wait_terminal
 
 ENVELOPE_KEYS = {"seq", "job_id", "kind", "status", "progress", "current_step", "attempt", "ts", "event"}
@@ -560,3 +562,79 @@ async def test_poll_unknown_job_is_404(client: httpx.AsyncClient) -> None:
     response = await client.get(f"/api/v1/jobs/{job_id}/poll", params={"timeout": 1})
     assert response.status_code == 404
     assert response.json() == {"status_code": 404, "detail": f"job {job_id} not found"}
+
+
+# the SSE fan-out itself ------------------------------------------------------------------
+
+
+def frame(seq: int, kind: str = "progress") -> bytes:
+    return sse_frame(seq, kind, b'{"n":%d}' % seq)
+
+
+def _applied(seq: int, ends: bool = False) -> Applied:
+    return Applied(
+        seq, "job", "owner", "completed" if ends else "progress", "running", ends, b'{"n":%d}' % seq
+    )
+
+
+async def test_sse_follower_keeps_order_while_a_write_waits_for_the_socket() -> None:
+    hub = Hub()
+    fanout = SseFanout(hub, ping_s=60)
+    bodies: list[tuple[bytes, bool]] = []
+    writable = asyncio.Event()
+
+    async def send(message: Any) -> None:
+        if len(bodies) == 1 and not writable.is_set():
+            await writable.wait()  # the second write finds the socket's buffer full
+        bodies.append((message["body"], message["more_body"]))
+
+    follower = SseFollower(fanout, "job", send, 0)
+    fanout.attach(follower)
+    hub.publish(_applied(1))  # arrives while the history is read: sent once, after it
+    hub.publish(_applied(2))
+    follower.start([sse_frame(1, "progress", b'{"n":1}')], 1, finished=False)
+    # the history, then what arrived meanwhile (seq 1 only once), in one write
+    assert bodies == [(frame(1) + frame(2), True)]
+    hub.publish(_applied(3))
+    await asyncio.sleep(0)  # that write starts, and waits
+    assert follower.blocked
+    hub.publish(_applied(4))
+    hub.publish(_applied(5, ends=True))
+    hub.publish(_applied(6))  # after the end: never sent
+    await asyncio.sleep(0.01)
+    assert len(bodies) == 1
+    writable.set()
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert bodies[1:] == [(frame(3), True), (frame(4) + frame(5, "completed"), False)]
+    assert follower.done
+    assert hub.subscriber_count == 0
+    assert not fanout.followers
+    await fanout.close()
+
+
+async def test_sse_fanout_pings_only_idle_followers() -> None:
+    hub = Hub()
+    fanout = SseFanout(hub, ping_s=0.05)
+    bodies: dict[str, list[bytes]] = {"idle": [], "busy": []}
+
+    def sender(name: str) -> Any:
+        async def send(message: Any) -> None:
+            bodies[name].append(message["body"])
+
+        return send
+
+    idle = SseFollower(fanout, "other", sender("idle"), 0)
+    busy = SseFollower(fanout, "job", sender("busy"), 0)
+    for follower in (idle, busy):
+        fanout.attach(follower)
+        follower.start([], 0, finished=False)
+    for seq in range(1, 8):
+        hub.publish(_applied(seq))
+        await asyncio.sleep(0.02)
+    assert bodies["idle"]
+    assert set(bodies["idle"]) == {b": ping\r\n\r\n"}
+    assert b": ping\r\n\r\n" not in bodies["busy"]
+    idle.close()
+    busy.close()
+    await fanout.close()

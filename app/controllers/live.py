@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import Coroutine
 from typing import Annotated, Any
 
 import msgspec
 from litestar import Controller, WebSocket, get, websocket
 from litestar.exceptions import WebSocketDisconnect
 from litestar.params import FromPath, FromQuery, HeaderParameter, QueryParameter
-from litestar.response import ServerSentEvent, ServerSentEventMessage
+from litestar.response import ServerSentEvent
 
 from app._deps import Owner, Service
 from app._exceptions import NotFoundError, TooManyError
-from app._hub import Applied
 from app._jobs import JobService
 from app._schemas import MAX_INT, Job, WsCommand
+from app._sse import FollowEvents
 from streams import JobStatus
 
 _ws_commands = msgspec.json.Decoder(WsCommand)
@@ -31,15 +31,6 @@ LastEventId = Annotated[
         name="Last-Event-ID", ge=0, le=MAX_INT, description="Resume after this event id", required=False
     ),
 ]
-
-
-async def sse_events(items: AsyncIterator[Applied | None]) -> AsyncIterator[ServerSentEventMessage]:
-    """SSE messages for a job's events: id = stream sequence, event = kind, data = envelope."""
-    async for item in items:
-        if item is None:
-            yield ServerSentEventMessage(comment="ping", data=None)
-        else:
-            yield ServerSentEventMessage(id=item.seq, event=item.kind, data=item.payload.decode())
 
 
 async def _within_quota(socket: WebSocket[Any, Any, Any], service: JobService, owner: str) -> bool:
@@ -76,10 +67,10 @@ class LiveController(Controller):
         ] = None,
     ) -> ServerSentEvent:
         """SSE: the job's history after Last-Event-ID, then live events, ending after the last."""
-        await service.get(job_id, owner)
+        await service.check_visible(job_id, owner)
         start = last_event_id if last_event_id is not None else (after or 0)
         service.check_stream_quota(owner)
-        return ServerSentEvent(sse_events(service.follow(job_id, owner, start)), headers=SSE_HEADERS)
+        return FollowEvents(service, job_id, owner, start, headers=SSE_HEADERS)
 
     @get("/jobs/{job_id:str}/poll", operation_id="pollJob")
     async def poll(
