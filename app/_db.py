@@ -9,14 +9,32 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, Index, Integer, LargeBinary, String, Text, event
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    Index,
+    Integer,
+    LargeBinary,
+    Select,
+    String,
+    Text,
+    and_,
+    case,
+    event,
+    func,
+    or_,
+    select,
+)
+from sqlalchemy.engine import Connection, Engine, create_engine, make_url
 from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.pool import ConnectionPoolEntry
 from sqlalchemy.types import TypeDecorator
 
-from streams import durable_mode
+from streams import ACTIVE_STATUSES, JobStatus, durable_mode
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -89,6 +107,21 @@ class JobRow(Base):
     )
 
 
+def queue_counts(job: JobRow) -> Select[int, Any]:
+    """The active jobs of the job's pool, and the pending ones workers take before it (higher
+    priority first, then stream order), counted in one pass."""
+    ahead = and_(
+        JobRow.status == JobStatus.PENDING,
+        or_(
+            JobRow.priority > job.priority,
+            and_(JobRow.priority == job.priority, JobRow.queue_seq < job.queue_seq),
+        ),
+    )
+    return select(func.count(), func.sum(case((ahead, 1), else_=0))).where(
+        JobRow.pool == job.pool, JobRow.status.in_(sorted(ACTIVE_STATUSES))
+    )
+
+
 class EventRow(Base):
     """One event of a job, as clients receive it (the envelope, encoded once).
 
@@ -146,6 +179,17 @@ def _sqlite_pragmas(dbapi_connection: DBAPIConnection, _: ConnectionPoolEntry) -
     cursor.close()
 
 
+def _sqlite_writer(dbapi_connection: DBAPIConnection, entry: ConnectionPoolEntry) -> None:
+    _sqlite_pragmas(dbapi_connection, entry)
+    # SQLAlchemy emits BEGIN itself (below): the driver's implicit BEGIN would come only at the
+    # first write, after the batch's reads.
+    dbapi_connection.isolation_level = None
+
+
+def _begin_immediate(conn: Connection) -> None:
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
 class Database:
     """The engine and session factory of one API process."""
 
@@ -154,6 +198,12 @@ class Database:
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
         self.session = async_sessionmaker(self.engine, expire_on_commit=False)
+        parsed = make_url(url)
+        self.writer: Engine = create_engine(parsed.set(drivername=parsed.get_backend_name()))
+        """A synchronous engine for the projection's writer thread: one thread hop per batch."""
+        if self.writer.dialect.name == "sqlite":
+            event.listen(self.writer, "connect", _sqlite_writer)
+            event.listen(self.writer, "begin", _begin_immediate)
 
     async def create_all(self) -> None:
         """Create missing tables."""
@@ -163,3 +213,4 @@ class Database:
     async def dispose(self) -> None:
         """Close every pooled connection."""
         await self.engine.dispose()
+        self.writer.dispose()
