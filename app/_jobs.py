@@ -15,13 +15,13 @@ import msgspec
 import nats.errors
 from nats.js import JetStreamContext
 from nats.js.api import PubAck
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app._db import Database, EventRow, FileRow, JobRow
+from app._db import Database, EventRow, FileRow, JobRow, queue_counts
 from app._exceptions import ConflictError, NotFoundError, TooManyError, UnavailableError, not_found
 from app._hub import Applied, Hub
-from app._projection import Projection
+from app._projection import Handoff, Projection
 from app._schemas import (
     BatchItem,
     CleanupReport,
@@ -166,6 +166,15 @@ class JobService:
         return job_view(row, position)
 
     @staticmethod
+    def _view(handoff: Handoff) -> Job:
+        """The job as the projection handed it over, with the queue position it counted."""
+        row, counts = handoff.row, handoff.queue_counts  # counts: set for every pending job
+        if counts is None or row.status != JobStatus.PENDING or row.pool == BATCH_POOL:
+            return job_view(row)
+        active, ahead = counts
+        return job_view(row, QueuePosition(ahead=ahead, total_active=active))
+
+    @staticmethod
     async def _row(session: AsyncSession, job_id: str, owner: str | None) -> JobRow:
         row = await session.get(JobRow, job_id)
         if row is None or (owner is not None and row.owner != owner):
@@ -177,20 +186,7 @@ class JobService:
         """Counted the way workers take jobs: higher priority first, then stream order."""
         if row.pool == BATCH_POOL:
             return None
-        same_pool = JobRow.pool == row.pool
-        ahead = await session.scalar(
-            select(func.count()).where(
-                same_pool,
-                JobRow.status == JobStatus.PENDING,
-                or_(
-                    JobRow.priority > row.priority,
-                    and_(JobRow.priority == row.priority, JobRow.queue_seq < row.queue_seq),
-                ),
-            )
-        )
-        active = await session.scalar(
-            select(func.count()).where(same_pool, JobRow.status.in_(sorted(ACTIVE_STATUSES)))
-        )
+        active, ahead = (await session.execute(queue_counts(row))).one()
         return QueuePosition(ahead=ahead or 0, total_active=active or 0)
 
     async def children(self, job_id: str, owner: str | None) -> list[Job]:
@@ -321,8 +317,10 @@ class JobService:
             scheduled_for=_utc(body.scheduled_for), callback_url=body.callback_url,
         )  # fmt: skip
         ack = await self.publish(event)
-        await self._applied(ack.seq, job_id)
-        return await self.get(job_id, owner), not ack.duplicate
+        handoff = await self._applied(ack.seq, job_id)
+        if handoff is not None and handoff.row.owner == owner:
+            return self._view(handoff), not ack.duplicate
+        return await self.get(job_id, owner), not ack.duplicate  # not handed over: read it back
 
     async def submit_batch(
         self, body: SubmitBatch, owner: str, idempotency_key: str | None = None
@@ -535,10 +533,11 @@ class JobService:
         """Read-your-writes for other resources (files)."""
         await self._applied(seq, ident)
 
-    async def _applied(self, seq: int, job_id: str) -> None:
-        """Read-your-writes: wait until the projection has applied `seq`."""
+    async def _applied(self, seq: int, job_id: str) -> Handoff | None:
+        """Read-your-writes: wait until the projection has applied `seq`; returns the job as that
+        batch left it when the batch touched it (see `Projection.wait_for`)."""
         try:
-            await self.projection.wait_for(seq, self.settings.submit_timeout_s)
+            return await self.projection.wait_for(seq, self.settings.submit_timeout_s, job_id)
         except TimeoutError:
             raise UnavailableError(
                 f"job {job_id} was accepted but is not visible yet; poll GET /api/v1/jobs/{job_id}"
