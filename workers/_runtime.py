@@ -294,12 +294,18 @@ class Worker:
             if early is not None:
                 await self._finish(msg, early)
                 return
-            await self._publish(Started(**ids, delivery=delivery))
-            if running.cancel_reason is not None:
-                await self._finish(msg, Cancelled(**ids, reason=running.cancel_reason))
-                return
-            running.task = asyncio.create_task(self.handlers[job.type](running.ctx))
-            outcome = await self._outcome(running, job, ids, delivery)
+            # `started` is not awaited before the handler runs (one round trip less per job).
+            # It leaves first on this connection, so the stream stores it before the handler's
+            # progress; its ack is awaited before the outcome is published.
+            started = asyncio.create_task(self._publish_reliably(Started(**ids, delivery=delivery)))
+            try:
+                if running.cancel_reason is not None:
+                    outcome: Event = Cancelled(**ids, reason=running.cancel_reason)
+                else:
+                    running.task = asyncio.create_task(self.handlers[job.type](running.ctx))
+                    outcome = await self._outcome(running, job, ids, delivery)
+            finally:
+                await started
             await reporter.flush()
             if isinstance(outcome, Retrying):
                 await self._publish_reliably(outcome)
