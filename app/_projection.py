@@ -226,6 +226,8 @@ class _Writes:
         self.applied: list[Applied] = []
         self.observed: list[tuple[_Times, Event]] = []
         self.handoffs: dict[str, Handoff] = {}
+        self.callbacks: set[str] = set()
+        """Jobs whose attempt the batch ended and that have a callback URL."""
         self._new: dict[str, JobRow] = {}
         self._dirty: dict[str, JobRow] = {}
         self._events: list[dict[str, Any]] = []
@@ -345,6 +347,8 @@ class _Writes:
         )
         payload = _envelope(parent, seq, kind, parent.attempt, now, raw)
         self.event(seq, parent_id, kind, payload)
+        if status.terminal and parent.callback_url:
+            self.callbacks.add(parent_id)
         return Applied(seq, parent_id, parent.owner, kind, parent.status, status.terminal, payload)
 
 
@@ -367,6 +371,9 @@ class Projection:
         self._counter = itertools.count()
         self._task: asyncio.Task[None] | None = None
         self._sub: NatsSubscription | None = None
+        self.callbacks_due: set[str] = set()
+        """Jobs with a callback URL whose attempt has just ended; filled before their terminal
+        event is published, taken by the webhooks (the others need no look at the job)."""
 
     async def start(self, js: JetStreamContext) -> None:
         """Resume from the bookmark and follow the stream."""
@@ -435,18 +442,19 @@ class Projection:
             delay = 0.05
             while True:
                 try:
-                    applied, handoffs = await self._apply(batch)
+                    writes = await self._apply(batch)
                     break
                 except OperationalError as exc:  # e.g. the disk is full or the file is locked
                     log.error("applying %d event(s) failed, retrying: %s", len(batch), exc)
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 5.0)
-            for item in applied:
+            self.callbacks_due |= writes.callbacks
+            for item in writes.applied:
                 self.hub.publish(item)
-            self._wake(handoffs)
+            self._wake(writes.handoffs)
             self._mark_caught_up()
 
-    async def _apply(self, batch: list[Msg]) -> tuple[list[Applied], dict[str, Handoff]]:
+    async def _apply(self, batch: list[Msg]) -> _Writes:
         last = self.applied_seq
         decoded: list[tuple[Msg, int, Event]] = []
         for msg in batch:
@@ -464,7 +472,7 @@ class Projection:
         for times, event in writes.observed:  # after commit: a retried batch counts once
             self.metrics.observe(times, event)
         self.applied_seq = last
-        return writes.applied, writes.handoffs
+        return writes
 
     def _write(self, decoded: list[tuple[Msg, int, Event]], last: int, awaited: set[str]) -> _Writes:
         """In the writer thread: apply a batch in one transaction, the bookmark with it."""
@@ -491,6 +499,8 @@ class Projection:
                 payload = _envelope(job, seq, event.kind, event.attempt, event.ts, msg.data)
                 writes.event(seq, job.id, event.kind, payload)
                 writes.applied.append(Applied(seq, job.id, job.owner, event.kind, job.status, ends, payload))
+                if ends and job.callback_url:
+                    writes.callbacks.add(job.id)
                 if job.parent_id is not None:
                     parents[job.parent_id] = seq
             if parents:
