@@ -23,7 +23,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription as NatsSubscription
 from nats.js import JetStreamContext
 from nats.js import api as js_api
-from sqlalchemy import Table, bindparam, delete, insert, select, update
+from sqlalchemy import Table, bindparam, delete, func, insert, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import OperationalError
 
@@ -299,18 +299,21 @@ class _Writes:
         parent = self.rows[parent_id]
         if parent is None:
             return None
-        children = self.conn.execute(
-            select(_JOBS.c.id, _JOBS.c.status, _JOBS.c.progress)
+        # Counted in SQL, not by loading every child: this runs for each batch that moves a child.
+        by_status = self.conn.execute(
+            select(_JOBS.c.status, func.count(), func.sum(_JOBS.c.progress))
             .where(_JOBS.c.parent_id == parent_id)
-            .order_by(_JOBS.c.submit_seq)
+            .group_by(_JOBS.c.status)
         ).all()
-        if not children:
+        if not by_status:
             return None
-        counts = Counter(status for _, status, _ in children)
+        counts = Counter({status: n for status, n, _ in by_status})
         done = sum(counts[s] for s in TERMINAL_STATUSES)
-        total = len(children)
+        total = sum(counts.values())
         progress = round(
-            sum(100.0 if JobStatus(status).terminal else prog for _, status, prog in children) / total, 2
+            sum(100.0 * n if JobStatus(status).terminal else subtotal for status, n, subtotal in by_status)
+            / total,
+            2,
         )
         result: dict[str, object] = {"total": total, "counts": dict(sorted(counts.items()))}
         if JobStatus(parent.status).terminal:
@@ -319,8 +322,13 @@ class _Writes:
             status = JobStatus(parent.status)
         elif done == total:
             status = JobStatus.COMPLETED if counts[JobStatus.COMPLETED] == total else JobStatus.FAILED
+            children = self.conn.execute(
+                select(_JOBS.c.id, _JOBS.c.status)
+                .where(_JOBS.c.parent_id == parent_id)
+                .order_by(_JOBS.c.submit_seq)
+            ).all()
             for outcome in TERMINAL_STATUSES:
-                result[str(outcome)] = [cid for cid, s, _ in children if s == outcome]
+                result[str(outcome)] = [cid for cid, s in children if s == outcome]
         elif counts[JobStatus.PENDING] + counts[JobStatus.SCHEDULED] == total:
             status = JobStatus(parent.status)
         else:
