@@ -14,8 +14,6 @@ import logging
 import random
 import shutil
 import signal
-import tempfile
-from pathlib import Path
 from typing import Any, Literal
 
 import msgspec
@@ -277,10 +275,10 @@ class Worker:
                 await self._publish(Progress(job_id=job.job_id, attempt=attempt, progress=percent, step=step))
 
         reporter = Reporter(publish_progress, asyncio.get_running_loop())
-        workdir = Path(tempfile.mkdtemp(prefix=f"jobcast-{job.job_id[:8]}-"))
         ctx = JobContext(
-            job, attempt, delivery, reporter, files=self.files, workdir=workdir, settings=self.settings
-        )
+            job, attempt, delivery, reporter, files=self.files, settings=self.settings,
+            scratch_prefix=f"jobcast-{job.job_id[:8]}-",
+        )  # fmt: skip
         running = _Running(ctx)
         # Registered before the checks below, so a cancel that arrives meanwhile is not missed.
         self._running[job.job_id] = running
@@ -314,7 +312,8 @@ class Worker:
                 await self._finish(msg, outcome)
         finally:
             heartbeat.cancel()
-            await asyncio.to_thread(shutil.rmtree, workdir, True)
+            if ctx.scratch is not None:
+                await asyncio.to_thread(shutil.rmtree, ctx.scratch, True)
             self._running.pop(job.job_id, None)
             self._announce()
             self._slot_free.set()
