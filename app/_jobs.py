@@ -316,8 +316,9 @@ class JobService:
             max_attempts=body.max_attempts or spec.max_attempts, client_request_id=key,
             scheduled_for=_utc(body.scheduled_for), callback_url=body.callback_url,
         )  # fmt: skip
-        ack = await self.publish(event)
-        handoff = await self._applied(ack.seq, job_id)
+        with self.projection.expecting(job_id):
+            ack = await self.publish(event)
+            handoff = await self._applied(ack.seq, job_id)
         if handoff is not None and handoff.row.owner == owner:
             return self._view(handoff), not ack.duplicate
         return await self.get(job_id, owner), not ack.duplicate  # not handed over: read it back

@@ -9,10 +9,12 @@ is rebuilt by replaying the stream. After commit, events go to the in-process hu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
 import logging
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
@@ -373,7 +375,9 @@ class Projection:
         self.catch_up_to = 0
         """The stream's last sequence when the projection started."""
         self._queue: asyncio.Queue[Msg] = asyncio.Queue()
-        self._waiters: list[tuple[int, int, str | None, asyncio.Future[Handoff | None]]] = []
+        self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._expected: dict[str, Handoff | None] = {}
+        """Jobs someone is about to wait for, and the latest state a batch left each in."""
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="projection")
         """SQLite's one writer: a batch is one hop to this thread and one transaction."""
         self._counter = itertools.count()
@@ -426,18 +430,29 @@ class Projection:
             future.cancel()
         self._writer.shutdown(wait=True)  # a batch in flight finishes before the engine goes
 
+    @contextlib.contextmanager
+    def expecting(self, job_id: str) -> Iterator[None]:
+        """Keep `job_id`'s state as batches apply it while the block runs (see `wait_for`).
+        Entered before publishing: the projection may apply the event before its ack arrives."""
+        self._expected[job_id] = None
+        try:
+            yield
+        finally:
+            self._expected.pop(job_id, None)
+
     async def wait_for(self, seq: int, timeout: float, job_id: str | None = None) -> Handoff | None:
         """Return once `seq` has been applied; raises TimeoutError.
 
-        Returns `job_id` as the batch that applied `seq` left it, when that batch touched the
-        job (the caller then need not read it back); None otherwise.
+        Inside `expecting(job_id)`, returns the job as the latest batch that applied `seq` or a
+        later event of it left it, so the caller need not read it back; None otherwise.
         """
-        if seq <= self.applied_seq:
-            return None
-        future: asyncio.Future[Handoff | None] = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._waiters, (seq, next(self._counter), job_id, future))
-        async with asyncio.timeout(timeout):
-            return await future
+        if seq > self.applied_seq:
+            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            heapq.heappush(self._waiters, (seq, next(self._counter), future))
+            async with asyncio.timeout(timeout):
+                await future
+        handoff = self._expected.get(job_id) if job_id is not None else None
+        return handoff if handoff is not None and handoff.row.last_seq >= seq else None
 
     async def _enqueue(self, msg: Msg) -> None:
         self._queue.put_nowait(msg)
@@ -459,7 +474,10 @@ class Projection:
             self.callbacks_due |= writes.callbacks
             for item in writes.applied:
                 self.hub.publish(item)
-            self._wake(writes.handoffs)
+            for job_id, handoff in writes.handoffs.items():
+                if job_id in self._expected:
+                    self._expected[job_id] = handoff
+            self._wake()
             self._mark_caught_up()
 
     async def _apply(self, batch: list[Msg]) -> _Writes:
@@ -474,7 +492,7 @@ class Projection:
                 decoded.append((msg, seq, decode_event(msg.data)))
             except msgspec.MsgspecError as exc:
                 log.warning("seq %d on %s is not a jobcast event: %s", seq, msg.subject, exc)
-        awaited = {job_id for *_, job_id, _ in self._waiters if job_id is not None}
+        awaited = set(self._expected)
         loop = asyncio.get_running_loop()
         writes = await loop.run_in_executor(self._writer, self._write, decoded, last, awaited)
         for times, event in writes.observed:  # after commit: a retried batch counts once
@@ -524,11 +542,11 @@ class Projection:
                 conn.execute(insert(BOOKMARKS), {"name": BOOKMARK, "last_seq": last})
         return writes
 
-    def _wake(self, handoffs: dict[str, Handoff]) -> None:
+    def _wake(self) -> None:
         while self._waiters and self._waiters[0][0] <= self.applied_seq:
-            _, _, job_id, future = heapq.heappop(self._waiters)
+            _, _, future = heapq.heappop(self._waiters)
             if not future.done():
-                future.set_result(handoffs.get(job_id) if job_id is not None else None)
+                future.set_result(None)
 
     def _mark_caught_up(self) -> None:
         if not self.caught_up.is_set() and self.applied_seq >= self.catch_up_to:
