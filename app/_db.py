@@ -7,7 +7,7 @@ sessions. WAL lets readers run beside that writer.
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     JSON,
@@ -19,6 +19,7 @@ from sqlalchemy import (
     LargeBinary,
     Select,
     String,
+    Table,
     Text,
     and_,
     case,
@@ -105,6 +106,9 @@ class JobRow(Base):
         Index("ix_jobs_parent", "parent_id", "submit_seq"),
         Index("ix_jobs_pool_status", "pool", "status", "priority", "queue_seq"),
     )
+
+
+JOBS = cast(Table, JobRow.__table__)
 
 
 def queue_counts(job: JobRow) -> Select[int, Any]:
@@ -201,9 +205,14 @@ class Database:
         parsed = make_url(url)
         self.writer: Engine = create_engine(parsed.set(drivername=parsed.get_backend_name()))
         """A synchronous engine for the projection's writer thread: one thread hop per batch."""
+        self.reader: Engine = create_engine(parsed.set(drivername=parsed.get_backend_name()))
+        """Synchronous reads on the event loop, only for those that take microseconds (a job by
+        id, its queue position): cheaper than the hop to aiosqlite's thread and back. In WAL mode
+        readers do not wait for the writer."""
         if self.writer.dialect.name == "sqlite":
             event.listen(self.writer, "connect", _sqlite_writer)
             event.listen(self.writer, "begin", _begin_immediate)
+            event.listen(self.reader, "connect", _sqlite_pragmas)
 
     async def create_all(self) -> None:
         """Create missing tables."""
@@ -214,3 +223,4 @@ class Database:
         """Close every pooled connection."""
         await self.engine.dispose()
         self.writer.dispose()
+        self.reader.dispose()

@@ -29,7 +29,7 @@ from sqlalchemy import Table, bindparam, delete, func, insert, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import OperationalError
 
-from app._db import BookmarkRow, Database, EventRow, FileRow, JobRow, queue_counts
+from app._db import JOBS, BookmarkRow, Database, EventRow, FileRow, JobRow, queue_counts
 from app._hub import Applied, Hub
 from app._metrics import Metrics
 from app._schemas import EventEnvelope
@@ -168,18 +168,17 @@ def _chunks(items: list[str], size: int) -> list[list[str]]:
     return [items[start : start + size] for start in range(0, len(items), size)]
 
 
-_JOBS = cast(Table, JobRow.__table__)
 _EVENTS = cast(Table, EventRow.__table__)
 _FILES = cast(Table, FileRow.__table__)
 BOOKMARKS = cast(Table, BookmarkRow.__table__)
-_JOB_COLUMNS = tuple(column.name for column in _JOBS.columns)
+_JOB_COLUMNS = tuple(column.name for column in JOBS.columns)
 _MUTABLE = (
     "status", "attempt", "progress", "current_step", "result", "error", "worker", "held_by", "exhausted",
     "callback_status", "queue_seq", "last_seq", "started_at", "completed_at", "updated_at",
 )  # fmt: skip
 """The columns `fold` and the parent derivation change; a job's spec never changes."""
-_INSERT_JOB = insert(_JOBS)
-_UPDATE_JOB = update(_JOBS).where(_JOBS.c.id == bindparam("_id"))
+_INSERT_JOB = insert(JOBS)
+_UPDATE_JOB = update(JOBS).where(JOBS.c.id == bindparam("_id"))
 _INSERT_EVENT = insert(_EVENTS)
 _UPDATE_BOOKMARK = update(BOOKMARKS).where(BOOKMARKS.c.name == bindparam("_name"))
 
@@ -240,7 +239,7 @@ class _Writes:
     def load(self, job_ids: set[str]) -> None:
         """Read the jobs a batch touches, one query per 500 ids."""
         for chunk in _chunks(sorted(job_ids - self.rows.keys()), 500):
-            for row in self.conn.execute(select(_JOBS).where(_JOBS.c.id.in_(chunk))):
+            for row in self.conn.execute(select(JOBS).where(JOBS.c.id.in_(chunk))):
                 self.rows[row.id] = JobRow(**row._mapping)
         self.rows.update((job_id, None) for job_id in job_ids if job_id not in self.rows)
 
@@ -287,10 +286,10 @@ class _Writes:
     def delete(self, job: JobRow, seq: int) -> None:
         """Remove a job, its children and their events; followers get a last `deleted` event."""
         self.flush()  # so that the deletes below also cover what this batch wrote
-        children = self.conn.execute(select(_JOBS.c.id).where(_JOBS.c.parent_id == job.id)).scalars()
+        children = self.conn.execute(select(JOBS.c.id).where(JOBS.c.parent_id == job.id)).scalars()
         ids = [job.id, *children]
         self.conn.execute(delete(_EVENTS).where(_EVENTS.c.job_id.in_(ids)))
-        self.conn.execute(delete(_JOBS).where(_JOBS.c.id.in_(ids)))
+        self.conn.execute(delete(JOBS).where(JOBS.c.id.in_(ids)))
         for job_id in ids:
             self.rows[job_id] = None
         payload = _envelope(job, seq, "deleted", job.attempt, utcnow(), b'{"kind":"deleted"}')
@@ -306,9 +305,9 @@ class _Writes:
             return None
         # Counted in SQL, not by loading every child: this runs for each batch that moves a child.
         by_status = self.conn.execute(
-            select(_JOBS.c.status, func.count(), func.sum(_JOBS.c.progress))
-            .where(_JOBS.c.parent_id == parent_id)
-            .group_by(_JOBS.c.status)
+            select(JOBS.c.status, func.count(), func.sum(JOBS.c.progress))
+            .where(JOBS.c.parent_id == parent_id)
+            .group_by(JOBS.c.status)
         ).all()
         if not by_status:
             return None
@@ -328,9 +327,9 @@ class _Writes:
         elif done == total:
             status = JobStatus.COMPLETED if counts[JobStatus.COMPLETED] == total else JobStatus.FAILED
             children = self.conn.execute(
-                select(_JOBS.c.id, _JOBS.c.status)
-                .where(_JOBS.c.parent_id == parent_id)
-                .order_by(_JOBS.c.submit_seq)
+                select(JOBS.c.id, JOBS.c.status)
+                .where(JOBS.c.parent_id == parent_id)
+                .order_by(JOBS.c.submit_seq)
             ).all()
             for outcome in TERMINAL_STATUSES:
                 result[str(outcome)] = [cid for cid, s in children if s == outcome]
