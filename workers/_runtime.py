@@ -170,9 +170,10 @@ class Worker:
         self._doorbell.set()
 
     async def _fetch_loop(self) -> None:
-        # Ask each priority that may hold jobs, highest first, for one job at a time; with
-        # nothing anywhere, sleep until the doorbell rings, re-asking every priority now and
-        # then for redeliveries and retries, which ring no bell.
+        # Ask each priority that may hold jobs, highest first, for as many jobs as there are free
+        # slots (one round trip for all of them); with nothing anywhere, sleep until the doorbell
+        # rings, re-asking every priority now and then for redeliveries and retries, which ring
+        # no bell.
         while not self._stopping.is_set():
             # Tasks, not _running: a job holds its slot from the moment it is fetched.
             if len(self._tasks) >= self.settings.slots:
@@ -180,15 +181,17 @@ class Worker:
                 await self._slot_free.wait()
                 continue
             self._doorbell.clear()
-            msg = None
+            free = self.settings.slots - len(self._tasks)
+            msgs: list[Msg] = []
             for priority in PRIORITIES:
                 if priority not in self._hot:
                     continue
                 self._hot.discard(priority)  # before asking: a bell meanwhile puts it back
-                msg = await self._pull_one(self.consumers[priority].durable)
-                if msg is not None:
+                msgs = await self._pull(self.consumers[priority].durable, free)
+                if msgs:
                     self._hot.add(priority)
                     break
+            msg = msgs[0] if msgs else None
             now = asyncio.get_running_loop().time()
             recent = [p for p, at in self._rung.items() if now - at < BELL_RECHECK_S] if msg is None else []
             if recent:
@@ -205,9 +208,46 @@ class Worker:
                 except TimeoutError:
                     self._hot.update(PRIORITIES)
             elif self._stopping.is_set():
-                await msg.nak()
+                for each in msgs:
+                    await each.nak()
             else:
-                self._spawn(self._process(msg))
+                for each in msgs:
+                    self._spawn(self._process(each))
+
+    async def _pull(self, durable: str, count: int) -> list[Msg]:
+        """Up to `count` jobs from a consumer if it has them, without waiting (one round trip)."""
+        if count <= 1:
+            msg = await self._pull_one(durable)
+            return [] if msg is None else [msg]
+        assert self.nc is not None
+        got: list[Msg] = []
+        over = asyncio.get_running_loop().create_future()
+
+        async def on_reply(msg: Msg) -> None:
+            # A status (404 no more messages, 408, 409) ends the pull, as does the last job asked for.
+            if not (msg.headers and msg.headers.get("Status")):
+                got.append(msg)
+            elif not over.done():
+                over.set_result(None)
+            if len(got) >= count and not over.done():
+                over.set_result(None)
+
+        request = b'{"batch":%d,"no_wait":true}' % count
+        try:
+            inbox = self.nc.new_inbox()
+            sub = await self.nc.subscribe(inbox, cb=on_reply)
+            try:
+                await self.nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.{STREAM}.{durable}", request, reply=inbox)
+                async with asyncio.timeout(5):
+                    await over
+            finally:
+                await sub.unsubscribe()
+        except TimeoutError:
+            pass  # keep what came; a job that arrives after this is redelivered after ack_wait
+        except nats.errors.Error as exc:
+            log.debug("pull from %s failed: %s", durable, exc)
+            await asyncio.sleep(0.2)
+        return got
 
     async def _pull_one(self, durable: str) -> Msg | None:
         """One job from a consumer if it has one, without waiting (one round trip)."""
