@@ -17,11 +17,11 @@ from sqlalchemy import (
     Index,
     Integer,
     LargeBinary,
-    Select,
     String,
     Table,
     Text,
     and_,
+    bindparam,
     case,
     event,
     func,
@@ -111,19 +111,35 @@ class JobRow(Base):
 JOBS = cast(Table, JobRow.__table__)
 
 
-def queue_counts(job: JobRow) -> Select[int, Any]:
+_QUEUE_COUNTS = select(
+    func.count(),
+    func.sum(
+        case(
+            (
+                and_(
+                    JOBS.c.status == JobStatus.PENDING,
+                    or_(
+                        JOBS.c.priority > bindparam("priority"),
+                        and_(
+                            JOBS.c.priority == bindparam("priority"),
+                            JOBS.c.queue_seq < bindparam("queue_seq"),
+                        ),
+                    ),
+                ),
+                1,
+            ),
+            else_=0,
+        )
+    ),
+).where(JOBS.c.pool == bindparam("pool"), JOBS.c.status.in_(sorted(ACTIVE_STATUSES)))
+
+
+def queue_counts(conn: Connection, job: JobRow) -> tuple[int, int]:
     """The active jobs of the job's pool, and the pending ones workers take before it (higher
-    priority first, then stream order), counted in one pass."""
-    ahead = and_(
-        JobRow.status == JobStatus.PENDING,
-        or_(
-            JobRow.priority > job.priority,
-            and_(JobRow.priority == job.priority, JobRow.queue_seq < job.queue_seq),
-        ),
-    )
-    return select(func.count(), func.sum(case((ahead, 1), else_=0))).where(
-        JobRow.pool == job.pool, JobRow.status.in_(sorted(ACTIVE_STATUSES))
-    )
+    priority first, then stream order), counted in one pass (one statement, compiled once)."""
+    params = {"pool": job.pool, "priority": job.priority, "queue_seq": job.queue_seq}
+    active, ahead = conn.execute(_QUEUE_COUNTS, params).one()
+    return active or 0, ahead or 0
 
 
 class EventRow(Base):

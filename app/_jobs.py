@@ -167,8 +167,8 @@ class JobService:
             row = JobRow(**found._mapping)
             if row.status != JobStatus.PENDING or row.pool == BATCH_POOL:
                 return job_view(row)
-            active, ahead = conn.execute(queue_counts(row)).one()
-        return job_view(row, QueuePosition(ahead=ahead or 0, total_active=active or 0))
+            active, ahead = queue_counts(conn, row)
+        return job_view(row, QueuePosition(ahead=ahead, total_active=active))
 
     @staticmethod
     def _view(handoff: Handoff) -> Job:

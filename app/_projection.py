@@ -279,8 +279,7 @@ class _Writes:
                 continue
             counts = None
             if job.status == JobStatus.PENDING:
-                active, ahead = self.conn.execute(queue_counts(job)).one()
-                counts = (active or 0, ahead or 0)
+                counts = queue_counts(self.conn, job)
             self.handoffs[job_id] = Handoff(job, counts)
 
     def delete(self, job: JobRow, seq: int) -> None:
