@@ -14,6 +14,7 @@ import logging
 import random
 import shutil
 import signal
+from collections import Counter
 from typing import Any, Literal
 
 import msgspec
@@ -97,6 +98,9 @@ class Worker:
         """Priorities that may hold jobs; all of them at first."""
         self._doorbell = asyncio.Event()
         self._rung: dict[int, float] = {}
+        self._unanswered: Counter[int] = Counter()
+        """Bells per priority not yet matched by a job pulled from it: while there are none, an
+        empty pull is not retried (it would be, every millisecond for BELL_RECHECK_S)."""
         """When the doorbell last rang for each priority (loop time)."""
         self.heartbeat: Heartbeat | None = None
         self.files: WorkerFiles | None = None
@@ -167,6 +171,7 @@ class Worker:
         priority = -int(token[1:]) if token.startswith("m") else int(token[1:])
         self._hot.add(priority)
         self._rung[priority] = asyncio.get_running_loop().time()
+        self._unanswered[priority] += 1
         self._doorbell.set()
 
     async def _fetch_loop(self) -> None:
@@ -190,6 +195,10 @@ class Worker:
                 msgs = await self._pull(self.consumers[priority].durable, free)
                 if msgs:
                     self._hot.add(priority)
+                    self._unanswered[priority] -= len(msgs)
+                    if self._unanswered[priority] <= 0:
+                        del self._unanswered[priority]
+                        self._rung.pop(priority, None)
                     break
             msg = msgs[0] if msgs else None
             now = asyncio.get_running_loop().time()
@@ -202,6 +211,7 @@ class Worker:
                 await asyncio.sleep(0.001)
             elif msg is None:
                 self._rung.clear()
+                self._unanswered.clear()
                 try:
                     async with asyncio.timeout(self.settings.idle_poll_s):
                         await self._doorbell.wait()
