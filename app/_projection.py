@@ -52,7 +52,6 @@ from streams import (
     Started,
     Submitted,
     decode_event,
-    durable_mode,
     is_terminal,
     released_by_worker,
     utcnow,
@@ -62,8 +61,6 @@ log = logging.getLogger("jobcast.projection")
 
 BOOKMARK = "jobs"
 MAX_BATCH = 1000
-INLINE_BATCH = 4
-"""Batches of at most this many events are written on the event loop, not in the writer thread."""
 _encoder = msgspec.json.Encoder()
 
 
@@ -380,8 +377,6 @@ class Projection:
         self._expected: dict[str, Handoff | None] = {}
         """Jobs someone is about to wait for, and the latest state a batch left each in."""
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="projection")
-        self._durable = durable_mode()
-        """An fsync per commit: always written in the writer thread then."""
         """SQLite's one writer: a batch is one hop to this thread and one transaction."""
         self._counter = itertools.count()
         self._task: asyncio.Task[None] | None = None
@@ -496,13 +491,8 @@ class Projection:
             except msgspec.MsgspecError as exc:
                 log.warning("seq %d on %s is not a jobcast event: %s", seq, msg.subject, exc)
         awaited = set(self._expected)
-        if len(decoded) <= INLINE_BATCH and not self._durable:
-            # A few events take less time to write than a hop to the writer thread, which, on a
-            # busy loop, also waits for the GIL (up to the 5 ms switch interval).
-            writes = self._write(decoded, last, awaited)
-        else:
-            loop = asyncio.get_running_loop()
-            writes = await loop.run_in_executor(self._writer, self._write, decoded, last, awaited)
+        loop = asyncio.get_running_loop()
+        writes = await loop.run_in_executor(self._writer, self._write, decoded, last, awaited)
         for times, event in writes.observed:  # after commit: a retried batch counts once
             self.metrics.observe(times, event)
         self.applied_seq = last
