@@ -25,7 +25,6 @@ from app._hub import Hub
 from app._jobs import JobService
 from app._metrics import Metrics
 from app._projection import Projection
-from app._ratelimit import CountingRateLimitMiddleware
 from app._settings import Settings, get_settings
 from app._stats import Stats
 from app._webhooks import Webhooks
@@ -125,7 +124,6 @@ def create_app(settings: Settings | None = None) -> Litestar:
             RateLimitConfig(
                 rate_limit=("minute", settings.rate_limit_per_minute),
                 identifier_for_request=rate_limit_identity,
-                middleware_class=CountingRateLimitMiddleware,
                 exclude=["^/health$", "^/ready$", "^/schema", f"^{UI_PREFIX}/static/"],
             ).middleware,
         ],
