@@ -7,16 +7,35 @@ sessions. WAL lets readers run beside that writer.
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, Index, Integer, LargeBinary, String, Text, event
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Table,
+    Text,
+    and_,
+    bindparam,
+    case,
+    event,
+    func,
+    or_,
+    select,
+)
+from sqlalchemy.engine import Connection, Engine, create_engine, make_url
 from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.pool import ConnectionPoolEntry
 from sqlalchemy.types import TypeDecorator
 
-from streams import durable_mode
+from streams import ACTIVE_STATUSES, JobStatus, durable_mode
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -89,6 +108,40 @@ class JobRow(Base):
     )
 
 
+JOBS = cast(Table, JobRow.__table__)
+
+
+_QUEUE_COUNTS = select(
+    func.count(),
+    func.sum(
+        case(
+            (
+                and_(
+                    JOBS.c.status == JobStatus.PENDING,
+                    or_(
+                        JOBS.c.priority > bindparam("priority"),
+                        and_(
+                            JOBS.c.priority == bindparam("priority"),
+                            JOBS.c.queue_seq < bindparam("queue_seq"),
+                        ),
+                    ),
+                ),
+                1,
+            ),
+            else_=0,
+        )
+    ),
+).where(JOBS.c.pool == bindparam("pool"), JOBS.c.status.in_(sorted(ACTIVE_STATUSES)))
+
+
+def queue_counts(conn: Connection, job: JobRow) -> tuple[int, int]:
+    """The active jobs of the job's pool, and the pending ones workers take before it (higher
+    priority first, then stream order), counted in one pass (one statement, compiled once)."""
+    params = {"pool": job.pool, "priority": job.priority, "queue_seq": job.queue_seq}
+    active, ahead = conn.execute(_QUEUE_COUNTS, params).one()
+    return active or 0, ahead or 0
+
+
 class EventRow(Base):
     """One event of a job, as clients receive it (the envelope, encoded once).
 
@@ -146,6 +199,17 @@ def _sqlite_pragmas(dbapi_connection: DBAPIConnection, _: ConnectionPoolEntry) -
     cursor.close()
 
 
+def _sqlite_writer(dbapi_connection: DBAPIConnection, entry: ConnectionPoolEntry) -> None:
+    _sqlite_pragmas(dbapi_connection, entry)
+    # SQLAlchemy emits BEGIN itself (below): the driver's implicit BEGIN would come only at the
+    # first write, after the batch's reads.
+    dbapi_connection.isolation_level = None
+
+
+def _begin_immediate(conn: Connection) -> None:
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
 class Database:
     """The engine and session factory of one API process."""
 
@@ -154,6 +218,17 @@ class Database:
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
         self.session = async_sessionmaker(self.engine, expire_on_commit=False)
+        parsed = make_url(url)
+        self.writer: Engine = create_engine(parsed.set(drivername=parsed.get_backend_name()))
+        """A synchronous engine for the projection's writer thread: one thread hop per batch."""
+        self.reader: Engine = create_engine(parsed.set(drivername=parsed.get_backend_name()))
+        """Synchronous reads on the event loop, only for those that take microseconds (a job by
+        id, its queue position): cheaper than the hop to aiosqlite's thread and back. In WAL mode
+        readers do not wait for the writer."""
+        if self.writer.dialect.name == "sqlite":
+            event.listen(self.writer, "connect", _sqlite_writer)
+            event.listen(self.writer, "begin", _begin_immediate)
+            event.listen(self.reader, "connect", _sqlite_pragmas)
 
     async def create_all(self) -> None:
         """Create missing tables."""
@@ -163,3 +238,5 @@ class Database:
     async def dispose(self) -> None:
         """Close every pooled connection."""
         await self.engine.dispose()
+        self.writer.dispose()
+        self.reader.dispose()

@@ -15,13 +15,13 @@ import msgspec
 import nats.errors
 from nats.js import JetStreamContext
 from nats.js.api import PubAck
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app._db import Database, EventRow, FileRow, JobRow
+from app._db import JOBS, Database, EventRow, FileRow, JobRow, queue_counts
 from app._exceptions import ConflictError, NotFoundError, TooManyError, UnavailableError, not_found
 from app._hub import Applied, Hub
-from app._projection import Projection
+from app._projection import Handoff, Projection
 from app._schemas import (
     BatchItem,
     CleanupReport,
@@ -163,10 +163,24 @@ class JobService:
 
     async def get(self, job_id: str, owner: str | None) -> Job:
         """The job, if `owner` may see it (None: any owner); raises NotFoundError."""
-        async with self.db.session() as session:
-            row = await self._row(session, job_id, owner)
-            position = await self._queue_position(session, row) if row.status == JobStatus.PENDING else None
-        return job_view(row, position)
+        with self.db.reader.connect() as conn:  # two indexed reads: quicker than a thread hop
+            found = conn.execute(select(JOBS).where(JOBS.c.id == job_id)).first()
+            if found is None or (owner is not None and found.owner != owner):
+                raise not_found("job", job_id)
+            row = JobRow(**found._mapping)
+            if row.status != JobStatus.PENDING or row.pool == BATCH_POOL:
+                return job_view(row)
+            active, ahead = queue_counts(conn, row)
+        return job_view(row, QueuePosition(ahead=ahead, total_active=active))
+
+    @staticmethod
+    def _view(handoff: Handoff) -> Job:
+        """The job as the projection handed it over, with the queue position it counted."""
+        row, counts = handoff.row, handoff.queue_counts  # counts: set for every pending job
+        if counts is None or row.status != JobStatus.PENDING or row.pool == BATCH_POOL:
+            return job_view(row)
+        active, ahead = counts
+        return job_view(row, QueuePosition(ahead=ahead, total_active=active))
 
     async def check_visible(self, job_id: str, owner: str | None) -> None:
         """NotFoundError unless the job exists for `owner`; unlike `get`, no queue-position counts
@@ -180,27 +194,6 @@ class JobService:
         if row is None or (owner is not None and row.owner != owner):
             raise not_found("job", job_id)
         return row
-
-    @staticmethod
-    async def _queue_position(session: AsyncSession, row: JobRow) -> QueuePosition | None:
-        """Counted the way workers take jobs: higher priority first, then stream order."""
-        if row.pool == BATCH_POOL:
-            return None
-        same_pool = JobRow.pool == row.pool
-        ahead = await session.scalar(
-            select(func.count()).where(
-                same_pool,
-                JobRow.status == JobStatus.PENDING,
-                or_(
-                    JobRow.priority > row.priority,
-                    and_(JobRow.priority == row.priority, JobRow.queue_seq < row.queue_seq),
-                ),
-            )
-        )
-        active = await session.scalar(
-            select(func.count()).where(same_pool, JobRow.status.in_(sorted(ACTIVE_STATUSES)))
-        )
-        return QueuePosition(ahead=ahead or 0, total_active=active or 0)
 
     async def children(self, job_id: str, owner: str | None) -> list[Job]:
         """A batch's children in submit order (none for a single job)."""
@@ -329,9 +322,12 @@ class JobService:
             max_attempts=body.max_attempts or spec.max_attempts, client_request_id=key,
             scheduled_for=_utc(body.scheduled_for), callback_url=body.callback_url,
         )  # fmt: skip
-        ack = await self.publish(event)
-        await self._applied(ack.seq, job_id)
-        return await self.get(job_id, owner), not ack.duplicate
+        with self.projection.expecting(job_id):
+            ack = await self.publish(event)
+            handoff = await self._applied(ack.seq, job_id)
+        if handoff is not None and handoff.row.owner == owner:
+            return self._view(handoff), not ack.duplicate
+        return await self.get(job_id, owner), not ack.duplicate  # not handed over: read it back
 
     async def submit_batch(
         self, body: SubmitBatch, owner: str, idempotency_key: str | None = None
@@ -544,10 +540,11 @@ class JobService:
         """Read-your-writes for other resources (files)."""
         await self._applied(seq, ident)
 
-    async def _applied(self, seq: int, job_id: str) -> None:
-        """Read-your-writes: wait until the projection has applied `seq`."""
+    async def _applied(self, seq: int, job_id: str) -> Handoff | None:
+        """Read-your-writes: wait until the projection has applied `seq`; returns the job as that
+        batch left it when the batch touched it (see `Projection.wait_for`)."""
         try:
-            await self.projection.wait_for(seq, self.settings.submit_timeout_s)
+            return await self.projection.wait_for(seq, self.settings.submit_timeout_s, job_id)
         except TimeoutError:
             raise UnavailableError(
                 f"job {job_id} was accepted but is not visible yet; poll GET /api/v1/jobs/{job_id}"

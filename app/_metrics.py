@@ -5,6 +5,8 @@ from __future__ import annotations
 import bisect
 from collections import Counter, defaultdict
 from collections.abc import Iterable
+from datetime import datetime
+from typing import Protocol
 
 from sqlalchemy import func, select
 
@@ -42,6 +44,19 @@ class Histogram:
             yield f'{self.name}_count{{{self.label}="{label}"}} {running}'
 
 
+class JobTimes(Protocol):
+    """What the metrics read of a job when an event is applied to it."""
+
+    @property
+    def type(self) -> str: ...
+    @property
+    def attempt(self) -> int: ...
+    @property
+    def created_at(self) -> datetime: ...
+    @property
+    def started_at(self) -> datetime | None: ...
+
+
 class Metrics:
     """What the projection observes as it applies events, and what is read on each scrape."""
 
@@ -54,8 +69,8 @@ class Metrics:
             "jobcast_job_queue_wait_seconds", "Time from submission to start.", "type"
         )
 
-    def observe(self, job: JobRow, event: Event) -> None:
-        """Called by the projection for every applied event."""
+    def observe(self, job: JobTimes, event: Event) -> None:
+        """Called by the projection for every applied event, once its batch is committed."""
         self.events[event.kind] += 1
         if isinstance(event, Started) and event.attempt == job.attempt:
             self.queue_wait.observe(job.type, max(0.0, (event.ts - job.created_at).total_seconds()))

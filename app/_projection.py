@@ -9,22 +9,27 @@ is rebuilt by replaying the stream. After commit, events go to the in-process hu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
 import logging
 from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import datetime
+from typing import Any, cast
 
 import msgspec
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription as NatsSubscription
 from nats.js import JetStreamContext
 from nats.js import api as js_api
-from sqlalchemy import delete, select
+from sqlalchemy import Table, bindparam, delete, func, insert, select, update
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import OperationalError
-from sqlalchemy.ext.asyncio import AsyncSession
 
-from app._db import BookmarkRow, Database, EventRow, FileRow, JobRow
+from app._db import JOBS, BookmarkRow, Database, EventRow, FileRow, JobRow, queue_counts
 from app._hub import Applied, Hub
 from app._metrics import Metrics
 from app._schemas import EventEnvelope
@@ -155,28 +160,204 @@ def _submitted(job: JobRow | None, event: Submitted, seq: int) -> JobRow | None:
     return job
 
 
-async def _apply_file(session: AsyncSession, event: FileStored | FileDeleted, seq: int) -> None:
-    if isinstance(event, FileDeleted):
-        await session.execute(delete(FileRow).where(FileRow.id == event.file_id))
-    elif await session.get(FileRow, event.file_id) is None:
-        session.add(
-            FileRow(
-                id=event.file_id,
-                owner=event.owner,
-                name=event.name,
-                content_type=event.content_type,
-                size=event.size,
-                sha256=event.sha256,
-                job_id=event.job_id or None,
-                seq=seq,
-                created_at=event.ts,
-            )
-        )
-
-
 def _chunks(items: list[str], size: int) -> list[list[str]]:
     """`items` in lists of at most `size` (SQLite bounds the parameters of one statement)."""
     return [items[start : start + size] for start in range(0, len(items), size)]
+
+
+_EVENTS = cast(Table, EventRow.__table__)
+_FILES = cast(Table, FileRow.__table__)
+BOOKMARKS = cast(Table, BookmarkRow.__table__)
+_JOB_COLUMNS = tuple(column.name for column in JOBS.columns)
+_MUTABLE = (
+    "status", "attempt", "progress", "current_step", "result", "error", "worker", "held_by", "exhausted",
+    "callback_status", "queue_seq", "last_seq", "started_at", "completed_at", "updated_at",
+)  # fmt: skip
+"""The columns `fold` and the parent derivation change; a job's spec never changes."""
+_INSERT_JOB = insert(JOBS)
+_UPDATE_JOB = update(JOBS).where(JOBS.c.id == bindparam("_id"))
+_INSERT_EVENT = insert(_EVENTS)
+_UPDATE_BOOKMARK = update(BOOKMARKS).where(BOOKMARKS.c.name == bindparam("_name"))
+
+
+@dataclass(frozen=True, slots=True)
+class Handoff:
+    """A job as the batch that applied a waited-for sequence left it, for the waiter's answer."""
+
+    row: JobRow
+    queue_counts: tuple[int, int] | None
+    """For a pending job: its pool's active jobs and the pending ones ahead of it, counted in
+    the batch's transaction (see `queue_counts`); None otherwise."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Times:
+    """What the metrics need of a job at the moment an event was applied to it."""
+
+    type: str
+    attempt: int
+    created_at: datetime
+    started_at: datetime | None
+
+
+def _apply_file(conn: Connection, event: FileStored | FileDeleted, seq: int) -> None:
+    if isinstance(event, FileDeleted):
+        conn.execute(delete(_FILES).where(_FILES.c.id == event.file_id))
+    elif conn.execute(select(_FILES.c.id).where(_FILES.c.id == event.file_id)).first() is None:
+        conn.execute(
+            insert(_FILES),
+            {
+                "id": event.file_id, "owner": event.owner, "name": event.name,
+                "content_type": event.content_type, "size": event.size, "sha256": event.sha256,
+                "job_id": event.job_id or None, "seq": seq, "created_at": event.ts,
+            },
+        )  # fmt: skip
+
+
+class _Writes:
+    """One batch in the writer thread: the jobs it touches, folded in memory, each written once.
+
+    Rows are plain (session-less) `JobRow`s, written with Core `executemany` statements.
+    """
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.rows: dict[str, JobRow | None] = {}
+        """Every job the batch touched, as the batch left it (None: absent or deleted)."""
+        self.applied: list[Applied] = []
+        self.observed: list[tuple[_Times, Event]] = []
+        self.handoffs: dict[str, Handoff] = {}
+        self.callbacks: set[str] = set()
+        """Jobs whose attempt the batch ended and that have a callback URL."""
+        self._new: dict[str, JobRow] = {}
+        self._dirty: dict[str, JobRow] = {}
+        self._events: list[dict[str, Any]] = []
+
+    def load(self, job_ids: set[str]) -> None:
+        """Read the jobs a batch touches, one query per 500 ids."""
+        for chunk in _chunks(sorted(job_ids - self.rows.keys()), 500):
+            for row in self.conn.execute(select(JOBS).where(JOBS.c.id.in_(chunk))):
+                self.rows[row.id] = JobRow(**row._mapping)
+        self.rows.update((job_id, None) for job_id in job_ids if job_id not in self.rows)
+
+    def save(self, job: JobRow, new: bool) -> None:
+        """Mark a job to be written at the next flush."""
+        self.rows[job.id] = job
+        if new:
+            self._new[job.id] = job
+        elif job.id not in self._new:
+            self._dirty[job.id] = job
+
+    def event(self, seq: int, job_id: str, kind: str, payload: bytes) -> None:
+        """Record an event row, written at the next flush."""
+        self._events.append({"seq": seq, "job_id": job_id, "kind": kind, "payload": payload})
+
+    def flush(self) -> None:
+        """Write what the batch changed so far: each job row once, then the event rows."""
+        if self._new:
+            self.conn.execute(
+                _INSERT_JOB, [{c: getattr(job, c) for c in _JOB_COLUMNS} for job in self._new.values()]
+            )
+        if self._dirty:
+            self.conn.execute(
+                _UPDATE_JOB,
+                [{"_id": job.id} | {c: getattr(job, c) for c in _MUTABLE} for job in self._dirty.values()],
+            )
+        if self._events:
+            self.conn.execute(_INSERT_EVENT, self._events)
+        self._new, self._dirty, self._events = {}, {}, []
+
+    def hand_off(self, job_ids: set[str]) -> None:
+        """Keep the rows of the awaited jobs this batch touched (flushed before), with their queue
+        position when pending, so that whoever waits need not read them back."""
+        for job_id in job_ids:
+            job = self.rows.get(job_id)
+            if job is None:
+                continue
+            counts = None
+            if job.status == JobStatus.PENDING:
+                counts = queue_counts(self.conn, job)
+            self.handoffs[job_id] = Handoff(job, counts)
+
+    def delete(self, job: JobRow, seq: int) -> None:
+        """Remove a job, its children and their events; followers get a last `deleted` event."""
+        self.flush()  # so that the deletes below also cover what this batch wrote
+        children = self.conn.execute(select(JOBS.c.id).where(JOBS.c.parent_id == job.id)).scalars()
+        ids = [job.id, *children]
+        self.conn.execute(delete(_EVENTS).where(_EVENTS.c.job_id.in_(ids)))
+        self.conn.execute(delete(JOBS).where(JOBS.c.id.in_(ids)))
+        for job_id in ids:
+            self.rows[job_id] = None
+        payload = _envelope(job, seq, "deleted", job.attempt, utcnow(), b'{"kind":"deleted"}')
+        self.applied += [
+            Applied(seq, job_id, job.owner, "deleted", job.status, True, payload) for job_id in ids
+        ]
+
+    def derive_parent(self, parent_id: str, seq: int) -> Applied | None:
+        """A batch parent's status, progress and result follow its children (flushed before)."""
+        self.load({parent_id})
+        parent = self.rows[parent_id]
+        if parent is None:
+            return None
+        # Counted in SQL, not by loading every child: this runs for each batch that moves a child.
+        by_status = self.conn.execute(
+            select(JOBS.c.status, func.count(), func.sum(JOBS.c.progress))
+            .where(JOBS.c.parent_id == parent_id)
+            .group_by(JOBS.c.status)
+        ).all()
+        if not by_status:
+            return None
+        counts = Counter({status: n for status, n, _ in by_status})
+        done = sum(counts[s] for s in TERMINAL_STATUSES)
+        total = sum(counts.values())
+        progress = round(
+            sum(100.0 * n if JobStatus(status).terminal else subtotal for status, n, subtotal in by_status)
+            / total,
+            2,
+        )
+        result: dict[str, object] = {"total": total, "counts": dict(sorted(counts.items()))}
+        if JobStatus(parent.status).terminal:
+            # Ended by its children, or explicitly (cancelled, force-completed): only a retry,
+            # which resets it to pending, lets the children move it again.
+            status = JobStatus(parent.status)
+        elif done == total:
+            status = JobStatus.COMPLETED if counts[JobStatus.COMPLETED] == total else JobStatus.FAILED
+            children = self.conn.execute(
+                select(JOBS.c.id, JOBS.c.status)
+                .where(JOBS.c.parent_id == parent_id)
+                .order_by(JOBS.c.submit_seq)
+            ).all()
+            for outcome in TERMINAL_STATUSES:
+                result[str(outcome)] = [cid for cid, s in children if s == outcome]
+        elif counts[JobStatus.PENDING] + counts[JobStatus.SCHEDULED] == total:
+            status = JobStatus(parent.status)
+        else:
+            status = JobStatus.RUNNING
+        before = (parent.status, parent.progress, parent.result)
+        now = utcnow()
+        parent.result, parent.progress = result, progress
+        parent.current_step = f"{done} of {total} done"
+        if status != parent.status:
+            parent.status = status
+            if status == JobStatus.RUNNING and parent.started_at is None:
+                parent.started_at = now
+            if status.terminal and parent.completed_at is None:
+                parent.completed_at = now
+            if status == JobStatus.FAILED:
+                parent.error = f"{total - counts[JobStatus.COMPLETED]} of {total} children did not complete"
+        self.save(parent, new=False)
+        if (parent.status, parent.progress, parent.result) == before or JobStatus(before[0]).terminal:
+            return None
+        parent.last_seq, parent.updated_at = seq, now
+        kind = str(status) if status.terminal else "progress"
+        raw = _encoder.encode(
+            {"kind": kind, "job_id": parent_id, "derived": True, "counts": result["counts"]}
+        )
+        payload = _envelope(parent, seq, kind, parent.attempt, now, raw)
+        self.event(seq, parent_id, kind, payload)
+        if status.terminal and parent.callback_url:
+            self.callbacks.add(parent_id)
+        return Applied(seq, parent_id, parent.owner, kind, parent.status, status.terminal, payload)
 
 
 class Projection:
@@ -193,9 +374,16 @@ class Projection:
         """The stream's last sequence when the projection started."""
         self._queue: asyncio.Queue[Msg] = asyncio.Queue()
         self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._expected: dict[str, Handoff | None] = {}
+        """Jobs someone is about to wait for, and the latest state a batch left each in."""
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="projection")
+        """SQLite's one writer: a batch is one hop to this thread and one transaction."""
         self._counter = itertools.count()
         self._task: asyncio.Task[None] | None = None
         self._sub: NatsSubscription | None = None
+        self.callbacks_due: set[str] = set()
+        """Jobs with a callback URL whose attempt has just ended; filled before their terminal
+        event is published, taken by the webhooks (the others need no look at the job)."""
 
     async def start(self, js: JetStreamContext) -> None:
         """Resume from the bookmark and follow the stream."""
@@ -236,17 +424,33 @@ class Projection:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        for _, _, future in self._waiters:
+        for *_, future in self._waiters:
             future.cancel()
+        self._writer.shutdown(wait=True)  # a batch in flight finishes before the engine goes
 
-    async def wait_for(self, seq: int, timeout: float) -> None:
-        """Return once `seq` has been applied; raises TimeoutError."""
-        if seq <= self.applied_seq:
-            return
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._waiters, (seq, next(self._counter), future))
-        async with asyncio.timeout(timeout):
-            await future
+    @contextlib.contextmanager
+    def expecting(self, job_id: str) -> Iterator[None]:
+        """Keep `job_id`'s state as batches apply it while the block runs (see `wait_for`).
+        Entered before publishing: the projection may apply the event before its ack arrives."""
+        self._expected[job_id] = None
+        try:
+            yield
+        finally:
+            self._expected.pop(job_id, None)
+
+    async def wait_for(self, seq: int, timeout: float, job_id: str | None = None) -> Handoff | None:
+        """Return once `seq` has been applied; raises TimeoutError.
+
+        Inside `expecting(job_id)`, returns the job as the latest batch that applied `seq` or a
+        later event of it left it, so the caller need not read it back; None otherwise.
+        """
+        if seq > self.applied_seq:
+            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            heapq.heappush(self._waiters, (seq, next(self._counter), future))
+            async with asyncio.timeout(timeout):
+                await future
+        handoff = self._expected.get(job_id) if job_id is not None else None
+        return handoff if handoff is not None and handoff.row.last_seq >= seq else None
 
     async def _enqueue(self, msg: Msg) -> None:
         self._queue.put_nowait(msg)
@@ -259,22 +463,23 @@ class Projection:
             delay = 0.05
             while True:
                 try:
-                    applied = await self._apply(batch)
+                    writes = await self._apply(batch)
                     break
                 except OperationalError as exc:  # e.g. the disk is full or the file is locked
                     log.error("applying %d event(s) failed, retrying: %s", len(batch), exc)
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 5.0)
-            for item in applied:
+            self.callbacks_due |= writes.callbacks
+            for item in writes.applied:
                 self.hub.publish(item)
+            for job_id, handoff in writes.handoffs.items():
+                if job_id in self._expected:
+                    self._expected[job_id] = handoff
             self._wake()
             self._mark_caught_up()
 
-    async def _apply(self, batch: list[Msg]) -> list[Applied]:
-        applied: list[Applied] = []
+    async def _apply(self, batch: list[Msg]) -> _Writes:
         last = self.applied_seq
-        rows: dict[str, JobRow | None] = {}
-        parents: dict[str, int] = {}
         decoded: list[tuple[Msg, int, Event]] = []
         for msg in batch:
             seq = msg.metadata.sequence.stream
@@ -285,113 +490,55 @@ class Projection:
                 decoded.append((msg, seq, decode_event(msg.data)))
             except msgspec.MsgspecError as exc:
                 log.warning("seq %d on %s is not a jobcast event: %s", seq, msg.subject, exc)
-        async with self.db.session() as session, session.begin():
+        awaited = set(self._expected)
+        loop = asyncio.get_running_loop()
+        writes = await loop.run_in_executor(self._writer, self._write, decoded, last, awaited)
+        for times, event in writes.observed:  # after commit: a retried batch counts once
+            self.metrics.observe(times, event)
+        self.applied_seq = last
+        return writes
+
+    def _write(self, decoded: list[tuple[Msg, int, Event]], last: int, awaited: set[str]) -> _Writes:
+        """In the writer thread: apply a batch in one transaction, the bookmark with it."""
+        with self.db.writer.begin() as conn:
+            writes = _Writes(conn)
             # One query for every job the batch touches, not one per job.
             wanted = {e.job_id for _, _, e in decoded if not isinstance(e, FileStored | FileDeleted)}
-            for chunk in _chunks(sorted(wanted), 500):
-                for row in await session.scalars(select(JobRow).where(JobRow.id.in_(chunk))):
-                    rows[row.id] = row
-            rows.update((job_id, None) for job_id in wanted if job_id not in rows)
+            writes.load(wanted)
+            parents: dict[str, int] = {}
             for msg, seq, event in decoded:
                 if isinstance(event, FileStored | FileDeleted):
-                    await _apply_file(session, event, seq)
+                    _apply_file(conn, event, seq)
                     continue
-                before = rows[event.job_id]
+                before = writes.rows[event.job_id]
                 if isinstance(event, Deleted):
                     if before is not None:
-                        applied += await self._delete(session, before, seq, rows)
+                        writes.delete(before, seq)
                     continue
                 job, ends = fold(before, event, seq)
                 if job is None:
                     continue
-                self.metrics.observe(job, event)
-                if before is None:
-                    session.add(job)
-                    rows[event.job_id] = job
+                writes.observed.append((_Times(job.type, job.attempt, job.created_at, job.started_at), event))
+                writes.save(job, new=before is None)
                 payload = _envelope(job, seq, event.kind, event.attempt, event.ts, msg.data)
-                session.add(EventRow(seq=seq, job_id=job.id, kind=event.kind, payload=payload))
-                applied.append(Applied(seq, job.id, job.owner, event.kind, job.status, ends, payload))
+                writes.event(seq, job.id, event.kind, payload)
+                writes.applied.append(Applied(seq, job.id, job.owner, event.kind, job.status, ends, payload))
+                if ends and job.callback_url:
+                    writes.callbacks.add(job.id)
                 if job.parent_id is not None:
                     parents[job.parent_id] = seq
+            if parents:
+                writes.flush()  # the parents' derivation reads their children's rows
             for parent_id, seq in parents.items():
-                derived = await self._derive_parent(session, parent_id, seq, rows)
+                derived = writes.derive_parent(parent_id, seq)
                 if derived is not None:
-                    applied.append(derived)
-            if last > self.applied_seq:
-                await session.merge(BookmarkRow(name=BOOKMARK, last_seq=last))
-        self.applied_seq = last
-        return applied
-
-    async def _delete(
-        self, session: AsyncSession, job: JobRow, seq: int, rows: dict[str, JobRow | None]
-    ) -> list[Applied]:
-        """Remove a job, its children and their events; followers get a last `deleted` event."""
-        ids = [job.id, *(await session.scalars(select(JobRow.id).where(JobRow.parent_id == job.id)))]
-        await session.execute(delete(EventRow).where(EventRow.job_id.in_(ids)))
-        await session.execute(delete(JobRow).where(JobRow.id.in_(ids)))
-        for job_id in ids:
-            rows[job_id] = None
-        payload = _envelope(job, seq, "deleted", job.attempt, utcnow(), b'{"kind":"deleted"}')
-        return [Applied(seq, job_id, job.owner, "deleted", job.status, True, payload) for job_id in ids]
-
-    async def _derive_parent(
-        self, session: AsyncSession, parent_id: str, seq: int, rows: dict[str, JobRow | None]
-    ) -> Applied | None:
-        """A batch parent's status, progress and result follow its children."""
-        parent = rows.get(parent_id) or await session.get(JobRow, parent_id)
-        if parent is None:
-            return None
-        rows[parent_id] = parent
-        children = (
-            await session.execute(
-                select(JobRow.id, JobRow.status, JobRow.progress)
-                .where(JobRow.parent_id == parent_id)
-                .order_by(JobRow.submit_seq)
-            )
-        ).all()
-        if not children:
-            return None
-        counts = Counter(status for _, status, _ in children)
-        done = sum(counts[s] for s in TERMINAL_STATUSES)
-        total = len(children)
-        progress = round(
-            sum(100.0 if JobStatus(status).terminal else prog for _, status, prog in children) / total, 2
-        )
-        result: dict[str, object] = {"total": total, "counts": dict(sorted(counts.items()))}
-        if JobStatus(parent.status).terminal:
-            # Ended by its children, or explicitly (cancelled, force-completed): only a retry,
-            # which resets it to pending, lets the children move it again.
-            status = JobStatus(parent.status)
-        elif done == total:
-            status = JobStatus.COMPLETED if counts[JobStatus.COMPLETED] == total else JobStatus.FAILED
-            for outcome in TERMINAL_STATUSES:
-                result[str(outcome)] = [cid for cid, s, _ in children if s == outcome]
-        elif counts[JobStatus.PENDING] + counts[JobStatus.SCHEDULED] == total:
-            status = JobStatus(parent.status)
-        else:
-            status = JobStatus.RUNNING
-        before = (parent.status, parent.progress, parent.result)
-        now = utcnow()
-        parent.result, parent.progress = result, progress
-        parent.current_step = f"{done} of {total} done"
-        if status != parent.status:
-            parent.status = status
-            if status == JobStatus.RUNNING and parent.started_at is None:
-                parent.started_at = now
-            if status.terminal and parent.completed_at is None:
-                parent.completed_at = now
-            if status == JobStatus.FAILED:
-                parent.error = f"{total - counts[JobStatus.COMPLETED]} of {total} children did not complete"
-        if (parent.status, parent.progress, parent.result) == before or JobStatus(before[0]).terminal:
-            return None
-        parent.last_seq, parent.updated_at = seq, now
-        kind = str(status) if status.terminal else "progress"
-        raw = _encoder.encode(
-            {"kind": kind, "job_id": parent_id, "derived": True, "counts": result["counts"]}
-        )
-        payload = _envelope(parent, seq, kind, parent.attempt, now, raw)
-        session.add(EventRow(seq=seq, job_id=parent_id, kind=kind, payload=payload))
-        return Applied(seq, parent_id, parent.owner, kind, parent.status, status.terminal, payload)
+                    writes.applied.append(derived)
+            writes.flush()
+            writes.hand_off(awaited)
+            bookmark = {"_name": BOOKMARK, "last_seq": last}
+            if last > self.applied_seq and conn.execute(_UPDATE_BOOKMARK, bookmark).rowcount == 0:
+                conn.execute(insert(BOOKMARKS), {"name": BOOKMARK, "last_seq": last})
+        return writes
 
     def _wake(self) -> None:
         while self._waiters and self._waiters[0][0] <= self.applied_seq:

@@ -94,7 +94,12 @@ class Webhooks:
             await self._client_.aclose()
 
     def _on_applied(self, item: Applied) -> None:
-        if item.ends and item.kind in TERMINAL_STATUSES:
+        if (
+            item.ends
+            and item.kind in TERMINAL_STATUSES
+            and item.job_id in self.service.projection.callbacks_due
+        ):
+            self.service.projection.callbacks_due.discard(item.job_id)
             self._spawn(item.job_id)
 
     def _spawn(self, job_id: str) -> None:

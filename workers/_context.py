@@ -101,13 +101,17 @@ class JobContext:
         files: WorkerFiles | None = None,
         workdir: Path | None = None,
         settings: WorkerSettings | None = None,
+        scratch_prefix: str | None = None,
     ) -> None:
         self.job = job
         self.settings = settings or WorkerSettings()
         """The worker's settings (LLM endpoint, concurrency, ...)."""
         self.files = files
-        self.workdir = workdir or Path(tempfile.gettempdir())
-        """A private scratch folder, removed when the job ends."""
+        self._workdir = workdir
+        self._scratch_prefix = scratch_prefix
+        self._workdir_lock = threading.Lock()
+        self.scratch: Path | None = None
+        """The folder `workdir` made, if a handler asked for it; the runtime removes it."""
         self.attempt = attempt
         """Run number of this job, counting every delivery and manual retry."""
         self.delivery = delivery
@@ -116,6 +120,17 @@ class JobContext:
         self.cancelled = threading.Event()
         """Set once the job is cancelled; blocking code polls it between steps."""
         self._cancelled_async: asyncio.Event | None = None
+
+    @property
+    def workdir(self) -> Path:
+        """A private scratch folder, made on first use (most jobs need none) and removed when the
+        job ends; without a `scratch_prefix`, the given folder or the system's temp folder."""
+        with self._workdir_lock:
+            if self._workdir is None:
+                if self._scratch_prefix is None:
+                    return Path(tempfile.gettempdir())
+                self._workdir = self.scratch = Path(tempfile.mkdtemp(prefix=self._scratch_prefix))
+            return self._workdir
 
     @property
     def params(self) -> dict[str, Any]:

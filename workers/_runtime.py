@@ -14,8 +14,7 @@ import logging
 import random
 import shutil
 import signal
-import tempfile
-from pathlib import Path
+from collections import Counter
 from typing import Any, Literal
 
 import msgspec
@@ -99,6 +98,9 @@ class Worker:
         """Priorities that may hold jobs; all of them at first."""
         self._doorbell = asyncio.Event()
         self._rung: dict[int, float] = {}
+        self._unanswered: Counter[int] = Counter()
+        """Bells per priority not yet matched by a job pulled from it: while there are none, an
+        empty pull is not retried (it would be, every millisecond for BELL_RECHECK_S)."""
         """When the doorbell last rang for each priority (loop time)."""
         self.heartbeat: Heartbeat | None = None
         self.files: WorkerFiles | None = None
@@ -169,12 +171,14 @@ class Worker:
         priority = -int(token[1:]) if token.startswith("m") else int(token[1:])
         self._hot.add(priority)
         self._rung[priority] = asyncio.get_running_loop().time()
+        self._unanswered[priority] += 1
         self._doorbell.set()
 
     async def _fetch_loop(self) -> None:
-        # Ask each priority that may hold jobs, highest first, for one job at a time; with
-        # nothing anywhere, sleep until the doorbell rings, re-asking every priority now and
-        # then for redeliveries and retries, which ring no bell.
+        # Ask each priority that may hold jobs, highest first, for as many jobs as there are free
+        # slots (one round trip for all of them); with nothing anywhere, sleep until the doorbell
+        # rings, re-asking every priority now and then for redeliveries and retries, which ring
+        # no bell.
         while not self._stopping.is_set():
             # Tasks, not _running: a job holds its slot from the moment it is fetched.
             if len(self._tasks) >= self.settings.slots:
@@ -182,15 +186,21 @@ class Worker:
                 await self._slot_free.wait()
                 continue
             self._doorbell.clear()
-            msg = None
+            free = self.settings.slots - len(self._tasks)
+            msgs: list[Msg] = []
             for priority in PRIORITIES:
                 if priority not in self._hot:
                     continue
                 self._hot.discard(priority)  # before asking: a bell meanwhile puts it back
-                msg = await self._pull_one(self.consumers[priority].durable)
-                if msg is not None:
+                msgs = await self._pull(self.consumers[priority].durable, free)
+                if msgs:
                     self._hot.add(priority)
+                    self._unanswered[priority] -= len(msgs)
+                    if self._unanswered[priority] <= 0:
+                        del self._unanswered[priority]
+                        self._rung.pop(priority, None)
                     break
+            msg = msgs[0] if msgs else None
             now = asyncio.get_running_loop().time()
             recent = [p for p, at in self._rung.items() if now - at < BELL_RECHECK_S] if msg is None else []
             if recent:
@@ -201,15 +211,53 @@ class Worker:
                 await asyncio.sleep(0.001)
             elif msg is None:
                 self._rung.clear()
+                self._unanswered.clear()
                 try:
                     async with asyncio.timeout(self.settings.idle_poll_s):
                         await self._doorbell.wait()
                 except TimeoutError:
                     self._hot.update(PRIORITIES)
             elif self._stopping.is_set():
-                await msg.nak()
+                for each in msgs:
+                    await each.nak()
             else:
-                self._spawn(self._process(msg))
+                for each in msgs:
+                    self._spawn(self._process(each))
+
+    async def _pull(self, durable: str, count: int) -> list[Msg]:
+        """Up to `count` jobs from a consumer if it has them, without waiting (one round trip)."""
+        if count <= 1:
+            msg = await self._pull_one(durable)
+            return [] if msg is None else [msg]
+        assert self.nc is not None
+        got: list[Msg] = []
+        over = asyncio.get_running_loop().create_future()
+
+        async def on_reply(msg: Msg) -> None:
+            # A status (404 no more messages, 408, 409) ends the pull, as does the last job asked for.
+            if not (msg.headers and msg.headers.get("Status")):
+                got.append(msg)
+            elif not over.done():
+                over.set_result(None)
+            if len(got) >= count and not over.done():
+                over.set_result(None)
+
+        request = b'{"batch":%d,"no_wait":true}' % count
+        try:
+            inbox = self.nc.new_inbox()
+            sub = await self.nc.subscribe(inbox, cb=on_reply)
+            try:
+                await self.nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.{STREAM}.{durable}", request, reply=inbox)
+                async with asyncio.timeout(5):
+                    await over
+            finally:
+                await sub.unsubscribe()
+        except TimeoutError:
+            pass  # keep what came; a job that arrives after this is redelivered after ack_wait
+        except nats.errors.Error as exc:
+            log.debug("pull from %s failed: %s", durable, exc)
+            await asyncio.sleep(0.2)
+        return got
 
     async def _pull_one(self, durable: str) -> Msg | None:
         """One job from a consumer if it has one, without waiting (one round trip)."""
@@ -277,10 +325,10 @@ class Worker:
                 await self._publish(Progress(job_id=job.job_id, attempt=attempt, progress=percent, step=step))
 
         reporter = Reporter(publish_progress, asyncio.get_running_loop())
-        workdir = Path(tempfile.mkdtemp(prefix=f"jobcast-{job.job_id[:8]}-"))
         ctx = JobContext(
-            job, attempt, delivery, reporter, files=self.files, workdir=workdir, settings=self.settings
-        )
+            job, attempt, delivery, reporter, files=self.files, settings=self.settings,
+            scratch_prefix=f"jobcast-{job.job_id[:8]}-",
+        )  # fmt: skip
         running = _Running(ctx)
         # Registered before the checks below, so a cancel that arrives meanwhile is not missed.
         self._running[job.job_id] = running
@@ -294,12 +342,18 @@ class Worker:
             if early is not None:
                 await self._finish(msg, early)
                 return
-            await self._publish(Started(**ids, delivery=delivery))
-            if running.cancel_reason is not None:
-                await self._finish(msg, Cancelled(**ids, reason=running.cancel_reason))
-                return
-            running.task = asyncio.create_task(self.handlers[job.type](running.ctx))
-            outcome = await self._outcome(running, job, ids, delivery)
+            # `started` is not awaited before the handler runs (one round trip less per job).
+            # It leaves first on this connection, so the stream stores it before the handler's
+            # progress; its ack is awaited before the outcome is published.
+            started = asyncio.create_task(self._publish_reliably(Started(**ids, delivery=delivery)))
+            try:
+                if running.cancel_reason is not None:
+                    outcome: Event = Cancelled(**ids, reason=running.cancel_reason)
+                else:
+                    running.task = asyncio.create_task(self.handlers[job.type](running.ctx))
+                    outcome = await self._outcome(running, job, ids, delivery)
+            finally:
+                await started
             await reporter.flush()
             if isinstance(outcome, Retrying):
                 await self._publish_reliably(outcome)
@@ -308,7 +362,8 @@ class Worker:
                 await self._finish(msg, outcome)
         finally:
             heartbeat.cancel()
-            await asyncio.to_thread(shutil.rmtree, workdir, True)
+            if ctx.scratch is not None:
+                await asyncio.to_thread(shutil.rmtree, ctx.scratch, True)
             self._running.pop(job.job_id, None)
             self._announce()
             self._slot_free.set()
