@@ -15,7 +15,7 @@ import msgspec
 import nats.errors
 from nats.js import JetStreamContext
 from nats.js.api import PubAck
-from sqlalchemy import func, select
+from sqlalchemy import Connection, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app._db import JOBS, Database, EventRow, FileRow, JobRow, queue_counts
@@ -164,10 +164,7 @@ class JobService:
     async def get(self, job_id: str, owner: str | None) -> Job:
         """The job, if `owner` may see it (None: any owner); raises NotFoundError."""
         with self.db.reader.connect() as conn:  # two indexed reads: quicker than a thread hop
-            found = conn.execute(select(JOBS).where(JOBS.c.id == job_id)).first()
-            if found is None or (owner is not None and found.owner != owner):
-                raise not_found("job", job_id)
-            row = JobRow(**found._mapping)
+            row = self._visible_row(conn, job_id, owner)
             if row.status != JobStatus.PENDING or row.pool == BATCH_POOL:
                 return job_view(row)
             active, ahead = queue_counts(conn, row)
@@ -185,8 +182,16 @@ class JobService:
     async def check_visible(self, job_id: str, owner: str | None) -> None:
         """NotFoundError unless the job exists for `owner`; unlike `get`, no queue-position counts
         (two COUNTs over the pool's pending jobs per SSE connect made thousands of connects slow)."""
-        async with self.db.session() as session:
-            await self._row(session, job_id, owner)
+        with self.db.reader.connect() as conn:
+            self._visible_row(conn, job_id, owner)
+
+    @staticmethod
+    def _visible_row(conn: Connection, job_id: str, owner: str | None) -> JobRow:
+        """One indexed read on the synchronous reader; NotFoundError for another owner's job too."""
+        found = conn.execute(select(JOBS).where(JOBS.c.id == job_id)).first()
+        if found is None or (owner is not None and found.owner != owner):
+            raise not_found("job", job_id)
+        return JobRow(**found._mapping)
 
     @staticmethod
     async def _row(session: AsyncSession, job_id: str, owner: str | None) -> JobRow:
