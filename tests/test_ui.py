@@ -331,6 +331,10 @@ async def test_form_errors_are_shown(page: Page, client: httpx.AsyncClient, work
     assert page.url.endswith("/ui")
     await page.goto("/ui/jobs/no-such-job")
     await expect(page.locator(".error")).to_have_text("job no-such-job not found")
+    response = await page.goto("/ui/jobs?status=bogus")
+    assert response is not None
+    assert response.status == 400
+    await expect(page.locator(".error")).to_have_text("status: Invalid enum value 'bogus'")
 
     # what users type is shown as text, never run as markup
     title = "<img src=x onerror=\"document.title='owned'\">"

@@ -59,6 +59,11 @@ def error_page(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]
         status, detail = status_of(exc), str(exc)
     elif isinstance(exc, HTTPException):
         status, detail = exc.status_code, exc.detail
+        problems = [
+            f"{e['key']}: {e['message']}" for e in exc.extra or () if isinstance(e, dict) and "key" in e
+        ]
+        if problems:  # which field was wrong, as the API's `extra` says
+            detail = "; ".join(problems)
     else:
         status, detail = HTTP_500_INTERNAL_SERVER_ERROR, "internal error"
     return _page("error.html", request, status_code=status, status=status, detail=detail)
