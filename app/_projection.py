@@ -61,6 +61,10 @@ log = logging.getLogger("jobcast.projection")
 
 BOOKMARK = "jobs"
 MAX_BATCH = 1000
+NATS_PENDING_MSGS = 65_536
+NATS_PENDING_BYTES = 64 * 2**20
+"""nats-py's bounds of its queue in front of `_enqueue` (which empties it at once): what it drops
+there its ordered consumer would never redeliver, so they must stay out of reach."""
 _encoder = msgspec.json.Encoder()
 
 
@@ -363,16 +367,37 @@ class _Writes:
 class Projection:
     """Applies the JOBS stream to SQLite and wakes whoever waits on it."""
 
-    def __init__(self, db: Database, hub: Hub, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        db: Database,
+        hub: Hub,
+        metrics: Metrics | None = None,
+        queue_limit: int = 10_000,
+        queue_bytes_limit: int = 32 * 2**20,
+    ) -> None:
         self.db = db
         self.hub = hub
         self.metrics = metrics or Metrics()
+        self.queue_limit = queue_limit
+        """Messages received but not yet applied, at most (JOBCAST_PROJECTION_QUEUE)."""
+        self.queue_bytes_limit = queue_bytes_limit
+        """Their payload bytes, at most (JOBCAST_PROJECTION_QUEUE_MB)."""
+        self.queued_bytes = 0
+        self.resubscribes = 0
+        """Times the consumer was stopped at the bound (or after a gap) and started again."""
         self.applied_seq = 0
         self.caught_up = asyncio.Event()
         """Set once everything in the stream at start-up has been applied."""
         self.catch_up_to = 0
         """The stream's last sequence when the projection started."""
-        self._queue: asyncio.Queue[Msg] = asyncio.Queue()
+        self._queue: asyncio.Queue[Msg | None] = asyncio.Queue()
+        """Bounded by `_enqueue`; None: the consumer was stopped, resubscribe once this is reached."""
+        self._js: JetStreamContext | None = None
+        self._last_queued = 0
+        """Stream sequence of the last message queued: where a restarted consumer picks up."""
+        self._consumer_seq = 0
+        self._stopping: asyncio.Task[None] | None = None
+        """Unsubscribing the consumer that reached the bound (set until it is replaced)."""
         self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
         self._expected: dict[str, Handoff | None] = {}
         """Jobs someone is about to wait for, and the latest state a batch left each in."""
@@ -384,6 +409,11 @@ class Projection:
         self.callbacks_due: set[str] = set()
         """Jobs with a callback URL whose attempt has just ended; filled before their terminal
         event is published, taken by the webhooks (the others need no look at the job)."""
+
+    @property
+    def queued(self) -> int:
+        """Stream messages received but not yet applied."""
+        return self._queue.qsize()
 
     async def start(self, js: JetStreamContext) -> None:
         """Resume from the bookmark and follow the stream."""
@@ -399,19 +429,10 @@ class Projection:
             )  # fmt: skip
         self._mark_caught_up()
         start = max(self.applied_seq + 1, info.state.first_seq or 1)
+        self._js = js
+        self._last_queued = start - 1
         self._task = asyncio.create_task(self._run(), name="projection")
-        self._sub = await js.subscribe(
-            ALL_SUBJECTS,
-            ordered_consumer=True,
-            cb=self._enqueue,
-            config=js_api.ConsumerConfig(
-                deliver_policy=js_api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start
-            ),
-            pending_msgs_limit=1_000_000,
-            # nats-py resets an ordered consumer after two missed heartbeats; its default of 5 s
-            # left the projection (and every submit) stalled ~18 s after a broker restart.
-            idle_heartbeat=1.0,
-        )
+        await self._subscribe()
         log.info("projection resumes after seq %d; stream is at %d", self.applied_seq, self.catch_up_to)
 
     async def stop(self) -> None:
@@ -452,14 +473,83 @@ class Projection:
         handoff = self._expected.get(job_id) if job_id is not None else None
         return handoff if handoff is not None and handoff.row.last_seq >= seq else None
 
+    async def _subscribe(self) -> None:
+        """Follow the stream from the message after the last one queued."""
+        assert self._js is not None
+        self._consumer_seq = 0
+        self._sub = await self._js.subscribe(
+            ALL_SUBJECTS,
+            ordered_consumer=True,
+            cb=self._enqueue,
+            config=js_api.ConsumerConfig(
+                deliver_policy=js_api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=self._last_queued + 1
+            ),
+            # `_enqueue` never waits, so nats-py's own queue only holds what its read loop parsed
+            # since it last yielded (a socket read or two); these limits are never reached.
+            pending_msgs_limit=NATS_PENDING_MSGS,
+            pending_bytes_limit=NATS_PENDING_BYTES,
+            # nats-py resets an ordered consumer after two missed heartbeats; its default of 5 s
+            # left the projection (and every submit) stalled ~18 s after a broker restart.
+            idle_heartbeat=1.0,
+        )
+
     async def _enqueue(self, msg: Msg) -> None:
+        # Never waits. When nats-py's queue for a callback is full it drops the message, and its
+        # ordered consumer does not notice (it tracks what arrived, not what was handed over): those
+        # events would be skipped for good. So the bound is kept here: past it, or after a gap in
+        # the consumer's sequence, this consumer is stopped and `_run` starts a new one after the
+        # last message queued, once it has applied everything before it.
+        if self._stopping is not None:
+            return
+        seq = msg.metadata.sequence
+        gap = seq.consumer != 1 and seq.consumer != self._consumer_seq + 1  # 1: nats-py restarted it
+        if gap or self._queue.qsize() >= self.queue_limit or self.queued_bytes >= self.queue_bytes_limit:
+            log.log(
+                logging.WARNING if gap else logging.INFO,  # a full queue is routine while catching up
+                "projection %s at seq %d: stopping its consumer, resuming after seq %d once applied",
+                "missed messages" if gap else "queue full", seq.stream, self._last_queued,
+            )  # fmt: skip
+            self.resubscribes += 1
+            self._stopping = asyncio.create_task(self._unsubscribe())
+            self._queue.put_nowait(None)
+            return
+        self._consumer_seq = seq.consumer
+        self._last_queued = seq.stream
+        self.queued_bytes += len(msg.data)
         self._queue.put_nowait(msg)
+
+    async def _unsubscribe(self) -> None:
+        if self._sub is not None:
+            try:
+                await self._sub.unsubscribe()
+            except Exception as exc:  # the connection may be gone; a new consumer replaces it anyway
+                log.debug("unsubscribe: %s", exc)
+
+    async def _resubscribe(self) -> None:
+        """Replace the stopped consumer by one that starts after the last message queued."""
+        if self._stopping is not None:
+            await self._stopping
+        delay = 0.05
+        while True:
+            try:
+                await self._subscribe()
+                break
+            except Exception as exc:  # NATS unreachable for now: keep trying, the stream keeps the events
+                log.error("projection cannot resubscribe, retrying: %s", exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        self._stopping = None
 
     async def _run(self) -> None:
         while True:
-            batch = [await self._queue.get()]
-            while len(batch) < MAX_BATCH and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
+            taken = [await self._queue.get()]
+            while len(taken) < MAX_BATCH and not self._queue.empty():
+                taken.append(self._queue.get_nowait())
+            batch = [msg for msg in taken if msg is not None]
+            self.queued_bytes -= sum(len(msg.data) for msg in batch)
+            if not batch:  # the stop marker alone: nothing is queued after it
+                await self._resubscribe()
+                continue
             delay = 0.05
             while True:
                 try:
@@ -470,13 +560,14 @@ class Projection:
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 5.0)
             self.callbacks_due |= writes.callbacks
-            for item in writes.applied:
-                self.hub.publish(item)
+            self.hub.publish_all(writes.applied)
             for job_id, handoff in writes.handoffs.items():
                 if job_id in self._expected:
                     self._expected[job_id] = handoff
             self._wake()
             self._mark_caught_up()
+            if taken[-1] is None:
+                await self._resubscribe()
 
     async def _apply(self, batch: list[Msg]) -> _Writes:
         last = self.applied_seq
