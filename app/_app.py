@@ -73,8 +73,10 @@ def create_app(settings: Settings | None = None) -> Litestar:
         try:
             js = nc.jetstream()
             await ensure_stream(js)
-            hub = Hub()
-            projection = Projection(db, hub, app.state.metrics)
+            hub = Hub(settings.client_buffer_bytes)
+            projection = Projection(
+                db, hub, app.state.metrics, settings.projection_queue, settings.projection_queue_bytes
+            )
             await projection.start(js)
             app.state.nats = nc
             app.state.service = service = JobService(settings, db, js, projection, hub)

@@ -41,10 +41,20 @@ class UnavailableError(ApiError):
     """A dependency (NATS, the projection) is not keeping up; try again."""
 
 
+class TooSlowError(ApiError):
+    """A live client fell further behind than its buffer allows and was cut off; it resumes after
+    `resume_after` (every event up to that sequence was sent to it)."""
+
+    def __init__(self, resume_after: int) -> None:
+        super().__init__(f"too slow; resume after event {resume_after}")
+        self.resume_after = resume_after
+
+
 STATUS_CODES: dict[type[Exception], int] = {
     NotFoundError: HTTP_404_NOT_FOUND,
     ConflictError: HTTP_409_CONFLICT,
     UnavailableError: HTTP_503_SERVICE_UNAVAILABLE,
+    TooSlowError: HTTP_503_SERVICE_UNAVAILABLE,
     TooManyError: HTTP_429_TOO_MANY_REQUESTS,
     UnknownOperationError: HTTP_422_UNPROCESSABLE_ENTITY,
     InvalidParamsError: HTTP_422_UNPROCESSABLE_ENTITY,
@@ -112,6 +122,7 @@ __all__ = [
     "HTTPException",
     "NotFoundError",
     "TooManyError",
+    "TooSlowError",
     "UnavailableError",
     "jobcast_error_to_http",
     "not_found",

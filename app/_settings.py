@@ -68,6 +68,25 @@ class Settings:
     """JOBCAST_WEBHOOK_ALLOW_PRIVATE=1: callbacks may go to private network addresses."""
     webhook_sweep_s: float = field(default_factory=lambda: _env_float("JOBCAST_WEBHOOK_SWEEP_S", 30.0))
     """JOBCAST_WEBHOOK_SWEEP_S: how often undelivered callbacks (their sender died) are looked for."""
+    client_buffer_bytes: int = field(default_factory=lambda: _env_int("JOBCAST_CLIENT_BUFFER_KB", 1024) * 1024)
+    """JOBCAST_CLIENT_BUFFER_KB: events one SSE, WebSocket or long-poll client may still have waiting
+    for its socket when the next batch of events arrives; a client further behind is cut off and
+    resumes by sequence. One batch (up to 1,000 events) may come on top, so a burst alone never cuts
+    off a client that keeps up."""
+    slow_client_grace_s: float = field(
+        default_factory=lambda: _env_float("JOBCAST_SLOW_CLIENT_GRACE_S", 10.0)
+    )
+    """JOBCAST_SLOW_CLIENT_GRACE_S: how long a cut-off client gets to take its goodbye (the end of its
+    SSE stream, WebSocket close 4008) before its connection is dropped without one."""
+    ws_max_jobs: int = field(default_factory=lambda: _env_int("JOBCAST_WS_MAX_JOBS", 1000))
+    """JOBCAST_WS_MAX_JOBS: job ids one /api/v1/ws connection may subscribe to (`all` counts as none)."""
+    projection_queue: int = field(default_factory=lambda: _env_int("JOBCAST_PROJECTION_QUEUE", 10_000))
+    """JOBCAST_PROJECTION_QUEUE: stream messages received but not yet applied; past it the projection
+    stops its consumer and, once it has applied what it holds, resumes from there."""
+    projection_queue_bytes: int = field(
+        default_factory=lambda: _env_int("JOBCAST_PROJECTION_QUEUE_MB", 32) * 2**20
+    )
+    """JOBCAST_PROJECTION_QUEUE_MB: the same bound in payload bytes."""
 
     def signing_key(self) -> bytes:
         """The webhook secret; generated once and stored in the data dir when not configured."""
