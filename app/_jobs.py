@@ -19,7 +19,14 @@ from sqlalchemy import Connection, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app._db import JOBS, Database, EventRow, FileRow, JobRow, queue_counts
-from app._exceptions import ConflictError, NotFoundError, TooManyError, UnavailableError, not_found
+from app._exceptions import (
+    ConflictError,
+    NotFoundError,
+    TooManyError,
+    TooSlowError,
+    UnavailableError,
+    not_found,
+)
 from app._hub import Applied, Hub
 from app._projection import Handoff, Projection
 from app._schemas import (
@@ -35,7 +42,7 @@ from app._schemas import (
     SubmitJob,
 )
 from app._settings import Settings
-from app._sse import SseFanout
+from app._sse import HISTORY_PAGE, SseFanout
 from streams import (
     ACTIVE_STATUSES,
     JOB_HEADER,
@@ -140,7 +147,7 @@ class JobService:
         self.hub = hub
         self.open_streams: Counter[str] = Counter()
         """Open SSE, WebSocket and long-poll connections per owner."""
-        self.sse = SseFanout(hub, settings.sse_ping_s)
+        self.sse = SseFanout(hub, settings.sse_ping_s, settings.slow_client_grace_s)
         """The job event streams' followers (`/jobs/{id}/events`)."""
 
     def check_stream_quota(self, owner: str | None) -> None:
@@ -235,38 +242,58 @@ class JobService:
             items = [job_view(row) for row in rows]
         return JobPage(items=items, total=total or 0, limit=limit, offset=offset)
 
-    async def history(self, job_id: str, after: int) -> tuple[list[EventRow], Job | None]:
-        """The job's recorded events after `after`, and the job, read in one snapshot."""
+    async def history(
+        self, job_id: str, after: int, limit: int | None = None
+    ) -> tuple[list[EventRow], Job | None]:
+        """The job's recorded events after `after` (the first `limit` of them), and the job, read in
+        one snapshot."""
+        query = select(EventRow).where(EventRow.job_id == job_id, EventRow.seq > after).order_by(EventRow.seq)
         async with self.db.session() as session, session.begin():
-            rows = list(
-                await session.scalars(
-                    select(EventRow)
-                    .where(EventRow.job_id == job_id, EventRow.seq > after)
-                    .order_by(EventRow.seq)
-                )
-            )
+            rows = list(await session.scalars(query.limit(limit) if limit is not None else query))
             job = await session.get(JobRow, job_id)
         return rows, (job_view(job) if job else None)
 
-    async def follow(self, job_id: str, owner: str | None, after: int = 0) -> AsyncIterator[Applied | None]:
+    async def owner_history(self, owner: str, after: int, limit: int) -> list[EventRow]:
+        """The first `limit` recorded events after `after` of all of `owner`'s jobs, in stream order."""
+        async with self.db.session() as session:
+            return list(
+                await session.scalars(
+                    select(EventRow)
+                    .join(JobRow, JobRow.id == EventRow.job_id)
+                    .where(JobRow.owner == owner, JobRow.last_seq > after, EventRow.seq > after)
+                    .order_by(EventRow.seq, EventRow.id)
+                    .limit(limit)
+                )
+            )
+
+    async def follow(
+        self, job_id: str, owner: str | None, after: int = 0, cut_off: asyncio.Future[None] | None = None
+    ) -> AsyncIterator[Applied | None]:
         """The job's events after `after`: history first, then live, ending after the job ends.
 
         Yields None whenever nothing happened for `sse_ping_s`, so callers can send a keep-alive.
+        Raises TooSlowError once the caller has fallen more than the client buffer behind (then
+        `cut_off` is completed at once, for a caller busy with a write meanwhile).
         """
         with self.hub.subscribe([job_id]) as sub, self.counted_stream(owner):
-            history, job = await self.history(job_id, after)
-            if job is None or (owner is not None and job.owner != owner):
-                return
+            sub.cut_off = cut_off
+            job: Job | None = None
             last = after
-            for row in history:
-                last = row.seq
-                yield Applied(row.seq, job_id, job.owner, row.kind, "", False, row.payload)
+            while True:  # the history, a page at a time
+                history, job = await self.history(job_id, last, HISTORY_PAGE)
+                if job is None or (owner is not None and job.owner != owner):
+                    return
+                for row in history:
+                    last = row.seq
+                    yield Applied(row.seq, job_id, job.owner, row.kind, "", False, row.payload)
+                if len(history) < HISTORY_PAGE:
+                    break
             if JobStatus(job.status).terminal and job.last_event_id <= last:
                 return
             while True:
                 try:
                     async with asyncio.timeout(self.settings.sse_ping_s):
-                        item = await sub.queue.get()
+                        item = await sub.get()
                 except TimeoutError:
                     yield None
                     continue
@@ -298,8 +325,8 @@ class JobService:
             while (remaining := deadline - asyncio.get_running_loop().time()) > 0:
                 try:
                     async with asyncio.timeout(remaining):
-                        item = await sub.queue.get()
-                except TimeoutError:
+                        item = await sub.get()
+                except (TimeoutError, TooSlowError):  # cut off: the answer is the job as it is now
                     break
                 if (since is not None and item.seq > since) or (
                     since is None and view(item.status) != reference

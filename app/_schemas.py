@@ -269,4 +269,5 @@ class WsCommand(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     all: bool = False
     """Every job of the caller, present and future."""
     last_event_id: Annotated[int, msgspec.Meta(ge=0, le=MAX_INT)] | None = None
-    """With `subscribe` to job ids: replay their events after this sequence first."""
+    """With `subscribe`: replay the events after this sequence of the job ids (and with `all`, of
+    every job of the caller) first."""

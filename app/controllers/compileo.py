@@ -12,6 +12,7 @@ from litestar.response import ServerSentEvent, ServerSentEventMessage
 from litestar.status_codes import HTTP_200_OK
 
 from app._deps import Owner, Service
+from app._exceptions import TooSlowError
 from app._jobs import compileo_status, compileo_status_name, compileo_update
 from app._schemas import JobStatusView, StatusUpdate
 from app.controllers.live import SSE_HEADERS
@@ -65,14 +66,17 @@ class CompileoController(Controller):
                 error=job.error if current.status == JobStatus.FAILED else None,
             )  # fmt: skip
             yield ServerSentEventMessage(data=_encoder.encode(first).decode())
-            async for item in service.follow(job_id, owner, job.last_event_id):
-                if item is None:
-                    yield ServerSentEventMessage(comment="ping", data=None)
-                    continue
-                final = await service.get(job_id, owner) if item.ends else job
-                yield ServerSentEventMessage(
-                    data=_encoder.encode(compileo_update(item.payload, final)).decode()
-                )
+            try:
+                async for item in service.follow(job_id, owner, job.last_event_id):
+                    if item is None:
+                        yield ServerSentEventMessage(comment="ping", data=None)
+                        continue
+                    final = await service.get(job_id, owner) if item.ends else job
+                    yield ServerSentEventMessage(
+                        data=_encoder.encode(compileo_update(item.payload, final)).decode()
+                    )
+            except TooSlowError:  # fell too far behind; reconnecting starts from the current status
+                yield ServerSentEventMessage(comment="too slow, cut off; reconnect", data=None)
 
         return ServerSentEvent(updates(), headers=SSE_HEADERS)
 

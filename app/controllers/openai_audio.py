@@ -21,7 +21,7 @@ from litestar.status_codes import HTTP_400_BAD_REQUEST, HTTP_500_INTERNAL_SERVER
 from litestar.types import Receive
 
 from app._deps import FilesDep, Owner, Service
-from app._exceptions import STATUS_CODES
+from app._exceptions import STATUS_CODES, TooSlowError
 from app._files import FileService
 from app._jobs import JobService
 from app._schemas import Job, SubmitJob
@@ -154,9 +154,10 @@ async def _ended(service: JobService, job_id: str, owner: str) -> Job:
     """The job once it has ended, awaited on its events (a retried attempt is followed too)."""
     after = 0
     while True:
-        async for applied in service.follow(job_id, owner, after):
-            if applied is not None:
-                after = applied.seq
+        with contextlib.suppress(TooSlowError):  # fell behind (a starved loop): follow again from `after`
+            async for applied in service.follow(job_id, owner, after):
+                if applied is not None:
+                    after = applied.seq
         job = await service.get(job_id, owner)
         if JobStatus(job.status).terminal:
             return job
