@@ -272,8 +272,9 @@ class JobService:
         """The job's events after `after`: history first, then live, ending after the job ends.
 
         Yields None whenever nothing happened for `sse_ping_s`, so callers can send a keep-alive.
-        Raises TooSlowError once the caller has fallen more than the client buffer behind (then
-        `cut_off` is completed at once, for a caller busy with a write meanwhile).
+        Raises TooSlowError (after the last event yielded) once the caller has fallen more than
+        the client buffer behind; `cut_off` is completed at the moment it is cut off, for a caller
+        busy with a write meanwhile.
         """
         with self.hub.subscribe([job_id]) as sub, self.counted_stream(owner):
             sub.cut_off = cut_off
@@ -297,6 +298,10 @@ class JobService:
                 except TimeoutError:
                     yield None
                     continue
+                except TooSlowError:
+                    # Asked for more, so the caller is through with what came before: everything up
+                    # to `last` (the history read while live events piled up included).
+                    raise TooSlowError(last) from None
                 if item.seq <= last:
                     continue
                 last = item.seq

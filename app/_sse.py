@@ -160,6 +160,8 @@ class SseFollower:
             log.warning(
                 "SSE follower of %s cut off and not reading; dropped without its goodbye", self.job_id
             )
+        except OSError as exc:  # the connection is unusable: stop writing to it
+            log.debug("SSE write to a follower of %s failed: %s", self.job_id, exc)
         finally:
             self.close()
 
