@@ -232,7 +232,7 @@ def test_configured_and_listed_endpoints_compare_normalized() -> None:
 
 async def test_listed_endpoint_on_loopback_is_refused_unless_allowed(server: FakeLLM) -> None:
     listed = llm_worker(llm_allowed_base_urls=(server.base_url,))
-    with pytest.raises(LLMError, match=r"resolves to the non-public address 127\.0\.0\.1; nothing was sent"):
+    with pytest.raises(LLMError, match=r"resolves to the non-public address 127\.0\.0\.1; not sent"):
         await fix(server, make_cues("a"), target=endpoint(listed, server.base_url), retry_delay=5.0)
     assert server.requests == []
 

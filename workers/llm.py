@@ -40,6 +40,8 @@ _NUMBERED = re.compile(r"^\s*(\d+)\s*[:.)]\s?(.*)$")
 # Worth retrying with backoff: the server is overloaded, rate limiting, or briefly unreachable.
 _TRANSIENT_STATUS = {408, 409, 429}
 _MAX_DELAY = 60.0
+NO_KEY = "none"
+"""Sent when no key is configured (local servers take any); the SDK requires one."""
 
 
 class Cue(msgspec.Struct, frozen=True):
@@ -86,7 +88,7 @@ def endpoint(settings: WorkerSettings, base_url: str | None) -> Endpoint:
     """The endpoint for a job that names `base_url` (None: the configured one); raises LLMError,
     not retryable, unless the operator configured or listed it. Checked here as well as by the API,
     since anyone who reaches NATS can publish a job that the API never saw."""
-    key = settings.llm_api_key or "none"
+    key = settings.llm_api_key or NO_KEY
     endpoints = settings.llm_endpoints
     if base_url is None or endpoints.is_configured(base_url):
         return Endpoint(base_url=settings.llm_base_url, api_key=key)
@@ -122,17 +124,18 @@ class _CheckedTransport(httpx.AsyncBaseTransport):
             addresses = await self._policy.resolve(host, request.url.port)
         except HostUnresolvedError as exc:  # DNS may recover: transient, as a failed connect is
             raise httpx.ConnectError(str(exc), request=request) from exc
-        for n, address in enumerate(addresses):
-            pinned = httpx.Request(
-                request.method, request.url.copy_with(host=address), headers=request.headers,
-                stream=request.stream, extensions={**request.extensions, "sni_hostname": host},
-            )  # fmt: skip
-            try:
-                return await self._inner.handle_async_request(pinned)
-            except httpx.ConnectError:
-                if n == len(addresses) - 1:  # e.g. ::1 first while the server listens on 127.0.0.1
-                    raise
-        raise AssertionError("resolve returns at least one address")
+        *others, last = addresses
+        for address in others:  # e.g. ::1 first while the server listens on 127.0.0.1 only
+            with contextlib.suppress(httpx.ConnectError):
+                return await self._send(request, address, host)
+        return await self._send(request, last, host)
+
+    async def _send(self, request: httpx.Request, address: str, host: str) -> httpx.Response:
+        pinned = httpx.Request(
+            request.method, request.url.copy_with(host=address), headers=request.headers,
+            stream=request.stream, extensions={**request.extensions, "sni_hostname": host},
+        )  # fmt: skip
+        return await self._inner.handle_async_request(pinned)
 
     async def aclose(self) -> None:
         await self._inner.aclose()
@@ -236,10 +239,10 @@ async def fix_cues(
                     messages=[{"role": "system", "content": system}, {"role": "user", "content": prompt}],
                 )
             except EgressRefusedError as exc:  # openai 3 lets what the transport raises through
-                raise LLMError(f"{label}: {exc}; nothing was sent") from None
+                raise LLMError(f"{label}: {exc}; not sent") from None
             except openai.APIError as exc:
                 if (refused := _refusal(exc)) is not None:  # openai 1 and 2 wrap it
-                    raise LLMError(f"{label}: {refused}; nothing was sent") from None
+                    raise LLMError(f"{label}: {refused}; not sent") from None
                 if not _transient(exc):
                     raise LLMError(
                         f"{label}: the model's API refused the request: {_describe(exc, target.api_key)}"
@@ -316,4 +319,4 @@ def _describe(exc: openai.APIError, api_key: str) -> str:
         text = f"HTTP {exc.status_code}: {exc.message}"
     else:
         text = f"{type(exc).__name__}: {exc.message}"
-    return text.replace(api_key, "[the API key]") if len(api_key) >= 4 else text
+    return text if api_key == NO_KEY else text.replace(api_key, "[the API key]")
