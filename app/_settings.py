@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
+from streams import DEFAULT_LLM_BASE_URL, LlmEndpoints, llm_allowlist
+
 
 def _env_float(name: str, default: float) -> float:
     value = os.environ.get(name)
@@ -68,6 +70,21 @@ class Settings:
     """JOBCAST_WEBHOOK_ALLOW_PRIVATE=1: callbacks may go to private network addresses."""
     webhook_sweep_s: float = field(default_factory=lambda: _env_float("JOBCAST_WEBHOOK_SWEEP_S", 30.0))
     """JOBCAST_WEBHOOK_SWEEP_S: how often undelivered callbacks (their sender died) are looked for."""
+
+    llm_base_url: str = field(
+        default_factory=lambda: os.environ.get("JOBCAST_LLM_BASE_URL", DEFAULT_LLM_BASE_URL)
+    )
+    """JOBCAST_LLM_BASE_URL: the LLM workers' own endpoint, which a job may always name."""
+    llm_allowed_base_urls: tuple[str, ...] = field(
+        default_factory=lambda: llm_allowlist(os.environ.get("JOBCAST_LLM_ALLOWED_BASE_URLS", ""))
+    )
+    """JOBCAST_LLM_ALLOWED_BASE_URLS (comma-separated): the other LLM endpoints a job may name as
+    `base_url`; the LLM workers get the same list. Any other gets 422."""
+
+    @property
+    def llm_endpoints(self) -> LlmEndpoints:
+        """The LLM endpoints a job may name."""
+        return LlmEndpoints(configured=self.llm_base_url, listed=self.llm_allowed_base_urls)
 
     def signing_key(self) -> bytes:
         """The webhook secret; generated once and stored in the data dir when not configured."""

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
-import ipaddress
 import logging
 import uuid
 from collections.abc import Callable
@@ -29,7 +28,7 @@ from app._db import JobRow
 from app._exceptions import NotFoundError
 from app._hub import Applied
 from app._jobs import JobService
-from streams import TERMINAL_STATUSES, CallbackResult, callbacks_bucket
+from streams import TERMINAL_STATUSES, AddressPolicy, CallbackResult, EgressRefusedError, callbacks_bucket
 
 if TYPE_CHECKING:
     import httpx
@@ -122,19 +121,14 @@ class Webhooks:
     async def _refused(self, url: str) -> str:
         """Why `url` may not be called: its host resolves to a private, loopback or link-local
         address (so a webhook cannot reach internal services), unless settings allow it."""
-        host = urlsplit(url).hostname or ""
+        policy = AddressPolicy(
+            allow_loopback=self.settings.webhook_allow_loopback or self.local_mode(),
+            allow_private=self.settings.webhook_allow_private,
+        )
         try:
-            infos = await asyncio.get_running_loop().getaddrinfo(host, None)
-        except OSError as exc:
-            return f"cannot resolve {host}: {exc}"
-        for info in infos:
-            address = ipaddress.ip_address(str(info[4][0]).split("%")[0])
-            if address.is_loopback and (self.settings.webhook_allow_loopback or self.local_mode()):
-                continue
-            if address.is_private and self.settings.webhook_allow_private:
-                continue
-            if not address.is_global:
-                return f"refused: {host} resolves to the non-public address {address}"
+            await policy.resolve(urlsplit(url).hostname or "")
+        except EgressRefusedError as exc:
+            return str(exc)
         return ""
 
     async def deliver(self, job_id: str) -> None:
