@@ -33,7 +33,7 @@ from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
 from app._settings import Settings
-from streams import ApiKeyRecord, keys_bucket
+from streams import ApiKeyRecord, TaskSupervisor, keys_bucket
 
 log = logging.getLogger("jobcast.auth")
 
@@ -76,38 +76,43 @@ class Keys:
         self.js = js
         self._by_hash: dict[str, ApiKeyRecord] = {}
         self._kv: KeyValue | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._names: dict[str, str] = {}
+        """The sha256 each key name of the bucket stands for, as the watch has seen them so far
+        (kept when the watch is restarted)."""
         self._loaded = asyncio.Event()
 
-    async def start(self) -> None:
-        """Load every key and follow changes."""
+    async def start(self, tasks: TaskSupervisor) -> None:
+        """Load every key and follow changes, as task `key-watch` of `tasks`."""
         self._kv = await keys_bucket(self.js)
-        self._task = asyncio.create_task(self._watch())
+        tasks.start("key-watch", self._watch)
         async with asyncio.timeout(10):
             await self._loaded.wait()
 
-    async def stop(self) -> None:
-        """Stop following changes."""
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-
     async def _watch(self) -> None:
         assert self._kv is not None
-        names: dict[str, str] = {}
+        names = self._names
+        replayed: set[str] = set()
         watcher = await self._kv.watchall()
-        async for entry in watcher:
-            if entry is None:  # the initial values have all arrived
-                self._loaded.set()
-                continue
-            old = names.pop(entry.key, None)
-            if old is not None:
-                self._by_hash.pop(old, None)
-            if entry.value and entry.operation is None:
-                with contextlib.suppress(msgspec.DecodeError):
-                    record = msgspec.json.decode(entry.value, type=ApiKeyRecord)
-                    self._by_hash[record.sha256] = record
-                    names[entry.key] = record.sha256
+        try:
+            async for entry in watcher:
+                if entry is None:  # the initial values have all arrived
+                    # Run again after a failure: a key the replay did not bring was revoked meanwhile.
+                    for revoked in names.keys() - replayed:
+                        self._by_hash.pop(names.pop(revoked), None)
+                    self._loaded.set()
+                    continue
+                replayed.add(entry.key)
+                old = names.pop(entry.key, None)
+                if old is not None:
+                    self._by_hash.pop(old, None)
+                if entry.value and entry.operation is None:
+                    with contextlib.suppress(msgspec.DecodeError):
+                        record = msgspec.json.decode(entry.value, type=ApiKeyRecord)
+                        self._by_hash[record.sha256] = record
+                        names[entry.key] = record.sha256
+        finally:
+            with contextlib.suppress(Exception):  # the connection may already be gone
+                await watcher.stop()  # type: ignore[no-untyped-call]  # nats-py leaves it unannotated
 
     @property
     def empty(self) -> bool:

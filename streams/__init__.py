@@ -84,6 +84,7 @@ from streams._subjects import (
     schedule_subject,
     submit_subject,
 )
+from streams._supervisor import TaskPhase, TaskState, TaskSupervisor
 
 __all__ = [
     "ACTIVE_STATUSES",
@@ -132,6 +133,9 @@ __all__ = [
     "Retrying",
     "Started",
     "Submitted",
+    "TaskPhase",
+    "TaskState",
+    "TaskSupervisor",
     "TranscribeParams",
     "UnknownOperationError",
     "WorkerConsumer",

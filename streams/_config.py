@@ -18,6 +18,7 @@ from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
 from streams._subjects import ALL_SUBJECTS, STREAM, pool_submissions, priority_token
+from streams._supervisor import TaskState
 
 
 class Pool(enum.StrEnum):
@@ -78,6 +79,8 @@ class WorkerInfo(msgspec.Struct, kw_only=True):
     pid: int
     started_at: float
     last_seen: float
+    tasks: dict[str, TaskState] = {}
+    """Its supervised tasks (fetch loop, heartbeat): running, or restarting since when and why."""
 
 
 async def workers_bucket(js: JetStreamContext) -> KeyValue:
