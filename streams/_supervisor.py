@@ -138,7 +138,14 @@ class TaskSupervisor:
             if loop.time() - began >= self.healthy_s:
                 delay = self.backoff_s
             wait = random.uniform(delay / 2, delay)
-            log.error("task %s failed (%s); restarting in %.2f s", name, error, wait, exc_info=trace)
+            log.error(
+                "task %s failed (%s); restarting in %.2f s",
+                name,
+                error,
+                wait,
+                exc_info=trace,
+                extra={"task": name},
+            )
             self._set(name, TaskPhase.RESTARTING, error=error, failed=True)
             if until is None:
                 await asyncio.sleep(wait)
@@ -151,7 +158,7 @@ class TaskSupervisor:
                     return
             delay = min(delay * 2, self.max_backoff_s)
             self._set(name, TaskPhase.RUNNING)
-            log.info("task %s restarted", name)
+            log.info("task %s restarted", name, extra={"task": name})
 
     def _set(self, name: str, state: TaskPhase, *, error: str | None = None, failed: bool = False) -> None:
         before = self._states.get(name)
