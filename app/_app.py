@@ -23,6 +23,7 @@ from app._auth import (
     Keys,
     LoginRequired,
     is_loopback,
+    provision_admin_key,
     rate_limit_identity,
 )
 from app._db import Database
@@ -80,13 +81,15 @@ def create_app(settings: Settings | None = None) -> Litestar:
             await projection.start(js, tasks)
             app.state.nats = nc
             app.state.service = service = JobService(settings, db, js, projection, hub)
+            if settings.admin_key:
+                await provision_admin_key(js, settings.admin_key)
             app.state.api_keys = keys = Keys(js)
             await keys.start(tasks)
             if keys.empty and not is_loopback(settings.host):
                 raise RuntimeError(
                     f"refusing to serve on {settings.host} without API keys: anyone who can reach it would "
-                    "have admin rights. Create one with `jobcast keys create --name NAME --admin`, or bind "
-                    "127.0.0.1."
+                    "have admin rights. Set JOBCAST_ADMIN_KEY (or JOBCAST_ADMIN_KEY_FILE), create a key with "
+                    "`jobcast keys create --name NAME --admin`, or bind 127.0.0.1."
                 )
             app.state.stats = Stats(db, js)
             app.state.files = FileService(service, await files_store(js), settings.data_dir / "cache")
@@ -128,7 +131,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         ],
         template_config=TemplateConfig(directory=UI_FILES / "templates", engine=JinjaTemplateEngine),
         lifespan=[lifespan],
-        state=State({"settings": settings, "token_secret": settings.signing_key(), "metrics": Metrics()}),
+        state=State({"settings": settings, "token_secret": settings.session_key(), "metrics": Metrics()}),
         middleware=[
             DefineMiddleware(
                 AuthMiddleware, exclude=["^/health$", "^/ready$", "^/schema", "^/api/v1/auth/login$"]

@@ -1,6 +1,7 @@
 """The contract between the API and the workers: NATS names, configs, payloads, operations."""
 
 from streams._config import (
+    ADMIN_KEY_NAME,
     CALLBACK_CLAIM_TTL_S,
     JOBS_STREAM,
     WORKER_TTL_S,
@@ -8,6 +9,7 @@ from streams._config import (
     Pool,
     WorkerConsumer,
     WorkerInfo,
+    admin_key_from_env,
     callbacks_bucket,
     ensure_consumer,
     ensure_stream,
@@ -88,6 +90,7 @@ from streams._supervisor import TaskPhase, TaskState, TaskSupervisor
 
 __all__ = [
     "ACTIVE_STATUSES",
+    "ADMIN_KEY_NAME",
     "ALL_CONTROL",
     "ALL_EVENTS",
     "ALL_SUBJECTS",
@@ -140,6 +143,7 @@ __all__ = [
     "UnknownOperationError",
     "WorkerConsumer",
     "WorkerInfo",
+    "admin_key_from_env",
     "callbacks_bucket",
     "check_llm_endpoint",
     "close_quietly",
