@@ -28,7 +28,7 @@ from app import Settings
 from app._auth import SESSION_MAX_AGE_S, Caller, key_hash, sign_token
 from streams import ApiKeyRecord, NatsServer, admin_key_from_env, close_quietly, keys_bucket
 from streams import connect as nats_connect
-from tests.conftest import MEDIA, ApiServer, WorkerRunner, free_port, spawned, submit, wait_terminal
+from tests.conftest import MEDIA, ApiServer, WorkerRunner, free_port, spawned, submit
 from tests.test_admin import Receiver, wait_for
 from tests.test_security import BAD_KEY, BAD_TOKEN, NEED_KEY, put_key
 
@@ -191,31 +191,28 @@ async def test_rotating_the_session_secret_keeps_webhook_signatures(
     nats_server: NatsServer, settings: Settings, worker: WorkerRunner
 ) -> None:
     key = await put_key(nats_server.url, "alice")
-    signatures: list[str] = []
     tokens: list[str] = []
     async with Receiver([200]) as hook:
         for session_secret in ("session-one", "session-two"):
             server = ApiServer(replace(settings, session_secret=session_secret, webhook_allow_loopback=True))
             await server.start()
             try:
-                async with httpx.AsyncClient(
-                    base_url=server.url, timeout=30, headers={"X-API-Key": key}
-                ) as http:
+                async with (
+                    httpx.AsyncClient(base_url=server.url, timeout=30, headers={"X-API-Key": key}) as alice,
+                    httpx.AsyncClient(base_url=server.url, timeout=30) as anon,
+                ):
                     for old in tokens:  # a token of the old session secret is over
-                        stale = await http.get(
-                            "/api/v1/jobs", params={"token": old}, headers={"X-API-Key": ""}
-                        )
+                        stale = await anon.get("/api/v1/jobs", params={"token": old})
                         assert (stale.status_code, stale.json()) == (401, BAD_TOKEN)
-                    tokens.append((await http.post("/api/v1/auth/token")).json()["token"])
-                    job = await submit(http, params={"steps": 1}, callback_url=hook.url)
-                    await wait_for(lambda: _delivered(http, job["id"]))  # noqa: B023 - awaited here
+                    tokens.append((await alice.post("/api/v1/auth/token")).json()["token"])
+                    job = await submit(alice, params={"steps": 1}, callback_url=hook.url)
+                    await wait_for(lambda: _delivered(alice, job["id"]))  # noqa: B023 - awaited here
             finally:
                 await server.stop()
-    webhook_key = settings.signing_key()
+    webhook_key = settings.signing_key()  # generated into the data dir, as both servers read it
+    assert len(hook.requests) == 2
     for headers, body in hook.requests:
         assert headers["x-jobcast-signature"] == "sha256=" + hmac.new(webhook_key, body, "sha256").hexdigest()
-        signatures.append(headers["x-jobcast-signature"])
-    assert len(signatures) == 2
 
 
 # 1. a token names its key ------------------------------------------------------------------------
@@ -233,6 +230,12 @@ async def test_revoking_a_key_ends_its_sessions_links_and_streams(
     for params, headers in (({"token": token}, {}), ({"token": refreshed}, {}), ({}, session(cookie))):
         ok = await keyed.anon.get(f"/api/v1/jobs/{job['id']}", params=params, headers=headers)
         assert (ok.status_code, ok.json()["owner"]) == (200, "alice")
+    for credential in (token, refreshed):  # the tokens open the job's event stream
+        async with aconnect_sse(
+            keyed.anon, "GET", f"/api/v1/jobs/{job['id']}/events", params={"token": credential}
+        ) as source:
+            assert source.response.status_code == 200
+            assert (await anext(source.aiter_sse())).event == "submitted"
 
     await revoke(nats_server.url, "alice")
     since = time.monotonic()
@@ -425,14 +428,9 @@ async def test_admin_key_from_env_lets_a_fresh_api_bind_publicly(
     assert (await stored_record(nats_server.url, "admin"))[0].sha256 == key_hash("second-admin-key")
 
 
-async def test_jobcast_api_reads_the_admin_key_file(nats_server: NatsServer, tmp_path: Path) -> None:
-    key_file = tmp_path / "admin-key"
-    key_file.write_text("key-from-a-docker-secret\n")
-    port = free_port()
-    env = dict(os.environ, JOBCAST_NATS_URL=nats_server.url, JOBCAST_DATA_DIR=str(tmp_path / "data"),
-               JOBCAST_ADMIN_KEY_FILE=str(key_file))  # fmt: skip
-    env.pop("JOBCAST_ADMIN_KEY", None)
-    argv = [sys.executable, "-m", "jobcast", "api", "--host", "0.0.0.0", "--port", str(port)]
+async def check_public_api(args: list[str], port: int, env: dict[str, str], admin_key: str) -> None:
+    """Run `jobcast ARGS` (an API on a public address); it must serve the admin key and refuse anyone else."""
+    argv = [sys.executable, "-m", "jobcast", *args]
     async with spawned(argv, env) as proc, httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
 
         async def ready() -> bool:
@@ -443,22 +441,24 @@ async def test_jobcast_api_reads_the_admin_key_file(nats_server: NatsServer, tmp
                 return False
 
         await wait_for(ready, timeout=30)
-        admin = await http.get(ADMIN_ALL, headers={"X-API-Key": "key-from-a-docker-secret"})
+        admin = await http.get(ADMIN_ALL, headers={"X-API-Key": admin_key})
         assert (admin.status_code, admin.json()["total"]) == (200, 0)
         anon = await http.get(ADMIN_ALL)
         assert (anon.status_code, anon.json()) == (401, NEED_KEY)
 
 
-async def test_refreshed_token_reaches_sse(keyed: Api, worker: WorkerRunner) -> None:
-    async with httpx.AsyncClient(base_url=keyed.server.url, headers=keyed.as_key("alice")) as alice:
-        job = await submit(alice, params={"steps": 1})
-        await wait_terminal(alice, job["id"])
-    token = (await keyed.token(token=(await keyed.token(keyed.as_key("alice")))["token"]))["token"]
-    kinds: list[str] = []
-    async with aconnect_sse(
-        keyed.anon, "GET", f"/api/v1/jobs/{job['id']}/events", params={"token": token}
-    ) as source:
-        assert source.response.status_code == 200
-        async for sse in source.aiter_sse():
-            kinds.append(sse.event)
-    assert (kinds[0], kinds[-1]) == ("submitted", "completed")
+def clean_env(**overrides: str) -> dict[str, str]:
+    """This process's environment without any JOBCAST_ setting, plus `overrides`."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith("JOBCAST_")}
+    return {**env, **overrides}
+
+
+async def test_jobcast_api_reads_the_admin_key_file(nats_server: NatsServer, tmp_path: Path) -> None:
+    key_file = tmp_path / "admin-key"
+    key_file.write_text("key-from-a-docker-secret\n")
+    port = free_port()
+    env = clean_env(JOBCAST_NATS_URL=nats_server.url, JOBCAST_DATA_DIR=str(tmp_path / "data"),
+                    JOBCAST_ADMIN_KEY_FILE=str(key_file))  # fmt: skip
+    await check_public_api(
+        ["api", "--host", "0.0.0.0", "--port", str(port)], port, env, "key-from-a-docker-secret"
+    )
