@@ -136,6 +136,12 @@ async def test_webhook_secret_cannot_mint_tokens(keyed: Api, settings: Settings)
     assert everyone.json()["items"] == []
 
 
+async def test_malformed_tokens_are_401_not_500(keyed: Api) -> None:
+    for bad in ("t\u00f8ken.s\u00efg", "\u00e9", ".", "a.b.c", "x" * 4000, "eyJ9.0"):
+        response = await keyed.anon.get("/api/v1/jobs", params={"token": bad})
+        assert (response.status_code, response.json()) == (401, BAD_TOKEN), bad
+
+
 async def test_session_secret_is_generated_once_and_private(tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path / "fresh", session_secret="", webhook_secret="")
     with ThreadPoolExecutor(8) as pool:  # eight API processes starting at once agree on one secret
