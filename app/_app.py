@@ -28,7 +28,7 @@ from app._auth import (
 )
 from app._db import Database
 from app._deps import DEPENDENCIES
-from app._exceptions import document_errors, jobcast_error_to_http
+from app._exceptions import ERROR_HANDLERS, document_errors, log_unexpected, send_request_id
 from app._files import FileService
 from app._hub import Hub
 from app._jobs import JobService
@@ -48,7 +48,7 @@ from app.controllers.metrics import MetricsController
 from app.controllers.openai_audio import OpenAIAudioController
 from app.controllers.queue import QueueController
 from app.controllers.ui import UiController, login_redirect, to_ui
-from streams import JobcastError, TaskSupervisor, close_quietly, connect, ensure_stream, files_store
+from streams import TaskSupervisor, close_quietly, connect, ensure_stream, files_store
 
 log = logging.getLogger("jobcast.api")
 
@@ -133,8 +133,10 @@ def create_app(settings: Settings | None = None) -> Litestar:
         lifespan=[lifespan],
         state=State({"settings": settings, "token_secret": settings.session_key(), "metrics": Metrics()}),
         middleware=[
-            DefineMiddleware(
-                AuthMiddleware, exclude=["^/health$", "^/ready$", "^/schema", "^/api/v1/auth/login$"]
+            DefineMiddleware(  # every method, OPTIONS too: guards and handlers rely on the caller
+                AuthMiddleware,
+                exclude=["^/health$", "^/ready$", "^/schema", "^/api/v1/auth/login$"],
+                exclude_http_methods=[],
             ),
             RateLimitConfig(
                 rate_limit=("minute", settings.rate_limit_per_minute),
@@ -143,7 +145,10 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 middleware_class=CountingRateLimitMiddleware,
             ).middleware,
         ],
-        exception_handlers={JobcastError: jobcast_error_to_http, LoginRequired: login_redirect},
+        exception_handlers={**ERROR_HANDLERS, LoginRequired: login_redirect},
+        after_exception=[log_unexpected],
+        before_send=[send_request_id],
+        logging_config=None,  # the process's own (JSON) logging stays; Litestar's would replace it
         dependencies=DEPENDENCIES,
         request_max_body_size=settings.max_request_bytes,
         openapi_config=OpenAPIConfig(title="jobcast", version="0.1.0", path="/schema"),
