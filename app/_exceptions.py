@@ -15,6 +15,7 @@ from litestar.exceptions import HTTPException
 from litestar.handlers import HTTPRouteHandler
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.status_codes import (
+    HTTP_400_BAD_REQUEST,
     HTTP_404_NOT_FOUND,
     HTTP_409_CONFLICT,
     HTTP_422_UNPROCESSABLE_ENTITY,
@@ -55,6 +56,14 @@ class UnavailableError(ApiError):
     """A dependency (NATS, the projection) is not keeping up; try again."""
 
 
+class StatusError(ApiError):
+    """An error answered with the status its raiser chose (400 unless given)."""
+
+    def __init__(self, message: str, status_code: int = HTTP_400_BAD_REQUEST) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+
+
 STATUS_CODES: dict[type[Exception], int] = {
     NotFoundError: HTTP_404_NOT_FOUND,
     ConflictError: HTTP_409_CONFLICT,
@@ -67,7 +76,7 @@ STATUS_CODES: dict[type[Exception], int] = {
 
 def status_of(exc: Exception) -> int:
     """The HTTP status an exception answers with: jobcast's by class, Litestar's its own, anything else 500."""
-    if isinstance(exc, HTTPException):
+    if isinstance(exc, HTTPException | StatusError):
         return exc.status_code
     return next(
         (code for cls, code in STATUS_CODES.items() if isinstance(exc, cls)), HTTP_500_INTERNAL_SERVER_ERROR
@@ -86,8 +95,9 @@ def request_id(scope: Scope) -> str:
 
 
 async def send_request_id(message: Message, scope: Scope) -> None:
-    """`before_send` hook: every HTTP response names its request id (WebSocket frames are left alone)."""
-    if message["type"] == "http.response.start":
+    """`before_send` hook: every HTTP response and WebSocket handshake names its request id (bodies and
+    frames pass untouched)."""
+    if message["type"] in ("http.response.start", "websocket.accept"):
         message.setdefault("headers", [])
         MutableScopeHeaders(message)[REQUEST_ID_HEADER.decode()] = request_id(scope)
 
@@ -183,6 +193,7 @@ __all__ = [
     "ErrorBody",
     "HTTPException",
     "NotFoundError",
+    "StatusError",
     "TooManyError",
     "UnavailableError",
     "error_body",

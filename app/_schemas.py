@@ -23,11 +23,11 @@ CallbackUrl = Annotated[str, msgspec.Meta(pattern=r"^https?://", max_length=2000
 class SubmitJob(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Body of POST /api/v1/jobs."""
 
-    type: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+    type: Annotated[str, msgspec.Meta(min_length=1, max_length=64, examples=["noop"])]
     """The operation, e.g. `noop`."""
-    params: dict[str, Any] = {}
+    params: Annotated[dict[str, Any], msgspec.Meta(examples=[{"steps": 3, "duration_s": 0.3}])] = {}
     """Operation parameters, validated against the operation's schema."""
-    title: Title = ""
+    title: Annotated[str, msgspec.Meta(max_length=500, examples=["a quick check"])] = ""
     description: Description = ""
     file_id: Annotated[str, msgspec.Meta(max_length=64)] | None = None
     """The input file, for operations that take one."""
@@ -54,11 +54,14 @@ class BatchItem(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 class SubmitBatch(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Body of POST /api/v1/jobs/batch: one child job per file id or per item."""
 
-    type: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+    type: Annotated[str, msgspec.Meta(min_length=1, max_length=64, examples=["noop"])]
     file_ids: (
         Annotated[list[Annotated[str, msgspec.Meta(max_length=64)]], msgspec.Meta(max_length=1000)] | None
     ) = None
-    items: Annotated[list[BatchItem], msgspec.Meta(max_length=1000)] | None = None
+    items: (
+        Annotated[list[BatchItem], msgspec.Meta(max_length=1000, examples=[[{"params": {"steps": 1}}, {}]])]
+        | None
+    ) = None
     params: dict[str, Any] = {}
     """Params shared by every child; an item's own params override them."""
     title: Title = ""
@@ -169,6 +172,17 @@ class EventEnvelope(msgspec.Struct, kw_only=True):
     event: msgspec.Raw
 
 
+class SseMessage(msgspec.Struct, kw_only=True):
+    """One Server-Sent Event of a job stream (its fields, as an SSE client reads them)."""
+
+    data: str
+    """One JSON object: an EventEnvelope on /events, a StatusUpdate on the Compileo stream."""
+    event: str | None = None
+    """The event's kind (`submitted`, `progress`, ...); absent on the Compileo stream."""
+    id: str | None = None
+    """The stream sequence, to resume from with Last-Event-ID."""
+
+
 class QueueHealth(msgspec.Struct, kw_only=True):
     """Compileo's queue_health block."""
 
@@ -213,7 +227,7 @@ class TypeStatistics(msgspec.Struct, kw_only=True):
 class ForceComplete(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Body of POST /api/v1/jobs/admin/{id}/force-complete."""
 
-    result: dict[str, Any] | None = None
+    result: Annotated[dict[str, Any], msgspec.Meta(examples=[{"text": "done by hand"}])] | None = None
 
 
 class CleanupReport(msgspec.Struct, kw_only=True):

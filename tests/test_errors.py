@@ -3,6 +3,7 @@ unexpected error is logged with a request id that its 500 body and X-Request-ID 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -170,6 +171,20 @@ async def test_anonymous_options_on_an_admin_route_is_refused_as_any_request(
         assert response.status_code == as_user.status_code == 204
 
 
+async def test_bytes_no_http_parser_accepts_get_a_400_from_the_server_itself(api: ApiServer) -> None:
+    # Raw non-ASCII in the request target and unknown methods never reach the app: uvicorn answers
+    # them (text, not JSON), and never with a 500.
+    for raw in (b"GET /api/v1/jobs?token=\xff\xfe HTTP/1.1\r\nHost: x\r\n\r\n", b"FOO / HTTP/1.1\r\nHost: x\r\n\r\n",
+                b"GET / HTTP/1.1\r\nHost: x\r\nBad Header: 1\r\n\r\n"):  # fmt: skip
+        reader, writer = await asyncio.open_connection("127.0.0.1", api.port)
+        writer.write(raw)
+        await writer.drain()
+        async with asyncio.timeout(10):
+            status_line = await reader.readline()
+        writer.close()
+        assert status_line.startswith(b"HTTP/1.1 400 "), (raw, status_line)
+
+
 async def test_request_id_is_sent_on_every_answer_and_a_sane_one_is_kept(client: httpx.AsyncClient) -> None:
     mine = await client.get("/health", headers={"X-Request-ID": "abc-123.x:y_z"})
     missing = await client.get("/no/such/route", headers={"X-Request-ID": "has space"})
@@ -191,6 +206,56 @@ async def test_sse_and_websocket_streams_still_work_with_the_request_id(api: Api
         assert first.event == "submitted"
         async with connect(api.url.replace("http://", "ws://") + f"/api/v1/jobs/{job['id']}/ws") as ws:
             assert '"kind":"submitted"' in str(await ws.recv())
+            assert ws.response is not None
+            assert re.fullmatch(r"[0-9a-f]{32}", ws.response.headers["x-request-id"])
+
+
+def documented_body_problem(
+    schema: dict[str, Any], path: str, method: str, response: httpx.Response
+) -> str | None:
+    """Why the answer is not what the schema documents for its status (None when it is)."""
+    documented = schema["paths"][path][method]["responses"].get(str(response.status_code))
+    if documented is None:
+        return f"{response.status_code} is not documented"
+    media = documented.get("content", {}).get("application/json")
+    if media is None:
+        return None  # not a JSON answer (204, a stream, a file)
+    name = media["schema"]["$ref"].rsplit("/", 1)[-1]
+    required = set(schema["components"]["schemas"][name].get("required", ()))
+    body = response.json()
+    return None if required <= set(body) else f"{response.status_code} body {body} is not a {name}"
+
+
+@pytest.mark.parametrize("api_with", ["keys"], indirect=True)
+async def test_every_route_answers_an_anonymous_caller_with_the_error_body_it_documents(
+    api_with: tuple[ApiServer, str | None],
+) -> None:
+    api, _ = api_with
+    wrong = []
+    async with httpx.AsyncClient(base_url=api.url, timeout=30) as http:
+        schema = (await http.get("/schema/openapi.json")).json()
+        for path, item in schema["paths"].items():
+            for method in item:
+                response = await http.request(method.upper(), re.sub(r"\{[^}]+\}", "x", path))
+                if (problem := documented_body_problem(schema, path, method, response)) is not None:
+                    wrong.append(f"{method.upper()} {path}: {problem}")
+    assert wrong == []
+    assert len(schema["paths"]) >= 25
+
+
+async def test_ready_answers_503_with_the_health_body_it_documents(
+    api: ApiServer, nats_server: NatsServer
+) -> None:
+    async with httpx.AsyncClient(base_url=api.url, timeout=30) as http:
+        schema = (await http.get("/schema/openapi.json")).json()
+        await nats_server.stop()
+        for _ in range(200):  # NATS's client notices the server is gone within a second or so
+            response = await http.get("/ready")
+            if response.status_code == 503:
+                break
+            await asyncio.sleep(0.1)
+    assert response.json()["nats"] is False
+    assert documented_body_problem(schema, "/ready", "get", response) is None
 
 
 class BrokenError(RuntimeError):

@@ -4,10 +4,19 @@ from __future__ import annotations
 
 from litestar import Controller, Response, get
 from litestar.datastructures import State
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.status_codes import HTTP_200_OK, HTTP_503_SERVICE_UNAVAILABLE
 
 from app._schemas import Health
 from streams import TaskSupervisor
+
+NOT_READY = {
+    HTTP_503_SERVICE_UNAVAILABLE: ResponseSpec(
+        data_container=Health, generate_examples=False,
+        description="Not ready: NATS is unreachable or the projection is catching up (the same body)",
+    )
+}  # fmt: skip
+"""/ready's 503 carries its Health body, not the error body other routes' 503 does."""
 
 
 class HealthController(Controller):
@@ -20,7 +29,7 @@ class HealthController(Controller):
         """The process is alive."""
         return Health(status="ok")
 
-    @get("/ready", operation_id="ready")
+    @get("/ready", operation_id="ready", responses=NOT_READY)
     async def ready(self, state: State) -> Response[Health]:
         """NATS is connected, the projection has caught up with the stream, and every supervised
         task runs; otherwise 503, with `status` naming what is not."""

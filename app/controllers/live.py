@@ -10,13 +10,14 @@ from typing import Annotated, Any
 import msgspec
 from litestar import Controller, WebSocket, get, websocket
 from litestar.exceptions import WebSocketDisconnect
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath, FromQuery, HeaderParameter, QueryParameter
 from litestar.response import ServerSentEvent
 
 from app._deps import Owner, Service
 from app._exceptions import NotFoundError, TooManyError
 from app._jobs import JobService
-from app._schemas import MAX_INT, Job, WsCommand
+from app._schemas import MAX_INT, Job, SseMessage, WsCommand
 from app._sse import FollowEvents
 from streams import JobStatus
 
@@ -24,6 +25,13 @@ _ws_commands = msgspec.json.Decoder(WsCommand)
 MAX_WS_MESSAGE = 16 * 1024
 """Subscription messages are small; anything longer is refused."""
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+SSE_RESPONSES = {
+    200: ResponseSpec(
+        data_container=SseMessage, media_type="text/event-stream", generate_examples=False,
+        description="Server-Sent Events: `id:`, `event:` and `data:` (JSON) lines, until the job ends",
+    )
+}  # fmt: skip
+"""How an SSE route documents its answer (Litestar would say JSON)."""
 
 LastEventId = Annotated[
     int | None,
@@ -55,7 +63,7 @@ class LiveController(Controller):
     path = "/api/v1"
     tags = ["live"]
 
-    @get("/jobs/{job_id:str}/events", operation_id="streamJobEvents")
+    @get("/jobs/{job_id:str}/events", operation_id="streamJobEvents", responses=SSE_RESPONSES)
     async def events(
         self,
         job_id: FromPath[str],

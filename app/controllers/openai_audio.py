@@ -21,7 +21,7 @@ from litestar.status_codes import HTTP_400_BAD_REQUEST, HTTP_500_INTERNAL_SERVER
 from litestar.types import Receive
 
 from app._deps import FilesDep, Owner, Service
-from app._exceptions import STATUS_CODES
+from app._exceptions import StatusError, error_body
 from app._files import FileService
 from app._jobs import JobService
 from app._schemas import Job, SubmitJob
@@ -37,15 +37,14 @@ _CANCELLING: set[asyncio.Task[None]] = set()
 """Cancels still running after their request went away (kept so they are not garbage-collected)."""
 
 
-class OpenAIRequestError(Exception):
+class OpenAIRequestError(StatusError):
     """An error answered in OpenAI's shape."""
 
     def __init__(
         self, message: str, status_code: int = HTTP_400_BAD_REQUEST, param: str | None = None
     ) -> None:
-        super().__init__(message)
+        super().__init__(message, status_code)
         self.message = message
-        self.status_code = status_code
         self.param = param
 
 
@@ -73,26 +72,25 @@ def error_response(
     return Response(body, status_code=status_code, media_type=MediaType.JSON, headers=headers)
 
 
-def to_openai_error(_: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
-    """This route's errors, jobcast's and Litestar's alike, in OpenAI's shape."""
-    if isinstance(exc, OpenAIRequestError):
-        return error_response(exc.message, exc.status_code, exc.param)
+def to_openai_error(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
+    """This route's errors, jobcast's, Litestar's and unexpected ones alike, in OpenAI's shape."""
     if isinstance(exc, InvalidParamsError | UnknownOperationError):
         return error_response(str(exc), HTTP_400_BAD_REQUEST)
-    if isinstance(exc, HTTPException):
-        return error_response(str(exc.detail), exc.status_code)
-    status = next(
-        (code for cls, code in STATUS_CODES.items() if isinstance(exc, cls)), HTTP_500_INTERNAL_SERVER_ERROR
-    )
-    return error_response(str(exc), status)
+    body = error_body(request, exc)
+    param = exc.param if isinstance(exc, OpenAIRequestError) and body.request_id is None else None
+    headers = exc.headers if isinstance(exc, HTTPException) and body.request_id is None else None
+    return error_response(body.detail, body.status_code, param, headers)
 
 
 ERROR_RESPONSES = {
     code: ResponseSpec(data_container=OpenAIErrorBody, description=text, generate_examples=False)
     for code, text in {
         400: "Invalid request, or the transcription failed: the message says why",
+        401: "No API key, or a wrong one",
         404: "A file the job produced is gone",
         413: "Request body too large",
+        429: "Too many requests or open streams for this key",
+        500: "Unexpected server error: the message names its request id in the server log",
         503: "The job queue is unavailable; try again",
     }.items()
 }
@@ -212,9 +210,9 @@ class OpenAIAudioController(Controller):
     path = "/v1/audio"
     tags = ["openai"]
     exception_handlers = {
-        OpenAIRequestError: to_openai_error,
-        JobcastError: to_openai_error,
+        JobcastError: to_openai_error,  # OpenAIRequestError too
         HTTPException: to_openai_error,
+        HTTP_500_INTERNAL_SERVER_ERROR: to_openai_error,  # any other exception
     }
 
     @post(
