@@ -352,3 +352,15 @@ def test_the_api_keeps_the_process_json_logs(tmp_path: Path, capsys: pytest.Capt
         logging.basicConfig(force=True)
     entry = json.loads(line)
     assert (entry["message"], entry["request_id"], entry["path"]) == ("boom", "r-1", "/x")
+
+
+async def test_an_expected_error_is_not_logged_as_unexpected(
+    client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR, logger="jobcast.api")
+    no_file = await client.post("/v1/audio/transcriptions", data={"model": "whisper-1"})
+    missing = await client.get("/api/v1/jobs/nope")
+    assert no_file.status_code == 400
+    assert no_file.json()["error"]["param"] == "file"
+    assert missing.status_code == 404
+    assert [r for r in caplog.records if r.name == "jobcast.api"] == []
