@@ -4,6 +4,7 @@ unexpected error is logged with a request id that its 500 body and X-Request-ID 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
 import re
@@ -262,13 +263,28 @@ class BrokenError(RuntimeError):
     """Raised by a service method broken for a test."""
 
 
+def break_method(monkeypatch: pytest.MonkeyPatch, owner: type, name: str, message: str) -> None:
+    """Make `owner.name` raise BrokenError, as a dependency that broke under the app would."""
+
+    def broken(*_: Any, **__: Any) -> Any:
+        raise BrokenError(message)
+
+    async def broken_async(*_: Any, **__: Any) -> Any:
+        raise BrokenError(message)
+
+    is_async = inspect.iscoroutinefunction(getattr(owner, name))
+    monkeypatch.setattr(owner, name, broken_async if is_async else broken)
+
+
+def internal_error(rid: str) -> dict[str, object]:
+    """The body of a 500."""
+    return {"status_code": 500, "detail": f"internal error; request id {rid}", "request_id": rid}
+
+
 async def test_an_unexpected_error_is_a_500_naming_the_request_id_in_body_header_and_log(
     api: ApiServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    async def broken_find(*_: Any, **__: Any) -> Any:
-        raise BrokenError("the database went away")
-
-    monkeypatch.setattr(JobService, "find", broken_find)
+    break_method(monkeypatch, JobService, "find", "the database went away")
     caplog.set_level(logging.ERROR, logger="jobcast.api")
     async with httpx.AsyncClient(base_url=api.url, timeout=30) as http:
         response = await http.get("/api/v1/jobs", params={"limit": 5})
@@ -276,11 +292,7 @@ async def test_an_unexpected_error_is_a_500_naming_the_request_id_in_body_header
         given = await http.get("/api/v1/jobs", headers={"X-Request-ID": "client-chosen-1"})
     rid = response.headers["x-request-id"]
     assert response.status_code == 500
-    assert response.json() == {
-        "status_code": 500,
-        "detail": f"internal error; request id {rid}",
-        "request_id": rid,
-    }
+    assert response.json() == internal_error(rid)
     assert "database went away" not in response.text  # the details are for the log, not the client
     assert given.json()["request_id"] == given.headers["x-request-id"] == "client-chosen-1"
     assert page.status_code == 500
@@ -303,21 +315,14 @@ async def test_an_unexpected_error_in_the_auth_middleware_is_a_logged_500_too(
 ) -> None:
     api, key = api_with
 
-    def broken_lookup(*_: Any) -> Any:
-        raise BrokenError("keys unreadable")
-
-    monkeypatch.setattr(Keys, "lookup", broken_lookup)
+    break_method(monkeypatch, Keys, "lookup", "keys unreadable")
     caplog.set_level(logging.ERROR, logger="jobcast.api")
     async with httpx.AsyncClient(base_url=api.url, timeout=30) as http:
         response = await http.get("/metrics", headers={"Authorization": f"Bearer {key}"})
     rid = response.headers["x-request-id"]
     assert response.status_code == 500
     assert response.headers["content-type"] == "application/json"  # not the route's text/plain
-    assert response.json() == {
-        "status_code": 500,
-        "detail": f"internal error; request id {rid}",
-        "request_id": rid,
-    }
+    assert response.json() == internal_error(rid)
     [record] = [r for r in caplog.records if getattr(r, "request_id", None) == rid]
     assert record.path == "/metrics"
     assert record.exc_info is not None
@@ -327,10 +332,7 @@ async def test_an_unexpected_error_in_the_auth_middleware_is_a_logged_500_too(
 async def test_an_unexpected_error_on_a_websocket_is_logged_with_a_request_id(
     api: ApiServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    async def broken_get(*_: Any, **__: Any) -> Any:
-        raise BrokenError("no job table")
-
-    monkeypatch.setattr(JobService, "get", broken_get)
+    break_method(monkeypatch, JobService, "get", "no job table")
     caplog.set_level(logging.ERROR, logger="jobcast.api")
     async with connect(api.url.replace("http://", "ws://") + "/api/v1/jobs/x/ws") as ws:
         await ws.wait_closed()
