@@ -34,7 +34,14 @@ class WorkerSettings:
     grace_s: float = field(default_factory=lambda: _env_float("JOBCAST_WORKER_GRACE_S", 30.0))
     """JOBCAST_WORKER_GRACE_S: on SIGTERM, how long running jobs may finish before they are requeued."""
     cancel_grace_s: float = 1.0
-    """After a cancel request, how long a handler may take to notice before its task is cancelled."""
+    """After a cancel request or the run-time limit, how long a handler may take to notice before
+    its task is cancelled."""
+    stop_wait_s: float = field(default_factory=lambda: _env_float("JOBCAST_STOP_WAIT_S", 30.0))
+    """JOBCAST_STOP_WAIT_S: how long a stopped job's thread (whisper, PyAV) may take to reach its
+    next cancel check before the job's end is published anyway; its slot stays taken until then."""
+    publish_retry_s: float = field(default_factory=lambda: _env_float("JOBCAST_PUBLISH_RETRY_S", 60.0))
+    """JOBCAST_PUBLISH_RETRY_S: how long publishing an event rides out transient errors (a broker
+    restart) before the attempt is given up and its message left to JetStream to redeliver."""
     llm_concurrency: int = field(
         default_factory=lambda: _env_int("MAX_LLM_CONCURRENCY", _env_int("JOBCAST_LLM_CONCURRENCY", 4))
     )
