@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import datetime
@@ -12,6 +13,7 @@ import httpx
 import nats
 import pytest
 
+from app._db import Database
 from streams import (
     JOBS_STREAM,
     MAX_ATTEMPTS,
@@ -156,6 +158,19 @@ async def test_publishing_gives_up_on_a_broker_that_stays_away(
         await runner.stop()
 
 
+async def test_a_forced_result_is_bounded_too(client: httpx.AsyncClient) -> None:
+    job = await submit(client, params={"steps": 0})  # no worker here: it stays pending
+    forced = await client.post(
+        f"/api/v1/jobs/admin/{job['id']}/force-complete", json={"result": {"filler": "x" * MAX_RESULT_BYTES}}
+    )
+    assert forced.status_code == 422, forced.text
+    assert forced.json()["detail"] == (
+        f"a result is at most {MAX_RESULT_BYTES} bytes of JSON; this one is {MAX_RESULT_BYTES + 13}"
+        " - at `$.result`"
+    )
+    assert (await client.get(f"/api/v1/jobs/{job['id']}")).json()["status"] == "pending"
+
+
 # 2. attempts that agree with MaxDeliver -----------------------------------------------------------
 
 
@@ -229,6 +244,29 @@ async def test_timeout_s_is_bounded(client: httpx.AsyncClient) -> None:
         response = await client.post("/api/v1/jobs", json={"type": "noop", "timeout_s": value})
         assert response.status_code == 400, (value, response.text)
         assert response.json()["extra"] == [{"message": message, "key": "timeout_s", "source": "body"}]
+
+
+async def test_timeout_s_survives_a_retry_and_an_older_database(
+    client: httpx.AsyncClient, tmp_path: Any
+) -> None:
+    job = await submit(client, params={"steps": 0}, timeout_s=5)
+    assert (await client.post(f"/api/v1/jobs/{job['id']}/cancel")).status_code == 200
+    again = await client.post(f"/api/v1/jobs/{job['id']}/retry")
+    assert again.status_code in (200, 202), again.text
+    assert (again.json()["attempt"], again.json()["timeout_s"]) == (2, 5)
+
+    # A database an older jobcast made lacks the column: starting adds it.
+    path = tmp_path / "old.db"
+    database = Database(f"sqlite+aiosqlite:///{path}")
+    try:
+        await database.create_all()
+        with sqlite3.connect(path) as conn:
+            conn.execute("ALTER TABLE jobs DROP COLUMN timeout_s")
+        await database.create_all()
+    finally:
+        await database.dispose()
+    with sqlite3.connect(path) as conn:
+        assert "timeout_s" in {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
 
 
 async def test_thread_of_a_timed_out_job_holds_its_slot_until_it_stops(

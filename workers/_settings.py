@@ -6,7 +6,7 @@ import os
 import socket
 from dataclasses import dataclass, field
 
-from streams import DEFAULT_LLM_BASE_URL, AddressPolicy, LlmEndpoints, llm_allowlist
+from streams import DEFAULT_LLM_BASE_URL, MAX_INLINE_TEXT_BYTES, AddressPolicy, LlmEndpoints, llm_allowlist
 
 
 def _env_float(name: str, default: float) -> float:
@@ -77,6 +77,9 @@ class WorkerSettings:
     """JOBCAST_LLM_MODEL: the chat model of fix_srt."""
     llm_retry_delay_s: float = field(default_factory=lambda: _env_float("JOBCAST_LLM_RETRY_DELAY_S", 1.0))
     """JOBCAST_LLM_RETRY_DELAY_S: first backoff step after a 429 or 5xx."""
+    inline_text_bytes: int = MAX_INLINE_TEXT_BYTES
+    """How much of a transcript's text its result carries inline (JSON bytes, at most
+    MAX_INLINE_TEXT_BYTES); the rest is in its .txt output."""
     idle_poll_s: float = 0.5
     """With nothing to do, how often to look for redeliveries and retries (which ring no bell)."""
     name: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
