@@ -9,6 +9,7 @@ import json
 import re
 import time
 from collections.abc import AsyncIterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -427,6 +428,28 @@ async def test_cancel_running_transcription(client: httpx.AsyncClient, gpu: Work
     source = await upload(client, "speech60.mp3", SPEECH60.read_bytes())
     job = await submit(client, type="transcribe", file_id=source["id"], params=FAST)
     assert await cancel_when(client, job["id"], 0.0) < 2.0
+
+
+async def test_transcription_past_its_limit_stops_and_the_worker_carries_on(
+    client: httpx.AsyncClient, gpu: WorkerRunner
+) -> None:
+    source = await upload(client, "speech60.mp3", SPEECH60.read_bytes())
+    job = await submit(client, type="transcribe", file_id=source["id"], params=FAST, timeout_s=1)
+    done = await wait_terminal(client, job["id"], timeout=30)
+    assert (done["status"], done["error"], done["result"]) == ("failed", "timed out after 1 s", None), done
+    history = [envelope async for _, envelope in events(client, job["id"])]
+    started = next(e for e in history if e["kind"] == "started")
+    ran = (datetime.fromisoformat(history[-1]["ts"]) - datetime.fromisoformat(started["ts"])).total_seconds()
+    print(
+        f"transcription stopped {ran - 1:.2f} s after its 1 s limit"
+    )  # the figure docs/reliability.md quotes
+    assert 1 <= ran < 10, ran
+    assert "stopping: timed out after 1 s" in [e["current_step"] for e in history]
+    produced = (await client.get("/api/v1/files", params={"job_id": job["id"]})).json()
+    assert produced["total"] == 0
+    quick = await upload(client, "jfk.flac", JFK.read_bytes())
+    again = await submit(client, type="transcribe", file_id=quick["id"], params=FAST)
+    assert (await wait_terminal(client, again["id"]))["status"] == "completed"
 
 
 async def test_cancel_running_conversion(
