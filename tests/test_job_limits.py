@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import datetime
 from typing import Any
@@ -35,21 +34,12 @@ from workers._context import JobContext
 
 
 @pytest.fixture
-def quick_settings(worker_settings: WorkerSettings) -> WorkerSettings:
-    """A cpu worker that stops handlers, retries and polls fast."""
+def worker_settings(worker_settings: WorkerSettings) -> WorkerSettings:
+    """conftest's cpu worker, stopping handlers, retrying and polling fast."""
     return replace(
         worker_settings, cancel_grace_s=0.2, stop_wait_s=15.0, retry_base_s=0.001, retry_max_s=0.005,
         idle_poll_s=0.05,
     )  # fmt: skip
-
-
-@pytest.fixture
-async def quick(quick_settings: WorkerSettings) -> AsyncIterator[WorkerRunner]:
-    """One in-process cpu worker with `quick_settings`."""
-    runner = WorkerRunner(quick_settings)
-    await runner.start()
-    yield runner
-    await runner.stop()
 
 
 def at(envelope: dict[str, Any]) -> datetime:
@@ -73,7 +63,7 @@ async def then_next_job_runs(client: httpx.AsyncClient) -> dict[str, Any]:
 
 
 async def test_oversized_result_fails_the_job_at_once_and_frees_the_slot(
-    client: httpx.AsyncClient, quick: WorkerRunner
+    client: httpx.AsyncClient, worker: WorkerRunner
 ) -> None:
     loop = asyncio.get_running_loop()
     begin = loop.time()
@@ -88,7 +78,7 @@ async def test_oversized_result_fails_the_job_at_once_and_frees_the_slot(
     await then_next_job_runs(client)
 
 
-async def test_result_under_the_bound_completes(client: httpx.AsyncClient, quick: WorkerRunner) -> None:
+async def test_result_under_the_bound_completes(client: httpx.AsyncClient, worker: WorkerRunner) -> None:
     job = await submit(client, params={"steps": 0, "result_bytes": 60_000})
     done = await wait_terminal(client, job["id"], timeout=15)
     assert done["status"] == "completed", done
@@ -96,7 +86,7 @@ async def test_result_under_the_bound_completes(client: httpx.AsyncClient, quick
 
 
 async def test_an_event_the_stream_rejects_fails_the_job(
-    client: httpx.AsyncClient, quick: WorkerRunner, nats_server: NatsServer
+    client: httpx.AsyncClient, worker: WorkerRunner, nats_server: NatsServer
 ) -> None:
     # A stream whose operator capped messages below the result bound: the server answers the
     # `completed` event with "message size exceeds maximum allowed", which no retry can change.
@@ -115,11 +105,11 @@ async def test_an_event_the_stream_rejects_fails_the_job(
 
 
 async def test_publishing_gives_up_on_a_broker_that_stays_away(
-    quick_settings: WorkerSettings, nats_server: NatsServer
+    worker_settings: WorkerSettings, nats_server: NatsServer
 ) -> None:
     # Transient errors are retried for `publish_retry_s`, then the attempt is let go: the slot is
     # free again, and the message, never acked, is redelivered once the broker is back.
-    runner = WorkerRunner(replace(quick_settings, publish_retry_s=1.0))
+    runner = WorkerRunner(replace(worker_settings, publish_retry_s=1.0))
     await runner.start()
     worker = runner.worker
     try:
@@ -175,7 +165,7 @@ async def test_a_forced_result_is_bounded_too(client: httpx.AsyncClient) -> None
 
 
 async def test_highest_max_attempts_that_always_fails_ends_failed(
-    client: httpx.AsyncClient, quick: WorkerRunner
+    client: httpx.AsyncClient, worker: WorkerRunner
 ) -> None:
     job = await submit(
         client, params={"steps": 0, "fail_times": 100, "error": "flaky"}, max_attempts=MAX_ATTEMPTS
@@ -194,7 +184,7 @@ async def test_max_attempts_past_the_bound_is_refused(client: httpx.AsyncClient)
 
 
 async def test_an_existing_consumer_is_brought_in_line_on_start(
-    quick_settings: WorkerSettings, nats_server: NatsServer
+    worker_settings: WorkerSettings, nats_server: NatsServer
 ) -> None:
     # A consumer as an older jobcast left it: MaxDeliver 20, and a BackOff that overrides the
     # delay of every nak. A worker's start updates it in place.
@@ -202,9 +192,9 @@ async def test_an_existing_consumer_is_brought_in_line_on_start(
     js = nc.jetstream()
     try:
         await ensure_stream(js)
-        consumer = WorkerConsumer(pool="cpu", ack_wait_s=quick_settings.ack_wait_s)
+        consumer = WorkerConsumer(pool="cpu", ack_wait_s=worker_settings.ack_wait_s)
         await js.add_consumer(STREAM, config=replace(consumer.config(), max_deliver=20, backoff=[2.0, 4.0]))
-        runner = WorkerRunner(quick_settings)
+        runner = WorkerRunner(worker_settings)
         await runner.start()
         await runner.stop()
         config = (await js.consumer_info(STREAM, consumer.durable)).config
@@ -218,7 +208,7 @@ async def test_an_existing_consumer_is_brought_in_line_on_start(
 
 
 async def test_hung_handler_times_out_and_the_worker_takes_the_next_job(
-    client: httpx.AsyncClient, quick: WorkerRunner
+    client: httpx.AsyncClient, worker: WorkerRunner
 ) -> None:
     job = await submit(client, params={"steps": 0, "hang_s": 600}, timeout_s=1)
     assert job["timeout_s"] == 1
@@ -273,7 +263,7 @@ async def test_timeout_s_survives_a_retry_and_an_older_database(
 
 
 async def test_thread_of_a_timed_out_job_holds_its_slot_until_it_stops(
-    client: httpx.AsyncClient, quick: WorkerRunner
+    client: httpx.AsyncClient, worker: WorkerRunner
 ) -> None:
     # The thread looks at the cancel flag every 2 s: the job's end, and the next job's start,
     # wait for that look, not only for the handler's task.
@@ -298,7 +288,7 @@ async def test_thread_of_a_timed_out_job_holds_its_slot_until_it_stops(
 
 
 async def test_cancel_frees_the_slot_only_once_the_thread_stopped(
-    client: httpx.AsyncClient, quick: WorkerRunner
+    client: httpx.AsyncClient, worker: WorkerRunner
 ) -> None:
     slow = await submit(client, params={"steps": 0, "block_s": 600, "check_every_s": 3})
     async with asyncio.timeout(10):
@@ -319,7 +309,7 @@ async def test_cancel_frees_the_slot_only_once_the_thread_stopped(
 
 
 async def test_heartbeat_stops_renewing_a_job_that_will_not_stop(
-    client: httpx.AsyncClient, quick_settings: WorkerSettings
+    client: httpx.AsyncClient, worker_settings: WorkerSettings
 ) -> None:
     # A handler deaf to cancellation keeps its worker's slot; past its deadline plus the grace,
     # its message is no longer renewed, so JetStream hands it to another worker.
@@ -334,7 +324,7 @@ async def test_heartbeat_stops_renewing_a_job_that_will_not_stop(
         return {}
 
     stuck_settings = replace(
-        quick_settings, name="stuck", ack_wait_s=1.0, stop_wait_s=0.5, publish_retry_s=1.0
+        worker_settings, name="stuck", ack_wait_s=1.0, stop_wait_s=0.5, publish_retry_s=1.0
     )
     stuck = WorkerRunner(stuck_settings)
     stuck.worker = Worker(stuck_settings, handlers={"noop": deaf})
@@ -344,7 +334,7 @@ async def test_heartbeat_stops_renewing_a_job_that_will_not_stop(
         async with asyncio.timeout(10):
             while (await client.get(f"/api/v1/jobs/{job['id']}")).json()["status"] != "running":  # noqa: ASYNC110
                 await asyncio.sleep(0.05)
-        healthy = WorkerRunner(replace(quick_settings, name="healthy", ack_wait_s=1.0))
+        healthy = WorkerRunner(replace(worker_settings, name="healthy", ack_wait_s=1.0))
         await healthy.start()
         try:
             done = await wait_terminal(client, job["id"], timeout=30)

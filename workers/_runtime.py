@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import shutil
 import signal
 from collections import Counter
@@ -28,24 +27,20 @@ from streams import (
     ALL_CONTROL,
     JOB_HEADER,
     KIND_HEADER,
-    MAX_RESULT_BYTES,
     OPERATIONS,
     PRIORITIES,
     STREAM,
     Cancelled,
     CancelRequested,
-    Completed,
     Event,
     Failed,
     FileStored,
-    OperationSpec,
     Progress,
     Retrying,
     Started,
     Submitted,
     TaskSupervisor,
     WorkerConsumer,
-    clip_error,
     close_quietly,
     connect,
     control_subject,
@@ -58,13 +53,13 @@ from streams import (
     is_terminal,
     job_id_of,
     pool_submissions,
-    result_size,
     utcnow,
 )
 from workers._context import Handler, JobContext, Reporter
-from workers._errors import EventRejectedError, JobCancelledError, PermanentError, PublishGaveUpError, Retry
+from workers._errors import EventRejectedError, PublishGaveUpError
 from workers._files import WorkerFiles
 from workers._heartbeat import Heartbeat
+from workers._outcome import backoff, outcome_of, restamped, time_limit
 from workers._registry import handlers_for_pool
 from workers._running import RunningJob, seconds_text
 from workers._settings import WorkerSettings
@@ -72,8 +67,6 @@ from workers._settings import WorkerSettings
 log = logging.getLogger("jobcast.worker")
 
 _NO_WAIT = b'{"batch":1,"no_wait":true}'
-DEFAULT_TIME_LIMIT_S = 3600.0
-"""Run-time limit of a job whose handler has no operation spec (one given to Worker directly)."""
 BELL_RECHECK_S = 0.05
 """After the doorbell rings, how long an empty pull is retried at once rather than slept on."""
 
@@ -327,7 +320,7 @@ class Worker:
                 await self._publish(Progress(job_id=job.job_id, attempt=attempt, progress=percent, step=step))
 
         reporter = Reporter(publish_progress, asyncio.get_running_loop())
-        limit_s, per_media_s = _time_limit(job, OPERATIONS.get(job.type))
+        limit_s, per_media_s = time_limit(job, OPERATIONS.get(job.type))
         ctx = JobContext(
             job, attempt, delivery, reporter, files=self.files, settings=self.settings,
             scratch_prefix=f"jobcast-{job.job_id[:8]}-", time_limit_s=limit_s, time_per_media_s=per_media_s,
@@ -345,7 +338,7 @@ class Worker:
             # and the next delivery finds the end if it was stored after all.
             log.error("job %s: %s; it will be delivered again", job.job_id, exc, extra={"job_id": job.job_id})
             with contextlib.suppress(nats.errors.Error):
-                await msg.nak(delay=self._backoff(delivery))
+                await msg.nak(delay=backoff(self.settings, delivery))
         finally:
             heartbeat.cancel()
             await ctx.threads_stopped(None)  # a thread that outlived stop_wait_s still holds the slot
@@ -375,7 +368,7 @@ class Worker:
             else:
                 running.start(self.handlers[job.type])
                 await running.finish(self.settings.cancel_grace_s)
-                outcome = self._outcome(running, ids, delivery)
+                outcome = outcome_of(running, ids, delivery, self.settings)
         finally:
             await started
         if running.ctx.threads_running:
@@ -387,7 +380,7 @@ class Worker:
                 if stopped
                 else f"its thread had not stopped {seconds_text(self.settings.stop_wait_s)} s later"
             )
-            outcome = _restamped(outcome, note)
+            outcome = restamped(outcome, note)
         await running.ctx.reporter.flush()
         if isinstance(outcome, Retrying):
             recorded = await self._record(outcome)
@@ -427,66 +420,6 @@ class Worker:
                 **ids, error=f"no handler for operation {job.type!r} in pool {self.settings.pool!r}"
             )
         return None
-
-    def _outcome(self, running: RunningJob, ids: dict[str, Any], delivery: int) -> Event:
-        """How the handler's finished task ends the attempt."""
-        assert running.task is not None
-        assert running.task.done()
-        job = running.ctx.job
-        if running.shutdown:
-            return Retrying(**ids, error="worker shutting down; the job will run again", delay_s=0.0)
-        if running.timed_out_after is not None:
-            error = f"timed out after {seconds_text(running.timed_out_after)} s"
-            spec = OPERATIONS.get(job.type)
-            if spec is not None and spec.timeout_transient:
-                return self._retry_or_give_up(ids, job, delivery, error)
-            return Failed(**ids, error=error)
-        if running.cancel_reason is not None:
-            return Cancelled(**ids, reason=running.cancel_reason)
-        exc = running.task.exception()  # raises CancelledError if something else cancelled it
-        if exc is None:
-            return self._completed(ids, running.task.result())
-        if isinstance(exc, JobCancelledError):
-            return Cancelled(**ids, reason="cancelled")
-        if isinstance(exc, PermanentError):
-            return Failed(**ids, error=clip_error(str(exc) or type(exc).__name__))
-        error = str(exc) or type(exc).__name__
-        if not isinstance(exc, Retry):
-            log.error("job %s (%s) raised", job.job_id, job.type, exc_info=exc, extra={"job_id": job.job_id})
-            error = f"{type(exc).__name__}: {error}"
-        return self._retry_or_give_up(
-            ids, job, delivery, error, exc.defer if isinstance(exc, Retry) else None
-        )
-
-    @staticmethod
-    def _completed(ids: dict[str, Any], result: dict[str, Any] | None) -> Event:
-        """A `completed` event, or `failed` when the result breaks the bound of a message."""
-        try:
-            size = result_size(result)
-        except (TypeError, msgspec.EncodeError) as exc:
-            return Failed(**ids, error=clip_error(f"the result cannot be encoded as JSON: {exc}"))
-        if size > MAX_RESULT_BYTES:
-            return Failed(
-                **ids, error=f"the result is {size} bytes, over the {MAX_RESULT_BYTES}-byte bound of a job "
-                "result; large outputs belong in files",
-            )  # fmt: skip
-        return Completed(**ids, result=result)
-
-    def _retry_or_give_up(
-        self, ids: dict[str, Any], job: Submitted, delivery: int, error: str, defer: float | None = None
-    ) -> Event:
-        """A transient failure: another attempt later, or the end once `max_attempts` are used."""
-        if delivery >= job.max_attempts:
-            return Failed(
-                **ids, error=clip_error(f"gave up after {delivery} attempt(s): {error}"), exhausted=True
-            )
-        delay = self._backoff(delivery) if defer is None else defer
-        return Retrying(**ids, error=clip_error(error), delay_s=delay)
-
-    def _backoff(self, delivery: int) -> float:
-        """Exponential backoff with full jitter in its upper half."""
-        ceiling = min(self.settings.retry_max_s, self.settings.retry_base_s * 2 ** (delivery - 1))
-        return round(random.uniform(ceiling / 2, ceiling), 3)
 
     async def _finish(self, msg: Msg, event: Event) -> None:
         event = await self._record(event)
@@ -589,25 +522,3 @@ class Worker:
             )
             await self._publish_reliably(event)
         return event
-
-
-def _time_limit(job: Submitted, spec: OperationSpec | None) -> tuple[float, float]:
-    """The run-time limit of the job's attempts, and what it grows by per second of media: the
-    job's own `timeout_s`, else its operation's default (a handler without a spec: an hour)."""
-    if job.timeout_s is not None:
-        return job.timeout_s, 0.0
-    if spec is None:
-        return DEFAULT_TIME_LIMIT_S, 0.0
-    return spec.timeout_s, spec.timeout_per_media_s
-
-
-def _restamped(event: Event, note: str | None) -> Event:
-    """The event as of now, with `note` added to its error or reason."""
-    event = msgspec.structs.replace(event, ts=utcnow())
-    if note is None:
-        return event
-    if isinstance(event, Failed | Retrying):
-        return msgspec.structs.replace(event, error=f"{event.error}; {note}")
-    if isinstance(event, Cancelled):
-        return msgspec.structs.replace(event, reason=f"{event.reason}; {note}")
-    return event
