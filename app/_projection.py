@@ -136,9 +136,9 @@ def _submitted(job: JobRow | None, event: Submitted, seq: int) -> JobRow | None:
         job = JobRow(
             id=event.job_id, type=event.type, pool=event.pool, owner=event.owner, title=event.title,
             description=event.description, params=event.params, file_id=event.file_id,
-            parent_id=event.parent_id, max_attempts=event.max_attempts, priority=event.priority,
-            submit_seq=seq, created_at=event.created_at, result=None, error=None, worker=None,
-            held_by=None, exhausted=False, client_request_id=event.client_request_id,
+            parent_id=event.parent_id, max_attempts=event.max_attempts, timeout_s=event.timeout_s,
+            priority=event.priority, submit_seq=seq, created_at=event.created_at, result=None, error=None,
+            worker=None, held_by=None, exhausted=False, client_request_id=event.client_request_id,
             scheduled_for=event.scheduled_for, callback_url=event.callback_url,
             callback_status="pending" if event.callback_url else None, started_at=None, completed_at=None,
         )  # fmt: skip

@@ -7,14 +7,15 @@ from typing import Annotated, Any
 
 import msgspec
 
-from streams import MAX_PRIORITY, MIN_PRIORITY, TaskState
+from streams import MAX_ATTEMPTS, MAX_PRIORITY, MAX_TIMEOUT_S, MIN_PRIORITY, MIN_TIMEOUT_S, TaskState
 
 MAX_INT = 2**62
 """Bound of integer query values, so none overflows SQLite's 64-bit integers."""
 
 Title = Annotated[str, msgspec.Meta(max_length=500)]
 Description = Annotated[str, msgspec.Meta(max_length=10_000)]
-MaxAttempts = Annotated[int, msgspec.Meta(ge=1, le=50)]
+MaxAttempts = Annotated[int, msgspec.Meta(ge=1, le=MAX_ATTEMPTS)]
+TimeoutS = Annotated[float, msgspec.Meta(ge=MIN_TIMEOUT_S, le=MAX_TIMEOUT_S)]
 Priority = Annotated[int, msgspec.Meta(ge=MIN_PRIORITY, le=MAX_PRIORITY)]
 RequestId = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
 CallbackUrl = Annotated[str, msgspec.Meta(pattern=r"^https?://", max_length=2000)]
@@ -33,6 +34,9 @@ class SubmitJob(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """The input file, for operations that take one."""
     max_attempts: MaxAttempts | None = None
     """Runs before a transiently failing job fails for good; the operation's default when absent."""
+    timeout_s: TimeoutS | None = None
+    """Run-time limit of each attempt in seconds (1 s to a week); past it the job is stopped and
+    fails "timed out after N s". The operation's default when absent (docs/architecture.md, "Run-time limits")."""
     priority: Priority = 0
     """Higher runs first among the pending jobs of a pool (-10 to 10)."""
     client_request_id: RequestId | None = None
@@ -67,6 +71,8 @@ class SubmitBatch(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     title: Title = ""
     description: Description = ""
     max_attempts: MaxAttempts | None = None
+    timeout_s: TimeoutS | None = None
+    """Run-time limit of each child's attempts, as for one job."""
     priority: Priority = 0
     client_request_id: RequestId | None = None
     scheduled_for: datetime | None = None
@@ -99,6 +105,8 @@ class Job(msgspec.Struct, kw_only=True):
     error: str | None
     attempt: int
     max_attempts: int
+    timeout_s: float | None
+    """The job's own run-time limit per attempt; None: its operation's default."""
     priority: int
     owner: str
     parent_id: str | None

@@ -19,6 +19,7 @@ from nats.js.errors import BadRequestError
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
+from streams._limits import MAX_DELIVER
 from streams._subjects import ALL_SUBJECTS, STREAM, pool_submissions, priority_token
 from streams._supervisor import TaskState
 
@@ -173,9 +174,11 @@ class WorkerConsumer:
     ack_wait_s: float = 30.0
     """Unacked this long, a message is redelivered. Workers send in_progress() every
     ack_wait/3 while a job runs, so only a dead worker lets it expire."""
-    max_deliver: int = 20
-    """Server-side backstop. The per-job limit is `max_attempts`, enforced by the worker,
-    which fails a job whose deliveries exceed it (e.g. a job that kills its worker)."""
+    max_deliver: int = MAX_DELIVER
+    """Server-side backstop, one past the highest `max_attempts` (MAX_ATTEMPTS): the per-job
+    limit is `max_attempts`, enforced by the worker, which fails a job whose deliveries exceed
+    it (e.g. a job that kills its worker). Were it lower, a job still asking to retry would
+    never be delivered again and stay `retrying` for ever."""
     max_ack_pending: int = 1000
     """Jobs handed out but not yet acked, across all workers of the pool."""
 
@@ -186,9 +189,10 @@ class WorkerConsumer:
 
     def config(self) -> js_api.ConsumerConfig:
         """The ConsumerConfig for this pool."""
-        # BackOff drives redelivery after an ack timeout (a dead worker): the first
-        # step equals AckWait, later ones grow so a crash loop does not spin.
-        backoff = [self.ack_wait_s * (2**i) for i in range(min(self.max_deliver - 1, 6))]
+        # No BackOff: with one, the server ignores the delay of a nak (it redelivers at
+        # BackOff[n] - AckWait + delay), so the worker's retry backoff would not hold and a job
+        # asking for 50 attempts would take most of an hour. A dead worker's job comes back
+        # after AckWait; a crash loop ends at the job's max_attempts (the worker's precheck).
         return js_api.ConsumerConfig(
             durable_name=self.durable,
             filter_subject=pool_submissions(self.pool, self.priority),
@@ -196,7 +200,6 @@ class WorkerConsumer:
             deliver_policy=js_api.DeliverPolicy.ALL,
             ack_wait=self.ack_wait_s,
             max_deliver=self.max_deliver,
-            backoff=backoff,
             max_ack_pending=self.max_ack_pending,
             max_waiting=512,
         )

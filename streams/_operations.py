@@ -1,4 +1,4 @@
-"""Operation specs: each job type's pool, params schema and retry default.
+"""Operation specs: each job type's pool, params schema, retry default and run-time limit.
 
 The API validates params against these before publishing, so it needs no worker code;
 workers map the same type names to handlers.
@@ -31,6 +31,16 @@ class NoopParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """The failure message for `fail` and `fail_times`."""
     fail_times: Annotated[int, msgspec.Meta(ge=0, le=100)] = 0
     """Fail transiently on the first N deliveries (for retry tests)."""
+    result_bytes: Annotated[int, msgspec.Meta(ge=0, le=10_000_000)] = 0
+    """Return a result of about this many bytes (for tests of the result bound)."""
+    hang_s: Annotated[float, msgspec.Meta(ge=0, le=86_400)] = 0.0
+    """After the steps, hang this long without looking at the cancel flag (a stuck handler: only
+    the run-time limit or a cancel stops it)."""
+    block_s: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 0.0
+    """After the steps, keep a thread busy this long, checking the cancel flag every
+    `check_every_s` as whisper and PyAV do between segments and packets."""
+    check_every_s: Annotated[float, msgspec.Meta(ge=0.001, le=60)] = 0.05
+    """How long the `block_s` thread works between two looks at the cancel flag."""
 
 
 class TranscribeParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -104,6 +114,13 @@ class OperationSpec:
     calls_llm: bool = False
     """The operation sends the worker's LLM key to its params' `base_url`, so that URL must be
     one the operator allows (`LlmEndpoints`)."""
+    timeout_s: float = 3600.0
+    """Default run-time limit of one attempt, in seconds (a job's `timeout_s` replaces it)."""
+    timeout_per_media_s: float = 0.0
+    """Added to `timeout_s` per second of input media, once the worker has probed it: a
+    ten-hour recording gets more time than a ten-second clip. Unused when the job sets its own."""
+    timeout_transient: bool = False
+    """A timed-out attempt is retried (up to `max_attempts`) instead of failing the job."""
 
 
 OPERATIONS: dict[str, OperationSpec] = {
@@ -114,13 +131,18 @@ OPERATIONS: dict[str, OperationSpec] = {
             pool=Pool.CPU,
             params=NoopParams,
             description="Sleeps through `steps` progress updates; can fail on request.",
+            timeout_s=2 * 3600.0,  # twice the longest `duration_s` it accepts
         ),
         OperationSpec(
             name="transcribe",
             pool=Pool.GPU,
             params=TranscribeParams,
-            description="Speech to text with faster-whisper: text, segments, .json and .txt files.",
+            description="Speech to text with faster-whisper: text inline, segments in .json, full text in .txt.",
             needs_file=True,
+            # Ten minutes for the model's first load (a download, for hub models) plus four times
+            # the audio's length: a large model on a CPU runs at about real time, tiny.en far faster.
+            timeout_s=600.0,
+            timeout_per_media_s=4.0,
         ),
         OperationSpec(
             name="generate_srt",
@@ -128,6 +150,8 @@ OPERATIONS: dict[str, OperationSpec] = {
             params=GenerateSrtParams,
             description="Speech to subtitles with faster-whisper: .srt and .vtt files.",
             needs_file=True,
+            timeout_s=600.0,
+            timeout_per_media_s=4.0,
         ),
         OperationSpec(
             name="convert",
@@ -135,6 +159,9 @@ OPERATIONS: dict[str, OperationSpec] = {
             params=ConvertParams,
             description="To MP4 (H.264 + AAC) with PyAV, remuxing when the streams allow it; or M4A.",
             needs_file=True,
+            # A remux takes seconds; x264 on a small CPU transcodes HD at about real time.
+            timeout_s=600.0,
+            timeout_per_media_s=4.0,
         ),
         OperationSpec(
             name="fix_srt",
@@ -143,6 +170,10 @@ OPERATIONS: dict[str, OperationSpec] = {
             description="An SRT's text corrected by an OpenAI-compatible chat model; timestamps kept.",
             needs_file=True,
             calls_llm=True,
+            # An hour covers a feature film's subtitles at MAX_LLM_CONCURRENCY; a slow endpoint is
+            # the likely cause of a timeout, and it may be faster on the next attempt.
+            timeout_s=3600.0,
+            timeout_transient=True,
         ),
     )
 }

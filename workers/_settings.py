@@ -6,7 +6,7 @@ import os
 import socket
 from dataclasses import dataclass, field
 
-from streams import DEFAULT_LLM_BASE_URL, AddressPolicy, LlmEndpoints, llm_allowlist
+from streams import DEFAULT_LLM_BASE_URL, MAX_INLINE_TEXT_BYTES, AddressPolicy, LlmEndpoints, llm_allowlist
 
 
 def _env_float(name: str, default: float) -> float:
@@ -34,7 +34,14 @@ class WorkerSettings:
     grace_s: float = field(default_factory=lambda: _env_float("JOBCAST_WORKER_GRACE_S", 30.0))
     """JOBCAST_WORKER_GRACE_S: on SIGTERM, how long running jobs may finish before they are requeued."""
     cancel_grace_s: float = 1.0
-    """After a cancel request, how long a handler may take to notice before its task is cancelled."""
+    """After a cancel request or the run-time limit, how long a handler may take to notice before
+    its task is cancelled."""
+    stop_wait_s: float = field(default_factory=lambda: _env_float("JOBCAST_STOP_WAIT_S", 30.0))
+    """JOBCAST_STOP_WAIT_S: how long a stopped job's thread (whisper, PyAV) may take to reach its
+    next cancel check before the job's end is published anyway; its slot stays taken until then."""
+    publish_retry_s: float = field(default_factory=lambda: _env_float("JOBCAST_PUBLISH_RETRY_S", 60.0))
+    """JOBCAST_PUBLISH_RETRY_S: how long publishing an event rides out transient errors (a broker
+    restart) before the attempt is given up and its message left to JetStream to redeliver."""
     llm_concurrency: int = field(
         default_factory=lambda: _env_int("MAX_LLM_CONCURRENCY", _env_int("JOBCAST_LLM_CONCURRENCY", 4))
     )
@@ -70,6 +77,9 @@ class WorkerSettings:
     """JOBCAST_LLM_MODEL: the chat model of fix_srt."""
     llm_retry_delay_s: float = field(default_factory=lambda: _env_float("JOBCAST_LLM_RETRY_DELAY_S", 1.0))
     """JOBCAST_LLM_RETRY_DELAY_S: first backoff step after a 429 or 5xx."""
+    inline_text_bytes: int = MAX_INLINE_TEXT_BYTES
+    """How much of a transcript's text its result carries inline (JSON bytes, at most
+    MAX_INLINE_TEXT_BYTES); the rest is in its .txt output."""
     idle_poll_s: float = 0.5
     """With nothing to do, how often to look for redeliveries and retries (which ring no bell)."""
     name: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")

@@ -181,14 +181,22 @@ async def _output(files: FileService, job: Job, owner: str, suffix: str) -> str:
     raise OpenAIRequestError(f"job {job.id} produced no {suffix} file", HTTP_500_INTERNAL_SERVER_ERROR)
 
 
-def _verbose(result: dict[str, Any], words: bool, segments: bool) -> dict[str, Any]:
-    """OpenAI's verbose_json from a transcribe result."""
-    found = result.get("segments") or []
+async def _full_text(files: FileService, job: Job, owner: str) -> str:
+    """The whole transcript: inline in the result, or from its .txt when the result cut it."""
+    result = job.result or {}
+    if not result.get("text_truncated"):
+        return str(result.get("text", ""))
+    return (await _output(files, job, owner, ".txt")).removesuffix("\n")
+
+
+def _verbose(transcript: dict[str, Any], words: bool, segments: bool) -> dict[str, Any]:
+    """OpenAI's verbose_json from a transcript (the .json output of a transcribe job)."""
+    found = transcript.get("segments") or []
     body: dict[str, Any] = {
         "task": "transcribe",
-        "language": result.get("language"),
-        "duration": result.get("duration_s"),
-        "text": result.get("text", ""),
+        "language": transcript.get("language"),
+        "duration": transcript.get("duration_s"),
+        "text": transcript.get("text", ""),
     }
     if segments:
         body["segments"] = [
@@ -247,13 +255,14 @@ class OpenAIAudioController(Controller):
         if response_format in ("srt", "vtt"):
             text = await _output(files, job, owner, f".{response_format}")
             return Response(text, media_type="text/plain; charset=utf-8", headers=headers)
-        if response_format == "text":
-            return Response(
-                f"{result.get('text', '')}\n", media_type="text/plain; charset=utf-8", headers=headers
-            )
         if response_format == "verbose_json":
-            return Response(_verbose(result, words, segments), media_type=MediaType.JSON, headers=headers)
-        body = {"text": result.get("text", ""), "usage": {"type": "duration", "seconds": _seconds(result)}}
+            # Segments and words live only in the job's .json output, never in its (bounded) result.
+            transcript = msgspec.json.decode(await _output(files, job, owner, ".json"))
+            return Response(_verbose(transcript, words, segments), media_type=MediaType.JSON, headers=headers)
+        text = await _full_text(files, job, owner)
+        if response_format == "text":
+            return Response(f"{text}\n", media_type="text/plain; charset=utf-8", headers=headers)
+        body = {"text": text, "usage": {"type": "duration", "seconds": _seconds(result)}}
         return Response(body, media_type=MediaType.JSON, headers=headers)
 
     @staticmethod

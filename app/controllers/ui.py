@@ -132,10 +132,12 @@ class UiController(Controller):
         ids = {j.file_id for j in (job, *children) if j.file_id}
         result = job.result or {}
         outputs = [o for o in result.get("outputs", ()) if isinstance(o, dict)]
-        details = {k: v for k, v in result.items() if k not in ("outputs", "segments", "text")}
+        text_keys = ("text", "text_truncated", "text_file_id", "text_url")
+        details = {k: v for k, v in result.items() if k not in ("outputs", "segments", *text_keys)}
         return {
             "job": job, "children": children, "names": await files.names(ids, owner), "outputs": outputs,
             "text": result.get("text") if isinstance(result.get("text"), str) else None,
+            "text_cut_url": result.get("text_url") if result.get("text_truncated") else None,
             "details": msgspec.json.format(msgspec.json.encode(details)).decode() if details else "",
             "terminal": sorted(TERMINAL_STATUSES), "active": sorted(ACTIVE_STATUSES),
         }  # fmt: skip
