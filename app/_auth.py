@@ -13,7 +13,6 @@ import base64
 import contextlib
 import hashlib
 import hmac
-import ipaddress
 import json
 import logging
 import time
@@ -33,7 +32,7 @@ from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
 from app._settings import Settings
-from streams import ApiKeyRecord, keys_bucket
+from streams import ApiKeyRecord, is_loopback, keys_bucket
 
 log = logging.getLogger("jobcast.auth")
 
@@ -57,16 +56,6 @@ class Caller(msgspec.Struct, frozen=True):
 def key_hash(key: str) -> str:
     """How keys are stored: their sha256, so a leaked bucket leaks no key."""
     return hashlib.sha256(key.encode()).hexdigest()
-
-
-def is_loopback(host: str) -> bool:
-    """Whether binding `host` keeps the API on this machine."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class Keys:
