@@ -13,12 +13,9 @@ from pathlib import Path
 
 from jobcast.logs import configure
 
-CONFIGURATION_ERROR = 2
-"""Exit status when a server cannot run as configured; `jobcast serve` does not restart it."""
-
 
 def _serve(args: argparse.Namespace) -> int:
-    from jobcast.keys import ConfigurationError
+    from jobcast.keys import CONFIGURATION_ERROR, ConfigurationError
     from jobcast.supervisor import Supervisor, default_pools
 
     pools = args.pools.split(",") if args.pools else default_pools()
@@ -37,7 +34,7 @@ def _api(args: argparse.Namespace) -> int:
     import uvicorn
 
     from app import Settings, create_app
-    from jobcast.keys import ConfigurationError, check_public_bind
+    from jobcast.keys import CONFIGURATION_ERROR, ConfigurationError, check_public_bind
     from jobcast.lifeline import watch_parent
 
     settings = Settings()

@@ -26,6 +26,10 @@ ADMIN_KEY_ENV = "JOBCAST_ADMIN_KEY"
 ADMIN_KEY_FILE_ENV = "JOBCAST_ADMIN_KEY_FILE"
 
 
+CONFIGURATION_ERROR = 2
+"""Exit status of a server that cannot run as configured: `jobcast serve` does not restart it."""
+
+
 class ConfigurationError(Exception):
     """A setting that keeps a server from starting: exit status 2, and the message as one line."""
 

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from jobcast.keys import ConfigurationError, check_public_bind
+from jobcast.keys import CONFIGURATION_ERROR, ConfigurationError, check_public_bind
 from jobcast.lifeline import Lifeline
 from streams import NatsServer, Pool
 
@@ -31,8 +31,6 @@ RESTART_MIN_S = 0.5
 RESTART_MAX_S = 30.0
 HEALTHY_AFTER_S = 30.0
 """A child that ran this long is healthy again: its restart backoff resets."""
-CONFIGURATION_ERROR = 2
-"""The exit status of a child that cannot work as configured: restarting it would not help."""
 LOCK_FILE = "serve.lock"
 
 

@@ -53,10 +53,11 @@ def terminate_with_parent() -> Callable[[], None] | None:
     if not sys.platform.startswith("linux"):
         return None
     prctl = ctypes.CDLL(None, use_errno=True).prctl
+    args = [ctypes.c_ulong(signal.SIGTERM)] + [ctypes.c_ulong(0)] * 3  # prctl's variadic longs
     parent = os.getpid()
 
     def preexec() -> None:
-        if prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        if prctl(PR_SET_PDEATHSIG, *args) != 0:
             raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
         if os.getppid() != parent:  # the parent died before prctl took effect
             os._exit(1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shlex
 import signal
 import sys
 import tempfile
@@ -14,9 +15,10 @@ from pathlib import Path
 
 import httpx
 
+from jobcast.lifeline import PARENT_GONE_EXIT_S
 from streams import NatsServer
 from tests.chaos._procs import wait_ready
-from tests.conftest import free_port, submit
+from tests.conftest import free_port, submit, worker_process
 
 ORPHAN_DEADLINE_S = 5.0
 """Issue 14: children of a SIGKILLed serve are gone within 5 s."""
@@ -238,3 +240,26 @@ async def test_serve_stops_on_a_child_configuration_error(tmp_path: Path) -> Non
     assert "worker-nonsense cannot run as configured (exit status 2); stopping" in err
     assert nats_servers_on(data / "nats") == []
     assert took < 45, took
+
+
+async def test_a_worker_started_by_hand_outlives_its_shell(nats_server: NatsServer, tmp_path: Path) -> None:
+    """Only serve's children watch their parent: `jobcast worker &` from a shell keeps running."""
+    argv, env = worker_process(nats_server.url, "cpu", JOBCAST_LOG_LEVEL="INFO")
+    log = tmp_path / "worker.log"
+    command = " ".join(shlex.quote(str(part)) for part in argv)
+    shell = await asyncio.create_subprocess_exec(
+        "sh", "-c", f"{command} >{shlex.quote(str(log))} 2>&1 & echo $!", env=env,
+        stdout=asyncio.subprocess.PIPE, start_new_session=True,
+    )  # fmt: skip
+    out, _ = await shell.communicate()
+    worker = int(out)
+    try:
+        async with asyncio.timeout(30):
+            while "pool cpu" not in (log.read_text() if log.exists() else ""):  # noqa: ASYNC110
+                await asyncio.sleep(0.1)
+        await asyncio.sleep(PARENT_GONE_EXIT_S + 1)  # past the deadline a lifeline would set
+        assert alive(worker), log.read_text()
+        assert "serve is gone" not in log.read_text()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker, signal.SIGKILL)  # sh without job control: it shares the shell's group
