@@ -22,6 +22,7 @@ from app._auth import (
     CountingRateLimitMiddleware,
     Keys,
     LoginRequired,
+    provision_admin_key,
     rate_limit_identity,
 )
 from app._db import Database
@@ -46,7 +47,15 @@ from app.controllers.metrics import MetricsController
 from app.controllers.openai_audio import OpenAIAudioController
 from app.controllers.queue import QueueController
 from app.controllers.ui import UiController, login_redirect, to_ui
-from streams import JobcastError, close_quietly, connect, ensure_stream, files_store, is_loopback
+from streams import (
+    JobcastError,
+    TaskSupervisor,
+    close_quietly,
+    connect,
+    ensure_stream,
+    files_store,
+    is_loopback,
+)
 
 log = logging.getLogger("jobcast.api")
 
@@ -65,8 +74,10 @@ def create_app(settings: Settings | None = None) -> Litestar:
         db = Database(settings.sqlalchemy_url)
         await db.create_all()
         nc = await connect(settings.nats_url, name="jobcast-api")
+        # The projection, the key watch and the webhook sweep: restarted when they fail; /ready
+        # answers 503 while one is down.
+        app.state.tasks = tasks = TaskSupervisor()
         projection: Projection | None = None
-        keys: Keys | None = None
         webhooks: Webhooks | None = None
         service: JobService | None = None
         try:
@@ -74,28 +85,29 @@ def create_app(settings: Settings | None = None) -> Litestar:
             await ensure_stream(js)
             hub = Hub()
             projection = Projection(db, hub, app.state.metrics)
-            await projection.start(js)
+            await projection.start(js, tasks)
             app.state.nats = nc
             app.state.service = service = JobService(settings, db, js, projection, hub)
+            if settings.admin_key:
+                await provision_admin_key(js, settings.admin_key)
             app.state.api_keys = keys = Keys(js)
-            await keys.start()
+            await keys.start(tasks)
             if keys.empty and not is_loopback(settings.host):
                 raise RuntimeError(
                     f"refusing to serve on {settings.host} without API keys: anyone who can reach it would "
-                    "have admin rights. Create one with `jobcast keys create --name NAME --admin`, or bind "
-                    "127.0.0.1."
+                    "have admin rights. Set JOBCAST_ADMIN_KEY (or JOBCAST_ADMIN_KEY_FILE), create a key with "
+                    "`jobcast keys create --name NAME --admin`, or bind 127.0.0.1."
                 )
             app.state.stats = Stats(db, js)
             app.state.files = FileService(service, await files_store(js), settings.data_dir / "cache")
             webhooks = Webhooks(service)
             webhooks.local_mode = lambda: keys.empty and is_loopback(settings.host)
-            await webhooks.start()
+            await webhooks.start(tasks)
             yield
         finally:
+            await tasks.stop()
             if webhooks is not None:
                 await webhooks.stop()
-            if keys is not None:
-                await keys.stop()
             if service is not None:
                 await service.sse.close()
             if projection is not None:
@@ -126,7 +138,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         ],
         template_config=TemplateConfig(directory=UI_FILES / "templates", engine=JinjaTemplateEngine),
         lifespan=[lifespan],
-        state=State({"settings": settings, "token_secret": settings.signing_key(), "metrics": Metrics()}),
+        state=State({"settings": settings, "token_secret": settings.session_key(), "metrics": Metrics()}),
         middleware=[
             DefineMiddleware(
                 AuthMiddleware, exclude=["^/health$", "^/ready$", "^/schema", "^/api/v1/auth/login$"]

@@ -40,6 +40,7 @@ from streams import (
     ACTIVE_STATUSES,
     JOB_HEADER,
     KIND_HEADER,
+    OPERATIONS,
     Cancelled,
     CancelRequested,
     Completed,
@@ -51,6 +52,7 @@ from streams import (
     JobStatus,
     OperationSpec,
     Submitted,
+    check_llm_endpoint,
     control_subject,
     encode_event,
     events_subject,
@@ -315,7 +317,7 @@ class JobService:
         """Validate and publish one submission; returns the job once the projection has it, and
         whether it is new (False: the idempotency key named an existing job)."""
         spec = operation(body.type)
-        params = validate_params(spec, body.params)
+        params = validate_params(spec, body.params, self.settings.llm_endpoints)
         await self._check_input(spec, body.file_id, owner, "`$.file_id`")
         key = body.client_request_id or idempotency_key
         job_id = _job_id(owner, key)
@@ -347,10 +349,12 @@ class JobService:
         for index, item in enumerate(items):
             where = f"`$.file_ids[{index}]`" if body.file_ids is not None else f"`$.items[{index}].file_id`"
             await self._check_input(spec, item.file_id, owner, where)
+        check_llm_endpoint(spec, body.params, self.settings.llm_endpoints)  # named where it was given
         children_params = []
         for index, item in enumerate(items):
             try:
-                children_params.append(validate_params(spec, {**body.params, **item.params}))
+                merged = {**body.params, **item.params}
+                children_params.append(validate_params(spec, merged, self.settings.llm_endpoints))
             except InvalidParamsError as exc:
                 raise InvalidParamsError(
                     str(exc).replace("`$.params", f"`$.items[{index}].params", 1)
@@ -432,6 +436,9 @@ class JobService:
                     .order_by(JobRow.submit_seq)
                 )
             )
+        for each in (row, *children):  # the allowlist may have changed since the job was submitted
+            if (spec := OPERATIONS.get(each.type)) is not None:
+                check_llm_endpoint(spec, each.params, self.settings.llm_endpoints)
         acks = [await self.publish(_resubmission(row))]
         acks += await asyncio.gather(*(self.publish(_resubmission(child)) for child in children))
         await self._applied(max(a.seq for a in acks), job_id)

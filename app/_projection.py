@@ -27,7 +27,6 @@ from nats.js import JetStreamContext
 from nats.js import api as js_api
 from sqlalchemy import Table, bindparam, delete, func, insert, select, update
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import OperationalError
 
 from app._db import JOBS, BookmarkRow, Database, EventRow, FileRow, JobRow, queue_counts
 from app._hub import Applied, Hub
@@ -51,6 +50,7 @@ from streams import (
     Retrying,
     Started,
     Submitted,
+    TaskSupervisor,
     decode_event,
     is_terminal,
     released_by_worker,
@@ -379,17 +379,16 @@ class Projection:
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="projection")
         """SQLite's one writer: a batch is one hop to this thread and one transaction."""
         self._counter = itertools.count()
-        self._task: asyncio.Task[None] | None = None
         self._sub: NatsSubscription | None = None
+        self._generation = 0
+        """Which subscription feeds the queue; messages of an older one are dropped."""
         self.callbacks_due: set[str] = set()
         """Jobs with a callback URL whose attempt has just ended; filled before their terminal
         event is published, taken by the webhooks (the others need no look at the job)."""
 
-    async def start(self, js: JetStreamContext) -> None:
-        """Resume from the bookmark and follow the stream."""
-        async with self.db.session() as session:
-            bookmark = await session.get(BookmarkRow, BOOKMARK)
-            self.applied_seq = bookmark.last_seq if bookmark else 0
+    async def start(self, js: JetStreamContext, tasks: TaskSupervisor) -> None:
+        """Resume from the bookmark and follow the stream, as task `projection` of `tasks`."""
+        self.applied_seq = await self._bookmark()
         info = await js.stream_info(STREAM)
         self.catch_up_to = info.state.last_seq
         if self.applied_seq > self.catch_up_to:
@@ -398,12 +397,44 @@ class Projection:
                 self.applied_seq, self.catch_up_to,
             )  # fmt: skip
         self._mark_caught_up()
+        tasks.start("projection", lambda: self._follow(js))
+        log.info("projection resumes after seq %d; stream is at %d", self.applied_seq, self.catch_up_to)
+
+    async def stop(self) -> None:
+        """Release the waiters and the writer, once `tasks` has stopped the loop; what was
+        applied stays applied."""
+        for *_, future in self._waiters:
+            future.cancel()
+        self._writer.shutdown(wait=True)  # a batch in flight finishes before the engine goes
+
+    async def _bookmark(self) -> int:
+        async with self.db.session() as session:
+            bookmark = await session.get(BookmarkRow, BOOKMARK)
+            return bookmark.last_seq if bookmark else 0
+
+    async def _follow(self, js: JetStreamContext) -> None:
+        """Subscribe from the bookmark and apply until something fails; the supervisor runs it
+        again, and nothing is skipped or applied twice across that restart."""
+        # A batch that failed after its commit is in SQLite already: SQLite's bookmark, not
+        # the sequence held in memory, says where to resume.
+        self.applied_seq = max(self.applied_seq, await self._bookmark())
+        self._wake()
+        info = await js.stream_info(STREAM)
+        # What an earlier subscription queued (or still delivers) comes again from the new one.
+        self._generation += 1
+        generation = self._generation
+        while not self._queue.empty():
+            self._queue.get_nowait()
+
+        async def deliver(msg: Msg) -> None:
+            if generation == self._generation:
+                await self._enqueue(msg)
+
         start = max(self.applied_seq + 1, info.state.first_seq or 1)
-        self._task = asyncio.create_task(self._run(), name="projection")
         self._sub = await js.subscribe(
             ALL_SUBJECTS,
             ordered_consumer=True,
-            cb=self._enqueue,
+            cb=deliver,
             config=js_api.ConsumerConfig(
                 deliver_policy=js_api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start
             ),
@@ -412,21 +443,14 @@ class Projection:
             # left the projection (and every submit) stalled ~18 s after a broker restart.
             idle_heartbeat=1.0,
         )
-        log.info("projection resumes after seq %d; stream is at %d", self.applied_seq, self.catch_up_to)
-
-    async def stop(self) -> None:
-        """Stop following; what was applied stays applied."""
-        if self._sub is not None:
+        try:
+            await self._run()
+        finally:
+            sub, self._sub = self._sub, None
             try:
-                await self._sub.unsubscribe()
+                await sub.unsubscribe()
             except Exception as exc:  # the connection may already be gone
                 log.debug("unsubscribe: %s", exc)
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        for *_, future in self._waiters:
-            future.cancel()
-        self._writer.shutdown(wait=True)  # a batch in flight finishes before the engine goes
 
     @contextlib.contextmanager
     def expecting(self, job_id: str) -> Iterator[None]:
@@ -460,15 +484,9 @@ class Projection:
             batch = [await self._queue.get()]
             while len(batch) < MAX_BATCH and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
-            delay = 0.05
-            while True:
-                try:
-                    writes = await self._apply(batch)
-                    break
-                except OperationalError as exc:  # e.g. the disk is full or the file is locked
-                    log.error("applying %d event(s) failed, retrying: %s", len(batch), exc)
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 5.0)
+            # Any failure (a full disk, a locked file, a bug) ends the loop; its supervisor
+            # logs it, reports it on /ready and resumes from the bookmark after a backoff.
+            writes = await self._apply(batch)
             self.callbacks_due |= writes.callbacks
             for item in writes.applied:
                 self.hub.publish(item)

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import msgspec
 
-from streams import MAX_PRIORITY, MIN_PRIORITY
+from streams import MAX_PRIORITY, MIN_PRIORITY, TaskState
 
 MAX_INT = 2**62
 """Bound of integer query values, so none overflows SQLite's 64-bit integers."""
@@ -258,6 +258,8 @@ class Health(msgspec.Struct):
     nats: bool = True
     applied_seq: int = 0
     stream_seq: int = 0
+    tasks: dict[str, TaskState] | None = None
+    """/ready: each supervised task (projection, key-watch, webhook-sweep) and its state."""
 
 
 class WsCommand(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

@@ -37,15 +37,15 @@ def _api(args: argparse.Namespace) -> int:
     from jobcast.keys import CONFIGURATION_ERROR, ConfigurationError, check_public_bind
     from jobcast.lifeline import watch_parent
 
-    settings = Settings()
-    host = args.host or settings.host
-    port = args.port or settings.port
-    settings = dataclasses.replace(settings, host=host, port=port)
     try:
+        settings = Settings()
+        host = args.host or settings.host
+        port = args.port or settings.port
+        settings = dataclasses.replace(settings, host=host, port=port)
         # The app refuses this too, but from its lifespan, which uvicorn reports with a
         # traceback and exit status 3; asked first, the answer is one line and status 2.
         asyncio.run(check_public_bind(host, settings.nats_url))
-    except ConfigurationError as exc:
+    except (ValueError, ConfigurationError) as exc:  # ValueError: a setting Settings() rejects
         print(f"jobcast: {exc}", file=sys.stderr)
         return CONFIGURATION_ERROR
     config = uvicorn.Config(

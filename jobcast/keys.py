@@ -17,13 +17,11 @@ import nats.errors
 from nats.aio.client import Client
 from nats.js.errors import KeyNotFoundError, NoKeysError
 
-from streams import ApiKeyRecord, close_quietly, connect, is_loopback, keys_bucket
+from streams import ApiKeyRecord, admin_key_from_env, close_quietly, connect, is_loopback, keys_bucket
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 CLI_CONNECT_TIMEOUT_S = 4.0
 """A one-shot command gives up on NATS after this long (the promise is 5 s)."""
-ADMIN_KEY_ENV = "JOBCAST_ADMIN_KEY"
-ADMIN_KEY_FILE_ENV = "JOBCAST_ADMIN_KEY_FILE"
 
 
 CONFIGURATION_ERROR = 2
@@ -69,19 +67,6 @@ async def cli_connection(data_dir: Path, name: str) -> Client | None:
         return None
 
 
-def admin_key_configured() -> bool:
-    """Whether JOBCAST_ADMIN_KEY or the file JOBCAST_ADMIN_KEY_FILE names gives the API a key."""
-    if os.environ.get(ADMIN_KEY_ENV, "").strip():
-        return True
-    path = os.environ.get(ADMIN_KEY_FILE_ENV, "")
-    if not path:
-        return False
-    try:
-        return bool(Path(path).read_text().strip())
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigurationError(f"cannot read {ADMIN_KEY_FILE_ENV} {path}: {exc}") from exc
-
-
 async def stored_key_exists(nc: Client) -> bool:
     """Whether the JOBCAST_KEYS bucket holds a key the API would accept."""
     kv = await keys_bucket(nc.jetstream())
@@ -103,7 +88,11 @@ async def check_public_bind(host: str, url: str) -> None:
     Connects to NATS at `url` only when the answer depends on the stored keys, and waits for
     it as the API itself would.
     """
-    if is_loopback(host) or admin_key_configured():
+    try:
+        configured = admin_key_from_env()  # which the API stores as a key at start-up
+    except ValueError as exc:
+        raise ConfigurationError(str(exc)) from exc
+    if is_loopback(host) or configured:
         return
 
     async def closed_on_purpose() -> None:
@@ -117,7 +106,7 @@ async def check_public_bind(host: str, url: str) -> None:
         await close_quietly(nc)
     raise ConfigurationError(
         f"refusing to serve on {host} without an API key: anyone reaching it would be admin. Set "
-        f"{ADMIN_KEY_ENV} (or {ADMIN_KEY_FILE_ENV}), or serve on 127.0.0.1 first and run "
+        "JOBCAST_ADMIN_KEY (or JOBCAST_ADMIN_KEY_FILE), or serve on 127.0.0.1 first and run "
         "`jobcast keys create --name NAME --admin`."
     )
 

@@ -1,6 +1,7 @@
 """The contract between the API and the workers: NATS names, configs, payloads, operations."""
 
 from streams._config import (
+    ADMIN_KEY_NAME,
     CALLBACK_CLAIM_TTL_S,
     JOBS_STREAM,
     WORKER_TTL_S,
@@ -8,6 +9,7 @@ from streams._config import (
     Pool,
     WorkerConsumer,
     WorkerInfo,
+    admin_key_from_env,
     callbacks_bucket,
     ensure_consumer,
     ensure_stream,
@@ -18,6 +20,15 @@ from streams._config import (
     workers_bucket,
 )
 from streams._connect import close_quietly, connect
+from streams._egress import (
+    DEFAULT_LLM_BASE_URL,
+    AddressPolicy,
+    EgressRefusedError,
+    HostUnresolvedError,
+    LlmEndpoints,
+    llm_allowlist,
+    normalized_url,
+)
 from streams._errors import InvalidParamsError, JobcastError, NatsServerError, UnknownOperationError
 from streams._events import (
     ACTIVE_STATUSES,
@@ -51,6 +62,7 @@ from streams._operations import (
     NoopParams,
     OperationSpec,
     TranscribeParams,
+    check_llm_endpoint,
     operation,
     parse_params,
     validate_params,
@@ -75,14 +87,17 @@ from streams._subjects import (
     schedule_subject,
     submit_subject,
 )
+from streams._supervisor import TaskPhase, TaskState, TaskSupervisor
 
 __all__ = [
     "ACTIVE_STATUSES",
+    "ADMIN_KEY_NAME",
     "ALL_CONTROL",
     "ALL_EVENTS",
     "ALL_SUBJECTS",
     "CALLBACK_CLAIM_TTL_S",
     "CHUNK",
+    "DEFAULT_LLM_BASE_URL",
     "JOBS_STREAM",
     "JOB_HEADER",
     "KIND_HEADER",
@@ -93,6 +108,7 @@ __all__ = [
     "STREAM",
     "TERMINAL_STATUSES",
     "WORKER_TTL_S",
+    "AddressPolicy",
     "ApiKeyRecord",
     "CallbackResult",
     "CancelRequested",
@@ -100,15 +116,18 @@ __all__ = [
     "Completed",
     "ConvertParams",
     "Deleted",
+    "EgressRefusedError",
     "Event",
     "Failed",
     "FileDeleted",
     "FileStored",
     "FixSrtParams",
     "GenerateSrtParams",
+    "HostUnresolvedError",
     "InvalidParamsError",
     "JobStatus",
     "JobcastError",
+    "LlmEndpoints",
     "NatsServer",
     "NatsServerError",
     "NoopParams",
@@ -118,11 +137,16 @@ __all__ = [
     "Retrying",
     "Started",
     "Submitted",
+    "TaskPhase",
+    "TaskState",
+    "TaskSupervisor",
     "TranscribeParams",
     "UnknownOperationError",
     "WorkerConsumer",
     "WorkerInfo",
+    "admin_key_from_env",
     "callbacks_bucket",
+    "check_llm_endpoint",
     "close_quietly",
     "connect",
     "control_subject",
@@ -140,7 +164,9 @@ __all__ = [
     "is_terminal",
     "job_id_of",
     "keys_bucket",
+    "llm_allowlist",
     "nats_server_binary",
+    "normalized_url",
     "operation",
     "parse_params",
     "pool_submissions",

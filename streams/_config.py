@@ -9,7 +9,9 @@ from __future__ import annotations
 import enum
 import ipaddress
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import msgspec
 from nats.js import JetStreamContext
@@ -19,6 +21,7 @@ from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
 from streams._subjects import ALL_SUBJECTS, STREAM, pool_submissions, priority_token
+from streams._supervisor import TaskState
 
 
 class Pool(enum.StrEnum):
@@ -79,6 +82,8 @@ class WorkerInfo(msgspec.Struct, kw_only=True):
     pid: int
     started_at: float
     last_seen: float
+    tasks: dict[str, TaskState] = {}
+    """Its supervised tasks (fetch loop, heartbeat): running, or restarting since when and why."""
 
 
 async def workers_bucket(js: JetStreamContext) -> KeyValue:
@@ -123,6 +128,34 @@ def is_loopback(host: str) -> bool:
 async def keys_bucket(js: JetStreamContext) -> KeyValue:
     """The API keys bucket, created on first use (history 1: a revoked key is deleted)."""
     return await js.create_key_value(config=js_api.KeyValueConfig(bucket=KEYS_BUCKET, history=1))
+
+
+ADMIN_KEY_NAME = "admin"
+"""The key record that JOBCAST_ADMIN_KEY (or JOBCAST_ADMIN_KEY_FILE) provisions at API start-up."""
+
+
+def admin_key_from_env(environ: Mapping[str, str] = os.environ) -> str | None:
+    """The admin key an operator configured: JOBCAST_ADMIN_KEY, else the file JOBCAST_ADMIN_KEY_FILE names.
+
+    None when neither is set (or both are empty). Surrounding whitespace is dropped, so a file
+    written by `echo` or a Docker/Kubernetes secret works as it is.
+
+    Raises:
+        ValueError: JOBCAST_ADMIN_KEY_FILE is set but names no readable file, or an empty one; a
+            deployment that meant to have an admin key must not start without one.
+    """
+    if value := environ.get("JOBCAST_ADMIN_KEY", "").strip():
+        return value
+    path = environ.get("JOBCAST_ADMIN_KEY_FILE", "").strip()
+    if not path:
+        return None
+    try:
+        value = Path(path).read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"JOBCAST_ADMIN_KEY_FILE={path}: cannot read it ({exc})") from exc
+    if not value:
+        raise ValueError(f"JOBCAST_ADMIN_KEY_FILE={path}: the file is empty")
+    return value
 
 
 FILES_BUCKET = "JOBCAST_FILES"

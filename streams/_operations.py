@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal, TypeVar
 import msgspec
 
 from streams._config import Pool
+from streams._egress import LlmEndpoints
 from streams._errors import InvalidParamsError, UnknownOperationError
 
 P = TypeVar("P", bound=msgspec.Struct)
@@ -80,7 +81,8 @@ class FixSrtParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     model: Annotated[str, msgspec.Meta(min_length=1, max_length=200)] | None = None
     """Chat model; JOBCAST_LLM_MODEL when absent."""
     base_url: Annotated[str, msgspec.Meta(pattern=r"^https?://", max_length=2000)] | None = None
-    """OpenAI-compatible endpoint; JOBCAST_LLM_BASE_URL when absent."""
+    """OpenAI-compatible endpoint: JOBCAST_LLM_BASE_URL or one of JOBCAST_LLM_ALLOWED_BASE_URLS;
+    JOBCAST_LLM_BASE_URL when absent."""
     sys_msg: Annotated[str, msgspec.Meta(max_length=10_000)] | None = None
     """System message replacing the default instructions."""
     chunk_size: Annotated[int, msgspec.Meta(ge=1, le=200)] = 20
@@ -99,6 +101,9 @@ class OperationSpec:
     """Default number of runs before a transiently failing job is failed for good."""
     needs_file: bool = False
     """The job names its input by `file_id`."""
+    calls_llm: bool = False
+    """The operation sends the worker's LLM key to its params' `base_url`, so that URL must be
+    one the operator allows (`LlmEndpoints`)."""
 
 
 OPERATIONS: dict[str, OperationSpec] = {
@@ -137,6 +142,7 @@ OPERATIONS: dict[str, OperationSpec] = {
             params=FixSrtParams,
             description="An SRT's text corrected by an OpenAI-compatible chat model; timestamps kept.",
             needs_file=True,
+            calls_llm=True,
         ),
     )
 }
@@ -150,14 +156,28 @@ def operation(job_type: str) -> OperationSpec:
         raise UnknownOperationError(job_type, sorted(OPERATIONS)) from None
 
 
-def validate_params(spec: OperationSpec, params: dict[str, Any] | None) -> dict[str, Any]:
-    """Params checked against the spec, with defaults filled in; raises InvalidParamsError."""
+def validate_params(spec: OperationSpec, params: dict[str, Any] | None, llm: LlmEndpoints) -> dict[str, Any]:
+    """Params checked against the spec, with defaults filled in, and an LLM operation's
+    `base_url` against the endpoints the operator allows; raises InvalidParamsError."""
     try:
         parsed: msgspec.Struct = msgspec.convert(params or {}, spec.params)
     except msgspec.ValidationError as exc:
         raise InvalidParamsError(_located(exc)) from None
     result: dict[str, Any] = msgspec.to_builtins(parsed)
+    check_llm_endpoint(spec, result, llm)
     return result
+
+
+def check_llm_endpoint(spec: OperationSpec, params: dict[str, Any], llm: LlmEndpoints) -> None:
+    """InvalidParamsError when an operation that calls the LLM names a `base_url` the operator
+    neither configured nor listed (the worker would send its key there)."""
+    url = params.get("base_url")
+    if spec.calls_llm and isinstance(url, str) and llm.permitted(url) is None:
+        raise InvalidParamsError(
+            f"base_url {url!r} is not an LLM endpoint this server allows: name none (the configured"
+            " JOBCAST_LLM_BASE_URL is used) or one the operator lists in JOBCAST_LLM_ALLOWED_BASE_URLS"
+            " - at `$.params.base_url`"
+        )
 
 
 def parse_params(params: dict[str, Any], params_type: type[P]) -> P:

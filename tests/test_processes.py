@@ -143,7 +143,8 @@ async def test_serve_public_bind_without_key_exits_2_at_once(tmp_path: Path) -> 
     code, err, _ = await jobcast(*args, env=clean_env(JOBCAST_ADMIN_KEY_FILE=str(unreadable)), timeout=30)
     assert code == 2, err
     assert len(lines(err)) == 1, err
-    assert err.startswith(f"jobcast: cannot read JOBCAST_ADMIN_KEY_FILE {unreadable}: "), err
+    assert err.startswith(f"jobcast: JOBCAST_ADMIN_KEY_FILE={unreadable}: cannot read it ("), err
+    assert "Traceback" not in err
     assert nats_servers_on(data / "nats") == []
 
 
@@ -157,6 +158,13 @@ async def test_api_public_bind_without_key_exits_2_in_one_line(
     assert code == 2, err
     assert len(lines(err)) == 1, err
     assert "refusing to serve on 0.0.0.0 without an API key" in err
+    assert "Traceback" not in err
+
+    unreadable = tmp_path / "missing-key-file"
+    code, err, _ = await jobcast(*args, env=env | {"JOBCAST_ADMIN_KEY_FILE": str(unreadable)}, timeout=30)
+    assert code == 2, err
+    assert len(lines(err)) == 1, err
+    assert err.startswith(f"jobcast: JOBCAST_ADMIN_KEY_FILE={unreadable}: cannot read it ("), err
     assert "Traceback" not in err
 
 

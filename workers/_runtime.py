@@ -40,6 +40,7 @@ from streams import (
     Retrying,
     Started,
     Submitted,
+    TaskSupervisor,
     WorkerConsumer,
     close_quietly,
     connect,
@@ -112,6 +113,9 @@ class Worker:
         self._slot_free = asyncio.Event()
         self.ready = asyncio.Event()
         """Set once the consumer exists and the fetch loop runs."""
+        self.supervisor = TaskSupervisor(on_change=self._announce)
+        """Runs the fetch loop and the heartbeat, restarting either if it fails; its state goes
+        into the heartbeat record."""
 
     # lifecycle ---------------------------------------------------------------------
 
@@ -136,16 +140,20 @@ class Worker:
             await self.nc.subscribe(ALL_CONTROL, cb=self._on_control)
             await self.nc.subscribe(pool_submissions(self.settings.pool), cb=self._on_submission)
             self.files = WorkerFiles(await files_store(self.js), self._publish_reliably)
-            self.heartbeat = Heartbeat(self.js, self.settings.name, self.settings.pool, self.settings.slots)
+            self.heartbeat = Heartbeat(
+                self.js, self.settings.name, self.settings.pool, self.settings.slots, self.supervisor
+            )
             await self.heartbeat.start()
             self.ready.set()
             log.info(
                 "worker %s: pool %s, %d slot(s)", self.settings.name, self.settings.pool, self.settings.slots
             )
-            await self._fetch_loop()
+            await self.supervisor.start("fetch", self._fetch_loop, until=self._stopping)
             await self._shutdown()
+            await self.supervisor.stop()
             await self.heartbeat.stop()
         finally:
+            await self.supervisor.stop()
             await close_quietly(self.nc)
 
     async def _declare(self) -> None:

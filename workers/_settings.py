@@ -6,6 +6,8 @@ import os
 import socket
 from dataclasses import dataclass, field
 
+from streams import DEFAULT_LLM_BASE_URL, AddressPolicy, LlmEndpoints, llm_allowlist
+
 
 def _env_float(name: str, default: float) -> float:
     value = os.environ.get(name)
@@ -42,9 +44,24 @@ class WorkerSettings:
     retry_max_s: float = 300.0
     """Longest backoff between two attempts."""
     llm_base_url: str = field(
-        default_factory=lambda: os.environ.get("JOBCAST_LLM_BASE_URL", "https://api.openai.com/v1")
+        default_factory=lambda: os.environ.get("JOBCAST_LLM_BASE_URL", DEFAULT_LLM_BASE_URL)
     )
-    """JOBCAST_LLM_BASE_URL: the OpenAI-compatible endpoint of fix_srt."""
+    """JOBCAST_LLM_BASE_URL: the OpenAI-compatible endpoint of fix_srt; trusted as configured, so it
+    may be on this machine or the private network (a local vLLM or ollama)."""
+    llm_allowed_base_urls: tuple[str, ...] = field(
+        default_factory=lambda: llm_allowlist(os.environ.get("JOBCAST_LLM_ALLOWED_BASE_URLS", ""))
+    )
+    """JOBCAST_LLM_ALLOWED_BASE_URLS (comma-separated): the other endpoints a job may name as
+    `base_url`; each is resolved before every request and refused on a non-public address unless
+    allowed below."""
+    llm_allow_loopback: bool = field(
+        default_factory=lambda: os.environ.get("JOBCAST_LLM_ALLOW_LOOPBACK") == "1"
+    )
+    """JOBCAST_LLM_ALLOW_LOOPBACK=1: a job's listed endpoint may be on this machine."""
+    llm_allow_private: bool = field(
+        default_factory=lambda: os.environ.get("JOBCAST_LLM_ALLOW_PRIVATE") == "1"
+    )
+    """JOBCAST_LLM_ALLOW_PRIVATE=1: a job's listed endpoint may be on a private network address."""
     llm_api_key: str = field(
         default_factory=lambda: os.environ.get("JOBCAST_LLM_API_KEY") or os.environ.get("OPENAI_API_KEY", "")
     )
@@ -57,6 +74,16 @@ class WorkerSettings:
     """With nothing to do, how often to look for redeliveries and retries (which ring no bell)."""
     name: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
     """Shown in `started` events as the worker that took the job."""
+
+    @property
+    def llm_endpoints(self) -> LlmEndpoints:
+        """The LLM endpoints a job may name."""
+        return LlmEndpoints(configured=self.llm_base_url, listed=self.llm_allowed_base_urls)
+
+    @property
+    def llm_address_policy(self) -> AddressPolicy:
+        """Where a job's (listed, not configured) LLM endpoint may resolve to."""
+        return AddressPolicy(allow_loopback=self.llm_allow_loopback, allow_private=self.llm_allow_private)
 
     @property
     def slots(self) -> int:

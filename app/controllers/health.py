@@ -7,6 +7,7 @@ from litestar.datastructures import State
 from litestar.status_codes import HTTP_200_OK, HTTP_503_SERVICE_UNAVAILABLE
 
 from app._schemas import Health
+from streams import TaskSupervisor
 
 
 class HealthController(Controller):
@@ -21,14 +22,22 @@ class HealthController(Controller):
 
     @get("/ready", operation_id="ready")
     async def ready(self, state: State) -> Response[Health]:
-        """NATS is connected and the projection has caught up with the stream."""
+        """NATS is connected, the projection has caught up with the stream, and every supervised
+        task runs; otherwise 503, with `status` naming what is not."""
         projection = state.service.projection
+        supervisor: TaskSupervisor = state.tasks
         connected = bool(state.nats.is_connected)
         caught_up = projection.caught_up.is_set()
+        down = supervisor.down()
+        if not connected:
+            status = "nats unavailable"
+        elif down:
+            status = f"down: {', '.join(down)}"
+        else:
+            status = "ready" if caught_up else "catching up"
         body = Health(
-            status="ready" if connected and caught_up else ("catching up" if connected else "nats unavailable"),
-            nats=connected, applied_seq=projection.applied_seq, stream_seq=projection.catch_up_to,
+            status=status, nats=connected, applied_seq=projection.applied_seq,
+            stream_seq=projection.catch_up_to, tasks=supervisor.status(),
         )  # fmt: skip
-        return Response(
-            body, status_code=HTTP_200_OK if connected and caught_up else HTTP_503_SERVICE_UNAVAILABLE
-        )
+        ready = connected and caught_up and not down
+        return Response(body, status_code=HTTP_200_OK if ready else HTTP_503_SERVICE_UNAVAILABLE)

@@ -177,7 +177,7 @@ class UiController(Controller):
         if record is None:
             return _page("login.html", request, HTTP_401_UNAUTHORIZED, next=_safe_next(data.next),
                          error="That key is not valid.")  # fmt: skip
-        cookie = session_cookie(state.token_secret, Caller(owner=record.name, admin=record.admin))
+        cookie = session_cookie(state.token_secret, Caller(owner=record.name, admin=record.admin, key=record))
         return Redirect(_safe_next(data.next), status_code=HTTP_303_SEE_OTHER, cookies=[cookie])
 
     @post("/logout", name="ui:logout", exclude_from_auth=True, status_code=HTTP_303_SEE_OTHER)
