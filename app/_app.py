@@ -22,7 +22,6 @@ from app._auth import (
     CountingRateLimitMiddleware,
     Keys,
     LoginRequired,
-    is_loopback,
     provision_admin_key,
     rate_limit_identity,
 )
@@ -48,7 +47,7 @@ from app.controllers.metrics import MetricsController
 from app.controllers.openai_audio import OpenAIAudioController
 from app.controllers.queue import QueueController
 from app.controllers.ui import UiController, login_redirect, to_ui
-from streams import TaskSupervisor, close_quietly, connect, ensure_stream, files_store
+from streams import TaskSupervisor, close_quietly, connect, ensure_stream, files_store, is_loopback
 
 log = logging.getLogger("jobcast.api")
 

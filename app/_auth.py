@@ -17,7 +17,6 @@ import base64
 import contextlib
 import hashlib
 import hmac
-import ipaddress
 import json
 import logging
 import time
@@ -38,7 +37,7 @@ from nats.js.errors import KeyDeletedError, KeyNotFoundError, KeyWrongLastSequen
 from nats.js.kv import KeyValue
 
 from app._settings import Settings
-from streams import ADMIN_KEY_NAME, ApiKeyRecord, TaskSupervisor, keys_bucket
+from streams import ADMIN_KEY_NAME, ApiKeyRecord, TaskSupervisor, is_loopback, keys_bucket
 
 log = logging.getLogger("jobcast.auth")
 
@@ -68,16 +67,6 @@ class Caller(msgspec.Struct, frozen=True):
 def key_hash(key: str) -> str:
     """How keys are stored: their sha256, so a leaked bucket leaks no key."""
     return hashlib.sha256(key.encode()).hexdigest()
-
-
-def is_loopback(host: str) -> bool:
-    """Whether binding `host` keeps the API on this machine."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class Keys:

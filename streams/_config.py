@@ -7,6 +7,7 @@ truth for how JetStream keeps jobs.
 from __future__ import annotations
 
 import enum
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -113,6 +114,16 @@ class ApiKeyRecord(msgspec.Struct, kw_only=True):
     sha256: str
     admin: bool = False
     created_at: float = 0.0
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding `host` keeps a server on this machine: only then may it run without keys."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 async def keys_bucket(js: JetStreamContext) -> KeyValue:

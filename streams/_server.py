@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import json
 import os
 import shutil
@@ -11,9 +12,13 @@ import signal
 import sys
 import sysconfig
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from streams._errors import NatsServerError
+
+PR_SET_PDEATHSIG = 1
+"""prctl(2) option: the signal the kernel sends this process when its parent dies."""
 
 
 def durable_mode() -> bool:
@@ -35,6 +40,31 @@ def nats_server_binary() -> str:
     return found
 
 
+def terminate_with_parent() -> Callable[[], None] | None:
+    """A `preexec_fn` that makes the child get SIGTERM when its parent dies (Linux; None elsewhere).
+
+    nats-server is a Go binary that cannot watch a pipe, so the kernel tells it instead: even a
+    SIGKILLed parent then leaves no server on the store behind. Why a `preexec_fn` is safe here:
+    it calls only prctl(2) and getppid(2) through a libc loaded before the fork, so it takes no
+    lock that another thread of the parent could hold at fork time. The death signal follows
+    the forking *thread*; asyncio forks in the thread that runs the event loop, which lives as
+    long as the server is wanted.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    args = [ctypes.c_ulong(signal.SIGTERM)] + [ctypes.c_ulong(0)] * 3  # prctl's variadic longs
+    parent = os.getpid()
+
+    def preexec() -> None:
+        if prctl(PR_SET_PDEATHSIG, *args) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return preexec
+
+
 class NatsServer:
     """A `nats-server -js` child process with its store in `store_dir`.
 
@@ -42,16 +72,28 @@ class NatsServer:
         store_dir: JetStream store; reusing it keeps every stream across restarts.
         host: Address to bind.
         port: Client port; 0 picks a free one (read back from the server's ports file).
+        durable: fsync every write; None reads JOBCAST_DURABLE.
+        die_with_parent: SIGTERM the server when this process dies, however it dies (Linux).
+        keep_fds: Descriptors the server inherits (a lock that must last as long as it does).
     """
 
     def __init__(
-        self, store_dir: Path, host: str = "127.0.0.1", port: int = 0, durable: bool | None = None
+        self,
+        store_dir: Path,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        durable: bool | None = None,
+        *,
+        die_with_parent: bool = False,
+        keep_fds: tuple[int, ...] = (),
     ) -> None:
         self.store_dir = Path(store_dir)
         self.durable = durable_mode() if durable is None else durable
         """fsync every JetStream write (`sync_interval: always`) instead of every 2 minutes."""
         self.host = host
         self.port = port
+        self.die_with_parent = die_with_parent
+        self.keep_fds = keep_fds
         self.process: asyncio.subprocess.Process | None = None
 
     @property
@@ -81,8 +123,9 @@ class NatsServer:
             config.write_text("jetstream {\n  sync_interval: always\n}\n")
             args += ["-c", str(config)]
         self.process = await asyncio.create_subprocess_exec(
-            *args, stdin=asyncio.subprocess.DEVNULL, start_new_session=True
-        )
+            *args, stdin=asyncio.subprocess.DEVNULL, start_new_session=True, pass_fds=self.keep_fds,
+            preexec_fn=terminate_with_parent() if self.die_with_parent else None,
+        )  # fmt: skip
         deadline = time.monotonic() + timeout
         ports_file = ports_dir / f"{Path(args[0]).name}_{self.process.pid}.ports"
         while time.monotonic() < deadline:
