@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import secrets
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-from streams import DEFAULT_LLM_BASE_URL, LlmEndpoints, admin_key_from_env, llm_allowlist
+from streams import DEFAULT_LLM_BASE_URL, LlmEndpoints, admin_key_from_env, llm_allowlist, stored_secret
 
 
 def _env_float(name: str, default: float) -> float:
@@ -20,26 +18,6 @@ def _env_float(name: str, default: float) -> float:
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name)
     return int(value) if value else default
-
-
-def _stored_secret(path: Path) -> bytes:
-    """A random secret kept in `path` (mode 0600), created once even when several processes race.
-
-    The candidate is written completely under a unique name and then hard-linked into place, which
-    fails if the file exists: every process reads the one secret that won, never a half-written file.
-    """
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        candidate = path.with_name(f".{path.name}.{secrets.token_hex(8)}")
-        fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            with os.fdopen(fd, "w") as file:
-                file.write(secrets.token_hex(32))
-            with contextlib.suppress(FileExistsError):
-                os.link(candidate, path)
-        finally:
-            candidate.unlink()
-    return path.read_text().strip().encode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,13 +97,13 @@ class Settings:
         """The webhook secret; generated once and stored in the data dir when not configured."""
         if self.webhook_secret:
             return self.webhook_secret.encode()
-        return _stored_secret(self.data_dir / "webhook-secret")
+        return stored_secret(self.data_dir / "webhook-secret").encode()
 
     def session_key(self) -> bytes:
         """The session-token secret; generated once and stored in the data dir when not configured."""
         if self.session_secret:
             return self.session_secret.encode()
-        return _stored_secret(self.data_dir / "session-secret")
+        return stored_secret(self.data_dir / "session-secret").encode()
 
     @property
     def sqlalchemy_url(self) -> str:

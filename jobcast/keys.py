@@ -17,7 +17,15 @@ import nats.errors
 from nats.aio.client import Client
 from nats.js.errors import KeyNotFoundError, NoKeysError
 
-from streams import ApiKeyRecord, admin_key_from_env, close_quietly, connect, is_loopback, keys_bucket
+from streams import (
+    ApiKeyRecord,
+    admin_key_from_env,
+    close_quietly,
+    connect,
+    is_loopback,
+    keys_bucket,
+    without_credentials,
+)
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 CLI_CONNECT_TIMEOUT_S = 4.0
@@ -63,7 +71,10 @@ async def cli_connection(data_dir: Path, name: str) -> Client | None:
     except (nats.errors.Error, OSError, TimeoutError) as exc:
         last = errors[-1] if errors else exc  # "no servers available" hides why
         reason = str(last) or type(last).__name__
-        print(f"cannot reach NATS at {url} ({reason}); is `jobcast serve` running?", file=sys.stderr)
+        print(
+            f"cannot reach NATS at {without_credentials(url)} ({reason}); is `jobcast serve` running?",
+            file=sys.stderr,
+        )
         return None
 
 

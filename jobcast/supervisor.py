@@ -23,7 +23,7 @@ from pathlib import Path
 
 from jobcast.keys import CONFIGURATION_ERROR, ConfigurationError, check_public_bind
 from jobcast.lifeline import Lifeline
-from streams import NatsServer, Pool
+from streams import NatsServer, Pool, stored_secret, write_private
 
 log = logging.getLogger("jobcast.serve")
 
@@ -96,7 +96,10 @@ class Supervisor:
         self.data_dir = data_dir.resolve()
         self.host = host
         self.port = port
-        self.nats = NatsServer(self.data_dir / "nats", port=nats_port, die_with_parent=True)
+        # Whoever reaches the NATS port can do anything (write a key, read every job), and on one
+        # machine every local user reaches loopback: clients must present this data dir's token.
+        token = stored_secret(self.data_dir / "nats-token")
+        self.nats = NatsServer(self.data_dir / "nats", port=nats_port, die_with_parent=True, token=token)
         me = [sys.executable, "-m", "jobcast"]
         self.children = [Child("api", [*me, "api", "--host", host, "--port", str(port)])]
         self.children += [Child(f"worker-{pool}", [*me, "worker", "--pool", pool]) for pool in pools]
@@ -136,8 +139,8 @@ class Supervisor:
         except BaseException:
             await self.nats.stop()
             raise
-        log.info("nats-server at %s, store %s", url, self.nats.store_dir)
-        (self.data_dir / "nats.url").write_text(url)  # where `jobcast keys` finds it
+        log.info("nats-server at %s, store %s", self.nats.address, self.nats.store_dir)
+        write_private(self.data_dir / "nats.url", url)  # where `jobcast keys` finds it; it holds the token
         env = dict(os.environ)
         env.update(JOBCAST_NATS_URL=url, JOBCAST_DATA_DIR=str(self.data_dir))
         env.update(JOBCAST_HOST=self.host, JOBCAST_PORT=str(self.port), **lifeline.env())

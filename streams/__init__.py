@@ -19,7 +19,7 @@ from streams._config import (
     worker_ttl,
     workers_bucket,
 )
-from streams._connect import close_quietly, connect
+from streams._connect import close_quietly, connect, without_credentials
 from streams._egress import (
     DEFAULT_LLM_BASE_URL,
     AddressPolicy,
@@ -79,7 +79,7 @@ from streams._operations import (
     parse_params,
     validate_params,
 )
-from streams._server import NatsServer, durable_mode, nats_server_binary
+from streams._server import NatsServer, durable_mode, nats_server_binary, stored_secret, write_private
 from streams._subjects import (
     ALL_CONTROL,
     ALL_EVENTS,
@@ -196,9 +196,12 @@ __all__ = [
     "result_size",
     "safe_name",
     "schedule_subject",
+    "stored_secret",
     "submit_subject",
     "utcnow",
     "validate_params",
+    "without_credentials",
     "worker_ttl",
     "workers_bucket",
+    "write_private",
 ]

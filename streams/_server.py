@@ -7,6 +7,7 @@ import contextlib
 import ctypes
 import json
 import os
+import secrets
 import shutil
 import signal
 import sys
@@ -24,6 +25,34 @@ PR_SET_PDEATHSIG = 1
 def durable_mode() -> bool:
     """JOBCAST_DURABLE=1: survive power loss, not only crashes, at the cost of an fsync per write."""
     return os.environ.get("JOBCAST_DURABLE", "") == "1"
+
+
+def stored_secret(path: Path) -> str:
+    """A random secret kept in `path` (mode 0600), created once even when several processes race.
+
+    The candidate is written completely under a unique name and then hard-linked into place, which
+    fails if the file exists: every process reads the one secret that won, never a half-written file.
+    """
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        candidate = path.with_name(f".{path.name}.{secrets.token_hex(8)}")
+        fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "w") as file:
+                file.write(secrets.token_hex(32))
+            with contextlib.suppress(FileExistsError):
+                os.link(candidate, path)
+        finally:
+            candidate.unlink()
+    return path.read_text().strip()
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write `text` to `path` readable by this user only (mode 0600 from the first byte)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # an older file keeps its mode through O_CREAT
+    with os.fdopen(fd, "w") as file:
+        file.write(text)
 
 
 def nats_server_binary() -> str:
@@ -75,6 +104,9 @@ class NatsServer:
         durable: fsync every write; None reads JOBCAST_DURABLE.
         die_with_parent: SIGTERM the server when this process dies, however it dies (Linux).
         keep_fds: Descriptors the server inherits (a lock that must last as long as it does).
+        token: A client must present it to connect (in the URL: nats://TOKEN@host:port). It goes
+            to the server in a 0600 config file, never on its command line, which `ps` shows
+            to every user of the machine.
     """
 
     def __init__(
@@ -86,6 +118,7 @@ class NatsServer:
         *,
         die_with_parent: bool = False,
         keep_fds: tuple[int, ...] = (),
+        token: str | None = None,
     ) -> None:
         self.store_dir = Path(store_dir)
         self.durable = durable_mode() if durable is None else durable
@@ -94,11 +127,17 @@ class NatsServer:
         self.port = port
         self.die_with_parent = die_with_parent
         self.keep_fds = keep_fds
+        self.token = token
         self.process: asyncio.subprocess.Process | None = None
 
     @property
     def url(self) -> str:
-        """Client URL of the running server."""
+        """Client URL of the running server, with the token when there is one."""
+        return f"nats://{self.token}@{self.host}:{self.port}" if self.token else self.address
+
+    @property
+    def address(self) -> str:
+        """Client URL without credentials, fit for logs."""
         return f"nats://{self.host}:{self.port}"
 
     async def start(self, timeout: float = 20.0) -> str:
@@ -118,10 +157,15 @@ class NatsServer:
             "--ports_file_dir", str(ports_dir),
             "-l", str(log),
         ]  # fmt: skip
+        config: list[str] = []
         if self.durable:
-            config = self.store_dir / "durable.conf"
-            config.write_text("jetstream {\n  sync_interval: always\n}\n")
-            args += ["-c", str(config)]
+            config.append("jetstream {\n  sync_interval: always\n}")
+        if self.token:
+            config.append(f"authorization {{\n  token: {json.dumps(self.token)}\n}}")
+        if config:
+            path = self.store_dir / "server.conf"
+            write_private(path, "\n".join(config) + "\n")
+            args += ["-c", str(path)]
         self.process = await asyncio.create_subprocess_exec(
             *args, stdin=asyncio.subprocess.DEVNULL, start_new_session=True, pass_fds=self.keep_fds,
             preexec_fn=terminate_with_parent() if self.die_with_parent else None,

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
+import nats
 
 from jobcast.lifeline import PARENT_GONE_EXIT_S
 from streams import NatsServer
@@ -271,3 +272,45 @@ async def test_a_worker_started_by_hand_outlives_its_shell(nats_server: NatsServ
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(worker, signal.SIGKILL)  # sh without job control: it shares the shell's group
+
+
+async def test_the_embedded_nats_server_wants_the_data_dirs_token(tmp_path: Path) -> None:
+    """Whoever reaches the NATS port could write an admin key: serve's server takes only its token."""
+    data = tmp_path / "d"
+    port = free_port()
+    async with serve(data, port) as proc:
+        await wait_ready(f"http://127.0.0.1:{port}", 60, proc)
+        url = (data / "nats.url").read_text().strip()
+        token = (data / "nats-token").read_text().strip()
+        assert url.startswith(f"nats://{token}@127.0.0.1:"), url
+        for secret in (data / "nats.url", data / "nats-token", data / "nats" / "server.conf"):
+            assert secret.stat().st_mode & 0o077 == 0, secret  # this user's only
+        [server] = nats_servers_on(data / "nats")
+        assert token not in processes()[server]  # a command line is every local user's to read
+
+        # a client without the token, speaking the protocol itself (nats-py leaks its socket here)
+        reader, writer = await asyncio.open_connection("127.0.0.1", int(url.rsplit(":", 1)[1]))
+        try:
+            assert b'"auth_required":true' in await reader.readline()
+            writer.write(b'CONNECT {"verbose":false}\r\nPING\r\n')
+            assert (await asyncio.wait_for(reader.readline(), 10)).startswith(
+                b"-ERR 'Authorization Violation'"
+            )
+        finally:
+            writer.close()
+        nc = await nats.connect(url, allow_reconnect=False)
+        try:
+            assert (await nc.jetstream().stream_info("JOBS")).config.name == "JOBS"
+        finally:
+            await nc.close()
+
+        # the CLI finds the token in nats.url; what it prints never carries it
+        code, err, _ = await jobcast("keys", "--data-dir", str(data), "list", env=clean_env(), timeout=30)
+        assert code == 0, err
+        code, err, _ = await jobcast(
+            "keys", "--data-dir", str(data), "list", env=clean_env(JOBCAST_NATS_URL=f"nats://{token}@127.0.0.1:1"),
+            timeout=30,
+        )  # fmt: skip
+        assert code == 1
+        assert token not in err
+        assert "cannot reach NATS at nats://127.0.0.1:1 (" in err
