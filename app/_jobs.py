@@ -47,6 +47,8 @@ from streams import (
     ACTIVE_STATUSES,
     JOB_HEADER,
     KIND_HEADER,
+    MAX_RESULT_BYTES,
+    OPERATIONS,
     Cancelled,
     CancelRequested,
     Completed,
@@ -58,11 +60,13 @@ from streams import (
     JobStatus,
     OperationSpec,
     Submitted,
+    check_llm_endpoint,
     control_subject,
     encode_event,
     events_subject,
     files_subject,
     operation,
+    result_size,
     schedule_subject,
     submit_subject,
     utcnow,
@@ -85,8 +89,8 @@ def job_view(row: JobRow, queue_position: QueuePosition | None = None) -> Job:
         id=row.id, type=row.type, pool=row.pool, status=row.status, title=row.title,
         description=row.description, params=row.params, file_id=row.file_id, progress=row.progress,
         current_step=row.current_step, result=row.result, error=row.error, attempt=row.attempt,
-        max_attempts=row.max_attempts, priority=row.priority, owner=row.owner, parent_id=row.parent_id,
-        worker=row.worker, held_by=row.held_by, exhausted=row.exhausted,
+        max_attempts=row.max_attempts, timeout_s=row.timeout_s, priority=row.priority, owner=row.owner,
+        parent_id=row.parent_id, worker=row.worker, held_by=row.held_by, exhausted=row.exhausted,
         client_request_id=row.client_request_id, scheduled_for=row.scheduled_for,
         callback_url=row.callback_url, callback_status=row.callback_status,
         queue_position=queue_position, last_event_id=row.last_seq, created_at=row.created_at,
@@ -347,7 +351,7 @@ class JobService:
         """Validate and publish one submission; returns the job once the projection has it, and
         whether it is new (False: the idempotency key named an existing job)."""
         spec = operation(body.type)
-        params = validate_params(spec, body.params)
+        params = validate_params(spec, body.params, self.settings.llm_endpoints)
         await self._check_input(spec, body.file_id, owner, "`$.file_id`")
         key = body.client_request_id or idempotency_key
         job_id = _job_id(owner, key)
@@ -357,7 +361,7 @@ class JobService:
             job_id=job_id, type=spec.name, pool=spec.pool, owner=owner, params=params, title=body.title,
             description=body.description, file_id=body.file_id, priority=body.priority,
             max_attempts=body.max_attempts or spec.max_attempts, client_request_id=key,
-            scheduled_for=_utc(body.scheduled_for), callback_url=body.callback_url,
+            scheduled_for=_utc(body.scheduled_for), callback_url=body.callback_url, timeout_s=body.timeout_s,
         )  # fmt: skip
         with self.projection.expecting(job_id):
             ack = await self.publish(event)
@@ -379,10 +383,12 @@ class JobService:
         for index, item in enumerate(items):
             where = f"`$.file_ids[{index}]`" if body.file_ids is not None else f"`$.items[{index}].file_id`"
             await self._check_input(spec, item.file_id, owner, where)
+        check_llm_endpoint(spec, body.params, self.settings.llm_endpoints)  # named where it was given
         children_params = []
         for index, item in enumerate(items):
             try:
-                children_params.append(validate_params(spec, {**body.params, **item.params}))
+                merged = {**body.params, **item.params}
+                children_params.append(validate_params(spec, merged, self.settings.llm_endpoints))
             except InvalidParamsError as exc:
                 raise InvalidParamsError(
                     str(exc).replace("`$.params", f"`$.items[{index}].params", 1)
@@ -410,6 +416,7 @@ class JobService:
                 title=item.title or f"{body.title or spec.name} #{index + 1}",
                 file_id=item.file_id,
                 parent_id=parent_id,
+                timeout_s=body.timeout_s,
                 **common,
             )
             for index, (item, params) in enumerate(zip(items, children_params, strict=True))
@@ -464,6 +471,9 @@ class JobService:
                     .order_by(JobRow.submit_seq)
                 )
             )
+        for each in (row, *children):  # the allowlist may have changed since the job was submitted
+            if (spec := OPERATIONS.get(each.type)) is not None:
+                check_llm_endpoint(spec, each.params, self.settings.llm_endpoints)
         acks = [await self.publish(_resubmission(row))]
         acks += await asyncio.gather(*(self.publish(_resubmission(child)) for child in children))
         await self._applied(max(a.seq for a in acks), job_id)
@@ -488,6 +498,10 @@ class JobService:
 
     async def force_complete(self, job_id: str, result: dict[str, Any] | None) -> Job:
         """Admin: mark an active job completed with `result`; a worker running it is told to stop."""
+        if (size := result_size(result)) > MAX_RESULT_BYTES:
+            raise InvalidParamsError(
+                f"a result is at most {MAX_RESULT_BYTES} bytes of JSON; this one is {size} - at `$.result`"
+            )
         async with self.db.session() as session:
             row = await self._row(session, job_id, None)
         if JobStatus(row.status).terminal:
@@ -616,4 +630,5 @@ def _resubmission(row: JobRow) -> Submitted:
         params=row.params, title=row.title, description=row.description, file_id=row.file_id,
         parent_id=row.parent_id, max_attempts=row.max_attempts, priority=row.priority,
         created_at=row.created_at, client_request_id=row.client_request_id, callback_url=row.callback_url,
+        timeout_s=row.timeout_s,
     )  # fmt: skip

@@ -27,7 +27,6 @@ from nats.js import JetStreamContext
 from nats.js import api as js_api
 from sqlalchemy import Table, bindparam, delete, func, insert, select, update
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import OperationalError
 
 from app._db import JOBS, BookmarkRow, Database, EventRow, FileRow, JobRow, queue_counts
 from app._hub import Applied, Hub
@@ -51,6 +50,7 @@ from streams import (
     Retrying,
     Started,
     Submitted,
+    TaskSupervisor,
     decode_event,
     is_terminal,
     released_by_worker,
@@ -140,9 +140,9 @@ def _submitted(job: JobRow | None, event: Submitted, seq: int) -> JobRow | None:
         job = JobRow(
             id=event.job_id, type=event.type, pool=event.pool, owner=event.owner, title=event.title,
             description=event.description, params=event.params, file_id=event.file_id,
-            parent_id=event.parent_id, max_attempts=event.max_attempts, priority=event.priority,
-            submit_seq=seq, created_at=event.created_at, result=None, error=None, worker=None,
-            held_by=None, exhausted=False, client_request_id=event.client_request_id,
+            parent_id=event.parent_id, max_attempts=event.max_attempts, timeout_s=event.timeout_s,
+            priority=event.priority, submit_seq=seq, created_at=event.created_at, result=None, error=None,
+            worker=None, held_by=None, exhausted=False, client_request_id=event.client_request_id,
             scheduled_for=event.scheduled_for, callback_url=event.callback_url,
             callback_status="pending" if event.callback_url else None, started_at=None, completed_at=None,
         )  # fmt: skip
@@ -384,28 +384,26 @@ class Projection:
         """Their payload bytes, at most (JOBCAST_PROJECTION_QUEUE_MB)."""
         self.queued_bytes = 0
         self.resubscribes = 0
-        """Times the consumer was stopped at the bound (or after a gap) and started again."""
+        """Times a subscription was stopped at the bound (or after a gap) and a new one started."""
         self.applied_seq = 0
         self.caught_up = asyncio.Event()
         """Set once everything in the stream at start-up has been applied."""
         self.catch_up_to = 0
         """The stream's last sequence when the projection started."""
         self._queue: asyncio.Queue[Msg | None] = asyncio.Queue()
-        """Bounded by `_enqueue`; None: the consumer was stopped, resubscribe once this is reached."""
-        self._js: JetStreamContext | None = None
-        self._last_queued = 0
-        """Stream sequence of the last message queued: where a restarted consumer picks up."""
-        self._consumer_seq = 0
+        """Bounded by `_enqueue`; None marks the end of a subscription stopped at the bound."""
+        self._consumer_seq = self._last_queued = 0
         self._stopping: asyncio.Task[None] | None = None
-        """Unsubscribing the consumer that reached the bound (set until it is replaced)."""
+        """Unsubscribing the subscription that filled the queue."""
         self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
         self._expected: dict[str, Handoff | None] = {}
         """Jobs someone is about to wait for, and the latest state a batch left each in."""
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="projection")
         """SQLite's one writer: a batch is one hop to this thread and one transaction."""
         self._counter = itertools.count()
-        self._task: asyncio.Task[None] | None = None
         self._sub: NatsSubscription | None = None
+        self._generation = 0
+        """Which subscription feeds the queue; messages of an older one are dropped."""
         self.callbacks_due: set[str] = set()
         """Jobs with a callback URL whose attempt has just ended; filled before their terminal
         event is published, taken by the webhooks (the others need no look at the job)."""
@@ -415,11 +413,9 @@ class Projection:
         """Stream messages received but not yet applied."""
         return self._queue.qsize()
 
-    async def start(self, js: JetStreamContext) -> None:
-        """Resume from the bookmark and follow the stream."""
-        async with self.db.session() as session:
-            bookmark = await session.get(BookmarkRow, BOOKMARK)
-            self.applied_seq = bookmark.last_seq if bookmark else 0
+    async def start(self, js: JetStreamContext, tasks: TaskSupervisor) -> None:
+        """Resume from the bookmark and follow the stream, as task `projection` of `tasks`."""
+        self.applied_seq = await self._bookmark()
         info = await js.stream_info(STREAM)
         self.catch_up_to = info.state.last_seq
         if self.applied_seq > self.catch_up_to:
@@ -428,26 +424,74 @@ class Projection:
                 self.applied_seq, self.catch_up_to,
             )  # fmt: skip
         self._mark_caught_up()
-        start = max(self.applied_seq + 1, info.state.first_seq or 1)
-        self._js = js
-        self._last_queued = start - 1
-        self._task = asyncio.create_task(self._run(), name="projection")
-        await self._subscribe()
+        tasks.start("projection", lambda: self._follow(js))
         log.info("projection resumes after seq %d; stream is at %d", self.applied_seq, self.catch_up_to)
 
     async def stop(self) -> None:
-        """Stop following; what was applied stays applied."""
-        if self._sub is not None:
-            try:
-                await self._sub.unsubscribe()
-            except Exception as exc:  # the connection may already be gone
-                log.debug("unsubscribe: %s", exc)
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        """Release the waiters and the writer, once `tasks` has stopped the loop; what was
+        applied stays applied."""
         for *_, future in self._waiters:
             future.cancel()
         self._writer.shutdown(wait=True)  # a batch in flight finishes before the engine goes
+
+    async def _bookmark(self) -> int:
+        async with self.db.session() as session:
+            bookmark = await session.get(BookmarkRow, BOOKMARK)
+            return bookmark.last_seq if bookmark else 0
+
+    async def _follow(self, js: JetStreamContext) -> None:
+        """Subscribe from the bookmark and apply until something fails; the supervisor runs it
+        again, and nothing is skipped or applied twice across that restart. A subscription that
+        fills the queue is stopped, and the next one starts once what it queued is applied."""
+        while True:
+            # A batch that failed after its commit is in SQLite already: SQLite's bookmark, not
+            # the sequence held in memory, says where to resume.
+            self.applied_seq = max(self.applied_seq, await self._bookmark())
+            self._wake()
+            info = await js.stream_info(STREAM)
+            # What an earlier subscription queued (or still delivers) comes again from the new one.
+            self._generation += 1
+            generation = self._generation
+            while not self._queue.empty():
+                self._queue.get_nowait()
+            self.queued_bytes = self._consumer_seq = 0
+
+            async def deliver(msg: Msg, generation: int = generation) -> None:
+                if generation == self._generation:
+                    await self._enqueue(msg)
+
+            start = max(self.applied_seq + 1, info.state.first_seq or 1)
+            self._sub = await js.subscribe(
+                ALL_SUBJECTS,
+                ordered_consumer=True,
+                cb=deliver,
+                config=js_api.ConsumerConfig(
+                    deliver_policy=js_api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start
+                ),
+                # `_enqueue` never waits, so nats-py's own queue only holds what its read loop
+                # parsed since it last yielded (a socket read or two); these are never reached.
+                pending_msgs_limit=NATS_PENDING_MSGS,
+                pending_bytes_limit=NATS_PENDING_BYTES,
+                # nats-py resets an ordered consumer after two missed heartbeats; its default of 5 s
+                # left the projection (and every submit) stalled ~18 s after a broker restart.
+                idle_heartbeat=1.0,
+            )
+            try:
+                await self._run()  # returns once it has applied all that a stopped subscription queued
+            finally:
+                sub, self._sub = self._sub, None
+                stopping, self._stopping = self._stopping, None
+                if stopping is not None:
+                    await stopping
+                else:
+                    await self._unsubscribe(sub)
+
+    async def _unsubscribe(self, sub: NatsSubscription | None) -> None:
+        if sub is not None:
+            try:
+                await sub.unsubscribe()
+            except Exception as exc:  # the connection may already be gone
+                log.debug("unsubscribe: %s", exc)
 
     @contextlib.contextmanager
     def expecting(self, job_id: str) -> Iterator[None]:
@@ -473,34 +517,12 @@ class Projection:
         handoff = self._expected.get(job_id) if job_id is not None else None
         return handoff if handoff is not None and handoff.row.last_seq >= seq else None
 
-    async def _subscribe(self) -> None:
-        """Follow the stream from the message after the last one queued."""
-        assert self._js is not None
-        self._consumer_seq = 0
-        self._sub = await self._js.subscribe(
-            ALL_SUBJECTS,
-            ordered_consumer=True,
-            cb=self._enqueue,
-            config=js_api.ConsumerConfig(
-                deliver_policy=js_api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=self._last_queued + 1
-            ),
-            # `_enqueue` never waits, so nats-py's own queue only holds what its read loop parsed
-            # since it last yielded (a socket read or two); these limits are never reached.
-            pending_msgs_limit=NATS_PENDING_MSGS,
-            pending_bytes_limit=NATS_PENDING_BYTES,
-            # nats-py resets an ordered consumer after two missed heartbeats; its default of 5 s
-            # left the projection (and every submit) stalled ~18 s after a broker restart.
-            idle_heartbeat=1.0,
-        )
-
     async def _enqueue(self, msg: Msg) -> None:
         # Never waits. When nats-py's queue for a callback is full it drops the message, and its
         # ordered consumer does not notice (it tracks what arrived, not what was handed over): those
         # events would be skipped for good. So the bound is kept here: past it, or after a gap in
-        # the consumer's sequence, this consumer is stopped and `_run` starts a new one after the
-        # last message queued, once it has applied everything before it.
-        if self._stopping is not None:
-            return
+        # the consumer's sequence, this subscription is stopped at once, and `_follow` starts a new
+        # one after the last message queued, once `_run` has applied everything before it.
         seq = msg.metadata.sequence
         gap = seq.consumer != 1 and seq.consumer != self._consumer_seq + 1  # 1: nats-py restarted it
         if gap or self._queue.qsize() >= self.queue_limit or self.queued_bytes >= self.queue_bytes_limit:
@@ -510,35 +532,13 @@ class Projection:
                 "missed messages" if gap else "queue full", seq.stream, self._last_queued,
             )  # fmt: skip
             self.resubscribes += 1
-            self._stopping = asyncio.create_task(self._unsubscribe())
+            self._generation += 1  # what this subscription still delivers is dropped
+            self._stopping = asyncio.create_task(self._unsubscribe(self._sub))
             self._queue.put_nowait(None)
             return
-        self._consumer_seq = seq.consumer
-        self._last_queued = seq.stream
+        self._consumer_seq, self._last_queued = seq.consumer, seq.stream
         self.queued_bytes += len(msg.data)
         self._queue.put_nowait(msg)
-
-    async def _unsubscribe(self) -> None:
-        if self._sub is not None:
-            try:
-                await self._sub.unsubscribe()
-            except Exception as exc:  # the connection may be gone; a new consumer replaces it anyway
-                log.debug("unsubscribe: %s", exc)
-
-    async def _resubscribe(self) -> None:
-        """Replace the stopped consumer by one that starts after the last message queued."""
-        if self._stopping is not None:
-            await self._stopping
-        delay = 0.05
-        while True:
-            try:
-                await self._subscribe()
-                break
-            except Exception as exc:  # NATS unreachable for now: keep trying, the stream keeps the events
-                log.error("projection cannot resubscribe, retrying: %s", exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-        self._stopping = None
 
     async def _run(self) -> None:
         while True:
@@ -547,27 +547,19 @@ class Projection:
                 taken.append(self._queue.get_nowait())
             batch = [msg for msg in taken if msg is not None]
             self.queued_bytes -= sum(len(msg.data) for msg in batch)
-            if not batch:  # the stop marker alone: nothing is queued after it
-                await self._resubscribe()
-                continue
-            delay = 0.05
-            while True:
-                try:
-                    writes = await self._apply(batch)
-                    break
-                except OperationalError as exc:  # e.g. the disk is full or the file is locked
-                    log.error("applying %d event(s) failed, retrying: %s", len(batch), exc)
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 5.0)
-            self.callbacks_due |= writes.callbacks
-            self.hub.publish_all(writes.applied)
-            for job_id, handoff in writes.handoffs.items():
-                if job_id in self._expected:
-                    self._expected[job_id] = handoff
-            self._wake()
-            self._mark_caught_up()
-            if taken[-1] is None:
-                await self._resubscribe()
+            if batch:
+                # Any failure (a full disk, a locked file, a bug) ends the loop; its supervisor
+                # logs it, reports it on /ready and resumes from the bookmark after a backoff.
+                writes = await self._apply(batch)
+                self.callbacks_due |= writes.callbacks
+                self.hub.publish_all(writes.applied)
+                for job_id, handoff in writes.handoffs.items():
+                    if job_id in self._expected:
+                        self._expected[job_id] = handoff
+                self._wake()
+                self._mark_caught_up()
+            if taken[-1] is None:  # the end of a subscription stopped at the bound
+                return
 
     async def _apply(self, batch: list[Msg]) -> _Writes:
         last = self.applied_seq

@@ -15,7 +15,7 @@ from app._deps import Owner, Service
 from app._exceptions import TooSlowError
 from app._jobs import compileo_status, compileo_status_name, compileo_update
 from app._schemas import JobStatusView, StatusUpdate
-from app.controllers.live import SSE_HEADERS
+from app.controllers.live import SSE_HEADERS, SSE_RESPONSES
 from streams import JobStatus
 
 _encoder = msgspec.json.Encoder()
@@ -52,7 +52,7 @@ class CompileoController(Controller):
             await service.wait_change(job_id, owner, timeout, current_status, None, compileo_status_name)
         )
 
-    @get("/status/{job_id:str}/stream", operation_id="streamJobStatus")
+    @get("/status/{job_id:str}/stream", operation_id="streamJobStatus", responses=SSE_RESPONSES)
     async def stream(self, job_id: FromPath[str], service: Service, owner: Owner) -> ServerSentEvent:
         """SSE of status snapshots (`data:` lines only), from now until the job ends."""
         job = await service.get(job_id, owner)

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 import msgspec
 from litestar import Controller, WebSocket, get, websocket
 from litestar.exceptions import WebSocketDisconnect
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath, FromQuery, HeaderParameter, QueryParameter
 from litestar.response import ServerSentEvent
 
@@ -17,7 +18,7 @@ from app._deps import Owner, Service
 from app._exceptions import NotFoundError, TooManyError, TooSlowError
 from app._hub import Subscription
 from app._jobs import JobService
-from app._schemas import MAX_INT, Job, WsCommand
+from app._schemas import MAX_INT, Job, SseMessage, WsCommand
 from app._sse import HISTORY_PAGE, FollowEvents
 from streams import JobStatus
 
@@ -29,6 +30,13 @@ MAX_WS_MESSAGE = 16 * 1024
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 CLOSE_TOO_SLOW = 4008
 """WebSocket close code for a client cut off for falling too far behind (reason: where to resume)."""
+SSE_RESPONSES = {
+    200: ResponseSpec(
+        data_container=SseMessage, media_type="text/event-stream", generate_examples=False,
+        description="Server-Sent Events: `id:`, `event:` and `data:` (JSON) lines, until the job ends",
+    )
+}  # fmt: skip
+"""How an SSE route documents its answer (Litestar would say JSON)."""
 
 LastEventId = Annotated[
     int | None,
@@ -60,7 +68,7 @@ class LiveController(Controller):
     path = "/api/v1"
     tags = ["live"]
 
-    @get("/jobs/{job_id:str}/events", operation_id="streamJobEvents")
+    @get("/jobs/{job_id:str}/events", operation_id="streamJobEvents", responses=SSE_RESPONSES)
     async def events(
         self,
         job_id: FromPath[str],
