@@ -32,7 +32,7 @@ from app._exceptions import TooSlowError
 from app._hub import Applied, Hub, sse_frame
 from app._sse import SseFanout, SseFollower
 from jobcast.client import Client
-from tests.conftest import TERMINAL, ApiServer, WorkerRunner, wait_terminal
+from tests.conftest import TERMINAL, ApiServer, WorkerRunner, submit, wait_terminal
 from tests.test_live import StoredEvents as History
 from workers import WorkerSettings
 
@@ -434,6 +434,31 @@ async def test_job_streams_that_never_read_are_cut_off_and_resume(
                     tail.append(json.loads(await asyncio.wait_for(ws.recv(), 30)))
         assert ws.close_code == 1000
         assert head + tail == truth
+
+
+async def test_a_socket_follows_a_bounded_number_of_job_ids(settings: Settings) -> None:
+    server = ApiServer(replace(settings, ws_max_jobs=3))
+    await server.start()
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+            ids = [(await submit(client))["id"] for _ in range(4)]
+            async with connect(server.url.replace("http", "ws") + "/api/v1/ws") as ws:
+                await ws.send(json.dumps({"action": "subscribe", "job_ids": ids[:3]}))
+                assert json.loads(await ws.recv()) == {"type": "subscribed", "job_ids": ids[:3], "all": False}
+                for _ in range(3):  # their `submitted` events
+                    assert json.loads(await ws.recv())["kind"] == "submitted"
+                await ws.send(json.dumps({"action": "subscribe", "job_ids": ids[3:]}))
+                assert json.loads(await ws.recv()) == {
+                    "type": "error",
+                    "status_code": 429,
+                    "detail": "a socket may follow at most 3 job ids; subscribe to all instead",
+                }
+                await ws.send(json.dumps({"action": "unsubscribe", "job_ids": ids[:1]}))
+                assert json.loads(await ws.recv())["type"] == "unsubscribed"
+                await ws.send(json.dumps({"action": "subscribe", "job_ids": ids[3:]}))  # room again
+                assert json.loads(await ws.recv()) == {"type": "subscribed", "job_ids": ids[3:], "all": False}
+    finally:
+        await server.stop()
 
 
 # the bounds themselves, without sockets --------------------------------------------------
