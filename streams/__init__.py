@@ -1,8 +1,10 @@
 """The contract between the API and the workers: NATS names, configs, payloads, operations."""
 
 from streams._config import (
+    ADMISSION_SHARE,
     CALLBACK_CLAIM_TTL_S,
     JOBS_STREAM,
+    STREAM_MAX_BYTES,
     WORKER_TTL_S,
     ApiKeyRecord,
     Pool,
@@ -12,6 +14,7 @@ from streams._config import (
     ensure_consumer,
     ensure_stream,
     files_store,
+    jobs_stream,
     keys_bucket,
     worker_ttl,
     workers_bucket,
@@ -66,9 +69,11 @@ from streams._subjects import (
     PRIORITIES,
     STREAM,
     control_subject,
+    deleted_subject,
     events_subject,
     files_subject,
     job_id_of,
+    job_subjects,
     pool_submissions,
     priority_token,
     schedule_subject,
@@ -77,6 +82,7 @@ from streams._subjects import (
 
 __all__ = [
     "ACTIVE_STATUSES",
+    "ADMISSION_SHARE",
     "ALL_CONTROL",
     "ALL_EVENTS",
     "ALL_SUBJECTS",
@@ -90,6 +96,7 @@ __all__ = [
     "OPERATIONS",
     "PRIORITIES",
     "STREAM",
+    "STREAM_MAX_BYTES",
     "TERMINAL_STATUSES",
     "WORKER_TTL_S",
     "ApiKeyRecord",
@@ -126,6 +133,7 @@ __all__ = [
     "connect",
     "control_subject",
     "decode_event",
+    "deleted_subject",
     "digest",
     "durable_mode",
     "encode_event",
@@ -137,6 +145,8 @@ __all__ = [
     "files_subject",
     "is_terminal",
     "job_id_of",
+    "job_subjects",
+    "jobs_stream",
     "keys_bucket",
     "nats_server_binary",
     "operation",
