@@ -33,6 +33,7 @@ from app._hub import Hub
 from app._jobs import JobService
 from app._metrics import Metrics
 from app._projection import Projection
+from app._retention import Retention
 from app._settings import Settings, get_settings
 from app._stats import Stats
 from app._webhooks import Webhooks
@@ -69,6 +70,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         projection: Projection | None = None
         keys: Keys | None = None
         webhooks: Webhooks | None = None
+        retention: Retention | None = None
         service: JobService | None = None
         try:
             js = nc.jetstream()
@@ -87,12 +89,16 @@ def create_app(settings: Settings | None = None) -> Litestar:
                     "127.0.0.1."
                 )
             app.state.stats = Stats(db, js)
-            app.state.files = FileService(service, await files_store(js), settings.data_dir / "cache")
+            app.state.files = files = FileService(service, await files_store(js), settings.data_dir / "cache")
             webhooks = Webhooks(service)
             webhooks.local_mode = lambda: keys.empty and is_loopback(settings.host)
             await webhooks.start()
+            app.state.retention = retention = Retention(service, files)
+            await retention.start()
             yield
         finally:
+            if retention is not None:
+                await retention.stop()
             if webhooks is not None:
                 await webhooks.stop()
             if keys is not None:

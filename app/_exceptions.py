@@ -41,6 +41,11 @@ class UnavailableError(ApiError):
     """A dependency (NATS, the projection) is not keeping up; try again."""
 
 
+class StorageFullError(UnavailableError):
+    """The JOBS stream is at its byte limit (or the server's disk is full): nothing new is stored
+    until jobs are deleted or the limit is raised; nothing already stored is dropped."""
+
+
 STATUS_CODES: dict[type[Exception], int] = {
     NotFoundError: HTTP_404_NOT_FOUND,
     ConflictError: HTTP_409_CONFLICT,
@@ -87,7 +92,7 @@ ERROR_RESPONSES: dict[int, ResponseSpec] = {
         416: "Range not satisfiable",
         422: "Unknown operation or invalid params: the detail names the field",
         429: "Too many requests or open streams for this key",
-        503: "The job queue is unavailable; try again",
+        503: "The job queue is unavailable, or its storage is full; try again",
     }.items()
 }
 """Documented on every route, so clients (and schemathesis) know every answer they can get."""
@@ -111,6 +116,7 @@ __all__ = [
     "ConflictError",
     "HTTPException",
     "NotFoundError",
+    "StorageFullError",
     "TooManyError",
     "UnavailableError",
     "jobcast_error_to_http",

@@ -221,9 +221,15 @@ class CleanupReport(msgspec.Struct, kw_only=True):
 
     days_old: int
     deleted: int
+    """Top-level jobs deleted (a batch counts once, with its children)."""
     completed: int
     cancelled: int
     failed_kept: int
+    """Failed jobs older than `days_old` that were kept (see `failed_days_old`)."""
+    failed: int = 0
+    """Failed jobs deleted (only with `failed_days_old`)."""
+    files: int = 0
+    """Files deleted with their jobs (only with `files=true`)."""
 
 
 class FileInfo(msgspec.Struct, kw_only=True):
