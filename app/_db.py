@@ -111,6 +111,7 @@ class JobRow(Base):
             "ix_jobs_owner_key",
             "owner",
             "client_request_id",
+            "submit_seq",
             sqlite_where=text("client_request_id IS NOT NULL"),
         ),
     )

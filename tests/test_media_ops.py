@@ -14,11 +14,13 @@ from typing import Any
 
 import av
 import httpx
+import nats
 import pytest
 from httpx_sse import aconnect_sse
+from nats.js.errors import ObjectNotFoundError
 
 from app import Settings
-from streams import NatsServer
+from streams import STREAM, NatsServer, decode_event, files_store, files_subject
 from tests.conftest import MEDIA, ApiServer, WorkerRunner, replace, submit, wait_terminal
 from tests.llm_server import ChatRequest, FakeLLM, drop_last_line, tidy
 from tests.media_clips import make_clip
@@ -430,11 +432,13 @@ async def test_text_file_fails_clearly_and_worker_carries_on(
     assert done["status"] == "completed", done["error"]
 
 
-async def test_delete_job_keeps_or_removes_its_files(client: httpx.AsyncClient, gpu: WorkerRunner) -> None:
+async def test_delete_job_keeps_or_removes_its_files(
+    client: httpx.AsyncClient, gpu: WorkerRunner, nats_server: NatsServer
+) -> None:
     source = await upload(client, "jfk.flac", JFK.read_bytes())
-    outputs = {}
+    outputs, jobs = {}, {}
     for keep in (True, False):
-        job = await submit(client, type="transcribe", file_id=source["id"], params=FAST)
+        job = jobs[keep] = await submit(client, type="transcribe", file_id=source["id"], params=FAST)
         done = await wait_terminal(client, job["id"])
         outputs[keep] = [o["file_id"] for o in done["result"]["outputs"]]
         query = {} if keep else {"files": "true"}
@@ -444,9 +448,26 @@ async def test_delete_job_keeps_or_removes_its_files(client: httpx.AsyncClient, 
         kept = await client.get(f"/api/v1/files/{file_id}/content")
         assert kept.status_code == 200
         assert kept.content
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream()
+    store = await files_store(js)
     for file_id in outputs[False]:
         gone = await client.get(f"/api/v1/files/{file_id}")
         assert gone.json() == {"status_code": 404, "detail": f"file {file_id} not found"}
+        with pytest.raises(ObjectNotFoundError):  # its bytes, and of its events only `file_deleted`
+            await store.get(file_id)
+        subject = files_subject(file_id)
+        assert (await js.stream_info(STREAM, subjects_filter=subject)).state.subjects == {subject: 1}
+        tombstone = await js.get_last_msg(STREAM, subject)
+        assert decode_event(tombstone.data or b"").kind == "file_deleted"
+        assert (tombstone.headers or {}).get("Nats-TTL") == f"{7 * 86400}s"
+    for keep, job in jobs.items():  # its file_stored events went with the job's other messages
+        job_id = job["id"]
+        left = await js.stream_info(STREAM, subjects_filter=f"jobs.*.{job_id}")
+        assert left.state.subjects == {f"jobs.deleted.{job_id}": 1}, keep
+    for file_id in outputs[True]:
+        assert (await store.get(file_id)).data
+    await nc.close()
     assert (await client.get(f"/api/v1/files/{source['id']}")).status_code == 200
 
 
