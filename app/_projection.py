@@ -345,7 +345,10 @@ class _Writes:
         else:
             status = JobStatus.RUNNING
         before = (parent.status, parent.progress, parent.result)
-        parent.result, parent.progress = result, family.progress()
+        progress = family.progress()
+        if status == parent.status and result == parent.result and abs(progress - parent.progress) < 1.0:
+            progress = parent.progress  # a child's small step: the parent moves by whole points
+        parent.result, parent.progress = result, progress
         parent.current_step = f"{done} of {total} done"
         if status != parent.status:
             parent.status = status
