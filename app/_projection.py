@@ -212,7 +212,11 @@ class _Times:
 def _apply_file(conn: Connection, event: FileStored | FileDeleted, seq: int) -> None:
     if isinstance(event, FileDeleted):
         conn.execute(delete(_FILES).where(_FILES.c.id == event.file_id))
-    elif conn.execute(select(_FILES.c.id).where(_FILES.c.id == event.file_id)).first() is None:
+    elif conn.execute(select(_FILES.c.id).where(_FILES.c.id == event.file_id)).first() is not None:
+        # Stored again: moved to its own subject before its job's were purged (app/_retention.py);
+        # the row takes the new message's place, as a rebuild would.
+        conn.execute(update(_FILES).where(_FILES.c.id == event.file_id).values(seq=seq))
+    else:
         conn.execute(
             insert(_FILES),
             {

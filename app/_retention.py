@@ -18,15 +18,25 @@ from collections import Counter
 from datetime import datetime, timedelta
 
 import nats.errors
+from nats.js.errors import NotFoundError
 from sqlalchemy import and_, exists, func, or_, select
 from sqlalchemy.orm import aliased
 
-from app._db import JobRow
+from app._db import FileRow, JobRow
 from app._exceptions import ConflictError, UnavailableError, not_found
 from app._files import FileService
 from app._jobs import JobService
 from app._schemas import CleanupReport
-from streams import ACTIVE_STATUSES, STREAM, Deleted, JobStatus, job_subjects, utcnow
+from streams import (
+    ACTIVE_STATUSES,
+    STREAM,
+    Deleted,
+    FileStored,
+    JobStatus,
+    files_subject,
+    job_subjects,
+    utcnow,
+)
 
 log = logging.getLogger("jobcast.retention")
 
@@ -82,6 +92,8 @@ class Retention:
         """Purge the jobs' subjects, then publish the first one's tombstone and wait until this
         instance's projection has dropped their rows."""
         head = rows[0]
+        if not files:
+            await self._move_file_records([row.id for row in rows])
         subjects = [s for row in rows for s in job_subjects(row.id, row.pool, row.priority)]
         try:
             for start in range(0, len(subjects), PARALLEL):
@@ -92,6 +104,28 @@ class Retention:
         tombstone = Deleted(job_id=head.id, attempt=head.attempt, files=files)
         ack = await self.service.publish(tombstone, msg_id=f"{head.id}:deleted")
         await self.service.wait_applied(ack.seq, head.id)
+
+    async def _move_file_records(self, job_ids: list[str]) -> None:
+        """Workers before this version published a produced file's `file_stored` on its job's
+        events subject, which the purge empties: publish it again on the file's own subject first,
+        so that the file, which stays, is still there after a rebuild."""
+        async with self.service.db.session() as session:
+            produced = list(await session.scalars(select(FileRow).where(FileRow.job_id.in_(job_ids))))
+        for row in produced:
+            try:
+                await self.service.js.get_last_msg(STREAM, files_subject(row.id), direct=True)
+                continue  # on its own subject already
+            except NotFoundError:
+                pass
+            except (nats.errors.Error, TimeoutError) as exc:
+                raise UnavailableError(
+                    f"the job queue is unavailable ({type(exc).__name__}); try again"
+                ) from exc
+            record = FileStored(
+                job_id=row.job_id or "", file_id=row.id, owner=row.owner, name=row.name,
+                content_type=row.content_type, size=row.size, sha256=row.sha256, ts=row.created_at,
+            )  # fmt: skip
+            await self.service.publish(record, msg_id=f"file:{row.id}:moved")
 
     # many jobs ------------------------------------------------------------------------------
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from datetime import timedelta
@@ -27,12 +28,14 @@ from streams import (
     CallbackResult,
     Completed,
     Event,
+    FileStored,
     NatsServer,
     Progress,
     Started,
     Submitted,
     encode_event,
     events_subject,
+    files_subject,
     submit_subject,
     utcnow,
 )
@@ -165,8 +168,19 @@ async def test_rebuild_after_purges_equals_the_database_before(
     upload = await ok(client.post("/api/v1/files", files={"file": ("kept.txt", b"kept")}), 201)
     gone = await ok(client.post("/api/v1/files", files={"file": ("gone.txt", b"gone")}), 201)
     assert (await client.delete(f"/api/v1/files/{gone['id']}")).status_code == 204
+    # A file a job produced under an older worker, which put `file_stored` on the job's events
+    # subject: the job is deleted, the file stays (no `files=true`), and so after a rebuild.
+    producer = doomed["completed"]
+    legacy = FileStored(
+        job_id=producer["id"], file_id=str(uuid.uuid4()), owner=producer["owner"], name="old.srt",
+        content_type="application/x-subrip", size=3, sha256="0" * 64,
+    )  # fmt: skip
+    marker = await publish(js, events_subject(producer["id"]), legacy)
+    await until(lambda: listed_file(client, legacy.file_id))
     for name in ("completed", "failed", "queued", "retried", "batch"):
         assert (await client.delete(f"/api/v1/jobs/{doomed[name]['id']}")).status_code == 204
+    moved = await js.get_last_msg(STREAM, files_subject(legacy.file_id))
+    assert moved.seq > marker
 
     async def tombstones_expired() -> bool:
         return not (await js.stream_info(STREAM, subjects_filter="jobs.deleted.>")).state.subjects
@@ -174,7 +188,7 @@ async def test_rebuild_after_purges_equals_the_database_before(
     await until(tombstones_expired)  # so the stream's last message is gone too
     db = settings.data_dir / "jobcast.db"
     before = snapshot(db)
-    assert (len(before["jobs"]), len(before["files"])) == (len(kept), 1)
+    assert (len(before["jobs"]), len(before["files"])) == (len(kept), 2)
     assert any(row[0] == kept["batch"]["id"] and row[2] == "progress" for row in before["job_events"])
     await api.stop()
     for suffix in ("", "-wal", "-shm"):
@@ -184,6 +198,11 @@ async def test_rebuild_after_purges_equals_the_database_before(
     assert ready["applied_seq"] == ready["stream_seq"] == (await js.get_last_msg(STREAM, "jobs.>")).seq
     assert snapshot(db) == before
     assert (await ok(client.get(f"/api/v1/files/{upload['id']}")))["name"] == "kept.txt"
+    assert (await ok(client.get(f"/api/v1/files/{legacy.file_id}")))["job_id"] == producer["id"]
+
+
+async def listed_file(client: httpx.AsyncClient, file_id: str) -> bool:
+    return (await client.get(f"/api/v1/files/{file_id}")).status_code == 200
 
 
 async def publish(js: JetStreamContext, subject: str, event: Event) -> int:
