@@ -22,12 +22,12 @@ from app._auth import (
     CountingRateLimitMiddleware,
     Keys,
     LoginRequired,
-    is_loopback,
+    provision_admin_key,
     rate_limit_identity,
 )
 from app._db import Database
 from app._deps import DEPENDENCIES
-from app._exceptions import document_errors, jobcast_error_to_http
+from app._exceptions import ERROR_HANDLERS, document_errors, log_unexpected, send_request_id
 from app._files import FileService
 from app._hub import Hub
 from app._jobs import JobService
@@ -48,7 +48,7 @@ from app.controllers.metrics import MetricsController
 from app.controllers.openai_audio import OpenAIAudioController
 from app.controllers.queue import QueueController
 from app.controllers.ui import UiController, login_redirect, to_ui
-from streams import JobcastError, close_quietly, connect, ensure_stream, files_store
+from streams import TaskSupervisor, close_quietly, connect, ensure_stream, files_store, is_loopback
 
 log = logging.getLogger("jobcast.api")
 
@@ -67,42 +67,44 @@ def create_app(settings: Settings | None = None) -> Litestar:
         db = Database(settings.sqlalchemy_url)
         await db.create_all()
         nc = await connect(settings.nats_url, name="jobcast-api")
+        # The projection, the key watch and the webhook sweep: restarted when they fail; /ready
+        # answers 503 while one is down.
+        app.state.tasks = tasks = TaskSupervisor()
         projection: Projection | None = None
-        keys: Keys | None = None
         webhooks: Webhooks | None = None
-        retention: Retention | None = None
         service: JobService | None = None
         try:
             js = nc.jetstream()
             await ensure_stream(js)
-            hub = Hub()
-            projection = Projection(db, hub, app.state.metrics)
-            await projection.start(js)
+            hub = Hub(settings.client_buffer_bytes)
+            projection = Projection(
+                db, hub, app.state.metrics, settings.projection_queue, settings.projection_queue_bytes
+            )
+            await projection.start(js, tasks)
             app.state.nats = nc
             app.state.service = service = JobService(settings, db, js, projection, hub)
+            if settings.admin_key:
+                await provision_admin_key(js, settings.admin_key)
             app.state.api_keys = keys = Keys(js)
-            await keys.start()
+            await keys.start(tasks)
             if keys.empty and not is_loopback(settings.host):
                 raise RuntimeError(
                     f"refusing to serve on {settings.host} without API keys: anyone who can reach it would "
-                    "have admin rights. Create one with `jobcast keys create --name NAME --admin`, or bind "
-                    "127.0.0.1."
+                    "have admin rights. Set JOBCAST_ADMIN_KEY (or JOBCAST_ADMIN_KEY_FILE), create a key with "
+                    "`jobcast keys create --name NAME --admin`, or bind 127.0.0.1."
                 )
             app.state.stats = Stats(db, js)
             app.state.files = files = FileService(service, await files_store(js), settings.data_dir / "cache")
             webhooks = Webhooks(service)
             webhooks.local_mode = lambda: keys.empty and is_loopback(settings.host)
-            await webhooks.start()
-            app.state.retention = retention = Retention(service, files)
-            await retention.start()
+            await webhooks.start(tasks)
+            app.state.retention = Retention(service, files)
+            app.state.retention.start(tasks)
             yield
         finally:
-            if retention is not None:
-                await retention.stop()
+            await tasks.stop()
             if webhooks is not None:
                 await webhooks.stop()
-            if keys is not None:
-                await keys.stop()
             if service is not None:
                 await service.sse.close()
             if projection is not None:
@@ -133,10 +135,12 @@ def create_app(settings: Settings | None = None) -> Litestar:
         ],
         template_config=TemplateConfig(directory=UI_FILES / "templates", engine=JinjaTemplateEngine),
         lifespan=[lifespan],
-        state=State({"settings": settings, "token_secret": settings.signing_key(), "metrics": Metrics()}),
+        state=State({"settings": settings, "token_secret": settings.session_key(), "metrics": Metrics()}),
         middleware=[
-            DefineMiddleware(
-                AuthMiddleware, exclude=["^/health$", "^/ready$", "^/schema", "^/api/v1/auth/login$"]
+            DefineMiddleware(  # every method, OPTIONS too: guards and handlers rely on the caller
+                AuthMiddleware,
+                exclude=["^/health$", "^/ready$", "^/schema", "^/api/v1/auth/login$"],
+                exclude_http_methods=[],
             ),
             RateLimitConfig(
                 rate_limit=("minute", settings.rate_limit_per_minute),
@@ -145,7 +149,10 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 middleware_class=CountingRateLimitMiddleware,
             ).middleware,
         ],
-        exception_handlers={JobcastError: jobcast_error_to_http, LoginRequired: login_redirect},
+        exception_handlers={**ERROR_HANDLERS, LoginRequired: login_redirect},
+        after_exception=[log_unexpected],
+        before_send=[send_request_id],
+        logging_config=None,  # the process's own (JSON) logging stays; Litestar's would replace it
         dependencies=DEPENDENCIES,
         request_max_body_size=settings.max_request_bytes,
         openapi_config=OpenAPIConfig(title="jobcast", version="0.1.0", path="/schema"),

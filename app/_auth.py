@@ -2,8 +2,12 @@
 
 A request authenticates with `Authorization: Bearer <key>` or `X-API-Key`; browsers, whose
 EventSource and WebSocket cannot set headers, use the session cookie set by a login with a
-key, or a short-lived signed `?token=`. With no key configured jobcast runs as one local
-owner with admin rights, and only while bound to a loopback address.
+key, or a short-lived signed `?token=`. Tokens and cookies are signed with the session secret
+(never the webhook secret, which every callback receiver holds) and name the key they came
+from: they end when it is revoked, and never last past SESSION_MAX_AGE_S from the login. With
+no key configured jobcast runs as one local owner with admin rights, and only while bound to a
+loopback address; then any credential is served as that owner, so clients that always send
+some key (the OpenAI SDK) work.
 """
 
 from __future__ import annotations
@@ -13,7 +17,6 @@ import base64
 import contextlib
 import hashlib
 import hmac
-import ipaddress
 import json
 import logging
 import time
@@ -30,15 +33,18 @@ from litestar.middleware.rate_limit import DURATION_VALUES, RateLimitMiddleware
 from litestar.stores.base import Store
 from litestar.types import Message, Receive, Scope, Send
 from nats.js import JetStreamContext
+from nats.js.errors import KeyDeletedError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from app._settings import Settings
-from streams import ApiKeyRecord, keys_bucket
+from streams import ADMIN_KEY_NAME, ApiKeyRecord, TaskSupervisor, is_loopback, keys_bucket
 
 log = logging.getLogger("jobcast.auth")
 
 SESSION_COOKIE = "jobcast_session"
 SESSION_TTL_S = 12 * 3600
+SESSION_MAX_AGE_S = 12 * 3600
+"""No token or cookie outlives its login by more than this, however often it is refreshed."""
 TOKEN_QUERY = "token"
 UI_PREFIX = "/ui"
 
@@ -52,21 +58,15 @@ class Caller(msgspec.Struct, frozen=True):
 
     owner: str
     admin: bool
+    key: ApiKeyRecord | None = None
+    """The key it authenticated with, directly or through a token; None in local mode."""
+    login_at: float | None = None
+    """When its session began (tokens and cookies); None when it presented the key itself."""
 
 
 def key_hash(key: str) -> str:
     """How keys are stored: their sha256, so a leaked bucket leaks no key."""
     return hashlib.sha256(key.encode()).hexdigest()
-
-
-def is_loopback(host: str) -> bool:
-    """Whether binding `host` keeps the API on this machine."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class Keys:
@@ -76,38 +76,43 @@ class Keys:
         self.js = js
         self._by_hash: dict[str, ApiKeyRecord] = {}
         self._kv: KeyValue | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._names: dict[str, ApiKeyRecord] = {}
+        """The record each key name of the bucket stands for, as the watch has seen them so far
+        (kept when the watch is restarted)."""
         self._loaded = asyncio.Event()
 
-    async def start(self) -> None:
-        """Load every key and follow changes."""
+    async def start(self, tasks: TaskSupervisor) -> None:
+        """Load every key and follow changes, as task `key-watch` of `tasks`."""
         self._kv = await keys_bucket(self.js)
-        self._task = asyncio.create_task(self._watch())
+        tasks.start("key-watch", self._watch)
         async with asyncio.timeout(10):
             await self._loaded.wait()
 
-    async def stop(self) -> None:
-        """Stop following changes."""
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-
     async def _watch(self) -> None:
         assert self._kv is not None
-        names: dict[str, str] = {}
+        names = self._names
+        replayed: set[str] = set()
         watcher = await self._kv.watchall()
-        async for entry in watcher:
-            if entry is None:  # the initial values have all arrived
-                self._loaded.set()
-                continue
-            old = names.pop(entry.key, None)
-            if old is not None:
-                self._by_hash.pop(old, None)
-            if entry.value and entry.operation is None:
-                with contextlib.suppress(msgspec.DecodeError):
-                    record = msgspec.json.decode(entry.value, type=ApiKeyRecord)
-                    self._by_hash[record.sha256] = record
-                    names[entry.key] = record.sha256
+        try:
+            async for entry in watcher:
+                if entry is None:  # the initial values have all arrived
+                    # Run again after a failure: a key the replay did not bring was revoked meanwhile.
+                    for revoked in names.keys() - replayed:
+                        self._by_hash.pop(names.pop(revoked).sha256, None)
+                    self._loaded.set()
+                    continue
+                replayed.add(entry.key)
+                old = names.pop(entry.key, None)
+                if old is not None:
+                    self._by_hash.pop(old.sha256, None)
+                if entry.value and entry.operation is None:
+                    with contextlib.suppress(msgspec.DecodeError):
+                        record = msgspec.json.decode(entry.value, type=ApiKeyRecord)
+                        self._by_hash[record.sha256] = record
+                        names[entry.key] = record
+        finally:
+            with contextlib.suppress(Exception):  # the connection may already be gone
+                await watcher.stop()  # type: ignore[no-untyped-call]  # nats-py leaves it unannotated
 
     @property
     def empty(self) -> bool:
@@ -118,14 +123,78 @@ class Keys:
         """The record of a presented key, if it is valid."""
         return self._by_hash.get(key_hash(key))
 
+    def named(self, name: str) -> ApiKeyRecord | None:
+        """The current record of the key called `name`, if it exists."""
+        record = self._names.get(name)
+        return record if record is not None and record.name == name else None
 
-def sign_token(secret: bytes, caller: Caller, ttl_s: float) -> str:
-    """A signed, expiring token standing for `caller` (for cookies and ?token=)."""
-    payload = base64.urlsafe_b64encode(
-        json.dumps({"o": caller.owner, "a": caller.admin, "e": int(time.time() + ttl_s)}).encode()
-    ).decode()
-    signature = hmac.new(secret, b"token:" + payload.encode(), hashlib.sha256).hexdigest()
-    return f"{payload}.{signature}"
+
+async def provision_admin_key(js: JetStreamContext, key: str) -> None:
+    """Store `key` (hashed) as the admin key ADMIN_KEY_NAME, unless that is stored already.
+
+    Idempotent, and safe when several APIs start at once: it creates the record or
+    compare-and-sets it. The configured key wins: when it changes, the stored record follows,
+    which revokes the previous key and its sessions.
+    """
+    kv = await keys_bucket(js)
+    wanted = key_hash(key)
+    for _ in range(10):  # each retry means another API wrote meanwhile; a few are plenty
+        try:
+            entry: KeyValue.Entry | None = await kv.get(ADMIN_KEY_NAME)
+        except (KeyNotFoundError, KeyDeletedError):
+            entry = None
+        if entry is not None and entry.value:
+            with contextlib.suppress(msgspec.DecodeError):
+                stored = msgspec.json.decode(entry.value, type=ApiKeyRecord)
+                if stored.sha256 == wanted and stored.admin:
+                    return
+        record = ApiKeyRecord(name=ADMIN_KEY_NAME, sha256=wanted, admin=True, created_at=time.time())
+        try:
+            if entry is None:
+                await kv.create(ADMIN_KEY_NAME, msgspec.json.encode(record))
+            else:
+                await kv.update(ADMIN_KEY_NAME, msgspec.json.encode(record), last=entry.revision)
+        except KeyWrongLastSequenceError:
+            continue
+        log.info(
+            "admin key %r %s from JOBCAST_ADMIN_KEY",
+            ADMIN_KEY_NAME,
+            "stored" if entry is None else "replaced",
+        )
+        return
+    raise RuntimeError(f"could not store the admin key {ADMIN_KEY_NAME!r}: the record kept changing")
+
+
+def key_id(secret: bytes, record: ApiKeyRecord) -> str:
+    """How a token names the key it came from: unique to that key, so a key revoked and created
+    again under the same name does not revive old tokens; keyed by the session secret, so a token
+    (which its holder can read) gives no help in guessing the key."""
+    return hmac.new(secret, b"key:" + record.sha256.encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def token_lifetime(caller: Caller, ttl_s: float, now: float) -> float:
+    """Seconds a token for `caller` issued at `now` lasts: `ttl_s`, cut at its login's maximum age."""
+    login_at = now if caller.login_at is None else caller.login_at
+    return min(ttl_s, login_at + SESSION_MAX_AGE_S - now)
+
+
+def _signature(secret: bytes, payload: str) -> bytes:
+    return hmac.new(secret, b"token:" + payload.encode(), hashlib.sha256).hexdigest().encode()
+
+
+def sign_token(secret: bytes, caller: Caller, ttl_s: float, now: float | None = None) -> str:
+    """A signed, expiring token standing for `caller` and its key (for cookies and ?token=)."""
+    now = time.time() if now is None else now
+    claims = {
+        "o": caller.owner,
+        "a": caller.admin,
+        "k": caller.key.name if caller.key else None,
+        "i": key_id(secret, caller.key) if caller.key else None,
+        "l": now if caller.login_at is None else caller.login_at,
+        "e": now + token_lifetime(caller, ttl_s, now),
+    }
+    payload = base64.urlsafe_b64encode(json.dumps(claims).encode()).decode()
+    return f"{payload}.{_signature(secret, payload).decode()}"
 
 
 def session_cookie(secret: bytes, caller: Caller) -> Cookie:
@@ -136,17 +205,24 @@ def session_cookie(secret: bytes, caller: Caller) -> Cookie:
     )  # fmt: skip
 
 
-def verify_token(secret: bytes, token: str) -> Caller | None:
-    """The caller a token stands for, if its signature holds and it has not expired."""
+def verify_token(secret: bytes, token: str, keys: Keys, local: Caller | None) -> Caller | None:
+    """The caller a token stands for, if its signature holds, it has not expired, its login is
+    not older than SESSION_MAX_AGE_S, and its key still exists (a token that names no key, issued
+    in local mode, holds only while local mode lasts: `local` is its caller, None outside it)."""
     payload, _, signature = token.partition(".")
-    expected = hmac.new(secret, b"token:" + payload.encode(), hashlib.sha256).hexdigest()
-    if not hmac.compare_digest(signature, expected):
+    if not hmac.compare_digest(signature.encode(), _signature(secret, payload)):
         return None
     try:
         data: dict[str, Any] = json.loads(base64.urlsafe_b64decode(payload.encode()))
-        if data["e"] < time.time():
+        now = time.time()
+        if data["e"] < now or data["l"] + SESSION_MAX_AGE_S < now:
             return None
-        return Caller(owner=str(data["o"]), admin=bool(data["a"]))
+        if data["k"] is None:
+            return local
+        record = keys.named(str(data["k"]))
+        if record is None or not hmac.compare_digest(key_id(secret, record), str(data["i"])):
+            return None
+        return Caller(owner=record.name, admin=record.admin, key=record, login_at=float(data["l"]))
     except (ValueError, KeyError, TypeError):
         return None
 
@@ -176,19 +252,30 @@ class AuthMiddleware(AbstractAuthenticationMiddleware):
             if header.lower().startswith("bearer ")
             else connection.headers.get("x-api-key")
         )
+        # In local mode every credential is served as the local owner, which is what no credential
+        # gets: clients that always send a key (the OpenAI SDK) work, and nothing more is granted.
+        local = (
+            Caller(owner=settings.local_owner, admin=True)
+            if keys.empty and is_loopback(settings.host)
+            else None
+        )
         if key:
             record = keys.lookup(key)
-            if record is None:
+            if record is not None:
+                caller = Caller(owner=record.name, admin=record.admin, key=record)
+                return AuthenticationResult(user=caller, auth=record.name)
+            if local is None:
                 raise NotAuthorizedException("invalid API key")
-            return AuthenticationResult(user=Caller(owner=record.name, admin=record.admin), auth=record.name)
+            return AuthenticationResult(user=local, auth=None)
         token = connection.query_params.get(TOKEN_QUERY) or connection.cookies.get(SESSION_COOKIE)
         if token:
-            caller = verify_token(state.token_secret, token)
-            if caller is None:
+            by_token = verify_token(state.token_secret, token, keys, local)
+            if by_token is not None:
+                return AuthenticationResult(user=by_token, auth=token)
+            if local is None:
                 raise NotAuthorizedException("invalid or expired token; log in again")
-            return AuthenticationResult(user=caller, auth=token)
-        if keys.empty and is_loopback(settings.host):
-            return AuthenticationResult(user=Caller(owner=settings.local_owner, admin=True), auth=None)
+        if local is not None:
+            return AuthenticationResult(user=local, auth=None)
         raise NotAuthorizedException("an API key is required: send Authorization: Bearer <key> or X-API-Key")
 
 

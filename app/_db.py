@@ -25,6 +25,7 @@ from sqlalchemy import (
     case,
     event,
     func,
+    inspect,
     or_,
     select,
     text,
@@ -79,6 +80,8 @@ class JobRow(Base):
     error: Mapped[str | None] = mapped_column(Text)
     attempt: Mapped[int] = mapped_column(Integer, default=1)
     max_attempts: Mapped[int] = mapped_column(Integer, default=3)
+    timeout_s: Mapped[float | None] = mapped_column(Float)
+    """The job's own run-time limit per attempt; None: its operation's default."""
     priority: Mapped[int] = mapped_column(Integer, default=0)
     worker: Mapped[str | None] = mapped_column(String(256))
     held_by: Mapped[str | None] = mapped_column(String(256))
@@ -219,6 +222,18 @@ def _begin_immediate(conn: Connection) -> None:
     conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+def _add_missing_columns(conn: Connection) -> None:
+    """ALTER TABLE ... ADD COLUMN for each nullable model column a table of an older database lacks
+    (create_all creates missing tables only); its existing rows read NULL there."""
+    inspector = inspect(conn)
+    for table in Base.metadata.sorted_tables:
+        present = {column["name"] for column in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name not in present and column.nullable:
+                kind = column.type.compile(conn.dialect)
+                conn.exec_driver_sql(f'ALTER TABLE "{table.name}" ADD COLUMN "{column.name}" {kind}')
+
+
 class Database:
     """The engine and session factory of one API process."""
 
@@ -240,9 +255,11 @@ class Database:
             event.listen(self.reader, "connect", _sqlite_pragmas)
 
     async def create_all(self) -> None:
-        """Create missing tables, and indexes added since an existing table was created."""
+        """Create missing tables, the nullable columns a newer jobcast added to existing ones, and the
+        indexes it added to them."""
         async with self.engine.begin() as conn:
             await conn.run_sync(Base.metadata.create_all)
+            await conn.run_sync(_add_missing_columns)
             for table in Base.metadata.sorted_tables:
                 for index in table.indexes:
                     await conn.run_sync(index.create, checkfirst=True)

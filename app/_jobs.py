@@ -25,6 +25,7 @@ from app._exceptions import (
     NotFoundError,
     StorageFullError,
     TooManyError,
+    TooSlowError,
     UnavailableError,
     not_found,
 )
@@ -42,12 +43,14 @@ from app._schemas import (
     SubmitJob,
 )
 from app._settings import Settings
-from app._sse import SseFanout
+from app._sse import HISTORY_PAGE, SseFanout
 from streams import (
     ACTIVE_STATUSES,
     ADMISSION_SHARE,
     JOB_HEADER,
     KIND_HEADER,
+    MAX_RESULT_BYTES,
+    OPERATIONS,
     STREAM,
     Cancelled,
     CancelRequested,
@@ -60,12 +63,14 @@ from streams import (
     JobStatus,
     OperationSpec,
     Submitted,
+    check_llm_endpoint,
     control_subject,
     deleted_subject,
     encode_event,
     events_subject,
     files_subject,
     operation,
+    result_size,
     schedule_subject,
     submit_subject,
     utcnow,
@@ -88,8 +93,8 @@ def job_view(row: JobRow, queue_position: QueuePosition | None = None) -> Job:
         id=row.id, type=row.type, pool=row.pool, status=row.status, title=row.title,
         description=row.description, params=row.params, file_id=row.file_id, progress=row.progress,
         current_step=row.current_step, result=row.result, error=row.error, attempt=row.attempt,
-        max_attempts=row.max_attempts, priority=row.priority, owner=row.owner, parent_id=row.parent_id,
-        worker=row.worker, held_by=row.held_by, exhausted=row.exhausted,
+        max_attempts=row.max_attempts, timeout_s=row.timeout_s, priority=row.priority, owner=row.owner,
+        parent_id=row.parent_id, worker=row.worker, held_by=row.held_by, exhausted=row.exhausted,
         client_request_id=row.client_request_id, scheduled_for=row.scheduled_for,
         callback_url=row.callback_url, callback_status=row.callback_status,
         queue_position=queue_position, last_event_id=row.last_seq, created_at=row.created_at,
@@ -150,7 +155,7 @@ class JobService:
         self.hub = hub
         self.open_streams: Counter[str] = Counter()
         """Open SSE, WebSocket and long-poll connections per owner."""
-        self.sse = SseFanout(hub, settings.sse_ping_s)
+        self.sse = SseFanout(hub, settings.sse_ping_s, settings.slow_client_grace_s)
         """The job event streams' followers (`/jobs/{id}/events`)."""
         self._storage: tuple[float, int, int] = (float("-inf"), 0, -1)
         """When the stream's size was last read, its bytes and its max_bytes (-1: no limit)."""
@@ -247,41 +252,66 @@ class JobService:
             items = [job_view(row) for row in rows]
         return JobPage(items=items, total=total or 0, limit=limit, offset=offset)
 
-    async def history(self, job_id: str, after: int) -> tuple[list[EventRow], Job | None]:
-        """The job's recorded events after `after`, and the job, read in one snapshot."""
+    async def history(
+        self, job_id: str, after: int, limit: int | None = None
+    ) -> tuple[list[EventRow], Job | None]:
+        """The job's recorded events after `after` (the first `limit` of them), and the job, read in
+        one snapshot."""
+        query = select(EventRow).where(EventRow.job_id == job_id, EventRow.seq > after).order_by(EventRow.seq)
         async with self.db.session() as session, session.begin():
-            rows = list(
-                await session.scalars(
-                    select(EventRow)
-                    .where(EventRow.job_id == job_id, EventRow.seq > after)
-                    .order_by(EventRow.seq)
-                )
-            )
+            rows = list(await session.scalars(query.limit(limit) if limit is not None else query))
             job = await session.get(JobRow, job_id)
         return rows, (job_view(job) if job else None)
 
-    async def follow(self, job_id: str, owner: str | None, after: int = 0) -> AsyncIterator[Applied | None]:
+    async def owner_history(self, owner: str, after: int, limit: int) -> list[EventRow]:
+        """The first `limit` recorded events after `after` of all of `owner`'s jobs, in stream order."""
+        async with self.db.session() as session:
+            return list(
+                await session.scalars(
+                    select(EventRow)
+                    .join(JobRow, JobRow.id == EventRow.job_id)
+                    .where(JobRow.owner == owner, JobRow.last_seq > after, EventRow.seq > after)
+                    .order_by(EventRow.seq, EventRow.id)
+                    .limit(limit)
+                )
+            )
+
+    async def follow(
+        self, job_id: str, owner: str | None, after: int = 0, cut_off: asyncio.Future[None] | None = None
+    ) -> AsyncIterator[Applied | None]:
         """The job's events after `after`: history first, then live, ending after the job ends.
 
         Yields None whenever nothing happened for `sse_ping_s`, so callers can send a keep-alive.
+        Raises TooSlowError (after the last event yielded) once the caller has fallen more than
+        the client buffer behind; `cut_off` is completed at the moment it is cut off, for a caller
+        busy with a write meanwhile.
         """
         with self.hub.subscribe([job_id]) as sub, self.counted_stream(owner):
-            history, job = await self.history(job_id, after)
-            if job is None or (owner is not None and job.owner != owner):
-                return
+            sub.cut_off = cut_off
+            job: Job | None = None
             last = after
-            for row in history:
-                last = row.seq
-                yield Applied(row.seq, job_id, job.owner, row.kind, "", False, row.payload)
+            while True:  # the history, a page at a time
+                history, job = await self.history(job_id, last, HISTORY_PAGE)
+                if job is None or (owner is not None and job.owner != owner):
+                    return
+                for row in history:
+                    last = row.seq
+                    yield Applied(row.seq, job_id, job.owner, row.kind, "", False, row.payload)
+                if len(history) < HISTORY_PAGE:
+                    break
             if JobStatus(job.status).terminal and job.last_event_id <= last:
                 return
             while True:
                 try:
                     async with asyncio.timeout(self.settings.sse_ping_s):
-                        item = await sub.queue.get()
+                        item = await sub.get()
                 except TimeoutError:
                     yield None
                     continue
+                except TooSlowError:
+                    # Asked for more, so the caller is through with what came before: everything up
+                    # to `last` (the history read while live events piled up included).
+                    raise TooSlowError(last) from None
                 if item.seq <= last:
                     continue
                 last = item.seq
@@ -310,8 +340,8 @@ class JobService:
             while (remaining := deadline - asyncio.get_running_loop().time()) > 0:
                 try:
                     async with asyncio.timeout(remaining):
-                        item = await sub.queue.get()
-                except TimeoutError:
+                        item = await sub.get()
+                except (TimeoutError, TooSlowError):  # cut off: the answer is the job as it is now
                     break
                 if (since is not None and item.seq > since) or (
                     since is None and view(item.status) != reference
@@ -327,7 +357,7 @@ class JobService:
         """Validate and publish one submission; returns the job once the projection has it, and
         whether it is new (False: the idempotency key named an existing job)."""
         spec = operation(body.type)
-        params = validate_params(spec, body.params)
+        params = validate_params(spec, body.params, self.settings.llm_endpoints)
         await self._check_input(spec, body.file_id, owner, "`$.file_id`")
         key = body.client_request_id or idempotency_key
         if key and (existing := self._keyed(owner, key)) is not None:
@@ -339,6 +369,7 @@ class JobService:
                 description=body.description, file_id=body.file_id, priority=body.priority,
                 max_attempts=body.max_attempts or spec.max_attempts, client_request_id=key,
                 scheduled_for=_utc(body.scheduled_for), callback_url=body.callback_url,
+                timeout_s=body.timeout_s,
             )  # fmt: skip
             with self.projection.expecting(job_id):
                 try:
@@ -369,10 +400,12 @@ class JobService:
         for index, item in enumerate(items):
             where = f"`$.file_ids[{index}]`" if body.file_ids is not None else f"`$.items[{index}].file_id`"
             await self._check_input(spec, item.file_id, owner, where)
+        check_llm_endpoint(spec, body.params, self.settings.llm_endpoints)  # named where it was given
         children_params = []
         for index, item in enumerate(items):
             try:
-                children_params.append(validate_params(spec, {**body.params, **item.params}))
+                merged = {**body.params, **item.params}
+                children_params.append(validate_params(spec, merged, self.settings.llm_endpoints))
             except InvalidParamsError as exc:
                 raise InvalidParamsError(
                     str(exc).replace("`$.params", f"`$.items[{index}].params", 1)
@@ -411,6 +444,7 @@ class JobService:
                 title=item.title or f"{body.title or spec.name} #{index + 1}",
                 file_id=item.file_id,
                 parent_id=parent_id,
+                timeout_s=body.timeout_s,
                 **common,
             )
             for index, (item, params) in enumerate(zip(items, children_params, strict=True))
@@ -465,6 +499,9 @@ class JobService:
                     .order_by(JobRow.submit_seq)
                 )
             )
+        for each in (row, *children):  # the allowlist may have changed since the job was submitted
+            if (spec := OPERATIONS.get(each.type)) is not None:
+                check_llm_endpoint(spec, each.params, self.settings.llm_endpoints)
         await self.check_storage()
         acks = [await self.publish(_resubmission(row))]
         acks += await asyncio.gather(*(self.publish(_resubmission(child)) for child in children))
@@ -473,6 +510,10 @@ class JobService:
 
     async def force_complete(self, job_id: str, result: dict[str, Any] | None) -> Job:
         """Admin: mark an active job completed with `result`; a worker running it is told to stop."""
+        if (size := result_size(result)) > MAX_RESULT_BYTES:
+            raise InvalidParamsError(
+                f"a result is at most {MAX_RESULT_BYTES} bytes of JSON; this one is {size} - at `$.result`"
+            )
         async with self.db.session() as session:
             row = await self._row(session, job_id, None)
         if JobStatus(row.status).terminal:
@@ -659,4 +700,5 @@ def _resubmission(row: JobRow) -> Submitted:
         params=row.params, title=row.title, description=row.description, file_id=row.file_id,
         parent_id=row.parent_id, max_attempts=row.max_attempts, priority=row.priority,
         created_at=row.created_at, client_request_id=row.client_request_id, callback_url=row.callback_url,
+        timeout_s=row.timeout_s,
     )  # fmt: skip

@@ -5,6 +5,7 @@ from __future__ import annotations
 import bisect
 from collections import Counter, defaultdict
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
@@ -57,6 +58,37 @@ class JobTimes(Protocol):
     def started_at(self) -> datetime | None: ...
 
 
+@dataclass(frozen=True, slots=True)
+class Buffers:
+    """How full the API's bounded buffers are right now."""
+
+    client_bytes: int
+    """Event bytes waiting for SSE, WebSocket and long-poll clients, all together."""
+    cut_offs: int
+    """Clients cut off for falling too far behind, since start."""
+    projection_messages: int
+    """Stream messages received but not yet applied."""
+    projection_restarts: int
+    """Times the projection's consumer was stopped at its bound and started again."""
+
+    def lines(self) -> list[str]:
+        """The exposition lines."""
+        return [
+            "# HELP jobcast_client_buffered_bytes Event bytes waiting for live clients' sockets.",
+            "# TYPE jobcast_client_buffered_bytes gauge",
+            f"jobcast_client_buffered_bytes {self.client_bytes}",
+            "# HELP jobcast_clients_cut_off_total Live clients cut off for falling too far behind.",
+            "# TYPE jobcast_clients_cut_off_total counter",
+            f"jobcast_clients_cut_off_total {self.cut_offs}",
+            "# HELP jobcast_projection_queued Stream messages received but not yet applied.",
+            "# TYPE jobcast_projection_queued gauge",
+            f"jobcast_projection_queued {self.projection_messages}",
+            "# HELP jobcast_projection_restarts_total Projection consumer restarts at its bound.",
+            "# TYPE jobcast_projection_restarts_total counter",
+            f"jobcast_projection_restarts_total {self.projection_restarts}",
+        ]
+
+
 class Metrics:
     """What the projection observes as it applies events, and what is read on each scrape."""
 
@@ -77,7 +109,9 @@ class Metrics:
         elif is_terminal(event) and job.started_at is not None:
             self.run_time.observe(job.type, max(0.0, (event.ts - job.started_at).total_seconds()))
 
-    async def render(self, db: Database, workers: int, streams: int, subscriptions: int) -> str:
+    async def render(
+        self, db: Database, workers: int, streams: int, subscriptions: int, buffers: Buffers | None = None
+    ) -> str:
         """The whole exposition."""
         async with db.session() as session:
             by_status = (
@@ -113,4 +147,6 @@ class Metrics:
             "# TYPE jobcast_workers gauge",
             f"jobcast_workers {workers}",
         ]
+        if buffers is not None:
+            lines += buffers.lines()
         return "\n".join(lines) + "\n"

@@ -29,7 +29,6 @@ from nats.js import api as js_api
 from nats.js.errors import NotFoundError
 from sqlalchemy import Table, bindparam, delete, insert, select, update
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import OperationalError
 
 from app._db import JOBS, BookmarkRow, Database, EventRow, FileRow, JobRow, queue_counts
 from app._hub import Applied, Hub
@@ -53,6 +52,7 @@ from streams import (
     Retrying,
     Started,
     Submitted,
+    TaskSupervisor,
     decode_event,
     is_terminal,
     released_by_worker,
@@ -63,6 +63,10 @@ log = logging.getLogger("jobcast.projection")
 
 BOOKMARK = "jobs"
 MAX_BATCH = 1000
+NATS_PENDING_MSGS = 65_536
+NATS_PENDING_BYTES = 64 * 2**20
+"""nats-py's bounds of its queue in front of `_enqueue` (which empties it at once): what it drops
+there its ordered consumer would never redeliver, so they must stay out of reach."""
 _encoder = msgspec.json.Encoder()
 
 
@@ -142,9 +146,9 @@ def _submitted(job: JobRow | None, event: Submitted, seq: int) -> JobRow | None:
         job = JobRow(
             id=event.job_id, type=event.type, pool=event.pool, owner=event.owner, title=event.title,
             description=event.description, params=event.params, file_id=event.file_id,
-            parent_id=event.parent_id, max_attempts=event.max_attempts, priority=event.priority,
-            submit_seq=seq, created_at=event.created_at, result=None, error=None, worker=None,
-            held_by=None, exhausted=False, client_request_id=event.client_request_id,
+            parent_id=event.parent_id, max_attempts=event.max_attempts, timeout_s=event.timeout_s,
+            priority=event.priority, submit_seq=seq, created_at=event.created_at, result=None, error=None,
+            worker=None, held_by=None, exhausted=False, client_request_id=event.client_request_id,
             scheduled_for=event.scheduled_for, callback_url=event.callback_url,
             callback_status="pending" if event.callback_url else None, started_at=None, completed_at=None,
         )  # fmt: skip
@@ -423,33 +427,55 @@ async def _last_stored(js: JetStreamContext, last_seq: int) -> int:
 class Projection:
     """Applies the JOBS stream to SQLite and wakes whoever waits on it."""
 
-    def __init__(self, db: Database, hub: Hub, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        db: Database,
+        hub: Hub,
+        metrics: Metrics | None = None,
+        queue_limit: int = 10_000,
+        queue_bytes_limit: int = 32 * 2**20,
+    ) -> None:
         self.db = db
         self.hub = hub
         self.metrics = metrics or Metrics()
+        self.queue_limit = queue_limit
+        """Messages received but not yet applied, at most (JOBCAST_PROJECTION_QUEUE)."""
+        self.queue_bytes_limit = queue_bytes_limit
+        """Their payload bytes, at most (JOBCAST_PROJECTION_QUEUE_MB)."""
+        self.queued_bytes = 0
+        self.resubscribes = 0
+        """Times a subscription was stopped at the bound (or after a gap) and a new one started."""
         self.applied_seq = 0
         self.caught_up = asyncio.Event()
         """Set once everything in the stream at start-up has been applied."""
         self.catch_up_to = 0
         """The stream's last sequence when the projection started."""
-        self._queue: asyncio.Queue[Msg] = asyncio.Queue()
+        self._queue: asyncio.Queue[Msg | None] = asyncio.Queue()
+        """Bounded by `_enqueue`; None marks the end of a subscription stopped at the bound."""
+        self._consumer_seq = self._last_queued = 0
+        self._stopping: asyncio.Task[None] | None = None
+        """Unsubscribing the subscription that filled the queue."""
         self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
         self._expected: dict[str, Handoff | None] = {}
         """Jobs someone is about to wait for, and the latest state a batch left each in."""
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="projection")
         """SQLite's one writer: a batch is one hop to this thread and one transaction."""
         self._counter = itertools.count()
-        self._task: asyncio.Task[None] | None = None
         self._sub: NatsSubscription | None = None
+        self._generation = 0
+        """Which subscription feeds the queue; messages of an older one are dropped."""
         self.callbacks_due: set[str] = set()
         """Jobs with a callback URL whose attempt has just ended; filled before their terminal
         event is published, taken by the webhooks (the others need no look at the job)."""
 
-    async def start(self, js: JetStreamContext) -> None:
-        """Resume from the bookmark and follow the stream."""
-        async with self.db.session() as session:
-            bookmark = await session.get(BookmarkRow, BOOKMARK)
-            self.applied_seq = bookmark.last_seq if bookmark else 0
+    @property
+    def queued(self) -> int:
+        """Stream messages received but not yet applied."""
+        return self._queue.qsize()
+
+    async def start(self, js: JetStreamContext, tasks: TaskSupervisor) -> None:
+        """Resume from the bookmark and follow the stream, as task `projection` of `tasks`."""
+        self.applied_seq = await self._bookmark()
         info = await js.stream_info(STREAM)
         self.catch_up_to = await _last_stored(js, info.state.last_seq)
         if self.applied_seq > self.catch_up_to:
@@ -458,35 +484,74 @@ class Projection:
                 self.applied_seq, self.catch_up_to,
             )  # fmt: skip
         self._mark_caught_up()
-        start = max(self.applied_seq + 1, info.state.first_seq or 1)
-        self._task = asyncio.create_task(self._run(), name="projection")
-        self._sub = await js.subscribe(
-            ALL_SUBJECTS,
-            ordered_consumer=True,
-            cb=self._enqueue,
-            config=js_api.ConsumerConfig(
-                deliver_policy=js_api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start
-            ),
-            pending_msgs_limit=1_000_000,
-            # nats-py resets an ordered consumer after two missed heartbeats; its default of 5 s
-            # left the projection (and every submit) stalled ~18 s after a broker restart.
-            idle_heartbeat=1.0,
-        )
+        tasks.start("projection", lambda: self._follow(js))
         log.info("projection resumes after seq %d; stream is at %d", self.applied_seq, self.catch_up_to)
 
     async def stop(self) -> None:
-        """Stop following; what was applied stays applied."""
-        if self._sub is not None:
-            try:
-                await self._sub.unsubscribe()
-            except Exception as exc:  # the connection may already be gone
-                log.debug("unsubscribe: %s", exc)
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        """Release the waiters and the writer, once `tasks` has stopped the loop; what was
+        applied stays applied."""
         for *_, future in self._waiters:
             future.cancel()
         self._writer.shutdown(wait=True)  # a batch in flight finishes before the engine goes
+
+    async def _bookmark(self) -> int:
+        async with self.db.session() as session:
+            bookmark = await session.get(BookmarkRow, BOOKMARK)
+            return bookmark.last_seq if bookmark else 0
+
+    async def _follow(self, js: JetStreamContext) -> None:
+        """Subscribe from the bookmark and apply until something fails; the supervisor runs it
+        again, and nothing is skipped or applied twice across that restart. A subscription that
+        fills the queue is stopped, and the next one starts once what it queued is applied."""
+        while True:
+            # A batch that failed after its commit is in SQLite already: SQLite's bookmark, not
+            # the sequence held in memory, says where to resume.
+            self.applied_seq = max(self.applied_seq, await self._bookmark())
+            self._wake()
+            info = await js.stream_info(STREAM)
+            # What an earlier subscription queued (or still delivers) comes again from the new one.
+            self._generation += 1
+            generation = self._generation
+            while not self._queue.empty():
+                self._queue.get_nowait()
+            self.queued_bytes = self._consumer_seq = 0
+
+            async def deliver(msg: Msg, generation: int = generation) -> None:
+                if generation == self._generation:
+                    await self._enqueue(msg)
+
+            start = max(self.applied_seq + 1, info.state.first_seq or 1)
+            self._sub = await js.subscribe(
+                ALL_SUBJECTS,
+                ordered_consumer=True,
+                cb=deliver,
+                config=js_api.ConsumerConfig(
+                    deliver_policy=js_api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start
+                ),
+                # `_enqueue` never waits, so nats-py's own queue only holds what its read loop
+                # parsed since it last yielded (a socket read or two); these are never reached.
+                pending_msgs_limit=NATS_PENDING_MSGS,
+                pending_bytes_limit=NATS_PENDING_BYTES,
+                # nats-py resets an ordered consumer after two missed heartbeats; its default of 5 s
+                # left the projection (and every submit) stalled ~18 s after a broker restart.
+                idle_heartbeat=1.0,
+            )
+            try:
+                await self._run()  # returns once it has applied all that a stopped subscription queued
+            finally:
+                sub, self._sub = self._sub, None
+                stopping, self._stopping = self._stopping, None
+                if stopping is not None:
+                    await stopping
+                else:
+                    await self._unsubscribe(sub)
+
+    async def _unsubscribe(self, sub: NatsSubscription | None) -> None:
+        if sub is not None:
+            try:
+                await sub.unsubscribe()
+            except Exception as exc:  # the connection may already be gone
+                log.debug("unsubscribe: %s", exc)
 
     @contextlib.contextmanager
     def expecting(self, job_id: str) -> Iterator[None]:
@@ -513,30 +578,48 @@ class Projection:
         return handoff if handoff is not None and handoff.row.last_seq >= seq else None
 
     async def _enqueue(self, msg: Msg) -> None:
+        # Never waits. When nats-py's queue for a callback is full it drops the message, and its
+        # ordered consumer does not notice (it tracks what arrived, not what was handed over): those
+        # events would be skipped for good. So the bound is kept here: past it, or after a gap in
+        # the consumer's sequence, this subscription is stopped at once, and `_follow` starts a new
+        # one after the last message queued, once `_run` has applied everything before it.
+        seq = msg.metadata.sequence
+        gap = seq.consumer != 1 and seq.consumer != self._consumer_seq + 1  # 1: nats-py restarted it
+        if gap or self._queue.qsize() >= self.queue_limit or self.queued_bytes >= self.queue_bytes_limit:
+            log.log(
+                logging.WARNING if gap else logging.INFO,  # a full queue is routine while catching up
+                "projection %s at seq %d: stopping its consumer, resuming after seq %d once applied",
+                "missed messages" if gap else "queue full", seq.stream, self._last_queued,
+            )  # fmt: skip
+            self.resubscribes += 1
+            self._generation += 1  # what this subscription still delivers is dropped
+            self._stopping = asyncio.create_task(self._unsubscribe(self._sub))
+            self._queue.put_nowait(None)
+            return
+        self._consumer_seq, self._last_queued = seq.consumer, seq.stream
+        self.queued_bytes += len(msg.data)
         self._queue.put_nowait(msg)
 
     async def _run(self) -> None:
         while True:
-            batch = [await self._queue.get()]
-            while len(batch) < MAX_BATCH and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            delay = 0.05
-            while True:
-                try:
-                    writes = await self._apply(batch)
-                    break
-                except OperationalError as exc:  # e.g. the disk is full or the file is locked
-                    log.error("applying %d event(s) failed, retrying: %s", len(batch), exc)
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 5.0)
-            self.callbacks_due |= writes.callbacks
-            for item in writes.applied:
-                self.hub.publish(item)
-            for job_id, handoff in writes.handoffs.items():
-                if job_id in self._expected:
-                    self._expected[job_id] = handoff
-            self._wake()
-            self._mark_caught_up()
+            taken = [await self._queue.get()]
+            while len(taken) < MAX_BATCH and not self._queue.empty():
+                taken.append(self._queue.get_nowait())
+            batch = [msg for msg in taken if msg is not None]
+            self.queued_bytes -= sum(len(msg.data) for msg in batch)
+            if batch:
+                # Any failure (a full disk, a locked file, a bug) ends the loop; its supervisor
+                # logs it, reports it on /ready and resumes from the bookmark after a backoff.
+                writes = await self._apply(batch)
+                self.callbacks_due |= writes.callbacks
+                self.hub.publish_all(writes.applied)
+                for job_id, handoff in writes.handoffs.items():
+                    if job_id in self._expected:
+                        self._expected[job_id] = handoff
+                self._wake()
+                self._mark_caught_up()
+            if taken[-1] is None:  # the end of a subscription stopped at the bound
+                return
 
     async def _apply(self, batch: list[Msg]) -> _Writes:
         last = self.applied_seq

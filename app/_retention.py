@@ -33,6 +33,7 @@ from streams import (
     Deleted,
     FileStored,
     JobStatus,
+    TaskSupervisor,
     files_subject,
     job_subjects,
     utcnow,
@@ -54,17 +55,12 @@ class Retention:
         self.service = service
         self.files = files
         self.settings = service.settings
-        self._sweeper: asyncio.Task[None] | None = None
 
-    async def start(self) -> None:
-        """Start the retention sweep (a no-op loop when JOBCAST_RETENTION_DAYS is 0)."""
-        self._sweeper = asyncio.create_task(self._sweep_forever(), name="retention")
-
-    async def stop(self) -> None:
-        """Stop the sweep; a pass cut short is finished by the next one (deletes are idempotent)."""
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            await asyncio.gather(self._sweeper, return_exceptions=True)
+    def start(self, tasks: TaskSupervisor) -> None:
+        """Run the retention sweep as task `retention-sweep` (it only waits when
+        JOBCAST_RETENTION_DAYS is 0); a pass cut short is finished by the next one (deletes are
+        idempotent)."""
+        tasks.start("retention-sweep", self._sweep_forever)
 
     # one job --------------------------------------------------------------------------------
 

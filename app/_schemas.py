@@ -7,14 +7,15 @@ from typing import Annotated, Any
 
 import msgspec
 
-from streams import MAX_PRIORITY, MIN_PRIORITY
+from streams import MAX_ATTEMPTS, MAX_PRIORITY, MAX_TIMEOUT_S, MIN_PRIORITY, MIN_TIMEOUT_S, TaskState
 
 MAX_INT = 2**62
 """Bound of integer query values, so none overflows SQLite's 64-bit integers."""
 
 Title = Annotated[str, msgspec.Meta(max_length=500)]
 Description = Annotated[str, msgspec.Meta(max_length=10_000)]
-MaxAttempts = Annotated[int, msgspec.Meta(ge=1, le=50)]
+MaxAttempts = Annotated[int, msgspec.Meta(ge=1, le=MAX_ATTEMPTS)]
+TimeoutS = Annotated[float, msgspec.Meta(ge=MIN_TIMEOUT_S, le=MAX_TIMEOUT_S)]
 Priority = Annotated[int, msgspec.Meta(ge=MIN_PRIORITY, le=MAX_PRIORITY)]
 RequestId = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
 CallbackUrl = Annotated[str, msgspec.Meta(pattern=r"^https?://", max_length=2000)]
@@ -23,16 +24,19 @@ CallbackUrl = Annotated[str, msgspec.Meta(pattern=r"^https?://", max_length=2000
 class SubmitJob(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Body of POST /api/v1/jobs."""
 
-    type: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+    type: Annotated[str, msgspec.Meta(min_length=1, max_length=64, examples=["noop"])]
     """The operation, e.g. `noop`."""
-    params: dict[str, Any] = {}
+    params: Annotated[dict[str, Any], msgspec.Meta(examples=[{"steps": 3, "duration_s": 0.3}])] = {}
     """Operation parameters, validated against the operation's schema."""
-    title: Title = ""
+    title: Annotated[str, msgspec.Meta(max_length=500, examples=["a quick check"])] = ""
     description: Description = ""
     file_id: Annotated[str, msgspec.Meta(max_length=64)] | None = None
     """The input file, for operations that take one."""
     max_attempts: MaxAttempts | None = None
     """Runs before a transiently failing job fails for good; the operation's default when absent."""
+    timeout_s: TimeoutS | None = None
+    """Run-time limit of each attempt in seconds (1 s to a week); past it the job is stopped and
+    fails "timed out after N s". The operation's default when absent (docs/architecture.md, "Run-time limits")."""
     priority: Priority = 0
     """Higher runs first among the pending jobs of a pool (-10 to 10)."""
     client_request_id: RequestId | None = None
@@ -54,16 +58,21 @@ class BatchItem(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 class SubmitBatch(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Body of POST /api/v1/jobs/batch: one child job per file id or per item."""
 
-    type: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+    type: Annotated[str, msgspec.Meta(min_length=1, max_length=64, examples=["noop"])]
     file_ids: (
         Annotated[list[Annotated[str, msgspec.Meta(max_length=64)]], msgspec.Meta(max_length=1000)] | None
     ) = None
-    items: Annotated[list[BatchItem], msgspec.Meta(max_length=1000)] | None = None
+    items: (
+        Annotated[list[BatchItem], msgspec.Meta(max_length=1000, examples=[[{"params": {"steps": 1}}, {}]])]
+        | None
+    ) = None
     params: dict[str, Any] = {}
     """Params shared by every child; an item's own params override them."""
     title: Title = ""
     description: Description = ""
     max_attempts: MaxAttempts | None = None
+    timeout_s: TimeoutS | None = None
+    """Run-time limit of each child's attempts, as for one job."""
     priority: Priority = 0
     client_request_id: RequestId | None = None
     scheduled_for: datetime | None = None
@@ -96,6 +105,8 @@ class Job(msgspec.Struct, kw_only=True):
     error: str | None
     attempt: int
     max_attempts: int
+    timeout_s: float | None
+    """The job's own run-time limit per attempt; None: its operation's default."""
     priority: int
     owner: str
     parent_id: str | None
@@ -169,6 +180,17 @@ class EventEnvelope(msgspec.Struct, kw_only=True):
     event: msgspec.Raw
 
 
+class SseMessage(msgspec.Struct, kw_only=True):
+    """One Server-Sent Event of a job stream (its fields, as an SSE client reads them)."""
+
+    data: str
+    """One JSON object: an EventEnvelope on /events, a StatusUpdate on the Compileo stream."""
+    event: str | None = None
+    """The event's kind (`submitted`, `progress`, ...); absent on the Compileo stream."""
+    id: str | None = None
+    """The stream sequence, to resume from with Last-Event-ID."""
+
+
 class QueueHealth(msgspec.Struct, kw_only=True):
     """Compileo's queue_health block."""
 
@@ -213,7 +235,7 @@ class TypeStatistics(msgspec.Struct, kw_only=True):
 class ForceComplete(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Body of POST /api/v1/jobs/admin/{id}/force-complete."""
 
-    result: dict[str, Any] | None = None
+    result: Annotated[dict[str, Any], msgspec.Meta(examples=[{"text": "done by hand"}])] | None = None
 
 
 class CleanupReport(msgspec.Struct, kw_only=True):
@@ -264,6 +286,8 @@ class Health(msgspec.Struct):
     nats: bool = True
     applied_seq: int = 0
     stream_seq: int = 0
+    tasks: dict[str, TaskState] | None = None
+    """/ready: each supervised task (projection, key-watch, webhook-sweep) and its state."""
 
 
 class WsCommand(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -275,4 +299,5 @@ class WsCommand(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     all: bool = False
     """Every job of the caller, present and future."""
     last_event_id: Annotated[int, msgspec.Meta(ge=0, le=MAX_INT)] | None = None
-    """With `subscribe` to job ids: replay their events after this sequence first."""
+    """With `subscribe`: replay the events after this sequence of the job ids (and with `all`, of
+    every job of the caller) first."""

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
-import secrets
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+
+from streams import DEFAULT_LLM_BASE_URL, LlmEndpoints, admin_key_from_env, llm_allowlist, stored_secret
 
 
 def _env_float(name: str, default: float) -> float:
@@ -52,6 +53,14 @@ class Settings:
     webhook_secret: str = field(default_factory=lambda: os.environ.get("JOBCAST_WEBHOOK_SECRET", ""))
     """JOBCAST_WEBHOOK_SECRET: HMAC-SHA256 key of callback signatures; empty: one generated and kept
     in the data dir."""
+    session_secret: str = field(
+        default_factory=lambda: os.environ.get("JOBCAST_SESSION_SECRET", ""), repr=False
+    )
+    """JOBCAST_SESSION_SECRET: HMAC key of session cookies and `?token=` links, never used for anything
+    else; empty: one generated and kept in the data dir. Changing it ends every session."""
+    admin_key: str | None = field(default_factory=admin_key_from_env, repr=False)
+    """JOBCAST_ADMIN_KEY or JOBCAST_ADMIN_KEY_FILE: an admin key stored (hashed) as the key named
+    `admin` at start-up, so a fresh deployment has a key from its first start."""
     webhook_tries: int = field(default_factory=lambda: _env_int("JOBCAST_WEBHOOK_TRIES", 5))
     """JOBCAST_WEBHOOK_TRIES: deliveries attempted before a callback counts as failed."""
     webhook_backoff_s: float = field(default_factory=lambda: _env_float("JOBCAST_WEBHOOK_BACKOFF_S", 1.0))
@@ -90,17 +99,54 @@ class Settings:
     """JOBCAST_TOMBSTONE_TTL_S: how long a deleted job's tombstone stays in the stream: API instances
     that were behind see the delete through it, and a `client_request_id` reused meanwhile gets a
     new job. An API instance stopped for longer than this must rebuild its database."""
+    client_buffer_bytes: int = field(
+        default_factory=lambda: _env_int("JOBCAST_CLIENT_BUFFER_KB", 1024) * 1024
+    )
+    """JOBCAST_CLIENT_BUFFER_KB: events one SSE, WebSocket or long-poll client may still have waiting
+    for its socket when the next batch of events arrives; a client further behind is cut off and
+    resumes by sequence. One batch (up to 1,000 events) may come on top, so a burst alone never cuts
+    off a client that keeps up."""
+    slow_client_grace_s: float = field(
+        default_factory=lambda: _env_float("JOBCAST_SLOW_CLIENT_GRACE_S", 10.0)
+    )
+    """JOBCAST_SLOW_CLIENT_GRACE_S: how long a cut-off client gets to take its goodbye (the end of its
+    SSE stream, WebSocket close 4008) before its connection is dropped without one."""
+    ws_max_jobs: int = field(default_factory=lambda: _env_int("JOBCAST_WS_MAX_JOBS", 1000))
+    """JOBCAST_WS_MAX_JOBS: job ids one /api/v1/ws connection may subscribe to (`all` counts as none)."""
+    projection_queue: int = field(default_factory=lambda: _env_int("JOBCAST_PROJECTION_QUEUE", 10_000))
+    """JOBCAST_PROJECTION_QUEUE: stream messages received but not yet applied; past it the projection
+    stops its consumer and, once it has applied what it holds, resumes from there."""
+    projection_queue_bytes: int = field(
+        default_factory=lambda: _env_int("JOBCAST_PROJECTION_QUEUE_MB", 32) * 2**20
+    )
+    """JOBCAST_PROJECTION_QUEUE_MB: the same bound in payload bytes."""
+
+    llm_base_url: str = field(
+        default_factory=lambda: os.environ.get("JOBCAST_LLM_BASE_URL", DEFAULT_LLM_BASE_URL)
+    )
+    """JOBCAST_LLM_BASE_URL: the LLM workers' own endpoint, which a job may always name."""
+    llm_allowed_base_urls: tuple[str, ...] = field(
+        default_factory=lambda: llm_allowlist(os.environ.get("JOBCAST_LLM_ALLOWED_BASE_URLS", ""))
+    )
+    """JOBCAST_LLM_ALLOWED_BASE_URLS (comma-separated): the other LLM endpoints a job may name as
+    `base_url`; the LLM workers get the same list. Any other gets 422."""
+
+    @property
+    def llm_endpoints(self) -> LlmEndpoints:
+        """The LLM endpoints a job may name."""
+        return LlmEndpoints(configured=self.llm_base_url, listed=self.llm_allowed_base_urls)
 
     def signing_key(self) -> bytes:
         """The webhook secret; generated once and stored in the data dir when not configured."""
         if self.webhook_secret:
             return self.webhook_secret.encode()
-        path = self.data_dir / "webhook-secret"
-        if not path.exists():
-            self.data_dir.mkdir(parents=True, exist_ok=True)
-            path.write_text(secrets.token_hex(32))
-            path.chmod(0o600)
-        return path.read_text().strip().encode()
+        return stored_secret(self.data_dir / "webhook-secret").encode()
+
+    def session_key(self) -> bytes:
+        """The session-token secret; generated once and stored in the data dir when not configured."""
+        if self.session_secret:
+            return self.session_secret.encode()
+        return stored_secret(self.data_dir / "session-secret").encode()
 
     @property
     def sqlalchemy_url(self) -> str:

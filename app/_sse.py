@@ -1,18 +1,22 @@
-"""Lean SSE fan-out: the hub writes each event's frame, encoded once, straight to every follower.
+"""Lean SSE fan-out: the hub hands each event's frame, encoded once, to every follower's outbox.
 
-A follower is not a queue, a generator and a task: it is a small object the hub hands frames to.
-Frames handed over during one pass of the event loop are joined and written with one ASGI `send`
-per follower, driven to completion on the spot (uvicorn's `send` only waits when the socket's
-buffer is full; then, and only then, a task finishes that write and later frames wait in order).
-The request's own coroutine just waits for the client to go away. One timer pings idle followers.
+A follower is a small object with a bounded queue of frames; the hub appends to it and never
+waits (the frames are the hub's, shared by every follower of the job). The request's own
+coroutine is the follower's writer: it sends the job's history page by page, then whatever the
+hub queued meanwhile, joined into one ASGI `send` per wake-up, until the job ends. A small task
+per follower watches for the client going away. A follower that still has more than the client
+buffer waiting when the next batch arrives (its socket is full and stays full) is cut off: its
+queue is dropped, and once the write in flight is through, its stream ends with a comment naming
+the Last-Event-ID to reconnect with; a client that does not take even that within the grace
+period is dropped without it. One timer pings idle followers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Coroutine, Iterable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, Protocol
 
 from litestar.response import ServerSentEvent
 from litestar.response.base import ASGIResponse
@@ -28,52 +32,55 @@ if TYPE_CHECKING:
     from litestar.enums import MediaType
     from litestar.types import Receive, Send, TypeEncodersMap
 
+    from app._db import EventRow
     from app._jobs import JobService
+    from app._schemas import Job
 
 log = logging.getLogger("jobcast.api")
 
 PING = b": ping\r\n\r\n"
+HISTORY_PAGE = 500
+"""Stored events read (and sent) at a time when a follower replays a job's history."""
 
 
-async def _awaited(awaitable: Awaitable[None]) -> None:
-    await awaitable
+def goodbye(last: int) -> bytes:
+    """The comment that ends a cut-off stream (EventSource reconnects by itself, with this id)."""
+    return b": too slow, cut off; reconnect with Last-Event-ID: %d\r\n\r\n" % last
 
 
-async def _finish(coro: Coroutine[Any, Any, None], waiting: Any) -> None:
-    """Drive a started coroutine that had to wait to its end, as a Task would have."""
-    try:
-        while True:
-            if waiting is None:  # a bare yield (asyncio.sleep(0))
-                await asyncio.sleep(0)
-            else:
-                # What Task.__step does with a yielded future before it waits on it.
-                waiting._asyncio_future_blocking = False
-                try:
-                    await waiting
-                except BaseException:
-                    if not waiting.done() or waiting.cancelled():
-                        raise  # this task is being cancelled
-                    # else the coroutine gets the future's exception when it resumes
-            waiting = coro.send(None)
-    except StopIteration:
+class History(Protocol):
+    """Where a follower reads the job's stored events (the JobService)."""
+
+    async def history(
+        self, job_id: str, after: int, limit: int | None = None
+    ) -> tuple[list[EventRow], Job | None]:
+        """The job's events after `after` (the first `limit`), and the job."""
+        ...
+
+
+async def _until_disconnect(receive: Receive) -> None:
+    # uvicorn answers `http.disconnect` once the client is gone or the response has ended.
+    while (await receive())["type"] != "http.disconnect":
         pass
-    finally:
-        coro.close()
 
 
 class SseFollower:
-    """One SSE client's place in the hub: its ASGI `send`, the last sequence sent, frames not yet written."""
+    """One SSE client: its ASGI `send`, the frames waiting for it, the last sequence taken."""
 
     __slots__ = (
+        "_deadline",
         "_send",
-        "blocked",
+        "_wake",
+        "batch",
+        "cut",
         "done",
-        "early",
-        "ending",
         "fanout",
+        "frames",
         "job_id",
         "last",
-        "pending",
+        "live",
+        "ping_due",
+        "queued",
         "wrote",
     )
 
@@ -82,105 +89,179 @@ class SseFollower:
         self.job_id = job_id
         self._send = send
         self.last = after
-        self.pending: list[bytes] = []
-        self.early: list[tuple[Applied, bytes]] | None = []
-        """Live events that arrive while the history is read; None once it has been sent."""
-        self.ending = False
-        """The job's last event is in `pending`: the stream ends after it."""
+        """The last sequence written (or being written) to the client."""
+        self.frames: list[tuple[int, bytes, bool]] = []
+        """(seq, frame, ends the job) handed over by the hub, not yet written (a list: an empty one
+        is smaller than a deque, and the writer takes them all at once)."""
+        self.queued = 0
+        """Bytes in `frames`."""
+        self.live = False
+        """The history has been sent; pings may go out."""
+        self.cut = False
+        """Fell too far behind: nothing more is queued, the stream ends after the write in flight."""
         self.done = False
-        """The stream has ended (or the connection failed); nothing more is written."""
-        self.blocked = False
-        """A write is waiting for the socket; later frames stay in `pending` until it is done."""
+        """The client went away (or the stream ended): the writer stops."""
+        self.ping_due = False
         self.wrote = False
         """Something was written since the last keep-alive tick."""
+        self.batch = 0
+        """The hub's batch this follower last got events of."""
+        self._wake: asyncio.Future[None] | None = None
+        self._deadline: asyncio.Timeout | None = None
 
     def deliver(self, item: Applied, frame: bytes) -> None:
         """Take one applied event of the job (called by the hub; never blocks)."""
-        if self.early is not None:
-            self.early.append((item, frame))
+        if self.cut or self.done:
             return
-        if self.ending or item.seq <= self.last:
-            return
-        self.last = item.seq
-        if not self.pending:
-            self.fanout.mark(self)
-        self.pending.append(frame)
-        if item.ends:
-            self.ending = True
-
-    def start(self, history: list[bytes], last: int, finished: bool) -> None:
-        """Send the replayed history, then go live (or end, when the job already ended)."""
-        early, self.early = self.early or [], None
-        self.last = last
-        self.pending.extend(history)
-        if finished:
-            self.ending = True
-        else:
-            for item, frame in early:
-                self.deliver(item, frame)
-        self.flush()
-
-    def flush(self) -> None:
-        """Write the pending frames (and the end of the stream after the last event) in one send."""
-        if self.blocked or self.done or not (self.pending or self.ending):
-            return
-        body = self.pending[0] if len(self.pending) == 1 else b"".join(self.pending)
-        self.pending.clear()
-        self.wrote = True
-        if self.ending:
-            self.done = True
-            self.fanout.detach(self)
-        self._write(body, more_body=not self.done)
+        hub = self.fanout.hub
+        if self.batch != hub.batch:  # a new batch: did the client take the earlier ones?
+            self.batch = hub.batch
+            if self.queued > hub.client_buffer:
+                self._cut_off()
+                return
+        size = len(frame)
+        self.frames.append((item.seq, frame, item.ends))
+        self.queued += size
+        hub.buffered += size
+        self._wake_writer()
 
     def ping(self) -> None:
         """A keep-alive comment, unless something was written since the last tick."""
-        if not self.wrote and not self.blocked and not self.done and self.early is None:
-            self._write(PING, more_body=True)
+        if not self.wrote and self.live:
+            self.ping_due = True
+            self._wake_writer()
         self.wrote = False
 
+    def gone(self, _: asyncio.Task[None]) -> None:
+        """The client went away, or the response ended (the disconnect watcher's callback)."""
+        self.close()
+
     def close(self) -> None:
-        """Write nothing more (the client went away, or the request ended)."""
+        """Write nothing more (the client went away, or the stream ended); idempotent."""
         self.done = True
+        self._drop_frames()
         self.fanout.detach(self)
+        self._wake_writer()
 
-    def _write(self, body: bytes, more_body: bool) -> None:
+    async def run(self, service: History, owner: str | None) -> None:
+        """Write the job's history, then its live events, until the job ends, the client goes
+        away, or it falls so far behind that it is cut off."""
         try:
-            sent = self._send({"type": "http.response.body", "body": body, "more_body": more_body})
-            coro = sent if isinstance(sent, Coroutine) else _awaited(sent)
-            waiting = coro.send(None)
-        except StopIteration:
-            return
-        except Exception as exc:  # the connection is unusable: stop writing to it, keep the others going
+            async with asyncio.timeout(None) as self._deadline:
+                if self.cut:  # cut off before the writer started
+                    self._give_grace()
+                if not await self._replay(service, owner):
+                    await self._write_live()
+                if not self.done:
+                    await self._write(goodbye(self.last) if self.cut else b"", more_body=False)
+        except TimeoutError:
+            if self._deadline is None or not self._deadline.expired():
+                raise
+            log.warning(
+                "SSE follower of %s cut off and not reading; dropped without its goodbye", self.job_id
+            )
+        except OSError as exc:  # the connection is unusable: stop writing to it
             log.debug("SSE write to a follower of %s failed: %s", self.job_id, exc)
+        finally:
             self.close()
-            return
-        self.blocked = True
-        self.fanout.background(self._drain(coro, waiting))
 
-    async def _drain(self, coro: Coroutine[Any, Any, None], waiting: Any) -> None:
-        try:
-            await _finish(coro, waiting)
-        except Exception as exc:
-            log.debug("SSE write to a follower of %s failed: %s", self.job_id, exc)
-            self.close()
-            return
-        except BaseException:  # cancelled (shutdown): this follower gets nothing more
-            self.close()
-            raise
-        self.blocked = False
-        self.flush()
+    async def _replay(self, service: History, owner: str | None) -> bool:
+        """Send the stored events after `last`, page by page; True when the stream ends after them."""
+        while not (self.done or self.cut):
+            rows, job = await service.history(self.job_id, self.last, HISTORY_PAGE)
+            if job is None or (owner is not None and job.owner != owner):
+                return True
+            if rows:
+                body = b"".join(sse_frame(row.seq, row.kind, row.payload) for row in rows)
+                last = rows[-1].seq
+                full = len(rows) == HISTORY_PAGE
+                del rows  # the ORM rows would otherwise live as long as the write
+                await self._write(body, more_body=True)
+                self.last = last
+                if full:
+                    continue
+            finished = JobStatus(job.status).terminal and job.last_event_id <= self.last
+            self.live = True
+            return finished
+        return self.done
+
+    async def _write_live(self) -> None:
+        """Write what the hub queued, joined, until the job's last event, the cut-off or the end."""
+        loop = asyncio.get_running_loop()
+        while not self.done:
+            if self.frames:
+                body, ends = self._take()
+                if body:
+                    await self._write(body, more_body=not ends)
+                if ends:
+                    self.done = True
+                continue
+            if self.cut:
+                return
+            if self.ping_due:
+                self.ping_due = False
+                await self._write(PING, more_body=True)
+                continue
+            self._wake = loop.create_future()
+            try:
+                await self._wake
+            finally:
+                self._wake = None
+
+    def _take(self) -> tuple[bytes, bool]:
+        """The waiting frames after `last` (those the history had are skipped), up to the job's end."""
+        frames = self.frames
+        self._drop_frames()
+        parts: list[bytes] = []
+        ends = False
+        for seq, frame, ends_job in frames:
+            if seq <= self.last:
+                continue  # already in the history, or an event of an attempt that already ended
+            self.last = seq
+            parts.append(frame)
+            if ends_job:
+                ends = True
+                break  # nothing after the job's end is sent
+        return (parts[0] if len(parts) == 1 else b"".join(parts)), ends
+
+    async def _write(self, body: bytes, more_body: bool) -> None:
+        self.wrote = body is not PING  # a keep-alive does not put off the next one
+        await self._send({"type": "http.response.body", "body": body, "more_body": more_body})
+
+    def _cut_off(self) -> None:
+        # Still attached (the hub may be iterating over this very set); the writer detaches it.
+        self.cut = True
+        self.fanout.hub.cut_offs += 1
+        self._drop_frames()
+        log.info(
+            "SSE follower of %s cut off: over %d bytes behind", self.job_id, self.fanout.hub.client_buffer
+        )
+        self._give_grace()
+        self._wake_writer()
+
+    def _give_grace(self) -> None:
+        if self._deadline is not None:
+            self._deadline.reschedule(asyncio.get_running_loop().time() + self.fanout.grace_s)
+
+    def _drop_frames(self) -> None:
+        self.fanout.hub.buffered -= self.queued
+        self.frames = []
+        self.queued = 0
+
+    def _wake_writer(self) -> None:
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
 
 
 class SseFanout:
-    """The process's SSE followers: joined writes after each hub pass, one keep-alive timer for all."""
+    """The process's SSE followers, and one keep-alive timer for all of them."""
 
-    def __init__(self, hub: Hub, ping_s: float) -> None:
+    def __init__(self, hub: Hub, ping_s: float, grace_s: float = 10.0) -> None:
         self.hub = hub
         self.ping_s = ping_s
+        self.grace_s = grace_s
+        """How long a cut-off follower gets to take the end of its stream."""
         self.followers: set[SseFollower] = set()
-        self._dirty: list[SseFollower] = []
-        self._flush_scheduled = False
-        self._tasks: set[asyncio.Task[None]] = set()
         self._pinger: asyncio.Task[None] | None = None
 
     def attach(self, follower: SseFollower) -> None:
@@ -195,31 +276,11 @@ class SseFanout:
         self.followers.discard(follower)
         self.hub.remove_target(follower.job_id, follower)
 
-    def mark(self, follower: SseFollower) -> None:
-        """The follower has frames to write: write them once the hub's current pass is over."""
-        self._dirty.append(follower)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
-
-    def background(self, coro: Coroutine[Any, Any, None]) -> None:
-        """Run a follower's slow write as a task, kept referenced until it ends."""
-        task = asyncio.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
     async def close(self) -> None:
-        """Stop the keep-alive timer and unfinished writes (at shutdown)."""
-        tasks = [*self._tasks, *([self._pinger] if self._pinger else [])]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        dirty, self._dirty = self._dirty, []
-        for follower in dirty:
-            follower.flush()
+        """Stop the keep-alive timer (at shutdown)."""
+        if self._pinger is not None:
+            self._pinger.cancel()
+            await asyncio.gather(self._pinger, return_exceptions=True)
 
     async def _ping_idle(self) -> None:
         # One timer, not one per connection: a follower idle for a whole tick gets a ping, so the
@@ -246,28 +307,18 @@ class _FollowResponse(ASGIResponse):
         self.service, self.job_id, self.owner, self.after = service, job_id, owner, after
 
     async def send_body(self, send: Send, receive: Receive) -> None:
-        """Replay the history, go live, and wait until the stream ends or the client leaves."""
+        """Replay the history, go live, and write until the stream ends or the client leaves."""
         self.headers.headers.clear()  # sent already; not kept for the connection's lifetime
         service, fanout = self.service, self.service.sse
         follower = SseFollower(fanout, self.job_id, send, self.after)
         fanout.attach(follower)  # before the history is read, so nothing falls between them
+        watcher = asyncio.create_task(_until_disconnect(receive))
+        watcher.add_done_callback(follower.gone)
         try:
             with service.counted_stream(self.owner):
-                rows, job = await service.history(self.job_id, self.after)
-                if job is None or (self.owner is not None and job.owner != self.owner):
-                    follower.start([], self.after, finished=True)
-                else:
-                    history = [sse_frame(row.seq, row.kind, row.payload) for row in rows]
-                    last = rows[-1].seq if rows else self.after
-                    del rows  # the ORM rows would otherwise live as long as the connection
-                    finished = JobStatus(job.status).terminal and job.last_event_id <= last
-                    follower.start(history, last, finished)
-                    del history, job
-                # uvicorn answers `http.disconnect` once the client is gone or the response ended.
-                while (await receive())["type"] != "http.disconnect":
-                    pass
+                await follower.run(service, self.owner)
         finally:
-            follower.close()
+            watcher.cancel()
 
 
 class FollowEvents(ServerSentEvent):

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
-import ipaddress
 import logging
 import uuid
 from collections.abc import Callable
@@ -29,7 +28,14 @@ from app._db import JobRow
 from app._exceptions import NotFoundError
 from app._hub import Applied
 from app._jobs import JobService
-from streams import TERMINAL_STATUSES, CallbackResult, callbacks_bucket
+from streams import (
+    TERMINAL_STATUSES,
+    AddressPolicy,
+    CallbackResult,
+    EgressRefusedError,
+    TaskSupervisor,
+    callbacks_bucket,
+)
 
 if TYPE_CHECKING:
     import httpx
@@ -64,7 +70,6 @@ class Webhooks:
         self._tasks: set[asyncio.Task[None]] = set()
         self.local_mode: Callable[[], bool] = lambda: False
         """Set by the app: local mode allows loopback callbacks."""
-        self._sweeper: asyncio.Task[None] | None = None
 
     @property
     def _client(self) -> httpx.AsyncClient:
@@ -75,21 +80,19 @@ class Webhooks:
             self._client_ = httpx.AsyncClient(timeout=self.settings.webhook_timeout_s, follow_redirects=False)
         return self._client_
 
-    async def start(self) -> None:
-        """Listen for finished jobs and look for callbacks left undelivered."""
+    async def start(self, tasks: TaskSupervisor) -> None:
+        """Listen for finished jobs and look for callbacks left undelivered (task `webhook-sweep`)."""
         self._kv = await callbacks_bucket(self.service.js)
         self.service.hub.listeners.append(self._on_applied)
-        self._sweeper = asyncio.create_task(self._sweep_forever())
+        tasks.start("webhook-sweep", self._sweep_forever)
 
     async def stop(self) -> None:
         """Stop sending; unsent callbacks are picked up by another instance or the next start."""
         with contextlib.suppress(ValueError):
             self.service.hub.listeners.remove(self._on_applied)
-        for task in [*self._tasks, *([self._sweeper] if self._sweeper else [])]:
+        for task in self._tasks:
             task.cancel()
-        await asyncio.gather(
-            *self._tasks, *([self._sweeper] if self._sweeper else []), return_exceptions=True
-        )
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._client_ is not None:
             await self._client_.aclose()
 
@@ -122,19 +125,14 @@ class Webhooks:
     async def _refused(self, url: str) -> str:
         """Why `url` may not be called: its host resolves to a private, loopback or link-local
         address (so a webhook cannot reach internal services), unless settings allow it."""
-        host = urlsplit(url).hostname or ""
+        policy = AddressPolicy(
+            allow_loopback=self.settings.webhook_allow_loopback or self.local_mode(),
+            allow_private=self.settings.webhook_allow_private,
+        )
         try:
-            infos = await asyncio.get_running_loop().getaddrinfo(host, None)
-        except OSError as exc:
-            return f"cannot resolve {host}: {exc}"
-        for info in infos:
-            address = ipaddress.ip_address(str(info[4][0]).split("%")[0])
-            if address.is_loopback and (self.settings.webhook_allow_loopback or self.local_mode()):
-                continue
-            if address.is_private and self.settings.webhook_allow_private:
-                continue
-            if not address.is_global:
-                return f"refused: {host} resolves to the non-public address {address}"
+            await policy.resolve(urlsplit(url).hostname or "")
+        except EgressRefusedError as exc:
+            return str(exc)
         return ""
 
     async def deliver(self, job_id: str) -> None:

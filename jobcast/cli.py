@@ -15,12 +15,16 @@ from jobcast.logs import configure
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from jobcast.keys import CONFIGURATION_ERROR, ConfigurationError
     from jobcast.supervisor import Supervisor, default_pools
 
     pools = args.pools.split(",") if args.pools else default_pools()
     supervisor = Supervisor(Path(args.data_dir), args.host, args.port, args.nats_port, pools)
-    asyncio.run(supervisor.run())
-    return 0
+    try:
+        return asyncio.run(supervisor.run())
+    except ConfigurationError as exc:
+        print(f"jobcast: {exc}", file=sys.stderr)
+        return CONFIGURATION_ERROR
 
 
 def _api(args: argparse.Namespace) -> int:
@@ -30,11 +34,20 @@ def _api(args: argparse.Namespace) -> int:
     import uvicorn
 
     from app import Settings, create_app
+    from jobcast.keys import CONFIGURATION_ERROR, ConfigurationError, check_public_bind
+    from jobcast.lifeline import watch_parent
 
-    settings = Settings()
-    host = args.host or settings.host
-    port = args.port or settings.port
-    settings = dataclasses.replace(settings, host=host, port=port)
+    try:
+        settings = Settings()
+        host = args.host or settings.host
+        port = args.port or settings.port
+        settings = dataclasses.replace(settings, host=host, port=port)
+        # The app refuses this too, but from its lifespan, which uvicorn reports with a
+        # traceback and exit status 3; asked first, the answer is one line and status 2.
+        asyncio.run(check_public_bind(host, settings.nats_url))
+    except (ValueError, ConfigurationError) as exc:  # ValueError: a setting Settings() rejects
+        print(f"jobcast: {exc}", file=sys.stderr)
+        return CONFIGURATION_ERROR
     config = uvicorn.Config(
         create_app(settings), host=host, port=port, lifespan="on", log_level=args.log_level.lower(),
         access_log=False, timeout_keep_alive=30, ws="websockets-sansio", ws_max_size=64 * 1024, timeout_graceful_shutdown=5,
@@ -43,16 +56,35 @@ def _api(args: argparse.Namespace) -> int:
     # (which thousands of idle SSE/WS connections already make long) need not walk it again.
     gc.collect()
     gc.freeze()
-    uvicorn.Server(config).run()
+    server = uvicorn.Server(config)
+
+    def parent_gone() -> None:
+        server.should_exit = True  # read by uvicorn's main loop on its next tick
+
+    watch_parent(parent_gone)
+    server.run()
     return 0
 
 
 def _worker(args: argparse.Namespace) -> int:
+    from jobcast.lifeline import PARENT_GONE_GRACE_S, watch_parent
     from workers import Worker, WorkerSettings
 
     async def run() -> None:
         worker = Worker(WorkerSettings(pool=args.pool, concurrency=args.concurrency))
         worker.install_signal_handlers()
+        loop = asyncio.get_running_loop()
+
+        def stop_soon() -> None:
+            # Nobody waits for this worker any more: its jobs get a short grace, and those
+            # unfinished are redelivered to the next worker.
+            worker.settings = dataclasses.replace(worker.settings, grace_s=PARENT_GONE_GRACE_S)
+            worker.request_stop()
+
+        def parent_gone() -> None:  # called from the lifeline's thread
+            loop.call_soon_threadsafe(stop_soon)
+
+        watch_parent(parent_gone)
         await worker.run()
 
     asyncio.run(run())

@@ -49,14 +49,25 @@ class Client:
         return response.json() if response.content else None
 
     def events(self, job_id: str) -> Iterator[dict[str, Any]]:
-        """The job's events (history, then live) until it ends, from the SSE stream."""
-        with self.http.stream("GET", f"/api/v1/jobs/{job_id}/events") as response:
-            if response.status_code >= 400:
-                response.read()
-                raise ClientError(f"{response.status_code}: {response.text}")
-            for line in response.iter_lines():
-                if line.startswith("data:"):
-                    yield json.loads(line[5:])
+        """The job's events (history, then live) until it ends, from the SSE stream; a stream the
+        server cut off (this client fell too far behind) is resumed after the last event."""
+        last = ""
+        while True:
+            headers = {"Last-Event-ID": last} if last else {}
+            cut_off = False
+            with self.http.stream("GET", f"/api/v1/jobs/{job_id}/events", headers=headers) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    raise ClientError(f"{response.status_code}: {response.text}")
+                for line in response.iter_lines():
+                    if line.startswith("id:"):
+                        last = line[3:].strip()
+                    elif line.startswith("data:"):
+                        yield json.loads(line[5:])
+                    elif line.startswith(": too slow"):
+                        cut_off = True
+            if not cut_off:
+                return
 
     def download(self, url: str, target: Path) -> None:
         """Stream a file to disk."""

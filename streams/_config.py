@@ -7,9 +7,12 @@ truth for how JetStream keeps jobs.
 from __future__ import annotations
 
 import enum
+import ipaddress
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import msgspec
 from nats.js import JetStreamContext
@@ -18,7 +21,9 @@ from nats.js.errors import APIError, BadRequestError
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
+from streams._limits import MAX_DELIVER
 from streams._subjects import ALL_SUBJECTS, STREAM, pool_submissions, priority_token
+from streams._supervisor import TaskState
 
 log = logging.getLogger("jobcast.streams")
 
@@ -112,6 +117,8 @@ class WorkerInfo(msgspec.Struct, kw_only=True):
     pid: int
     started_at: float
     last_seen: float
+    tasks: dict[str, TaskState] = {}
+    """Its supervised tasks (fetch loop, heartbeat): running, or restarting since when and why."""
 
 
 async def workers_bucket(js: JetStreamContext) -> KeyValue:
@@ -143,9 +150,47 @@ class ApiKeyRecord(msgspec.Struct, kw_only=True):
     created_at: float = 0.0
 
 
+def is_loopback(host: str) -> bool:
+    """Whether binding `host` keeps a server on this machine: only then may it run without keys."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 async def keys_bucket(js: JetStreamContext) -> KeyValue:
     """The API keys bucket, created on first use (history 1: a revoked key is deleted)."""
     return await js.create_key_value(config=js_api.KeyValueConfig(bucket=KEYS_BUCKET, history=1))
+
+
+ADMIN_KEY_NAME = "admin"
+"""The key record that JOBCAST_ADMIN_KEY (or JOBCAST_ADMIN_KEY_FILE) provisions at API start-up."""
+
+
+def admin_key_from_env(environ: Mapping[str, str] = os.environ) -> str | None:
+    """The admin key an operator configured: JOBCAST_ADMIN_KEY, else the file JOBCAST_ADMIN_KEY_FILE names.
+
+    None when neither is set (or both are empty). Surrounding whitespace is dropped, so a file
+    written by `echo` or a Docker/Kubernetes secret works as it is.
+
+    Raises:
+        ValueError: JOBCAST_ADMIN_KEY_FILE is set but names no readable file, or an empty one; a
+            deployment that meant to have an admin key must not start without one.
+    """
+    if value := environ.get("JOBCAST_ADMIN_KEY", "").strip():
+        return value
+    path = environ.get("JOBCAST_ADMIN_KEY_FILE", "").strip()
+    if not path:
+        return None
+    try:
+        value = Path(path).read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"JOBCAST_ADMIN_KEY_FILE={path}: cannot read it ({exc})") from exc
+    if not value:
+        raise ValueError(f"JOBCAST_ADMIN_KEY_FILE={path}: the file is empty")
+    return value
 
 
 FILES_BUCKET = "JOBCAST_FILES"
@@ -174,9 +219,11 @@ class WorkerConsumer:
     ack_wait_s: float = 30.0
     """Unacked this long, a message is redelivered. Workers send in_progress() every
     ack_wait/3 while a job runs, so only a dead worker lets it expire."""
-    max_deliver: int = 20
-    """Server-side backstop. The per-job limit is `max_attempts`, enforced by the worker,
-    which fails a job whose deliveries exceed it (e.g. a job that kills its worker)."""
+    max_deliver: int = MAX_DELIVER
+    """Server-side backstop, one past the highest `max_attempts` (MAX_ATTEMPTS): the per-job
+    limit is `max_attempts`, enforced by the worker, which fails a job whose deliveries exceed
+    it (e.g. a job that kills its worker). Were it lower, a job still asking to retry would
+    never be delivered again and stay `retrying` for ever."""
     max_ack_pending: int = 1000
     """Jobs handed out but not yet acked, across all workers of the pool."""
 
@@ -187,9 +234,10 @@ class WorkerConsumer:
 
     def config(self) -> js_api.ConsumerConfig:
         """The ConsumerConfig for this pool."""
-        # BackOff drives redelivery after an ack timeout (a dead worker): the first
-        # step equals AckWait, later ones grow so a crash loop does not spin.
-        backoff = [self.ack_wait_s * (2**i) for i in range(min(self.max_deliver - 1, 6))]
+        # No BackOff: with one, the server ignores the delay of a nak (it redelivers at
+        # BackOff[n] - AckWait + delay), so the worker's retry backoff would not hold and a job
+        # asking for 50 attempts would take most of an hour. A dead worker's job comes back
+        # after AckWait; a crash loop ends at the job's max_attempts (the worker's precheck).
         return js_api.ConsumerConfig(
             durable_name=self.durable,
             filter_subject=pool_submissions(self.pool, self.priority),
@@ -197,7 +245,6 @@ class WorkerConsumer:
             deliver_policy=js_api.DeliverPolicy.ALL,
             ack_wait=self.ack_wait_s,
             max_deliver=self.max_deliver,
-            backoff=backoff,
             max_ack_pending=self.max_ack_pending,
             max_waiting=512,
         )

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 import nats
 from nats.aio.client import Client
 
 log = logging.getLogger("jobcast.nats")
+_CREDENTIALS = re.compile(r"//[^/@,]*@")
+
+
+def without_credentials(url: str) -> str:
+    """`url` (or a comma-separated list of them) with any user, password or token left out, for logs."""
+    return _CREDENTIALS.sub("//", url)
 
 
 async def connect(url: str, name: str, **options: Any) -> Client:
@@ -18,10 +25,10 @@ async def connect(url: str, name: str, **options: Any) -> Client:
         log.warning("nats: %s", exc)
 
     async def on_disconnected() -> None:
-        log.info("nats: disconnected from %s", url)
+        log.info("nats: disconnected from %s", without_credentials(url))
 
     async def on_reconnected() -> None:
-        log.info("nats: reconnected to %s", url)
+        log.info("nats: reconnected to %s", without_credentials(url))
 
     settings: dict[str, Any] = {
         "name": name,

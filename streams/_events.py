@@ -73,6 +73,8 @@ class Submitted(_Event, frozen=True, tag="submitted"):
     """Run no earlier than this; the stream holds the submission until then."""
     callback_url: str | None = None
     """POSTed the job when it ends."""
+    timeout_s: float | None = None
+    """Run-time limit of each attempt in seconds; None: the operation's default."""
 
     status = JobStatus.PENDING
 

@@ -1,4 +1,4 @@
-"""Operation specs: each job type's pool, params schema and retry default.
+"""Operation specs: each job type's pool, params schema, retry default and run-time limit.
 
 The API validates params against these before publishing, so it needs no worker code;
 workers map the same type names to handlers.
@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal, TypeVar
 import msgspec
 
 from streams._config import Pool
+from streams._egress import LlmEndpoints
 from streams._errors import InvalidParamsError, UnknownOperationError
 
 P = TypeVar("P", bound=msgspec.Struct)
@@ -30,6 +31,16 @@ class NoopParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """The failure message for `fail` and `fail_times`."""
     fail_times: Annotated[int, msgspec.Meta(ge=0, le=100)] = 0
     """Fail transiently on the first N deliveries (for retry tests)."""
+    result_bytes: Annotated[int, msgspec.Meta(ge=0, le=10_000_000)] = 0
+    """Return a result of about this many bytes (for tests of the result bound)."""
+    hang_s: Annotated[float, msgspec.Meta(ge=0, le=86_400)] = 0.0
+    """After the steps, hang this long without looking at the cancel flag (a stuck handler: only
+    the run-time limit or a cancel stops it)."""
+    block_s: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 0.0
+    """After the steps, keep a thread busy this long, checking the cancel flag every
+    `check_every_s` as whisper and PyAV do between segments and packets."""
+    check_every_s: Annotated[float, msgspec.Meta(ge=0.001, le=60)] = 0.05
+    """How long the `block_s` thread works between two looks at the cancel flag."""
 
 
 class TranscribeParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -80,7 +91,8 @@ class FixSrtParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     model: Annotated[str, msgspec.Meta(min_length=1, max_length=200)] | None = None
     """Chat model; JOBCAST_LLM_MODEL when absent."""
     base_url: Annotated[str, msgspec.Meta(pattern=r"^https?://", max_length=2000)] | None = None
-    """OpenAI-compatible endpoint; JOBCAST_LLM_BASE_URL when absent."""
+    """OpenAI-compatible endpoint: JOBCAST_LLM_BASE_URL or one of JOBCAST_LLM_ALLOWED_BASE_URLS;
+    JOBCAST_LLM_BASE_URL when absent."""
     sys_msg: Annotated[str, msgspec.Meta(max_length=10_000)] | None = None
     """System message replacing the default instructions."""
     chunk_size: Annotated[int, msgspec.Meta(ge=1, le=200)] = 20
@@ -99,6 +111,16 @@ class OperationSpec:
     """Default number of runs before a transiently failing job is failed for good."""
     needs_file: bool = False
     """The job names its input by `file_id`."""
+    calls_llm: bool = False
+    """The operation sends the worker's LLM key to its params' `base_url`, so that URL must be
+    one the operator allows (`LlmEndpoints`)."""
+    timeout_s: float = 3600.0
+    """Default run-time limit of one attempt, in seconds (a job's `timeout_s` replaces it)."""
+    timeout_per_media_s: float = 0.0
+    """Added to `timeout_s` per second of input media, once the worker has probed it: a
+    ten-hour recording gets more time than a ten-second clip. Unused when the job sets its own."""
+    timeout_transient: bool = False
+    """A timed-out attempt is retried (up to `max_attempts`) instead of failing the job."""
 
 
 OPERATIONS: dict[str, OperationSpec] = {
@@ -109,13 +131,18 @@ OPERATIONS: dict[str, OperationSpec] = {
             pool=Pool.CPU,
             params=NoopParams,
             description="Sleeps through `steps` progress updates; can fail on request.",
+            timeout_s=2 * 3600.0,  # twice the longest `duration_s` it accepts
         ),
         OperationSpec(
             name="transcribe",
             pool=Pool.GPU,
             params=TranscribeParams,
-            description="Speech to text with faster-whisper: text, segments, .json and .txt files.",
+            description="Speech to text with faster-whisper: text inline, segments in .json, full text in .txt.",
             needs_file=True,
+            # Ten minutes for the model's first load (a download, for hub models) plus four times
+            # the audio's length: a large model on a CPU runs at about real time, tiny.en far faster.
+            timeout_s=600.0,
+            timeout_per_media_s=4.0,
         ),
         OperationSpec(
             name="generate_srt",
@@ -123,6 +150,8 @@ OPERATIONS: dict[str, OperationSpec] = {
             params=GenerateSrtParams,
             description="Speech to subtitles with faster-whisper: .srt and .vtt files.",
             needs_file=True,
+            timeout_s=600.0,
+            timeout_per_media_s=4.0,
         ),
         OperationSpec(
             name="convert",
@@ -130,6 +159,9 @@ OPERATIONS: dict[str, OperationSpec] = {
             params=ConvertParams,
             description="To MP4 (H.264 + AAC) with PyAV, remuxing when the streams allow it; or M4A.",
             needs_file=True,
+            # A remux takes seconds; x264 on a small CPU transcodes HD at about real time.
+            timeout_s=600.0,
+            timeout_per_media_s=4.0,
         ),
         OperationSpec(
             name="fix_srt",
@@ -137,6 +169,11 @@ OPERATIONS: dict[str, OperationSpec] = {
             params=FixSrtParams,
             description="An SRT's text corrected by an OpenAI-compatible chat model; timestamps kept.",
             needs_file=True,
+            calls_llm=True,
+            # An hour covers a feature film's subtitles at MAX_LLM_CONCURRENCY; a slow endpoint is
+            # the likely cause of a timeout, and it may be faster on the next attempt.
+            timeout_s=3600.0,
+            timeout_transient=True,
         ),
     )
 }
@@ -150,14 +187,28 @@ def operation(job_type: str) -> OperationSpec:
         raise UnknownOperationError(job_type, sorted(OPERATIONS)) from None
 
 
-def validate_params(spec: OperationSpec, params: dict[str, Any] | None) -> dict[str, Any]:
-    """Params checked against the spec, with defaults filled in; raises InvalidParamsError."""
+def validate_params(spec: OperationSpec, params: dict[str, Any] | None, llm: LlmEndpoints) -> dict[str, Any]:
+    """Params checked against the spec, with defaults filled in, and an LLM operation's
+    `base_url` against the endpoints the operator allows; raises InvalidParamsError."""
     try:
         parsed: msgspec.Struct = msgspec.convert(params or {}, spec.params)
     except msgspec.ValidationError as exc:
         raise InvalidParamsError(_located(exc)) from None
     result: dict[str, Any] = msgspec.to_builtins(parsed)
+    check_llm_endpoint(spec, result, llm)
     return result
+
+
+def check_llm_endpoint(spec: OperationSpec, params: dict[str, Any], llm: LlmEndpoints) -> None:
+    """InvalidParamsError when an operation that calls the LLM names a `base_url` the operator
+    neither configured nor listed (the worker would send its key there)."""
+    url = params.get("base_url")
+    if spec.calls_llm and isinstance(url, str) and llm.permitted(url) is None:
+        raise InvalidParamsError(
+            f"base_url {url!r} is not an LLM endpoint this server allows: name none (the configured"
+            " JOBCAST_LLM_BASE_URL is used) or one the operator lists in JOBCAST_LLM_ALLOWED_BASE_URLS"
+            " - at `$.params.base_url`"
+        )
 
 
 def parse_params(params: dict[str, Any], params_type: type[P]) -> P:

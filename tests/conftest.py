@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
+from litestar import Litestar
 
 from app import Settings, create_app
 from streams import NatsServer
@@ -37,22 +38,36 @@ def free_port() -> int:
 class ApiServer:
     """The real Litestar app under uvicorn, in this event loop, on a fixed free port; restartable."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, send_buffer: int | None = None) -> None:
         self.settings = settings
+        self.send_buffer = send_buffer
+        """SO_SNDBUF of the connections (None: the kernel's, which grows to megabytes on loopback)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._server: uvicorn.Server | None = None
         self._task: asyncio.Task[None] | None = None
+        self._listener: socket.socket | None = None
+        self.app: Litestar | None = None
+        """The app being served (its state holds the JobService and the projection)."""
 
     async def start(self) -> None:
         """Serve until `stop`; returns once the app's lifespan has started."""
+        self.app = create_app(self.settings)
         config = uvicorn.Config(
-            create_app(self.settings), host="127.0.0.1", port=self.port, lifespan="on",
+            self.app, host="127.0.0.1", port=self.port, lifespan="on",
             log_level="warning", timeout_graceful_shutdown=1, ws="websockets-sansio",
         )  # fmt: skip
         self._server = uvicorn.Server(config)
         self._server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
-        self._task = asyncio.create_task(self._server.serve())
+        sockets = None
+        if self.send_buffer is not None:  # accepted connections inherit the listener's buffer size
+            listener = socket.socket()
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.send_buffer)
+            listener.bind(("127.0.0.1", self.port))
+            self._listener = listener
+            sockets = [listener]
+        self._task = asyncio.create_task(self._server.serve(sockets))
         for _ in range(500):
             if self._server.started:
                 return
@@ -68,6 +83,9 @@ class ApiServer:
             self._server.should_exit = True
             await asyncio.wait_for(self._task, 15)
             self._server = self._task = None
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
 
 
 class WorkerRunner:

@@ -79,6 +79,8 @@ class FakeLLM:
     """When set, any other bearer token gets 401."""
     delay: float = 0.0
     """Seconds each request takes, so concurrent requests overlap."""
+    quote_authorization: bool = False
+    """Scripted failures quote the Authorization header they got, as a hostile server might."""
     requests: list[ChatRequest] = field(default_factory=list)
     max_in_flight: int = 0
     _in_flight: int = 0
@@ -141,7 +143,8 @@ class FakeLLM:
                 return _error(401, "Incorrect API key provided.")
             if request.number <= len(self.fail_first):
                 status = self.fail_first[request.number - 1]
-                return _error(status, f"scripted failure {status}")
+                quoted = f" for {authorization}" if self.quote_authorization else ""
+                return _error(status, f"scripted failure {status}{quoted}")
             return 200, {
                 "id": f"chatcmpl-{request.number}",
                 "object": "chat.completion",

@@ -10,6 +10,8 @@ from pathlib import Path
 import httpx
 
 from tests.conftest import MEDIA, ApiServer, WorkerRunner, submit, wait_terminal
+from tests.test_admin import wait_for
+from tests.test_security import put_key
 
 
 async def jobcast(*args: str, server: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
@@ -78,6 +80,13 @@ async def test_cancel_retry_rm_and_errors(
     code, _, stderr = await jobcast("cancel", "no-such-job", server=api.url)
     assert code == 1
     assert "404: job no-such-job not found" in stderr
+    # in local mode any key is served as the local owner; once a key exists, a wrong one is refused
+    await put_key(api.settings.nats_url, "alice")
+
+    async def key_seen() -> bool:
+        return (await client.get("/api/v1/jobs")).status_code == 401
+
+    await wait_for(key_seen, timeout=5)
     code, _, stderr = await jobcast("jobs", server=api.url, env={"JOBCAST_KEY": "wrong"})
     assert code == 1
     assert "401" in stderr

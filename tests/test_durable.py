@@ -19,7 +19,7 @@ async def test_durable_mode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     assert server.durable
     await server.start()
     try:
-        assert "sync_interval: always" in (tmp_path / "nats" / "durable.conf").read_text()
+        assert "sync_interval: always" in (tmp_path / "nats" / "server.conf").read_text()
         api = ApiServer(Settings(data_dir=tmp_path / "data", nats_url=server.url))
         await api.start()
         try:
@@ -31,7 +31,7 @@ async def test_durable_mode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     finally:
         await server.stop()
     log = (tmp_path / "nats" / "nats-server.log").read_text()
-    assert f"Using configuration file: {tmp_path / 'nats' / 'durable.conf'}" in log
+    assert f"Using configuration file: {tmp_path / 'nats' / 'server.conf'}" in log
     with sqlite3.connect(tmp_path / "data" / "jobcast.db") as db:
         assert db.execute("select count(*) from jobs").fetchone() == (1,)
     from app._db import _sqlite_pragmas  # the pragma each connection gets in durable mode

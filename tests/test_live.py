@@ -6,6 +6,7 @@ import asyncio
 import json
 import time
 import uuid
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -577,6 +578,23 @@ def _applied(seq: int, ends: bool = False) -> Applied:
     )
 
 
+class StoredEvents:
+    """A follower's history source: these stored events of a running job (no database needed)."""
+
+    def __init__(self, seqs: list[int]) -> None:
+        self.rows = [SimpleNamespace(seq=seq, kind="progress", payload=b'{"n":%d}' % seq) for seq in seqs]
+        self.job = SimpleNamespace(owner="owner", status="running", last_event_id=max(seqs, default=0))
+
+    async def history(self, job_id: str, after: int, limit: int | None = None) -> tuple[list[Any], Any]:
+        rows = [row for row in self.rows if row.seq > after]
+        return rows[:limit], self.job
+
+
+async def settle() -> None:
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
 async def test_sse_follower_keeps_order_while_a_write_waits_for_the_socket() -> None:
     hub = Hub()
     fanout = SseFanout(hub, ping_s=60)
@@ -584,31 +602,31 @@ async def test_sse_follower_keeps_order_while_a_write_waits_for_the_socket() -> 
     writable = asyncio.Event()
 
     async def send(message: Any) -> None:
-        if len(bodies) == 1 and not writable.is_set():
-            await writable.wait()  # the second write finds the socket's buffer full
+        if len(bodies) == 2 and not writable.is_set():
+            await writable.wait()  # the third write finds the socket's buffer full
         bodies.append((message["body"], message["more_body"]))
 
     follower = SseFollower(fanout, "job", send, 0)
     fanout.attach(follower)
-    hub.publish(_applied(1))  # arrives while the history is read: sent once, after it
+    hub.publish(_applied(1))  # arrives while the history is read: sent once, with it
     hub.publish(_applied(2))
-    follower.start([sse_frame(1, "progress", b'{"n":1}')], 1, finished=False)
-    # the history, then what arrived meanwhile (seq 1 only once), in one write
-    assert bodies == [(frame(1) + frame(2), True)]
+    writer = asyncio.create_task(follower.run(StoredEvents([1]), None))
+    await settle()
+    # the history, then what arrived meanwhile (seq 1 only once)
+    assert bodies == [(frame(1), True), (frame(2), True)]
     hub.publish(_applied(3))
-    await asyncio.sleep(0)  # that write starts, and waits
-    assert follower.blocked
+    await settle()  # that write starts, and waits
     hub.publish(_applied(4))
     hub.publish(_applied(5, ends=True))
     hub.publish(_applied(6))  # after the end: never sent
-    await asyncio.sleep(0.01)
-    assert len(bodies) == 1
+    await settle()
+    assert len(bodies) == 2
     writable.set()
-    for _ in range(20):
-        await asyncio.sleep(0)
-    assert bodies[1:] == [(frame(3), True), (frame(4) + frame(5, "completed"), False)]
+    await asyncio.wait_for(writer, 5)
+    assert bodies[2:] == [(frame(3), True), (frame(4) + frame(5, "completed"), False)]
     assert follower.done
     assert hub.subscriber_count == 0
+    assert hub.buffered == 0
     assert not fanout.followers
     await fanout.close()
 
@@ -626,9 +644,10 @@ async def test_sse_fanout_pings_only_idle_followers() -> None:
 
     idle = SseFollower(fanout, "other", sender("idle"), 0)
     busy = SseFollower(fanout, "job", sender("busy"), 0)
+    writers = []
     for follower in (idle, busy):
         fanout.attach(follower)
-        follower.start([], 0, finished=False)
+        writers.append(asyncio.create_task(follower.run(StoredEvents([]), None)))
     for seq in range(1, 8):
         hub.publish(_applied(seq))
         await asyncio.sleep(0.02)
@@ -637,4 +656,5 @@ async def test_sse_fanout_pings_only_idle_followers() -> None:
     assert b": ping\r\n\r\n" not in bodies["busy"]
     idle.close()
     busy.close()
+    await asyncio.wait_for(asyncio.gather(*writers), 5)
     await fanout.close()

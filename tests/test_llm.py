@@ -1,15 +1,20 @@
-"""fix_cues against a local OpenAI-compatible server: chunking, concurrency, retries, errors, cancel."""
+"""fix_cues against a local OpenAI-compatible server: chunking, concurrency, retries, errors, cancel,
+and where the key may go."""
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 
+from streams import AddressPolicy
 from tests.llm_server import ChatRequest, FakeLLM, drop_last_line, numbered, tidy
-from workers.llm import DEFAULT_SYS_MSG, Cue, FixCancelled, LLMError, fix_cues
+from workers import WorkerSettings
+from workers.llm import DEFAULT_SYS_MSG, Cue, Endpoint, FixCancelled, LLMError, endpoint, fix_cues
 
 KEY = "sk-test"
 
@@ -37,7 +42,8 @@ def make_cues(*texts: str) -> list[Cue]:
 async def fix(server: FakeLLM, cues: list[Cue], **kwargs: Any) -> Any:
     """fix_cues against `server`, with fast retries."""
     kwargs.setdefault("retry_delay", 0.01)
-    return await fix_cues(cues, base_url=server.base_url, api_key=KEY, model="test-model", **kwargs)
+    target = kwargs.pop("target", Endpoint(base_url=server.base_url, api_key=KEY))
+    return await fix_cues(cues, target=target, model="test-model", **kwargs)
 
 
 async def test_fixes_text_and_counts_changes(server: FakeLLM) -> None:
@@ -171,3 +177,108 @@ async def test_sys_msg_is_the_system_message(server: FakeLLM) -> None:
         {"role": "system", "content": "Fix German subtitles."},
         {"role": "user", "content": "1: a"},
     ]
+
+
+# where the key may go --------------------------------------------------------------------------
+
+OPERATOR_URL = "https://llm.operator.example/v1"
+"""The configured endpoint in these tests; never called (nothing here resolves it)."""
+
+
+def llm_worker(**kwargs: Any) -> WorkerSettings:
+    """Worker settings with the operator's endpoint and key."""
+    return WorkerSettings(pool="llm", llm_base_url=OPERATOR_URL, llm_api_key=KEY, **kwargs)
+
+
+def test_address_policy() -> None:
+    def allowed(address: str, **kwargs: bool) -> bool:
+        return AddressPolicy(**kwargs).allows(ipaddress.ip_address(address))
+
+    for public in ("93.184.216.34", "2606:4700::1111"):
+        assert allowed(public)
+    for internal in ("127.0.0.1", "::1", "::ffff:127.0.0.1", "10.0.0.1", "192.168.1.1", "fd00::1", "0.0.0.0"):
+        assert not allowed(internal), internal
+    assert allowed("127.0.0.1", allow_loopback=True)
+    assert allowed("::ffff:127.0.0.1", allow_loopback=True)
+    assert not allowed("127.0.0.1", allow_private=True)  # private does not imply loopback
+    assert allowed("10.0.0.1", allow_private=True)
+    assert allowed("fd00::1", allow_private=True)
+    # Never, whatever the settings: metadata services, "this network", multicast.
+    for never in ("169.254.169.254", "fe80::1", "fd00:ec2::254", "0.0.0.0", "0.1.2.3", "224.0.0.1"):
+        assert not allowed(never, allow_loopback=True, allow_private=True), never
+
+
+async def test_unlisted_base_url_is_refused_before_anything_is_sent() -> None:
+    with FakeLLM() as recorder:
+        with pytest.raises(LLMError, match="is not an LLM endpoint this worker allows") as info:
+            endpoint(llm_worker(), recorder.base_url)
+        assert info.value.retryable is False
+        assert KEY not in str(info.value)
+        assert recorder.requests == []
+
+
+def test_configured_and_listed_endpoints_compare_normalized() -> None:
+    settings = llm_worker(llm_allowed_base_urls=("HTTPS://Other.Example:443/v1/",))
+    configured = endpoint(settings, None)
+    assert (configured.base_url, configured.api_key, configured.policy) == (OPERATOR_URL, KEY, None)
+    assert endpoint(settings, "https://llm.operator.example:443/v1/").policy is None  # configured: trusted
+    listed = endpoint(settings, "https://other.example/v1")
+    assert (listed.base_url, listed.policy) == ("https://other.example:443/v1", AddressPolicy())
+    assert KEY not in repr(listed)
+    for other in ("http://other.example/v1", "https://other.example:8443/v1", "https://other.example/v2"):
+        with pytest.raises(LLMError):
+            endpoint(settings, other)
+
+
+async def test_listed_endpoint_on_loopback_is_refused_unless_allowed(server: FakeLLM) -> None:
+    listed = llm_worker(llm_allowed_base_urls=(server.base_url,))
+    with pytest.raises(LLMError, match=r"resolves to the non-public address 127\.0\.0\.1; not sent"):
+        await fix(server, make_cues("a"), target=endpoint(listed, server.base_url), retry_delay=5.0)
+    assert server.requests == []
+
+    # By name too: localhost is loopback whichever address it resolves to first.
+    by_name = server.base_url.replace("127.0.0.1", "localhost")
+    listed = llm_worker(llm_allowed_base_urls=(by_name,))
+    with pytest.raises(LLMError, match="localhost resolves to the non-public address"):
+        await fix(server, make_cues("a"), target=endpoint(listed, by_name))
+    assert server.requests == []
+
+    allowed = llm_worker(llm_allowed_base_urls=(by_name,), llm_allow_loopback=True)
+    result = await fix(server, make_cues("a"), target=endpoint(allowed, by_name))
+    assert [c.text for c in result.cues] == ["A."]
+    assert [r.authorization for r in server.requests] == [f"Bearer {KEY}"]
+
+
+@dataclass(frozen=True)
+class ScriptedDns(AddressPolicy):
+    """The policy with DNS answers given in turn: the DNS-rebinding host of the test below."""
+
+    answers: list[list[str]] = field(default_factory=list)
+
+    async def lookup(self, host: str, port: int | None) -> list[str]:
+        return self.answers.pop(0)
+
+
+async def test_every_request_is_resolved_checked_and_sent_to_the_checked_address(server: FakeLLM) -> None:
+    port = server.base_url.split(":")[2].split("/")[0]
+    # `llm.invalid` resolves nowhere: the first request can only reach the server through the
+    # address the check saw. The second lookup rebinds the name to a private address.
+    policy = ScriptedDns(allow_loopback=True, answers=[["127.0.0.1"], ["10.1.2.3"]])
+    target = Endpoint(base_url=f"http://llm.invalid:{port}/v1", api_key=KEY, policy=policy)
+    with pytest.raises(
+        LLMError, match=r"cues 2-2\): refused: llm.invalid resolves to the non-public address 10\.1\.2\.3"
+    ):
+        await fix(server, make_cues("a", "b"), target=target, chunk_size=1, max_concurrency=1)
+    assert len(server.requests) == 1
+    assert policy.answers == []
+
+
+async def test_a_server_quoting_the_key_does_not_put_it_in_the_error() -> None:
+    with (
+        FakeLLM(fail_first=[400], quote_authorization=True) as server,
+        pytest.raises(
+            LLMError, match=r"HTTP 400: .*scripted failure 400 for Bearer \[the API key\]$"
+        ) as info,
+    ):
+        await fix(server, make_cues("a"))
+    assert KEY not in str(info.value)

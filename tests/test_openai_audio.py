@@ -17,8 +17,8 @@ from app import Settings
 from app._auth import key_hash
 from streams import ApiKeyRecord, NatsServer, close_quietly, keys_bucket
 from streams import connect as nats_connect
-from tests.conftest import ApiServer, WorkerRunner, wait_terminal
-from workers import subtitles
+from tests.conftest import ApiServer, WorkerRunner, replace, wait_terminal
+from workers import WorkerSettings, subtitles
 
 JFK = Path(__file__).resolve().parents[2] / "shared" / "media" / "jfk.flac"
 SPEECH60 = JFK.with_name("speech60.mp3")
@@ -98,6 +98,28 @@ async def test_json_and_text(caller: Caller, gpu: WorkerRunner) -> None:
         assert job["params"]["model"] == "tiny.en"
     uploads = (await caller.http.get("/api/v1/files", params={"limit": 500})).json()["items"]
     assert {f["id"] for f in uploads} >= {job["file_id"] for job in jobs}  # the caller's own files
+
+
+async def test_json_and_text_answer_the_whole_text_when_the_result_cuts_it(
+    caller: Caller, worker_settings: WorkerSettings
+) -> None:
+    short = WorkerRunner(replace(worker_settings, pool="gpu", ack_wait_s=5, name="gpu", inline_text_bytes=30))
+    await short.start()
+    try:
+        with JFK.open("rb") as audio:
+            answer = await caller.openai.audio.transcriptions.create(model="whisper-1", file=audio)
+        with JFK.open("rb") as audio:
+            text = await caller.openai.audio.transcriptions.create(
+                model="whisper-1", file=audio, response_format="text"
+            )
+    finally:
+        await short.stop()
+    assert QUOTE in answer.text.lower()
+    assert text.strip() == answer.text
+    for job in await caller.jobs("transcribe"):
+        assert job["result"]["text_truncated"] is True
+        assert len(job["result"]["text"]) < len(answer.text)
+        assert answer.text.startswith(job["result"]["text"])
 
 
 async def test_srt_and_vtt(caller: Caller, gpu: WorkerRunner) -> None:

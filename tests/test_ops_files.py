@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +15,9 @@ import yaml
 
 from jobcast.replay import replay
 from streams import NatsServer
-from tests.conftest import REPO, WorkerRunner, submit, wait_terminal
+from tests.conftest import REPO, WorkerRunner, free_port, submit, wait_terminal
 from tests.test_live import read_sse
+from tests.test_sessions import check_public_api, clean_env
 
 POOLS = ("gpu", "cpu", "llm")
 RECIPES = ("default", "serve", "test", "lint", "typecheck", "fmt", "bench", "up", "down")
@@ -106,6 +108,38 @@ def test_compose_healthchecks_and_startup_order(compose: dict[str, Any]) -> None
     for name in ("api", *(f"worker-{pool}" for pool in POOLS)):
         assert _depends_on(services[name])["nats"] == {"condition": "service_healthy"}, name
     assert "API keys" in (REPO / "compose.yaml").read_text().split("services:")[0]
+
+
+def interpolate(value: str, environ: Mapping[str, str]) -> str:
+    """Compose's `${VAR}`, `${VAR:-default}` and `${VAR:?error}`, the forms compose.yaml uses."""
+
+    def one(match: re.Match[str]) -> str:
+        name, operator, argument = match.groups()
+        if environ.get(name):
+            return environ[name]
+        if operator == ":?":
+            raise ValueError(f"required variable {name} is missing a value: {argument}")
+        return argument or ""
+
+    return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:-|:\?)([^}]*))?\}", one, value)
+
+
+async def test_compose_api_starts_on_its_public_address_with_the_admin_key(
+    compose: dict[str, Any], nats_server: NatsServer, tmp_path: Path
+) -> None:
+    api = compose["services"]["api"]
+    with pytest.raises(ValueError, match="JOBCAST_ADMIN_KEY is missing a value: set JOBCAST_ADMIN_KEY"):
+        [interpolate(value, {}) for value in _env(api).values()]  # compose refuses to start without it
+    dot_env = {"JOBCAST_ADMIN_KEY": "the-key-from-dot-env"}
+    env = {name: interpolate(value, dot_env) for name, value in _env(api).items()}
+    assert env["JOBCAST_ADMIN_KEY"] == "the-key-from-dot-env"
+    argv = _argv(api)
+    assert argv[:4] == ["jobcast", "api", "--host", "0.0.0.0"]
+    port = free_port()
+    # what differs outside the compose network: where NATS is, the data volume, the port
+    env.update(JOBCAST_NATS_URL=nats_server.url, JOBCAST_DATA_DIR=str(tmp_path / "data"))
+    args = [*argv[1:-1], str(port)]
+    await check_public_api(args, port, clean_env(**env), "the-key-from-dot-env")
 
 
 def test_justfile_has_every_recipe_with_a_doc_comment() -> None:

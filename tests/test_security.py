@@ -336,7 +336,8 @@ async def test_token_for_sse_and_ws(tenants: Tenants, worker: WorkerRunner, sett
 
     payload, _, signature = token.partition(".")
     forged = sign_token(b"not the secret", Caller(owner="alice", admin=True), 300)
-    expired = sign_token(settings.signing_key(), Caller(owner="alice", admin=False), -5)
+    alice = ApiKeyRecord(name="alice", sha256=key_hash(tenants.keys["alice"]))
+    expired = sign_token(settings.session_key(), Caller(owner="alice", admin=False, key=alice), -5)
     for bad in (f"{payload}.{signature[:-1]}{'0' if signature[-1] != '0' else '1'}", f"{payload}x.{signature}",
                 forged, expired, "garbage"):  # fmt: skip
         response = await anon.get(f"/api/v1/jobs/{job['id']}", params={"token": bad})

@@ -37,6 +37,10 @@ NOOP_DEFAULTS = {
     "fail": False,
     "error": "noop failed on request",
     "fail_times": 0,
+    "result_bytes": 0,
+    "hang_s": 0.0,
+    "block_s": 0.0,
+    "check_every_s": 0.05,
 }
 
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
+import functools
 import tempfile
 import threading
 import time
@@ -88,6 +91,13 @@ class Reporter:
             self._last_value, self._last_at = pending[0], time.monotonic()
             await self._publish(*pending)
 
+    async def announce(self, step: str) -> None:
+        """Publish `step` now at the current percent (the runtime's own steps, such as stopping)."""
+        with self._lock:
+            percent = self._pending[0] if self._pending is not None else max(0.0, self._last_value)
+            self._pending = (percent, step)
+        await self.flush()
+
 
 class JobContext:
     """Everything a handler may use while it runs one job."""
@@ -102,6 +112,8 @@ class JobContext:
         workdir: Path | None = None,
         settings: WorkerSettings | None = None,
         scratch_prefix: str | None = None,
+        time_limit_s: float = 3600.0,
+        time_per_media_s: float = 0.0,
     ) -> None:
         self.job = job
         self.settings = settings or WorkerSettings()
@@ -118,8 +130,16 @@ class JobContext:
         """JetStream delivery count of this submission (1 on the first run)."""
         self.reporter = reporter
         self.cancelled = threading.Event()
-        """Set once the job is cancelled; blocking code polls it between steps."""
+        """Set once the job is cancelled or past its run-time limit; blocking code polls it between
+        steps."""
         self._cancelled_async: asyncio.Event | None = None
+        self.time_limit_s = time_limit_s
+        """The run-time limit of this attempt in seconds; the runtime stops the handler past it."""
+        self._base_limit_s = time_limit_s
+        self._time_per_media_s = time_per_media_s
+        self._threads = 0
+        self._threads_idle = asyncio.Event()
+        self._threads_idle.set()
 
     @property
     def workdir(self) -> Path:
@@ -177,9 +197,48 @@ class JobContext:
         assert self.files is not None, "the runtime provides file access"
         return await self.files.save(path, name, content_type, self.job.owner, self.job.job_id)
 
+    def media_duration(self, seconds: float) -> None:
+        """Say how long the input media is: an operation's default run-time limit grows with it."""
+        if self._time_per_media_s:
+            self.time_limit_s = self._base_limit_s + self._time_per_media_s * max(0.0, seconds)
+
     async def run_blocking(self, func: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
-        """Run blocking work in a thread; the runtime's heartbeat keeps the job alive meanwhile."""
-        return await asyncio.to_thread(func, *args, **kwargs)
+        """Run blocking work in a thread; the runtime's heartbeat keeps the job alive meanwhile.
+
+        The thread is counted until it returns, even when the awaiting task is cancelled first, so
+        the runtime frees the job's slot only once the thread has really stopped (`threads_stopped`).
+        """
+        loop = asyncio.get_running_loop()
+        self._threads += 1
+        self._threads_idle.clear()
+
+        def call() -> T:
+            try:
+                return func(*args, **kwargs)
+            finally:
+                with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+                    loop.call_soon_threadsafe(self._thread_ended)
+
+        return await loop.run_in_executor(None, functools.partial(contextvars.copy_context().run, call))
+
+    def _thread_ended(self) -> None:
+        self._threads -= 1
+        if self._threads == 0:
+            self._threads_idle.set()
+
+    @property
+    def threads_running(self) -> int:
+        """Threads of `run_blocking` that have not returned yet."""
+        return self._threads
+
+    async def threads_stopped(self, timeout: float | None) -> bool:
+        """Wait until every `run_blocking` thread has returned; False if some still run at `timeout`."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self._threads_idle.wait()
+        except TimeoutError:
+            return False
+        return True
 
 
 class Handler(Protocol):

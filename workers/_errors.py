@@ -21,3 +21,11 @@ class PermanentError(WorkerError):
 
 class JobCancelledError(WorkerError):
     """Raised inside a handler once its job has been cancelled."""
+
+
+class EventRejectedError(PermanentError):
+    """An event that no retry can publish: too big for the server, or refused by the stream."""
+
+
+class PublishGaveUpError(WorkerError):
+    """Publishing an event kept failing transiently (the broker away) for `publish_retry_s`."""

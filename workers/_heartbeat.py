@@ -15,7 +15,7 @@ import nats.errors
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
-from streams import WorkerInfo, worker_ttl, workers_bucket
+from streams import TaskSupervisor, WorkerInfo, worker_ttl, workers_bucket
 
 log = logging.getLogger("jobcast.worker")
 
@@ -23,22 +23,23 @@ log = logging.getLogger("jobcast.worker")
 class Heartbeat:
     """Keeps `<pool>.<name>` fresh in the workers bucket while the worker lives."""
 
-    def __init__(self, js: JetStreamContext, name: str, pool: str, slots: int) -> None:
+    def __init__(self, js: JetStreamContext, name: str, pool: str, slots: int, tasks: TaskSupervisor) -> None:
         self.js = js
+        self.tasks = tasks
+        """Runs the beating loop (task `heartbeat`); its status goes into every beat."""
         self.key = f"{pool}.{re.sub(r'[^A-Za-z0-9_=-]', '-', name)}"
         self.info = WorkerInfo(
             name=name, pool=pool, slots=slots, running=[], host=socket.gethostname(), pid=os.getpid(),
             started_at=time.time(), last_seen=time.time(),
         )  # fmt: skip
         self._kv: KeyValue | None = None
-        self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
 
     async def start(self) -> None:
         """Announce the worker and keep announcing it."""
         self._kv = await workers_bucket(self.js)
         await self._beat()
-        self._task = asyncio.create_task(self._loop())
+        self.tasks.start("heartbeat", self._loop)
 
     def update(self, running: list[str]) -> None:
         """The jobs running now; published at once, not at the next beat."""
@@ -46,12 +47,7 @@ class Heartbeat:
         self._wake.set()
 
     async def stop(self) -> None:
-        """Stop beating and remove the key: the worker is gone now, not in TTL seconds."""
-        if self._task is not None:
-            self._task.cancel()
-            # Bounded: on 3.11 a cancel that races with asyncio.timeout's own can leave the task
-            # pending for good (seen in tests as a worker that never finished stopping).
-            await asyncio.wait({self._task}, timeout=2)
+        """Remove the key once `tasks` has stopped the loop: the worker is gone now, not in TTL seconds."""
         if self._kv is not None:
             with contextlib.suppress(Exception):
                 await self._kv.delete(self.key)
@@ -69,6 +65,7 @@ class Heartbeat:
     async def _beat(self) -> None:
         assert self._kv is not None
         self.info.last_seen = time.time()
+        self.info.tasks = self.tasks.status()
         try:
             await self._kv.put(self.key, msgspec.json.encode(self.info))
         except (nats.errors.Error, TimeoutError) as exc:

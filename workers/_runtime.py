@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import shutil
 import signal
 from collections import Counter
@@ -22,17 +21,17 @@ import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.errors import NotFoundError
+from nats.js.errors import BadRequestError, NotFoundError
 
 from streams import (
     ALL_CONTROL,
     JOB_HEADER,
     KIND_HEADER,
+    OPERATIONS,
     PRIORITIES,
     STREAM,
     Cancelled,
     CancelRequested,
-    Completed,
     Event,
     Failed,
     FileStored,
@@ -40,6 +39,7 @@ from streams import (
     Retrying,
     Started,
     Submitted,
+    TaskSupervisor,
     WorkerConsumer,
     close_quietly,
     connect,
@@ -57,10 +57,12 @@ from streams import (
     utcnow,
 )
 from workers._context import Handler, JobContext, Reporter
-from workers._errors import JobCancelledError, PermanentError, Retry
+from workers._errors import EventRejectedError, PublishGaveUpError
 from workers._files import WorkerFiles
 from workers._heartbeat import Heartbeat
+from workers._outcome import backoff, outcome_of, restamped, time_limit
 from workers._registry import handlers_for_pool
+from workers._running import RunningJob, seconds_text
 from workers._settings import WorkerSettings
 
 log = logging.getLogger("jobcast.worker")
@@ -68,21 +70,6 @@ log = logging.getLogger("jobcast.worker")
 _NO_WAIT = b'{"batch":1,"no_wait":true}'
 BELL_RECHECK_S = 0.05
 """After the doorbell rings, how long an empty pull is retried at once rather than slept on."""
-
-
-class _Running:
-    """A job this worker is running now."""
-
-    def __init__(self, ctx: JobContext) -> None:
-        self.ctx = ctx
-        self.task: asyncio.Task[dict[str, Any] | None] | None = None
-        self.cancel_reason: str | None = None
-        self.shutdown = False
-
-    def stop(self) -> None:
-        """Cancel the handler's task, if it runs."""
-        if self.task is not None:
-            self.task.cancel()
 
 
 class Worker:
@@ -107,12 +94,15 @@ class Worker:
         self.files: WorkerFiles | None = None
         self.nc: Client | None = None
         self.js: JetStreamContext | None = None
-        self._running: dict[str, _Running] = {}
+        self._running: dict[str, RunningJob] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
         self._slot_free = asyncio.Event()
         self.ready = asyncio.Event()
         """Set once the consumer exists and the fetch loop runs."""
+        self.supervisor = TaskSupervisor(on_change=self._announce)
+        """Runs the fetch loop and the heartbeat, restarting either if it fails; its state goes
+        into the heartbeat record."""
 
     # lifecycle ---------------------------------------------------------------------
 
@@ -137,16 +127,20 @@ class Worker:
             await self.nc.subscribe(ALL_CONTROL, cb=self._on_control)
             await self.nc.subscribe(pool_submissions(self.settings.pool), cb=self._on_submission)
             self.files = WorkerFiles(await files_store(self.js), self._publish_reliably)
-            self.heartbeat = Heartbeat(self.js, self.settings.name, self.settings.pool, self.settings.slots)
+            self.heartbeat = Heartbeat(
+                self.js, self.settings.name, self.settings.pool, self.settings.slots, self.supervisor
+            )
             await self.heartbeat.start()
             self.ready.set()
             log.info(
                 "worker %s: pool %s, %d slot(s)", self.settings.name, self.settings.pool, self.settings.slots
             )
-            await self._fetch_loop()
+            await self.supervisor.start("fetch", self._fetch_loop, until=self._stopping)
             await self._shutdown()
+            await self.supervisor.stop()
             await self.heartbeat.stop()
         finally:
+            await self.supervisor.stop()
             await close_quietly(self.nc)
 
     async def _declare(self) -> None:
@@ -301,6 +295,7 @@ class Worker:
             for running in list(self._running.values()):
                 if running.task in pending:
                     running.shutdown = True
+                    running.ctx.cancel()  # its threads stop at their next check
                     running.stop()
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=10)
@@ -326,48 +321,76 @@ class Worker:
                 await self._publish(Progress(job_id=job.job_id, attempt=attempt, progress=percent, step=step))
 
         reporter = Reporter(publish_progress, asyncio.get_running_loop())
+        limit_s, per_media_s = time_limit(job, OPERATIONS.get(job.type))
         ctx = JobContext(
             job, attempt, delivery, reporter, files=self.files, settings=self.settings,
-            scratch_prefix=f"jobcast-{job.job_id[:8]}-",
+            scratch_prefix=f"jobcast-{job.job_id[:8]}-", time_limit_s=limit_s, time_per_media_s=per_media_s,
         )  # fmt: skip
-        running = _Running(ctx)
+        running = RunningJob(ctx)
         # Registered before the checks below, so a cancel that arrives meanwhile is not missed.
         self._running[job.job_id] = running
         self._announce()
-        heartbeat = asyncio.create_task(self._heartbeat(msg))
+        heartbeat = asyncio.create_task(self._heartbeat(msg, running))
         try:
-            early = await self._precheck(job, ids, delivery)
-            if early is False:
-                await msg.ack()
-                return
-            if early is not None:
-                await self._finish(msg, early)
-                return
-            # `started` is not awaited before the handler runs (one round trip less per job).
-            # It leaves first on this connection, so the stream stores it before the handler's
-            # progress; its ack is awaited before the outcome is published.
-            started = asyncio.create_task(self._publish_reliably(Started(**ids, delivery=delivery)))
-            try:
-                if running.cancel_reason is not None:
-                    outcome: Event = Cancelled(**ids, reason=running.cancel_reason)
-                else:
-                    running.task = asyncio.create_task(self.handlers[job.type](running.ctx))
-                    outcome = await self._outcome(running, job, ids, delivery)
-            finally:
-                await started
-            await reporter.flush()
-            if isinstance(outcome, Retrying):
-                await self._publish_reliably(outcome)
-                await msg.nak(delay=outcome.delay_s)
-            else:
-                await self._finish(msg, outcome)
+            await self._attempt(msg, running, ids, delivery)
+        except PublishGaveUpError as exc:
+            # The broker stayed away: let go of the attempt so the slot serves again. The message,
+            # never acked, comes back (after this nak, or after ack_wait if the nak is lost too),
+            # and the next delivery finds the end if it was stored after all.
+            log.error("job %s: %s; it will be delivered again", job.job_id, exc, extra={"job_id": job.job_id})
+            with contextlib.suppress(nats.errors.Error):
+                await msg.nak(delay=backoff(self.settings, delivery))
         finally:
             heartbeat.cancel()
+            await ctx.threads_stopped(None)  # a thread that outlived stop_wait_s still holds the slot
             if ctx.scratch is not None:
                 await asyncio.to_thread(shutil.rmtree, ctx.scratch, True)
             self._running.pop(job.job_id, None)
             self._announce()
             self._slot_free.set()
+
+    async def _attempt(self, msg: Msg, running: RunningJob, ids: dict[str, Any], delivery: int) -> None:
+        """Run one delivery of a job and record how it ended."""
+        job = running.ctx.job
+        early = await self._precheck(job, ids, delivery)
+        if early is False:
+            await msg.ack()
+            return
+        if early is not None:
+            await self._finish(msg, early)
+            return
+        # `started` is not awaited before the handler runs (one round trip less per job).
+        # It leaves first on this connection, so the stream stores it before the handler's
+        # progress; its ack is awaited before the outcome is published.
+        started = asyncio.create_task(self._publish_reliably(Started(**ids, delivery=delivery)))
+        try:
+            if running.cancel_reason is not None:
+                outcome: Event = Cancelled(**ids, reason=running.cancel_reason)
+            else:
+                running.start(self.handlers[job.type])
+                await running.finish(self.settings.cancel_grace_s)
+                outcome = outcome_of(running, ids, delivery, self.settings)
+        finally:
+            await started
+        if running.ctx.threads_running:
+            # The end is published once the handler's threads have stopped (or stop_wait_s later),
+            # and says when that was.
+            stopped = await running.threads_stopped(self.settings.stop_wait_s)
+            note = (
+                None
+                if stopped
+                else f"its thread had not stopped {seconds_text(self.settings.stop_wait_s)} s later"
+            )
+            outcome = restamped(outcome, note)
+        await running.ctx.reporter.flush()
+        if isinstance(outcome, Retrying):
+            recorded = await self._record(outcome)
+            if isinstance(recorded, Retrying):
+                await msg.nak(delay=recorded.delay_s)
+            else:
+                await msg.ack()
+        else:
+            await self._finish(msg, outcome)
 
     def _announce(self) -> None:
         if self.heartbeat is not None:
@@ -399,49 +422,27 @@ class Worker:
             )
         return None
 
-    async def _outcome(self, running: _Running, job: Submitted, ids: dict[str, Any], delivery: int) -> Event:
-        assert running.task is not None
-        try:
-            result = await running.task
-        except asyncio.CancelledError:
-            if running.shutdown:
-                return Retrying(**ids, error="worker shutting down; the job will run again", delay_s=0.0)
-            if running.cancel_reason is None:
-                raise
-            return Cancelled(**ids, reason=running.cancel_reason)
-        except JobCancelledError:
-            return Cancelled(**ids, reason=running.cancel_reason or "cancelled")
-        except PermanentError as exc:
-            return Failed(**ids, error=str(exc) or type(exc).__name__)
-        except Exception as exc:
-            error = str(exc) or type(exc).__name__
-            if not isinstance(exc, Retry):
-                log.exception("job %s (%s) raised", job.job_id, job.type, extra={"job_id": job.job_id})
-                error = f"{type(exc).__name__}: {error}"
-            if delivery >= job.max_attempts:
-                return Failed(**ids, error=f"{error} (gave up after {delivery} attempt(s))", exhausted=True)
-            defer = exc.defer if isinstance(exc, Retry) else None
-            return Retrying(**ids, error=error, delay_s=self._backoff(delivery) if defer is None else defer)
-        if running.cancel_reason is not None:
-            return Cancelled(**ids, reason=running.cancel_reason)
-        return Completed(**ids, result=result)
-
-    def _backoff(self, delivery: int) -> float:
-        """Exponential backoff with full jitter in its upper half."""
-        ceiling = min(self.settings.retry_max_s, self.settings.retry_base_s * 2 ** (delivery - 1))
-        return round(random.uniform(ceiling / 2, ceiling), 3)
-
     async def _finish(self, msg: Msg, event: Event) -> None:
-        await self._publish_reliably(event)
+        event = await self._record(event)
         log.info(
             "job %s %s", event.job_id, event.kind, extra={"job_id": event.job_id, "attempt": event.attempt}
         )
         await msg.ack()
 
-    async def _heartbeat(self, msg: Msg) -> None:
+    async def _heartbeat(self, msg: Msg, running: RunningJob) -> None:
         interval = max(0.2, self.settings.ack_wait_s / 3)
+        # Past its deadline, a job has this long to stop and publish its end; then its message is
+        # no longer renewed, and JetStream gives it to another worker after ack_wait.
+        grace = self.settings.cancel_grace_s + self.settings.stop_wait_s + self.settings.publish_retry_s
         while True:
             await asyncio.sleep(interval)
+            if not running.renewable(grace):
+                job_id = running.ctx.job.job_id
+                log.error(
+                    "job %s did not stop within %.0f s of its run-time limit; no longer renewing it",
+                    job_id, grace, extra={"job_id": job_id},
+                )  # fmt: skip
+                return
             with contextlib.suppress(nats.errors.Error):
                 await msg.in_progress()
 
@@ -457,10 +458,8 @@ class Worker:
             return
         if not isinstance(event, CancelRequested) or event.attempt < running.ctx.job.attempt:
             return
-        running.cancel_reason = event.reason or "cancelled"
-        running.ctx.cancel()
         # A handler that does not notice within the grace period is stopped outright.
-        asyncio.get_running_loop().call_later(self.settings.cancel_grace_s, running.stop)
+        running.cancel(event.reason or "cancelled", self.settings.cancel_grace_s)
 
     # publishing ----------------------------------------------------------------------
 
@@ -488,16 +487,44 @@ class Worker:
         await self.js.publish(subject, encode_event(event), headers=headers)
 
     async def _publish_reliably(self, event: Event) -> None:
-        """Publish a terminal event, riding out a broker restart; the msg id makes retries safe."""
+        """Publish an event, riding out a broker restart for `publish_retry_s`; the msg id makes
+        retries safe. Raises EventRejectedError when no retry can help, PublishGaveUpError after."""
         msg_id = f"{event.job_id}:{event.attempt}:{event.kind}"
         if isinstance(event, FileStored):
             msg_id += f":{event.file_id}"
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + self.settings.publish_retry_s
         delay = 0.1
         while True:
             try:
                 await self._publish(event, msg_id=msg_id)
                 return
+            except (nats.errors.MaxPayloadError, BadRequestError) as exc:
+                # Too big for the server's max_payload, or refused by the stream (e.g. its
+                # max_msg_size): the same bytes fail the same way every time.
+                size = len(encode_event(event))
+                raise EventRejectedError(
+                    f"the {event.kind} event ({size} bytes) could not be stored: {exc or type(exc).__name__}"
+                ) from exc
             except (nats.errors.Error, TimeoutError) as exc:
+                if loop.time() >= give_up_at:
+                    raise PublishGaveUpError(
+                        f"publishing {event.kind} failed for {seconds_text(self.settings.publish_retry_s)} s "
+                        f"({exc or type(exc).__name__})"
+                    ) from exc
                 log.warning("publishing %s for %s failed (%s); retrying", event.kind, event.job_id, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
+
+    async def _record(self, event: Event) -> Event:
+        """Publish the event that ends an attempt; one the stream cannot take becomes a small
+        `failed` that says why (the job must end either way). Returns what was published."""
+        try:
+            await self._publish_reliably(event)
+        except EventRejectedError as exc:
+            log.error("job %s: %s", event.job_id, exc, extra={"job_id": event.job_id})
+            event = Failed(
+                job_id=event.job_id, attempt=event.attempt, worker=self.settings.name, error=str(exc)
+            )
+            await self._publish_reliably(event)
+        return event

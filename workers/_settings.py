@@ -6,6 +6,8 @@ import os
 import socket
 from dataclasses import dataclass, field
 
+from streams import DEFAULT_LLM_BASE_URL, MAX_INLINE_TEXT_BYTES, AddressPolicy, LlmEndpoints, llm_allowlist
+
 
 def _env_float(name: str, default: float) -> float:
     value = os.environ.get(name)
@@ -32,7 +34,14 @@ class WorkerSettings:
     grace_s: float = field(default_factory=lambda: _env_float("JOBCAST_WORKER_GRACE_S", 30.0))
     """JOBCAST_WORKER_GRACE_S: on SIGTERM, how long running jobs may finish before they are requeued."""
     cancel_grace_s: float = 1.0
-    """After a cancel request, how long a handler may take to notice before its task is cancelled."""
+    """After a cancel request or the run-time limit, how long a handler may take to notice before
+    its task is cancelled."""
+    stop_wait_s: float = field(default_factory=lambda: _env_float("JOBCAST_STOP_WAIT_S", 30.0))
+    """JOBCAST_STOP_WAIT_S: how long a stopped job's thread (whisper, PyAV) may take to reach its
+    next cancel check before the job's end is published anyway; its slot stays taken until then."""
+    publish_retry_s: float = field(default_factory=lambda: _env_float("JOBCAST_PUBLISH_RETRY_S", 60.0))
+    """JOBCAST_PUBLISH_RETRY_S: how long publishing an event rides out transient errors (a broker
+    restart) before the attempt is given up and its message left to JetStream to redeliver."""
     llm_concurrency: int = field(
         default_factory=lambda: _env_int("MAX_LLM_CONCURRENCY", _env_int("JOBCAST_LLM_CONCURRENCY", 4))
     )
@@ -42,9 +51,24 @@ class WorkerSettings:
     retry_max_s: float = 300.0
     """Longest backoff between two attempts."""
     llm_base_url: str = field(
-        default_factory=lambda: os.environ.get("JOBCAST_LLM_BASE_URL", "https://api.openai.com/v1")
+        default_factory=lambda: os.environ.get("JOBCAST_LLM_BASE_URL", DEFAULT_LLM_BASE_URL)
     )
-    """JOBCAST_LLM_BASE_URL: the OpenAI-compatible endpoint of fix_srt."""
+    """JOBCAST_LLM_BASE_URL: the OpenAI-compatible endpoint of fix_srt; trusted as configured, so it
+    may be on this machine or the private network (a local vLLM or ollama)."""
+    llm_allowed_base_urls: tuple[str, ...] = field(
+        default_factory=lambda: llm_allowlist(os.environ.get("JOBCAST_LLM_ALLOWED_BASE_URLS", ""))
+    )
+    """JOBCAST_LLM_ALLOWED_BASE_URLS (comma-separated): the other endpoints a job may name as
+    `base_url`; each is resolved before every request and refused on a non-public address unless
+    allowed below."""
+    llm_allow_loopback: bool = field(
+        default_factory=lambda: os.environ.get("JOBCAST_LLM_ALLOW_LOOPBACK") == "1"
+    )
+    """JOBCAST_LLM_ALLOW_LOOPBACK=1: a job's listed endpoint may be on this machine."""
+    llm_allow_private: bool = field(
+        default_factory=lambda: os.environ.get("JOBCAST_LLM_ALLOW_PRIVATE") == "1"
+    )
+    """JOBCAST_LLM_ALLOW_PRIVATE=1: a job's listed endpoint may be on a private network address."""
     llm_api_key: str = field(
         default_factory=lambda: os.environ.get("JOBCAST_LLM_API_KEY") or os.environ.get("OPENAI_API_KEY", "")
     )
@@ -53,10 +77,23 @@ class WorkerSettings:
     """JOBCAST_LLM_MODEL: the chat model of fix_srt."""
     llm_retry_delay_s: float = field(default_factory=lambda: _env_float("JOBCAST_LLM_RETRY_DELAY_S", 1.0))
     """JOBCAST_LLM_RETRY_DELAY_S: first backoff step after a 429 or 5xx."""
+    inline_text_bytes: int = MAX_INLINE_TEXT_BYTES
+    """How much of a transcript's text its result carries inline (JSON bytes, at most
+    MAX_INLINE_TEXT_BYTES); the rest is in its .txt output."""
     idle_poll_s: float = 0.5
     """With nothing to do, how often to look for redeliveries and retries (which ring no bell)."""
     name: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
     """Shown in `started` events as the worker that took the job."""
+
+    @property
+    def llm_endpoints(self) -> LlmEndpoints:
+        """The LLM endpoints a job may name."""
+        return LlmEndpoints(configured=self.llm_base_url, listed=self.llm_allowed_base_urls)
+
+    @property
+    def llm_address_policy(self) -> AddressPolicy:
+        """Where a job's (listed, not configured) LLM endpoint may resolve to."""
+        return AddressPolicy(allow_loopback=self.llm_allow_loopback, allow_private=self.llm_allow_private)
 
     @property
     def slots(self) -> int:

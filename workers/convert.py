@@ -10,7 +10,7 @@ import msgspec
 from streams import ConvertParams, parse_params
 from workers._context import JobContext
 from workers._errors import JobCancelledError, PermanentError
-from workers.media import ConversionCancelled, MediaError, convert_to_mp4
+from workers.media import ConversionCancelled, MediaError, convert_to_mp4, probe
 
 
 async def convert(ctx: JobContext) -> dict[str, Any]:
@@ -20,6 +20,7 @@ async def convert(ctx: JobContext) -> dict[str, Any]:
     suffix, content_type = (".m4a", "audio/mp4") if params.audio_only else (".mp4", "video/mp4")
     target = ctx.workdir / f"converted{suffix}"
     try:
+        ctx.media_duration((await ctx.run_blocking(probe, source)).duration_s)  # the limit grows with it
         done = await ctx.run_blocking(
             convert_to_mp4, source, target, video_codec=params.video_codec, crf=params.crf,
             bitrate=params.bitrate, max_height=params.max_height, audio_only=params.audio_only,

@@ -28,7 +28,7 @@ async def fix_srt(ctx: JobContext) -> dict[str, Any]:
     ]
     try:
         fixed = await llm.fix_cues(
-            asked, base_url=params.base_url or settings.llm_base_url, api_key=settings.llm_api_key or "none",
+            asked, target=llm.endpoint(settings, params.base_url),
             model=params.model or settings.llm_model, sys_msg=params.sys_msg, chunk_size=params.chunk_size,
             max_concurrency=settings.llm_concurrency, retry_delay=settings.llm_retry_delay_s,
             progress=ctx.progress, cancelled=ctx.cancelled.is_set,

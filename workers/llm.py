@@ -2,6 +2,10 @@
 
 Only the text of each cue goes to the model, as numbered lines ("1: text"); indices and timestamps
 stay here, so the cue count and every timestamp survive whatever the model answers.
+
+Every LLM call of every operation goes through `endpoint()` and `open_client()`: the worker's key
+goes only to the operator's configured endpoint or one the operator listed, and a listed one is
+resolved, checked and pinned before each request (see `_CheckedTransport`).
 """
 
 from __future__ import annotations
@@ -10,12 +14,17 @@ import asyncio
 import contextlib
 import random
 import re
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any, cast
 
+import httpx
 import msgspec
 import openai
 
+from streams import AddressPolicy, EgressRefusedError, HostUnresolvedError
 from workers._errors import JobCancelledError
+from workers._settings import WorkerSettings
 
 DEFAULT_SYS_MSG = (
     "You correct subtitles produced by automatic speech recognition. "
@@ -31,6 +40,8 @@ _NUMBERED = re.compile(r"^\s*(\d+)\s*[:.)]\s?(.*)$")
 # Worth retrying with backoff: the server is overloaded, rate limiting, or briefly unreachable.
 _TRANSIENT_STATUS = {408, 409, 429}
 _MAX_DELAY = 60.0
+NO_KEY = "none"
+"""Sent when no key is configured (local servers take any); the SDK requires one."""
 
 
 class Cue(msgspec.Struct, frozen=True):
@@ -60,6 +71,95 @@ class LLMError(RuntimeError):
     def __init__(self, message: str, *, retryable: bool = False) -> None:
         super().__init__(message)
         self.retryable = retryable
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """Where one job's LLM calls go, with the worker's key; made by `endpoint()`."""
+
+    base_url: str
+    api_key: str = field(repr=False)
+    policy: AddressPolicy | None = None
+    """None for the operator's configured endpoint, trusted as configured (it may well be a local
+    vLLM or ollama); for a listed one, where each request's host may resolve to."""
+
+
+def endpoint(settings: WorkerSettings, base_url: str | None) -> Endpoint:
+    """The endpoint for a job that names `base_url` (None: the configured one); raises LLMError,
+    not retryable, unless the operator configured or listed it. Checked here as well as by the API,
+    since anyone who reaches NATS can publish a job that the API never saw."""
+    key = settings.llm_api_key or NO_KEY
+    endpoints = settings.llm_endpoints
+    if base_url is None or endpoints.is_configured(base_url):
+        return Endpoint(base_url=settings.llm_base_url, api_key=key)
+    permitted = endpoints.permitted(base_url)
+    if permitted is None:
+        raise LLMError(
+            f"base_url {base_url!r} is not an LLM endpoint this worker allows (JOBCAST_LLM_BASE_URL or one"
+            " of JOBCAST_LLM_ALLOWED_BASE_URLS); nothing was sent to it"
+        )
+    return Endpoint(base_url=permitted, api_key=key, policy=settings.llm_address_policy)
+
+
+class _CheckedTransport(httpx.AsyncBaseTransport):
+    """Before each request: resolve the host, refuse it unless every address passes the policy,
+    and connect to an address that was checked.
+
+    Why pin rather than check and go: a check by name followed by a connect by name resolves twice,
+    and a DNS-rebinding host answers a public address to the first and 127.0.0.1 to the second.
+    Sending the request to the checked IP, with the name kept in the Host header and as the TLS
+    server name (httpx's public `sni_hostname` request extension, so the certificate is still
+    verified against the name), closes that gap with public httpx APIs only. A custom httpcore
+    network backend would see the connect itself, but httpx's transport takes none without its
+    internals. Proxy settings of the environment are not used here: a proxy would connect for us.
+    """
+
+    def __init__(self, policy: AddressPolicy) -> None:
+        self._policy = policy
+        self._inner = httpx.AsyncHTTPTransport()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        host = request.url.host
+        try:
+            addresses = await self._policy.resolve(host, request.url.port)
+        except HostUnresolvedError as exc:  # DNS may recover: transient, as a failed connect is
+            raise httpx.ConnectError(str(exc), request=request) from exc
+        *others, last = addresses
+        for address in others:  # e.g. ::1 first while the server listens on 127.0.0.1 only
+            with contextlib.suppress(httpx.ConnectError):
+                return await self._send(request, address, host)
+        return await self._send(request, last, host)
+
+    async def _send(self, request: httpx.Request, address: str, host: str) -> httpx.Response:
+        pinned = httpx.Request(
+            request.method, request.url.copy_with(host=address), headers=request.headers,
+            stream=request.stream, extensions={**request.extensions, "sni_hostname": host},
+        )  # fmt: skip
+        return await self._inner.handle_async_request(pinned)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+@contextlib.asynccontextmanager
+async def open_client(target: Endpoint, timeout: float = 120.0) -> AsyncIterator[openai.AsyncOpenAI]:
+    """An OpenAI client for `target` that sends the key nowhere else (no redirects followed)."""
+    async with contextlib.AsyncExitStack() as stack:
+        http: httpx.AsyncClient | None = None
+        if target.policy is not None:
+            http = await stack.enter_async_context(
+                httpx.AsyncClient(
+                    transport=_CheckedTransport(target.policy), timeout=timeout, follow_redirects=False
+                )
+            )
+        # openai 3 annotates `http_client` as its httpx2 client and takes an httpx one too (what
+        # openai 1 and 2 take, and this project's HTTP library).
+        client = openai.AsyncOpenAI(
+            base_url=target.base_url, api_key=target.api_key, max_retries=0, timeout=timeout,
+            http_client=cast(Any, http),
+        )  # fmt: skip
+        async with client:
+            yield client
 
 
 class FixCancelled(JobCancelledError):  # noqa: N818 - the name the fix_srt operation was specified with
@@ -105,8 +205,7 @@ def _backoff(attempt: int, base: float, exc: Exception) -> float:
 async def fix_cues(
     cues: list[Cue],
     *,
-    base_url: str,
-    api_key: str,
+    target: Endpoint,
     model: str,
     sys_msg: str | None = None,
     chunk_size: int = 20,
@@ -139,12 +238,18 @@ async def fix_cues(
                     model=model,
                     messages=[{"role": "system", "content": system}, {"role": "user", "content": prompt}],
                 )
+            except EgressRefusedError as exc:  # openai 3 lets what the transport raises through
+                raise LLMError(f"{label}: {exc}; not sent") from None
             except openai.APIError as exc:
+                if (refused := _refusal(exc)) is not None:  # openai 1 and 2 wrap it
+                    raise LLMError(f"{label}: {refused}; not sent") from None
                 if not _transient(exc):
-                    raise LLMError(f"{label}: the model's API refused the request: {_describe(exc)}") from exc
+                    raise LLMError(
+                        f"{label}: the model's API refused the request: {_describe(exc, target.api_key)}"
+                    ) from exc
                 if attempt >= max_retries:
                     raise LLMError(
-                        f"{label}: still failing after {max_retries} retries: {_describe(exc)}",
+                        f"{label}: still failing after {max_retries} retries: {_describe(exc, target.api_key)}",
                         retryable=True,
                     ) from exc
                 await asyncio.sleep(_backoff(attempt, retry_delay, exc))
@@ -177,9 +282,7 @@ async def fix_cues(
         if progress is not None:
             progress(100.0 * done / len(chunks), f"fixing chunk {done} of {len(chunks)}")
 
-    async with openai.AsyncOpenAI(
-        base_url=base_url, api_key=api_key, max_retries=0, timeout=timeout
-    ) as client:
+    async with open_client(target, timeout) as client:
         try:
             async with asyncio.TaskGroup() as group:  # one failure cancels the other chunks
                 for n, chunk in enumerate(chunks):
@@ -197,9 +300,23 @@ async def fix_cues(
     )
 
 
-def _describe(exc: openai.APIError) -> str:
+def _refusal(exc: BaseException) -> EgressRefusedError | None:
+    """The egress refusal behind `exc` (an APIConnectionError), if any."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, EgressRefusedError) and not isinstance(seen, HostUnresolvedError):
+            return seen
+        seen = seen.__cause__
+    return None
+
+
+def _describe(exc: openai.APIError, api_key: str) -> str:
+    """The error for a job's `error`; the server's own words with the key blotted out, since a
+    server may quote the key it was sent."""
     if isinstance(exc, openai.AuthenticationError):
         return "authentication failed (HTTP 401): check the API key"
     if isinstance(exc, openai.APIStatusError):
-        return f"HTTP {exc.status_code}: {exc.message}"
-    return f"{type(exc).__name__}: {exc.message}"
+        text = f"HTTP {exc.status_code}: {exc.message}"
+    else:
+        text = f"{type(exc).__name__}: {exc.message}"
+    return text if api_key == NO_KEY else text.replace(api_key, "[the API key]")

@@ -1,12 +1,15 @@
-"""The `noop` operation: progress steps and sleeps, failing on request."""
+"""The `noop` operation: progress steps and sleeps, failing, hanging or blocking on request."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
+import time
 from typing import Any
 
 from streams import NoopParams, parse_params
 from workers._context import JobContext
-from workers._errors import PermanentError, Retry
+from workers._errors import JobCancelledError, PermanentError, Retry
 
 
 async def noop(ctx: JobContext) -> dict[str, Any]:
@@ -22,6 +25,28 @@ async def noop(ctx: JobContext) -> dict[str, Any]:
         ctx.progress(100.0 * step / params.steps, f"step {step} of {params.steps}")
     if not params.steps and pause:
         await ctx.sleep(pause)
+    if params.hang_s:
+        await asyncio.sleep(params.hang_s)  # deaf to the cancel flag, as a stuck handler is
+    if params.block_s:
+        await ctx.run_blocking(_block, ctx, params.block_s, params.check_every_s)
     if params.fail:
         raise PermanentError(params.error)
-    return {"steps": params.steps, "duration_s": params.duration_s, "delivery": ctx.delivery}
+    result: dict[str, Any] = {
+        "steps": params.steps,
+        "duration_s": params.duration_s,
+        "delivery": ctx.delivery,
+    }
+    if params.result_bytes:
+        result["filler"] = "x" * params.result_bytes
+    return result
+
+
+def _block(ctx: JobContext, seconds: float, check_every_s: float) -> None:
+    """Busy in this thread for `seconds`, looking at the cancel flag every `check_every_s`."""
+    ctx.progress(0.0, f"blocking in thread {threading.get_ident()}")
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        time.sleep(min(check_every_s, max(0.0, end - time.monotonic())))
+        if ctx.cancelled.is_set():
+            ctx.progress(0.0, "blocking thread stopped: cancelled")
+            raise JobCancelledError("cancelled")

@@ -7,7 +7,7 @@ from typing import Any
 
 import msgspec
 
-from streams import GenerateSrtParams, TranscribeParams, parse_params
+from streams import MAX_INLINE_TEXT_BYTES, GenerateSrtParams, TranscribeParams, clip_text, parse_params
 from workers import subtitles
 from workers._context import JobContext
 from workers._errors import JobCancelledError, PermanentError
@@ -19,9 +19,11 @@ from workers.whisper import transcribe as run_whisper
 async def _transcript(ctx: JobContext, params: TranscribeParams) -> tuple[Path, Transcript]:
     source = await ctx.input_file()
     try:
-        await ctx.run_blocking(probe, source)  # "not a media file: … looks like text" beats a decoder error
+        # "not a media file: … looks like text" beats a decoder error; the duration sets the limit
+        info = await ctx.run_blocking(probe, source)
     except MediaError as exc:
         raise PermanentError(str(exc)) from None
+    ctx.media_duration(info.duration_s)
     ctx.progress(0.0, "loading model")
     try:
         transcript = await ctx.run_blocking(
@@ -37,21 +39,38 @@ async def _transcript(ctx: JobContext, params: TranscribeParams) -> tuple[Path, 
     return source, transcript
 
 
+async def _text_file(ctx: JobContext, text: str, stem: str) -> dict[str, Any]:
+    """The full text stored as the job's .txt output."""
+    path = ctx.workdir / "transcript.txt"
+    path.write_text(text + "\n", encoding="utf-8")
+    return await ctx.save_output(path, f"{stem}.txt", "text/plain; charset=utf-8")
+
+
+def _inline_text(ctx: JobContext, text: str, txt: dict[str, Any] | None) -> dict[str, Any]:
+    """The result's `text`, cut to the inline bound (`text_truncated` says so), and the .txt that
+    holds all of it."""
+    inline, truncated = clip_text(text, min(ctx.settings.inline_text_bytes, MAX_INLINE_TEXT_BYTES))
+    fields: dict[str, Any] = {"text": inline, "text_truncated": truncated}
+    if txt is not None:
+        fields |= {"text_file_id": txt["file_id"], "text_url": txt["url"]}
+    return fields
+
+
 async def transcribe(ctx: JobContext) -> dict[str, Any]:
-    """Speech to text: text, language, duration and segments, stored as .json and .txt files."""
+    """Speech to text: the text (cut past the bound of a result), language and duration; the
+    segments (and words) only in the .json output, the full text in the .txt."""
     params = parse_params(ctx.params, TranscribeParams)
     source, transcript = await _transcript(ctx, params)
-    stem = source.stem
-    json_path, txt_path = ctx.workdir / "transcript.json", ctx.workdir / "transcript.txt"
+    json_path = ctx.workdir / "transcript.json"
     json_path.write_bytes(msgspec.json.encode(transcript))
-    txt_path.write_text(transcript.text + "\n", encoding="utf-8")
     outputs = [
-        await ctx.save_output(json_path, f"{stem}.json", "application/json"),
-        await ctx.save_output(txt_path, f"{stem}.txt", "text/plain; charset=utf-8"),
+        await ctx.save_output(json_path, f"{source.stem}.json", "application/json"),
+        await _text_file(ctx, transcript.text, source.stem),
     ]
-    result: dict[str, Any] = msgspec.to_builtins(transcript)
-    result["outputs"] = outputs
-    return result
+    return {
+        **_inline_text(ctx, transcript.text, outputs[1]), "language": transcript.language,
+        "duration_s": transcript.duration_s, "outputs": outputs,
+    }  # fmt: skip
 
 
 async def generate_srt(ctx: JobContext) -> dict[str, Any]:
@@ -81,7 +100,11 @@ async def generate_srt(ctx: JobContext) -> dict[str, Any]:
         await ctx.save_output(srt_path, f"{source.stem}.srt", "application/x-subrip"),
         await ctx.save_output(vtt_path, f"{source.stem}.vtt", "text/vtt"),
     ]
+    text = _inline_text(ctx, transcript.text, None)
+    if text["text_truncated"]:  # a .txt only when the text does not fit; the subtitles are the output
+        outputs.append(await _text_file(ctx, transcript.text, source.stem))
+        text = _inline_text(ctx, transcript.text, outputs[-1])
     return {
-        "language": transcript.language, "duration": transcript.duration_s, "cues": len(cues),
-        "text": transcript.text, "outputs": outputs,
+        "language": transcript.language, "duration": transcript.duration_s, "cues": len(cues), **text,
+        "outputs": outputs,
     }  # fmt: skip

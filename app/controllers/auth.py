@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Annotated, Any
 
 import msgspec
@@ -11,7 +12,7 @@ from litestar.exceptions import NotAuthorizedException
 from litestar.params import JSONBody
 from litestar.status_codes import HTTP_200_OK
 
-from app._auth import SESSION_COOKIE, SESSION_TTL_S, Caller, Keys, session_cookie, sign_token
+from app._auth import SESSION_COOKIE, SESSION_TTL_S, Caller, Keys, session_cookie, sign_token, token_lifetime
 
 TOKEN_TTL_S = 300
 
@@ -45,7 +46,7 @@ class AuthController(Controller):
         record = keys.lookup(data.key)
         if record is None:
             raise NotAuthorizedException("invalid API key")
-        caller = Caller(owner=record.name, admin=record.admin)
+        caller = Caller(owner=record.name, admin=record.admin, key=record)
         body = Session(owner=caller.owner, admin=caller.admin, expires_in=SESSION_TTL_S)
         return Response(body, cookies=[session_cookie(state.token_secret, caller)])
 
@@ -58,7 +59,13 @@ class AuthController(Controller):
 
     @post("/token", status_code=HTTP_200_OK, operation_id="issueToken")
     async def token(self, request: Request[Any, Any, Any], state: State) -> Session:
-        """A token for `?token=`, valid for five minutes, for the authenticated caller."""
+        """A token for `?token=`, valid for five minutes, for the authenticated caller.
+
+        Asked for with a token or session cookie, the new one keeps that session's login time, so
+        refreshing never carries a session past its maximum age (nor past its key: see verify_token).
+        """
         caller: Caller = request.user
-        token = sign_token(state.token_secret, caller, TOKEN_TTL_S)
-        return Session(owner=caller.owner, admin=caller.admin, token=token, expires_in=TOKEN_TTL_S)
+        now = time.time()
+        token = sign_token(state.token_secret, caller, TOKEN_TTL_S, now)
+        expires_in = int(token_lifetime(caller, TOKEN_TTL_S, now))
+        return Session(owner=caller.owner, admin=caller.admin, token=token, expires_in=expires_in)

@@ -12,9 +12,10 @@ from litestar.response import ServerSentEvent, ServerSentEventMessage
 from litestar.status_codes import HTTP_200_OK
 
 from app._deps import Owner, Service
+from app._exceptions import TooSlowError
 from app._jobs import compileo_status, compileo_status_name, compileo_update
 from app._schemas import JobStatusView, StatusUpdate
-from app.controllers.live import SSE_HEADERS
+from app.controllers.live import SSE_HEADERS, SSE_RESPONSES
 from streams import JobStatus
 
 _encoder = msgspec.json.Encoder()
@@ -51,7 +52,7 @@ class CompileoController(Controller):
             await service.wait_change(job_id, owner, timeout, current_status, None, compileo_status_name)
         )
 
-    @get("/status/{job_id:str}/stream", operation_id="streamJobStatus")
+    @get("/status/{job_id:str}/stream", operation_id="streamJobStatus", responses=SSE_RESPONSES)
     async def stream(self, job_id: FromPath[str], service: Service, owner: Owner) -> ServerSentEvent:
         """SSE of status snapshots (`data:` lines only), from now until the job ends."""
         job = await service.get(job_id, owner)
@@ -65,14 +66,17 @@ class CompileoController(Controller):
                 error=job.error if current.status == JobStatus.FAILED else None,
             )  # fmt: skip
             yield ServerSentEventMessage(data=_encoder.encode(first).decode())
-            async for item in service.follow(job_id, owner, job.last_event_id):
-                if item is None:
-                    yield ServerSentEventMessage(comment="ping", data=None)
-                    continue
-                final = await service.get(job_id, owner) if item.ends else job
-                yield ServerSentEventMessage(
-                    data=_encoder.encode(compileo_update(item.payload, final)).decode()
-                )
+            try:
+                async for item in service.follow(job_id, owner, job.last_event_id):
+                    if item is None:
+                        yield ServerSentEventMessage(comment="ping", data=None)
+                        continue
+                    final = await service.get(job_id, owner) if item.ends else job
+                    yield ServerSentEventMessage(
+                        data=_encoder.encode(compileo_update(item.payload, final)).decode()
+                    )
+            except TooSlowError:  # fell too far behind; reconnecting starts from the current status
+                yield ServerSentEventMessage(comment="too slow, cut off; reconnect", data=None)
 
         return ServerSentEvent(updates(), headers=SSE_HEADERS)
 

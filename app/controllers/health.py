@@ -4,9 +4,19 @@ from __future__ import annotations
 
 from litestar import Controller, Response, get
 from litestar.datastructures import State
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.status_codes import HTTP_200_OK, HTTP_503_SERVICE_UNAVAILABLE
 
 from app._schemas import Health
+from streams import TaskSupervisor
+
+NOT_READY = {
+    HTTP_503_SERVICE_UNAVAILABLE: ResponseSpec(
+        data_container=Health, generate_examples=False,
+        description="Not ready: NATS is unreachable or the projection is catching up (the same body)",
+    )
+}  # fmt: skip
+"""/ready's 503 carries its Health body, not the error body other routes' 503 does."""
 
 
 class HealthController(Controller):
@@ -19,16 +29,24 @@ class HealthController(Controller):
         """The process is alive."""
         return Health(status="ok")
 
-    @get("/ready", operation_id="ready")
+    @get("/ready", operation_id="ready", responses=NOT_READY)
     async def ready(self, state: State) -> Response[Health]:
-        """NATS is connected and the projection has caught up with the stream."""
+        """NATS is connected, the projection has caught up with the stream, and every supervised
+        task runs; otherwise 503, with `status` naming what is not."""
         projection = state.service.projection
+        supervisor: TaskSupervisor = state.tasks
         connected = bool(state.nats.is_connected)
         caught_up = projection.caught_up.is_set()
+        down = supervisor.down()
+        if not connected:
+            status = "nats unavailable"
+        elif down:
+            status = f"down: {', '.join(down)}"
+        else:
+            status = "ready" if caught_up else "catching up"
         body = Health(
-            status="ready" if connected and caught_up else ("catching up" if connected else "nats unavailable"),
-            nats=connected, applied_seq=projection.applied_seq, stream_seq=projection.catch_up_to,
+            status=status, nats=connected, applied_seq=projection.applied_seq,
+            stream_seq=projection.catch_up_to, tasks=supervisor.status(),
         )  # fmt: skip
-        return Response(
-            body, status_code=HTTP_200_OK if connected and caught_up else HTTP_503_SERVICE_UNAVAILABLE
-        )
+        ready = connected and caught_up and not down
+        return Response(body, status_code=HTTP_200_OK if ready else HTTP_503_SERVICE_UNAVAILABLE)

@@ -4,26 +4,39 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Coroutine
+import logging
 from typing import Annotated, Any
 
 import msgspec
 from litestar import Controller, WebSocket, get, websocket
 from litestar.exceptions import WebSocketDisconnect
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath, FromQuery, HeaderParameter, QueryParameter
 from litestar.response import ServerSentEvent
 
 from app._deps import Owner, Service
-from app._exceptions import NotFoundError, TooManyError
+from app._exceptions import NotFoundError, TooManyError, TooSlowError
+from app._hub import Subscription
 from app._jobs import JobService
-from app._schemas import MAX_INT, Job, WsCommand
-from app._sse import FollowEvents
+from app._schemas import MAX_INT, Job, SseMessage, WsCommand
+from app._sse import HISTORY_PAGE, FollowEvents
 from streams import JobStatus
+
+log = logging.getLogger("jobcast.api")
 
 _ws_commands = msgspec.json.Decoder(WsCommand)
 MAX_WS_MESSAGE = 16 * 1024
 """Subscription messages are small; anything longer is refused."""
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+CLOSE_TOO_SLOW = 4008
+"""WebSocket close code for a client cut off for falling too far behind (reason: where to resume)."""
+SSE_RESPONSES = {
+    200: ResponseSpec(
+        data_container=SseMessage, media_type="text/event-stream", generate_examples=False,
+        description="Server-Sent Events: `id:`, `event:` and `data:` (JSON) lines, until the job ends",
+    )
+}  # fmt: skip
+"""How an SSE route documents its answer (Litestar would say JSON)."""
 
 LastEventId = Annotated[
     int | None,
@@ -55,7 +68,7 @@ class LiveController(Controller):
     path = "/api/v1"
     tags = ["live"]
 
-    @get("/jobs/{job_id:str}/events", operation_id="streamJobEvents")
+    @get("/jobs/{job_id:str}/events", operation_id="streamJobEvents", responses=SSE_RESPONSES)
     async def events(
         self,
         job_id: FromPath[str],
@@ -94,7 +107,9 @@ class LiveController(Controller):
         self, socket: WebSocket[Any, Any, Any], job_id: FromPath[str], service: Service, owner: Owner,
         last_event_id: Annotated[int | None, QueryParameter(ge=0, le=MAX_INT)] = None,
     ) -> None:  # fmt: skip
-        """WebSocket: the same events as SSE, as JSON text frames; closes after the job ends."""
+        """WebSocket: the same events as SSE, as JSON text frames; closes after the job ends (1000),
+        or with 4008 when the client falls too far behind (the reason names the last_event_id to
+        reconnect with)."""
         await socket.accept()
         if not await _within_quota(socket, service, owner):
             return
@@ -104,100 +119,205 @@ class LiveController(Controller):
             await socket.send_json({"type": "error", "status_code": 404, "detail": str(exc)})
             await socket.close(code=4404, reason="job not found")
             return
+        cut_off: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
         async def send_all() -> None:
-            async for item in service.follow(job_id, owner, last_event_id or 0):
+            async for item in service.follow(job_id, owner, last_event_id or 0, cut_off):
                 if item is not None:
                     await socket.send_data(item.payload.decode())
 
-        await self._race(socket, send_all())
+        send_task = asyncio.create_task(send_all())
+        watch_task = asyncio.create_task(_until_disconnect(socket))
+        try:
+            await asyncio.wait({send_task, watch_task, cut_off}, return_when=asyncio.FIRST_COMPLETED)
+            if cut_off.done():
+                await _close_cut_off(socket, [send_task], {watch_task}, service.settings.slow_client_grace_s)
+            elif send_task.done() and send_task.exception() is None:
+                with contextlib.suppress(Exception):
+                    await socket.close(code=1000)
+        finally:
+            await _cancel(send_task, watch_task)
 
     @websocket("/ws", operation_id="eventsSocket")
     async def multi_socket(self, socket: WebSocket[Any, Any, Any], service: Service, owner: Owner) -> None:
         """WebSocket: subscribe by message to job ids, or to all of the caller's jobs.
 
-        Send `{"action": "subscribe", "job_ids": [...]}`, `{"action": "subscribe", "all": true}` or
-        `{"action": "unsubscribe", ...}`; receive event envelopes and `{"type": ...}` replies.
+        Send `{"action": "subscribe", "job_ids": [...]}`, `{"action": "subscribe", "all": true}`
+        (either with `"last_event_id": N` to replay what came after N first) or
+        `{"action": "unsubscribe", ...}`; receive event envelopes and `{"type": ...}` replies. A
+        client that falls too far behind is closed with 4008; the reason names the last_event_id
+        to subscribe again with.
         """
         await socket.accept()
         if not await _within_quota(socket, service, owner):
             return
         with service.hub.subscribe() as sub, service.counted_stream(owner):
-            sent: dict[str, int] = {}
-            replaying = asyncio.Lock()
-
-            async def deliver(job_id: str, seq: int, payload: bytes) -> None:
-                if seq > sent.get(job_id, 0):
-                    sent[job_id] = seq
-                    await socket.send_data(payload.decode())
-
-            async def reader() -> None:
-                while True:
-                    raw = await socket.receive_data(mode="text")
-                    if len(raw) > MAX_WS_MESSAGE:
-                        await socket.send_json({"type": "error", "status_code": 413,
-                                                "detail": f"messages are limited to {MAX_WS_MESSAGE} bytes"})  # fmt: skip
-                        continue
-                    try:
-                        cmd = _ws_commands.decode(raw)
-                    except msgspec.DecodeError as exc:
-                        await socket.send_json({"type": "error", "status_code": 400, "detail": str(exc)})
-                        continue
-                    if cmd.action not in ("subscribe", "unsubscribe"):
-                        await socket.send_json({"type": "error", "status_code": 400,
-                                                "detail": "action: expected 'subscribe' or 'unsubscribe'"})  # fmt: skip
-                        continue
-                    if cmd.action == "unsubscribe":
-                        sub.remove_jobs(cmd.job_ids)
-                        if cmd.all:
-                            sub.follow_owner(None)
-                        await socket.send_json(
-                            {"type": "unsubscribed", "job_ids": cmd.job_ids, "all": cmd.all}
-                        )
-                        continue
-                    if cmd.all:
-                        sub.follow_owner(owner)
-                    known: list[str] = []
-                    for job_id in cmd.job_ids:
-                        try:
-                            await service.get(job_id, owner)
-                        except NotFoundError as exc:
-                            await socket.send_json({"type": "error", "status_code": 404, "detail": str(exc),
-                                                    "job_id": job_id})  # fmt: skip
-                            continue
-                        known.append(job_id)
-                    async with replaying:  # live events wait until the history before them is out
-                        sub.add_jobs(known)
-                        await socket.send_json({"type": "subscribed", "job_ids": known, "all": cmd.all})
-                        for job_id in known:
-                            history, _ = await service.history(job_id, cmd.last_event_id or 0)
-                            for row in history:
-                                await deliver(job_id, row.seq, row.payload)
-
-            async def writer() -> None:
-                while True:
-                    item = await sub.queue.get()
-                    async with replaying:
-                        if item.job_id in sub.job_ids or item.owner == sub.owner:
-                            await deliver(item.job_id, item.seq, item.payload)
-
-            tasks = [asyncio.create_task(reader()), asyncio.create_task(writer())]
+            sub.cut_off = asyncio.get_running_loop().create_future()
+            feed = _Feed(socket, service, owner, sub)
+            tasks = [asyncio.create_task(feed.read_commands()), asyncio.create_task(feed.write_live())]
             try:
-                await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait([*tasks, sub.cut_off], return_when=asyncio.FIRST_COMPLETED)
+                if sub.cut_off.done():
+                    reader, writer = tasks
+                    await _cancel(reader)  # no more commands, nor the rest of a replay
+                    await _close_cut_off(
+                        socket, [writer], set(), service.settings.slow_client_grace_s, feed.replay_floor
+                    )
             finally:
-                for task in tasks:
-                    task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
+                await _cancel(*tasks)
 
-    @staticmethod
-    async def _race(socket: WebSocket[Any, Any, Any], sender: Coroutine[Any, Any, None]) -> None:
-        """Run `sender` until it ends (then close) or the client goes away (then stop it)."""
-        send_task = asyncio.create_task(sender)
-        watch_task = asyncio.create_task(_until_disconnect(socket))
-        done, pending = await asyncio.wait({send_task, watch_task}, return_when=asyncio.FIRST_COMPLETED)
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-        if send_task in done and send_task.exception() is None:
-            with contextlib.suppress(Exception):
-                await socket.close(code=1000)
+
+class _Feed:
+    """One /api/v1/ws connection: its subscription commands, replays and live events."""
+
+    def __init__(
+        self, socket: WebSocket[Any, Any, Any], service: JobService, owner: str, sub: Subscription
+    ) -> None:
+        self.socket, self.service, self.owner, self.sub = socket, service, owner, sub
+        self.sent: dict[str, int] = {}
+        """The last sequence sent of each job subscribed by id (the keys are `sub.job_ids`)."""
+        self.owner_replayed = 0
+        """The all-jobs feed's last replay covered the events up to this sequence."""
+        self.replay_floor: int | None = None
+        """While a replay runs: every event up to this sequence of what it replays has been sent."""
+        self.replaying = asyncio.Lock()
+        """Live events wait while a replay sends the history before them."""
+
+    async def read_commands(self) -> None:
+        """Handle subscribe / unsubscribe messages until the client goes away."""
+        socket, sub = self.socket, self.sub
+        while True:
+            raw = await socket.receive_data(mode="text")
+            if len(raw) > MAX_WS_MESSAGE:
+                await self._error(413, f"messages are limited to {MAX_WS_MESSAGE} bytes")
+                continue
+            try:
+                cmd = _ws_commands.decode(raw)
+            except msgspec.DecodeError as exc:
+                await self._error(400, str(exc))
+                continue
+            if cmd.action not in ("subscribe", "unsubscribe"):
+                await self._error(400, "action: expected 'subscribe' or 'unsubscribe'")
+                continue
+            if cmd.action == "unsubscribe":
+                sub.remove_jobs(cmd.job_ids)
+                for job_id in cmd.job_ids:
+                    self.sent.pop(job_id, None)
+                if cmd.all:
+                    sub.follow_owner(None)
+                await socket.send_json({"type": "unsubscribed", "job_ids": cmd.job_ids, "all": cmd.all})
+                continue
+            await self._subscribe(cmd)
+
+    async def _subscribe(self, cmd: WsCommand) -> None:
+        socket, sub, service = self.socket, self.sub, self.service
+        limit = service.settings.ws_max_jobs
+        if len(sub.job_ids | set(cmd.job_ids)) > limit:
+            await self._error(429, f"a socket may follow at most {limit} job ids; subscribe to all instead")
+            return
+        known: list[str] = []
+        for job_id in cmd.job_ids:
+            try:
+                await service.get(job_id, self.owner)
+            except NotFoundError as exc:
+                await socket.send_json({"type": "error", "status_code": 404, "detail": str(exc),
+                                        "job_id": job_id})  # fmt: skip
+                continue
+            known.append(job_id)
+        after = cmd.last_event_id or 0
+        async with self.replaying:  # live events wait until the history before them is out
+            if cmd.all:
+                sub.follow_owner(self.owner)
+            for job_id in known:
+                self.sent.setdefault(job_id, 0)
+            sub.add_jobs(known)
+            await socket.send_json({"type": "subscribed", "job_ids": known, "all": cmd.all})
+            if cmd.last_event_id is None and not known:
+                return
+            self.replay_floor = after
+            if cmd.all and cmd.last_event_id is not None:
+                await self._replay_owner(after)
+            for job_id in known:
+                await self._replay_job(job_id, after)
+            self.replay_floor = None
+
+    async def _replay_owner(self, after: int) -> None:
+        """Every event of the caller's jobs after `after`, in stream order, a page at a time."""
+        while True:
+            rows = await self.service.owner_history(self.owner, after, HISTORY_PAGE)
+            full = len(rows) == HISTORY_PAGE
+            if full and rows[0].seq != (cut := rows[-1].seq):
+                # A child's event and its batch parent's share a sequence: a page ends between
+                # sequences, so that resuming after a page's last one loses neither.
+                rows = [row for row in rows if row.seq != cut]
+            for row in rows:
+                await self._send(row.job_id, row.seq, row.payload)
+                self.replay_floor = row.seq - 1
+            if rows:
+                after = rows[-1].seq
+            self.replay_floor = self.owner_replayed = after
+            if not full:
+                return
+
+    async def _replay_job(self, job_id: str, after: int) -> None:
+        """The stored events of one job after `after`, a page at a time."""
+        while True:
+            rows, _ = await self.service.history(job_id, after, HISTORY_PAGE)
+            for row in rows:
+                await self._send(job_id, row.seq, row.payload)
+            if len(rows) < HISTORY_PAGE:
+                return
+            after = rows[-1].seq
+
+    async def write_live(self) -> None:
+        """Send the live events of what is subscribed; raises TooSlowError once cut off."""
+        sub = self.sub
+        while True:
+            item = await sub.get()
+            async with self.replaying:
+                if item.job_id in self.sent:
+                    await self._send(item.job_id, item.seq, item.payload)
+                elif item.owner == sub.owner and item.seq > self.owner_replayed:
+                    await self.socket.send_data(item.payload.decode())
+
+    async def _send(self, job_id: str, seq: int, payload: bytes) -> None:
+        """Send an event once: a job subscribed by id skips what it was sent already."""
+        if job_id in self.sent:
+            if seq <= self.sent[job_id]:
+                return
+            self.sent[job_id] = seq
+        await self.socket.send_data(payload.decode())
+
+    async def _error(self, status: int, detail: str) -> None:
+        await self.socket.send_json({"type": "error", "status_code": status, "detail": detail})
+
+
+async def _close_cut_off(
+    socket: WebSocket[Any, Any, Any],
+    senders: list[asyncio.Task[None]],
+    watchers: set[asyncio.Task[None]],
+    grace_s: float,
+    floor: int | None = None,
+) -> None:
+    """Close a socket whose client fell too far behind with 4008 and where to resume, once the
+    write in flight is through; within `grace_s`, or the connection is dropped without it."""
+    try:
+        async with asyncio.timeout(grace_s):
+            # the sender ends with TooSlowError once its write in flight is through
+            await asyncio.wait([*senders, *watchers], return_when=asyncio.FIRST_COMPLETED)
+            error = next(
+                (t.exception() for t in senders if t.done() and not t.cancelled() and t.exception()), None
+            )
+            if isinstance(error, TooSlowError):
+                resume = error.resume_after if floor is None else min(error.resume_after, floor)
+                await socket.close(
+                    code=CLOSE_TOO_SLOW, reason=f"too slow; resume with last_event_id={resume}"
+                )
+    except TimeoutError:
+        log.warning("WebSocket client cut off and not reading; dropped without a close frame")
+
+
+async def _cancel(*tasks: asyncio.Task[None]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)

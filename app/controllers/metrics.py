@@ -7,6 +7,7 @@ from litestar.datastructures import State
 from litestar.response import Response
 
 from app._deps import Service, StatsDep
+from app._metrics import Buffers
 
 
 class MetricsController(Controller):
@@ -18,10 +19,13 @@ class MetricsController(Controller):
     async def metrics(self, state: State, service: Service, stats: StatsDep) -> Response[str]:
         """Jobs by status and type, run-time and queue-wait histograms, queue depth per pool, events,
         open streams, workers."""
+        hub, projection = service.hub, service.projection
+        buffers = Buffers(hub.buffered, hub.cut_offs, projection.queued, projection.resubscribes)
         body = await state.metrics.render(
             service.db,
             len(await stats.workers()),
             sum(service.open_streams.values()),
-            service.hub.subscriber_count,
+            hub.subscriber_count,
+            buffers,
         )
         return Response(body, media_type="text/plain; version=0.0.4")

@@ -21,7 +21,7 @@ from litestar.status_codes import HTTP_400_BAD_REQUEST, HTTP_500_INTERNAL_SERVER
 from litestar.types import Receive
 
 from app._deps import FilesDep, Owner, Service
-from app._exceptions import STATUS_CODES
+from app._exceptions import StatusError, TooSlowError, error_body
 from app._files import FileService
 from app._jobs import JobService
 from app._schemas import Job, SubmitJob
@@ -37,15 +37,14 @@ _CANCELLING: set[asyncio.Task[None]] = set()
 """Cancels still running after their request went away (kept so they are not garbage-collected)."""
 
 
-class OpenAIRequestError(Exception):
+class OpenAIRequestError(StatusError):
     """An error answered in OpenAI's shape."""
 
     def __init__(
         self, message: str, status_code: int = HTTP_400_BAD_REQUEST, param: str | None = None
     ) -> None:
-        super().__init__(message)
+        super().__init__(message, status_code)
         self.message = message
-        self.status_code = status_code
         self.param = param
 
 
@@ -73,26 +72,25 @@ def error_response(
     return Response(body, status_code=status_code, media_type=MediaType.JSON, headers=headers)
 
 
-def to_openai_error(_: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
-    """This route's errors, jobcast's and Litestar's alike, in OpenAI's shape."""
-    if isinstance(exc, OpenAIRequestError):
-        return error_response(exc.message, exc.status_code, exc.param)
+def to_openai_error(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
+    """This route's errors, jobcast's, Litestar's and unexpected ones alike, in OpenAI's shape."""
     if isinstance(exc, InvalidParamsError | UnknownOperationError):
         return error_response(str(exc), HTTP_400_BAD_REQUEST)
-    if isinstance(exc, HTTPException):
-        return error_response(str(exc.detail), exc.status_code)
-    status = next(
-        (code for cls, code in STATUS_CODES.items() if isinstance(exc, cls)), HTTP_500_INTERNAL_SERVER_ERROR
-    )
-    return error_response(str(exc), status)
+    body = error_body(request, exc)
+    param = exc.param if isinstance(exc, OpenAIRequestError) and body.request_id is None else None
+    headers = exc.headers if isinstance(exc, HTTPException) and body.request_id is None else None
+    return error_response(body.detail, body.status_code, param, headers)
 
 
 ERROR_RESPONSES = {
     code: ResponseSpec(data_container=OpenAIErrorBody, description=text, generate_examples=False)
     for code, text in {
         400: "Invalid request, or the transcription failed: the message says why",
+        401: "No API key, or a wrong one",
         404: "A file the job produced is gone",
         413: "Request body too large",
+        429: "Too many requests or open streams for this key",
+        500: "Unexpected server error: the message names its request id in the server log",
         503: "The job queue is unavailable; try again",
     }.items()
 }
@@ -154,9 +152,10 @@ async def _ended(service: JobService, job_id: str, owner: str) -> Job:
     """The job once it has ended, awaited on its events (a retried attempt is followed too)."""
     after = 0
     while True:
-        async for applied in service.follow(job_id, owner, after):
-            if applied is not None:
-                after = applied.seq
+        with contextlib.suppress(TooSlowError):  # fell behind (a starved loop): follow again from `after`
+            async for applied in service.follow(job_id, owner, after):
+                if applied is not None:
+                    after = applied.seq
         job = await service.get(job_id, owner)
         if JobStatus(job.status).terminal:
             return job
@@ -183,14 +182,22 @@ async def _output(files: FileService, job: Job, owner: str, suffix: str) -> str:
     raise OpenAIRequestError(f"job {job.id} produced no {suffix} file", HTTP_500_INTERNAL_SERVER_ERROR)
 
 
-def _verbose(result: dict[str, Any], words: bool, segments: bool) -> dict[str, Any]:
-    """OpenAI's verbose_json from a transcribe result."""
-    found = result.get("segments") or []
+async def _full_text(files: FileService, job: Job, owner: str) -> str:
+    """The whole transcript: inline in the result, or from its .txt when the result cut it."""
+    result = job.result or {}
+    if not result.get("text_truncated"):
+        return str(result.get("text", ""))
+    return (await _output(files, job, owner, ".txt")).removesuffix("\n")
+
+
+def _verbose(transcript: dict[str, Any], words: bool, segments: bool) -> dict[str, Any]:
+    """OpenAI's verbose_json from a transcript (the .json output of a transcribe job)."""
+    found = transcript.get("segments") or []
     body: dict[str, Any] = {
         "task": "transcribe",
-        "language": result.get("language"),
-        "duration": result.get("duration_s"),
-        "text": result.get("text", ""),
+        "language": transcript.get("language"),
+        "duration": transcript.get("duration_s"),
+        "text": transcript.get("text", ""),
     }
     if segments:
         body["segments"] = [
@@ -212,9 +219,9 @@ class OpenAIAudioController(Controller):
     path = "/v1/audio"
     tags = ["openai"]
     exception_handlers = {
-        OpenAIRequestError: to_openai_error,
-        JobcastError: to_openai_error,
+        JobcastError: to_openai_error,  # OpenAIRequestError too
         HTTPException: to_openai_error,
+        HTTP_500_INTERNAL_SERVER_ERROR: to_openai_error,  # any other exception
     }
 
     @post(
@@ -249,13 +256,14 @@ class OpenAIAudioController(Controller):
         if response_format in ("srt", "vtt"):
             text = await _output(files, job, owner, f".{response_format}")
             return Response(text, media_type="text/plain; charset=utf-8", headers=headers)
-        if response_format == "text":
-            return Response(
-                f"{result.get('text', '')}\n", media_type="text/plain; charset=utf-8", headers=headers
-            )
         if response_format == "verbose_json":
-            return Response(_verbose(result, words, segments), media_type=MediaType.JSON, headers=headers)
-        body = {"text": result.get("text", ""), "usage": {"type": "duration", "seconds": _seconds(result)}}
+            # Segments and words live only in the job's .json output, never in its (bounded) result.
+            transcript = msgspec.json.decode(await _output(files, job, owner, ".json"))
+            return Response(_verbose(transcript, words, segments), media_type=MediaType.JSON, headers=headers)
+        text = await _full_text(files, job, owner)
+        if response_format == "text":
+            return Response(f"{text}\n", media_type="text/plain; charset=utf-8", headers=headers)
+        body = {"text": text, "usage": {"type": "duration", "seconds": _seconds(result)}}
         return Response(body, media_type=MediaType.JSON, headers=headers)
 
     @staticmethod

@@ -16,7 +16,7 @@ from litestar.status_codes import HTTP_303_SEE_OTHER, HTTP_401_UNAUTHORIZED, HTT
 
 from app._auth import SESSION_COOKIE, UI_PREFIX, Caller, Keys, LoginRequired, session_cookie
 from app._deps import FilesDep, Owner, Service, StatsDep
-from app._exceptions import status_of
+from app._exceptions import error_body
 from app._forms import operation_forms
 from app._jobs import JobFilter
 from app._schemas import MAX_INT, Job
@@ -54,19 +54,12 @@ def login_redirect(request: Request[Any, Any, Any], _: LoginRequired) -> Respons
 
 
 def error_page(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
-    """Errors on a page are shown as a page, with the same status the API would give."""
-    if isinstance(exc, JobcastError):
-        status, detail = status_of(exc), str(exc)
-    elif isinstance(exc, HTTPException):
-        status, detail = exc.status_code, exc.detail
-        problems = [
-            f"{e['key']}: {e['message']}" for e in exc.extra or () if isinstance(e, dict) and "key" in e
-        ]
-        if problems:  # which field was wrong, as the API's `extra` says
-            detail = "; ".join(problems)
-    else:
-        status, detail = HTTP_500_INTERNAL_SERVER_ERROR, "internal error"
-    return _page("error.html", request, status_code=status, status=status, detail=detail)
+    """Errors on a page are shown as a page, with the status, detail and request id the API would give."""
+    body = error_body(request, exc)
+    problems = [f"{e['key']}: {e['message']}" for e in body.extra or () if isinstance(e, dict) and "key" in e]
+    detail = "; ".join(problems) or body.detail  # which field was wrong, as the API's `extra` says
+    return _page("error.html", request, status_code=body.status_code, status=body.status_code, detail=detail,
+                 request_id=body.request_id)  # fmt: skip
 
 
 @get("/", include_in_schema=False, exclude_from_auth=True)
@@ -80,7 +73,11 @@ class UiController(Controller):
 
     path = UI_PREFIX
     include_in_schema = False
-    exception_handlers = {JobcastError: error_page, HTTPException: error_page}
+    exception_handlers = {
+        JobcastError: error_page,
+        HTTPException: error_page,
+        HTTP_500_INTERNAL_SERVER_ERROR: error_page,
+    }
 
     @get("/", name="ui:submit")
     async def submit(self, request: Request[Any, Any, Any]) -> Template:
@@ -135,10 +132,12 @@ class UiController(Controller):
         ids = {j.file_id for j in (job, *children) if j.file_id}
         result = job.result or {}
         outputs = [o for o in result.get("outputs", ()) if isinstance(o, dict)]
-        details = {k: v for k, v in result.items() if k not in ("outputs", "segments", "text")}
+        text_keys = ("text", "text_truncated", "text_file_id", "text_url")
+        details = {k: v for k, v in result.items() if k not in ("outputs", "segments", *text_keys)}
         return {
             "job": job, "children": children, "names": await files.names(ids, owner), "outputs": outputs,
             "text": result.get("text") if isinstance(result.get("text"), str) else None,
+            "text_cut_url": result.get("text_url") if result.get("text_truncated") else None,
             "details": msgspec.json.format(msgspec.json.encode(details)).decode() if details else "",
             "terminal": sorted(TERMINAL_STATUSES), "active": sorted(ACTIVE_STATUSES),
         }  # fmt: skip
@@ -177,7 +176,7 @@ class UiController(Controller):
         if record is None:
             return _page("login.html", request, HTTP_401_UNAUTHORIZED, next=_safe_next(data.next),
                          error="That key is not valid.")  # fmt: skip
-        cookie = session_cookie(state.token_secret, Caller(owner=record.name, admin=record.admin))
+        cookie = session_cookie(state.token_secret, Caller(owner=record.name, admin=record.admin, key=record))
         return Redirect(_safe_next(data.next), status_code=HTTP_303_SEE_OTHER, cookies=[cookie])
 
     @post("/logout", name="ui:logout", exclude_from_auth=True, status_code=HTTP_303_SEE_OTHER)

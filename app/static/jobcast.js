@@ -228,12 +228,24 @@ function followRows(scope, key) {
   const rows = new Map([...scope.querySelectorAll(`[data-${attribute}]`)].map((tr) => [tr.dataset[key], tr]));
   if (!rows.size) return;
   const scheme = window.location.protocol === "https:" ? "wss" : "ws";
-  const socket = new WebSocket(`${scheme}://${window.location.host}${API}/ws`);
+  connectRows(rows, `${scheme}://${window.location.host}${API}/ws`, null);
+}
+
+// A socket the server closes with 4008 (the page fell too far behind) comes back, resuming
+// after the last_event_id its close reason names.
+function connectRows(rows, url, lastEventId) {
+  const socket = new WebSocket(url);
   socket.addEventListener("open", () => {
     const ids = [...rows.keys()];
     for (let i = 0; i < ids.length; i += 100) {
-      socket.send(JSON.stringify({ action: "subscribe", job_ids: ids.slice(i, i + 100) }));
+      const subscribe = { action: "subscribe", job_ids: ids.slice(i, i + 100) };
+      if (lastEventId !== null) subscribe.last_event_id = lastEventId;
+      socket.send(JSON.stringify(subscribe));
     }
+  });
+  socket.addEventListener("close", (event) => {
+    const resume = event.code === 4008 && /last_event_id=(\d+)/.exec(event.reason);
+    if (resume) setTimeout(() => connectRows(rows, url, Number(resume[1])), 1000);
   });
   socket.addEventListener("message", (message) => {
     const env = JSON.parse(message.data);
