@@ -359,6 +359,7 @@ class JobService:
         spec = operation(body.type)
         params = validate_params(spec, body.params, self.settings.llm_endpoints)
         await self._check_input(spec, body.file_id, owner, "`$.file_id`")
+        scheduled_for = _utc(body.scheduled_for)
         key = body.client_request_id or idempotency_key
         if key and (existing := self._keyed(owner, key)) is not None:
             return existing, False
@@ -368,7 +369,7 @@ class JobService:
                 job_id=job_id, type=spec.name, pool=spec.pool, owner=owner, params=params, title=body.title,
                 description=body.description, file_id=body.file_id, priority=body.priority,
                 max_attempts=body.max_attempts or spec.max_attempts, client_request_id=key,
-                scheduled_for=_utc(body.scheduled_for), callback_url=body.callback_url,
+                scheduled_for=scheduled_for, callback_url=body.callback_url,
                 timeout_s=body.timeout_s,
             )  # fmt: skip
             with self.projection.expecting(job_id):
@@ -410,13 +411,14 @@ class JobService:
                 raise InvalidParamsError(
                     str(exc).replace("`$.params", f"`$.items[{index}].params", 1)
                 ) from None
+        scheduled_for = _utc(body.scheduled_for)
         key = body.client_request_id or idempotency_key
         if key and (existing := self._keyed(owner, key)) is not None:
             return existing, False
         await self.check_storage()
         common: dict[str, Any] = {
             "owner": owner, "priority": body.priority, "max_attempts": body.max_attempts or spec.max_attempts,
-            "scheduled_for": _utc(body.scheduled_for),
+            "scheduled_for": scheduled_for,
         }  # fmt: skip
         for parent_id in _candidate_ids(owner, key):
             parent = Submitted(
@@ -686,10 +688,14 @@ def _key_exhausted(key: str | None) -> ConflictError:
     )
 
 
-def _utc(moment: datetime | None) -> datetime | None:
-    """A client's time in UTC; a naive one is taken to be UTC already."""
-    if moment is None:
+def _utc(given: str | None) -> datetime | None:
+    """A client's RFC 3339 time in UTC; a naive one is taken to be UTC already."""
+    if given is None:
         return None
+    try:
+        moment = msgspec.convert(given, datetime)
+    except msgspec.ValidationError as exc:
+        raise InvalidParamsError(f"{exc}: {given!r} - at `$.scheduled_for`") from None
     return moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 

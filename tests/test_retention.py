@@ -371,6 +371,26 @@ async def test_key_reused_after_delete_names_a_new_job(
     assert not again & children
 
 
+async def test_a_keyed_request_is_validated_before_it_names_its_job(client: httpx.AsyncClient) -> None:
+    job = await submit(
+        client, client_request_id="v", scheduled_for=(utcnow() + timedelta(hours=1)).isoformat()
+    )
+    # A number is no RFC 3339 time, even though Litestar's lax conversion would read it as one.
+    number = await client.post(
+        "/api/v1/jobs", json={"type": "noop", "client_request_id": "v", "scheduled_for": 0}
+    )
+    assert number.status_code == 400, number.text
+    assert number.json()["extra"][0]["key"] == "scheduled_for"
+    garbled = await client.post(
+        "/api/v1/jobs", json={"type": "noop", "client_request_id": "v", "scheduled_for": "x"}
+    )
+    assert garbled.json() == {
+        "status_code": 422, "detail": "Invalid RFC3339 encoded datetime: 'x' - at `$.scheduled_for`",
+    }  # fmt: skip
+    same = await client.post("/api/v1/jobs", json={"type": "noop", "client_request_id": "v"})
+    assert (same.status_code, same.json()["id"]) == (200, job["id"])
+
+
 async def test_key_reused_after_delete_past_the_duplicate_window(
     nats_server: NatsServer, settings: Settings, js: JetStreamContext, monkeypatch: pytest.MonkeyPatch
 ) -> None:
