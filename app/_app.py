@@ -33,6 +33,7 @@ from app._hub import Hub
 from app._jobs import JobService
 from app._metrics import Metrics
 from app._projection import Projection
+from app._retention import Retention
 from app._settings import Settings, get_settings
 from app._stats import Stats
 from app._webhooks import Webhooks
@@ -93,10 +94,12 @@ def create_app(settings: Settings | None = None) -> Litestar:
                     "`jobcast keys create --name NAME --admin`, or bind 127.0.0.1."
                 )
             app.state.stats = Stats(db, js)
-            app.state.files = FileService(service, await files_store(js), settings.data_dir / "cache")
+            app.state.files = files = FileService(service, await files_store(js), settings.data_dir / "cache")
             webhooks = Webhooks(service)
             webhooks.local_mode = lambda: keys.empty and is_loopback(settings.host)
             await webhooks.start(tasks)
+            app.state.retention = Retention(service, files)
+            app.state.retention.start(tasks)
             yield
         finally:
             await tasks.stop()

@@ -28,6 +28,7 @@ from sqlalchemy import (
     inspect,
     or_,
     select,
+    text,
 )
 from sqlalchemy.engine import Connection, Engine, create_engine, make_url
 from sqlalchemy.engine.interfaces import DBAPIConnection
@@ -108,6 +109,14 @@ class JobRow(Base):
         Index("ix_jobs_status_seq", "status", "submit_seq"),
         Index("ix_jobs_parent", "parent_id", "submit_seq"),
         Index("ix_jobs_pool_status", "pool", "status", "priority", "queue_seq"),
+        # The job an idempotency key names, whichever generation of the key's ids it has.
+        Index(
+            "ix_jobs_owner_key",
+            "owner",
+            "client_request_id",
+            "submit_seq",
+            sqlite_where=text("client_request_id IS NOT NULL"),
+        ),
     )
 
 
@@ -246,10 +255,14 @@ class Database:
             event.listen(self.reader, "connect", _sqlite_pragmas)
 
     async def create_all(self) -> None:
-        """Create missing tables, and the nullable columns a newer jobcast added to existing ones."""
+        """Create missing tables, the nullable columns a newer jobcast added to existing ones, and the
+        indexes it added to them."""
         async with self.engine.begin() as conn:
             await conn.run_sync(Base.metadata.create_all)
             await conn.run_sync(_add_missing_columns)
+            for table in Base.metadata.sorted_tables:
+                for index in table.indexes:
+                    await conn.run_sync(index.create, checkfirst=True)
 
     async def dispose(self) -> None:
         """Close every pooled connection."""

@@ -9,6 +9,7 @@ from litestar.types import Scope
 from app._auth import Caller
 from app._files import FileService
 from app._jobs import JobService
+from app._retention import Retention
 from app._settings import Settings
 from app._stats import Stats
 
@@ -37,6 +38,12 @@ def provide_files(state: State) -> FileService:
     return files
 
 
+def provide_retention(state: State) -> Retention:
+    """The process's Retention (deletes jobs, runs the retention sweep)."""
+    retention: Retention = state.retention
+    return retention
+
+
 def provide_owner(scope: Scope, service: Service) -> str:
     """Whose jobs the caller sees (the authenticated key's name, or the local owner)."""
     # `service` is unused: depending on it makes Litestar resolve the two one after the other.
@@ -56,6 +63,9 @@ StatsDep = NamedDependency[Stats]
 FilesDep = NamedDependency[FileService]
 """A handler parameter receiving the FileService."""
 
+RetentionDep = NamedDependency[Retention]
+"""A handler parameter receiving the Retention."""
+
 Owner = NamedDependency[str]
 """A handler parameter receiving the caller's owner id."""
 
@@ -64,6 +74,7 @@ DEPENDENCIES = {
     "service": Provide(provide_service, sync_to_thread=False),
     "files": Provide(provide_files, sync_to_thread=False),
     "stats": Provide(provide_stats, sync_to_thread=False),
+    "retention": Provide(provide_retention, sync_to_thread=False),
     "owner": Provide(provide_owner, sync_to_thread=False),
 }
 """Every handler's dependencies, registered once on the app."""

@@ -56,6 +56,11 @@ class UnavailableError(ApiError):
     """A dependency (NATS, the projection) is not keeping up; try again."""
 
 
+class StorageFullError(UnavailableError):
+    """The JOBS stream is near its byte limit (or the server's disk is full): no new work is taken
+    until jobs are deleted or the limit is raised; nothing already accepted is dropped."""
+
+
 class TooSlowError(ApiError):
     """A live client fell further behind than its buffer allows and was cut off; it resumes after
     `resume_after` (every event up to that sequence was sent to it)."""
@@ -177,7 +182,7 @@ ERROR_RESPONSES: dict[int, ResponseSpec] = {
         422: "Unknown operation or invalid params: the detail names the field",
         429: "Too many requests or open streams for this key",
         500: "Unexpected server error: `request_id` names it in the server log",
-        503: "The job queue is unavailable; try again",
+        503: "The job queue is unavailable, or its storage is full; try again",
     }.items()
 }
 """Documented on every route, so clients (and schemathesis) know every answer they can get."""
@@ -204,6 +209,7 @@ __all__ = [
     "HTTPException",
     "NotFoundError",
     "StatusError",
+    "StorageFullError",
     "TooManyError",
     "TooSlowError",
     "UnavailableError",

@@ -9,6 +9,7 @@ import os
 import uuid
 from pathlib import Path
 
+import nats.errors
 from litestar.datastructures import UploadFile
 from nats.js import api as js_api
 from nats.js.errors import ObjectNotFoundError
@@ -16,10 +17,10 @@ from nats.js.object_store import ObjectStore
 from sqlalchemy import func, select
 
 from app._db import FileRow
-from app._exceptions import not_found
+from app._exceptions import NotFoundError, UnavailableError, not_found
 from app._jobs import JobService
 from app._schemas import FileInfo, FilePage
-from streams import FileDeleted, FileStored, digest, file_url, safe_name
+from streams import STREAM, FileDeleted, FileStored, digest, file_url, files_subject, safe_name
 
 _EXTRA_TYPES = {
     ".srt": "application/x-subrip",
@@ -55,6 +56,7 @@ class FileService:
 
     async def upload(self, upload: UploadFile, owner: str) -> FileInfo:
         """Store an uploaded file (already spooled to disk by the multipart parser) as the owner's."""
+        await self.jobs.check_storage()
         name = safe_name(upload.filename or "", default="upload")
         handle = upload.file
         size, sha256 = await asyncio.to_thread(digest, handle)
@@ -119,18 +121,27 @@ class FileService:
         return info, path
 
     async def delete(self, file_id: str, owner: str | None) -> None:
-        """Delete a file's bytes and metadata."""
+        """Delete a file's bytes and metadata; its subject in the stream keeps only the
+        `file_deleted` tombstone, which expires like a job's (see app/_retention.py)."""
         await self._row(file_id, owner)
         with contextlib.suppress(ObjectNotFoundError):
             await self.store.delete(file_id)
         (self.cache_dir / file_id).unlink(missing_ok=True)
+        try:
+            await self.jobs.js.purge_stream(STREAM, subject=files_subject(file_id))
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise UnavailableError(f"the job queue is unavailable ({type(exc).__name__}); try again") from exc
         ack = await self.jobs.publish(FileDeleted(job_id="", file_id=file_id))
         await self.jobs.wait_applied(ack.seq, file_id)
 
     async def delete_produced(self, job_ids: list[str]) -> int:
-        """Delete the files these jobs produced; returns how many."""
+        """Delete the files these jobs produced; returns how many (one deleted meanwhile by
+        someone else, e.g. a second instance's retention sweep, is not counted)."""
         async with self.db.session() as session:
             ids = list(await session.scalars(select(FileRow.id).where(FileRow.job_id.in_(job_ids))))
+        deleted = 0
         for file_id in ids:
-            await self.delete(file_id, None)
-        return len(ids)
+            with contextlib.suppress(NotFoundError):
+                await self.delete(file_id, None)
+                deleted += 1
+        return deleted

@@ -8,11 +8,12 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
 import nats.errors
+import nats.js.errors
 from nats.js import JetStreamContext
 from nats.js.api import PubAck
 from sqlalchemy import Connection, func, select
@@ -22,6 +23,7 @@ from app._db import JOBS, Database, EventRow, FileRow, JobRow, queue_counts
 from app._exceptions import (
     ConflictError,
     NotFoundError,
+    StorageFullError,
     TooManyError,
     TooSlowError,
     UnavailableError,
@@ -31,7 +33,6 @@ from app._hub import Applied, Hub
 from app._projection import Handoff, Projection
 from app._schemas import (
     BatchItem,
-    CleanupReport,
     EventEnvelope,
     Job,
     JobPage,
@@ -45,10 +46,12 @@ from app._settings import Settings
 from app._sse import HISTORY_PAGE, SseFanout
 from streams import (
     ACTIVE_STATUSES,
+    ADMISSION_SHARE,
     JOB_HEADER,
     KIND_HEADER,
     MAX_RESULT_BYTES,
     OPERATIONS,
+    STREAM,
     Cancelled,
     CancelRequested,
     Completed,
@@ -62,6 +65,7 @@ from streams import (
     Submitted,
     check_llm_endpoint,
     control_subject,
+    deleted_subject,
     encode_event,
     events_subject,
     files_subject,
@@ -153,6 +157,8 @@ class JobService:
         """Open SSE, WebSocket and long-poll connections per owner."""
         self.sse = SseFanout(hub, settings.sse_ping_s, settings.slow_client_grace_s)
         """The job event streams' followers (`/jobs/{id}/events`)."""
+        self._storage: tuple[float, int, int] = (float("-inf"), 0, -1)
+        """When the stream's size was last read, its bytes and its max_bytes (-1: no limit)."""
 
     def check_stream_quota(self, owner: str | None) -> None:
         """429 before a stream opens when its owner already holds the most it may."""
@@ -353,22 +359,34 @@ class JobService:
         spec = operation(body.type)
         params = validate_params(spec, body.params, self.settings.llm_endpoints)
         await self._check_input(spec, body.file_id, owner, "`$.file_id`")
+        scheduled_for = _utc(body.scheduled_for)
         key = body.client_request_id or idempotency_key
-        job_id = _job_id(owner, key)
-        if key and (existing := await self._existing(job_id, owner)) is not None:
+        if key and (existing := self._keyed(owner, key)) is not None:
             return existing, False
-        event = Submitted(
-            job_id=job_id, type=spec.name, pool=spec.pool, owner=owner, params=params, title=body.title,
-            description=body.description, file_id=body.file_id, priority=body.priority,
-            max_attempts=body.max_attempts or spec.max_attempts, client_request_id=key,
-            scheduled_for=_utc(body.scheduled_for), callback_url=body.callback_url, timeout_s=body.timeout_s,
-        )  # fmt: skip
-        with self.projection.expecting(job_id):
-            ack = await self.publish(event)
-            handoff = await self._applied(ack.seq, job_id)
-        if handoff is not None and handoff.row.owner == owner:
-            return self._view(handoff), not ack.duplicate
-        return await self.get(job_id, owner), not ack.duplicate  # not handed over: read it back
+        await self.check_storage()
+        for job_id in _candidate_ids(owner, key):
+            event = Submitted(
+                job_id=job_id, type=spec.name, pool=spec.pool, owner=owner, params=params, title=body.title,
+                description=body.description, file_id=body.file_id, priority=body.priority,
+                max_attempts=body.max_attempts or spec.max_attempts, client_request_id=key,
+                scheduled_for=scheduled_for, callback_url=body.callback_url,
+                timeout_s=body.timeout_s,
+            )  # fmt: skip
+            with self.projection.expecting(job_id):
+                try:
+                    ack = await self.publish(event, fresh=key is not None)
+                except _TombstonedError:
+                    continue  # the key's job of this id was deleted: the next id is a new job
+                handoff = await self._applied(ack.seq, job_id)
+            if handoff is not None and handoff.row.owner == owner:
+                return self._view(handoff), not ack.duplicate
+            if (job := await self._existing(job_id, owner)) is not None:
+                return job, not ack.duplicate  # not handed over: read it back
+            if not ack.duplicate:
+                raise not_found("job", job_id)
+            # A duplicate of a submission whose job is gone (deleted, its tombstone expired
+            # within the duplicate window): the next id.
+        raise _key_exhausted(key)
 
     async def submit_batch(
         self, body: SubmitBatch, owner: str, idempotency_key: str | None = None
@@ -393,20 +411,32 @@ class JobService:
                 raise InvalidParamsError(
                     str(exc).replace("`$.params", f"`$.items[{index}].params", 1)
                 ) from None
+        scheduled_for = _utc(body.scheduled_for)
         key = body.client_request_id or idempotency_key
-        parent_id = _job_id(owner, key)
-        if key and (existing := await self._existing(parent_id, owner)) is not None:
+        if key and (existing := self._keyed(owner, key)) is not None:
             return existing, False
+        await self.check_storage()
         common: dict[str, Any] = {
             "owner": owner, "priority": body.priority, "max_attempts": body.max_attempts or spec.max_attempts,
-            "scheduled_for": _utc(body.scheduled_for),
+            "scheduled_for": scheduled_for,
         }  # fmt: skip
-        parent = Submitted(
-            job_id=parent_id, type=f"batch_{spec.name}", pool=BATCH_POOL, params={"type": spec.name,
-            "params": body.params, "count": len(items)}, title=body.title, description=body.description,
-            client_request_id=key, callback_url=body.callback_url, **(common | {"max_attempts": 1}),
-        )  # fmt: skip
-        ack = await self.publish(parent)
+        for parent_id in _candidate_ids(owner, key):
+            parent = Submitted(
+                job_id=parent_id, type=f"batch_{spec.name}", pool=BATCH_POOL, params={"type": spec.name,
+                "params": body.params, "count": len(items)}, title=body.title, description=body.description,
+                client_request_id=key, callback_url=body.callback_url, **(common | {"max_attempts": 1}),
+            )  # fmt: skip
+            try:
+                ack = await self.publish(parent, fresh=key is not None)
+            except _TombstonedError:
+                continue
+            if not ack.duplicate:
+                break
+            await self._applied(ack.seq, parent_id)
+            if await self._existing(parent_id, owner) is not None:
+                break  # a concurrent duplicate: its children are duplicates too
+        else:
+            raise _key_exhausted(key)
         children = [
             Submitted(
                 job_id=str(uuid.uuid5(uuid.UUID(parent_id), str(index))),
@@ -474,27 +504,11 @@ class JobService:
         for each in (row, *children):  # the allowlist may have changed since the job was submitted
             if (spec := OPERATIONS.get(each.type)) is not None:
                 check_llm_endpoint(spec, each.params, self.settings.llm_endpoints)
+        await self.check_storage()
         acks = [await self.publish(_resubmission(row))]
         acks += await asyncio.gather(*(self.publish(_resubmission(child)) for child in children))
         await self._applied(max(a.seq for a in acks), job_id)
         return await self.get(job_id, owner)
-
-    async def delete(self, job_id: str, owner: str | None, files: bool = False) -> list[str]:
-        """Delete a finished job (a batch: with its children); its history stays in the stream.
-        Returns the ids of the jobs deleted."""
-        async with self.db.session() as session:
-            row = await self._row(session, job_id, owner)
-            rows = [row, *(await session.scalars(select(JobRow).where(JobRow.parent_id == job_id)))]
-        for each in rows:
-            if not JobStatus(each.status).terminal:
-                raise ConflictError(f"job {each.id} is {each.status}; cancel it before deleting it")
-            if each.held_by is not None:
-                raise ConflictError(
-                    f"job {each.id} is still held by worker {each.held_by}; try again shortly"
-                )
-        ack = await self.publish(Deleted(job_id=job_id, attempt=row.attempt, files=files))
-        await self._applied(ack.seq, job_id)
-        return [each.id for each in rows]
 
     async def force_complete(self, job_id: str, result: dict[str, Any] | None) -> Job:
         """Admin: mark an active job completed with `result`; a worker running it is told to stop."""
@@ -513,31 +527,6 @@ class JobService:
         await self.publish(stop)
         await self._applied(ack.seq, job_id)
         return await self.get(job_id, None)
-
-    async def cleanup(self, days_old: int) -> CleanupReport:
-        """Admin: delete completed and cancelled jobs that ended more than `days_old` days ago; failed
-        ones are kept for analysis."""
-        cutoff = utcnow() - timedelta(days=days_old)
-        old = (JobRow.parent_id.is_(None), JobRow.completed_at < cutoff)
-        async with self.db.session() as session:
-            doomed = (
-                await session.execute(
-                    select(JobRow.id, JobRow.status, JobRow.attempt).where(
-                        *old,
-                        JobRow.status.in_([JobStatus.COMPLETED, JobStatus.CANCELLED]),
-                        JobRow.held_by.is_(None),
-                    )
-                )
-            ).all()
-            kept = await session.scalar(select(func.count()).where(*old, JobRow.status == JobStatus.FAILED))
-        acks = await asyncio.gather(*(self.publish(Deleted(job_id=i, attempt=a)) for i, _, a in doomed))
-        if acks:
-            await self._applied(max(a.seq for a in acks), "cleanup")
-        statuses = Counter(status for _, status, _ in doomed)
-        return CleanupReport(
-            days_old=days_old, deleted=len(doomed), completed=statuses[JobStatus.COMPLETED],
-            cancelled=statuses[JobStatus.CANCELLED], failed_kept=kept or 0,
-        )  # fmt: skip
 
     async def _check_input(self, spec: OperationSpec, file_id: str | None, owner: str, where: str) -> None:
         """An operation that reads a file needs one, and it must be the caller's."""
@@ -558,12 +547,52 @@ class JobService:
         except NotFoundError:
             return None
 
-    async def publish(self, event: Event, msg_id: str | None = None) -> PubAck:
+    def _keyed(self, owner: str, key: str) -> Job | None:
+        """The owner's job that `key` names now, whichever of the key's ids it has."""
+        with self.db.reader.connect() as conn:  # one indexed read (ix_jobs_owner_key)
+            found = conn.execute(
+                select(JOBS)
+                .where(JOBS.c.owner == owner, JOBS.c.client_request_id == key)
+                .order_by(JOBS.c.submit_seq.desc())
+                .limit(1)
+            ).first()
+        return None if found is None else job_view(JobRow(**found._mapping))
+
+    async def check_storage(self) -> None:
+        """StorageFullError (503) while the stream holds ADMISSION_SHARE of its max_bytes: new work
+        waits until retention or deletes make room, so jobs already accepted can always finish."""
+        checked_at, used, limit = self._storage
+        now = asyncio.get_running_loop().time()
+        # Past half of the threshold every submission looks again, so that a burst cannot run
+        # through the room left for the jobs already accepted on one stale look.
+        stale = now - checked_at >= self.settings.storage_check_s
+        if stale or (limit > 0 and used >= limit * ADMISSION_SHARE / 2):
+            self._storage = (now, used, limit)  # one look per interval, however many submit at once
+            try:
+                info = await self.js.stream_info(STREAM)
+            except (nats.errors.Error, TimeoutError) as exc:
+                raise UnavailableError(
+                    f"the job queue is unavailable ({type(exc).__name__}); try again"
+                ) from exc
+            used, limit = info.state.bytes, info.config.max_bytes or -1
+            self._storage = (now, used, limit)
+        if limit > 0 and used >= limit * ADMISSION_SHARE:
+            raise StorageFullError(
+                f"storage full: the job log holds {used} of its {limit} bytes and takes no new jobs past "
+                f"{ADMISSION_SHARE:.0%}; delete finished jobs (or raise JOBCAST_STREAM_MAX_BYTES) and try again"
+            )
+
+    async def publish(self, event: Event, msg_id: str | None = None, fresh: bool = False) -> PubAck:
         """Publish an event where it belongs: submissions to their pool (or, when scheduled,
-        to the stream's scheduler), everything else to the job's events or control subject."""
+        to the stream's scheduler), tombstones to jobs.deleted, everything else to the job's
+        events or control subject. `fresh`: refuse a submission whose job id has a tombstone
+        (raises _TombstonedError; checked by the server, atomically with the publish)."""
         headers: dict[str, str] = {KIND_HEADER: event.kind, JOB_HEADER: event.job_id}
         if isinstance(event, Submitted):
             headers["Nats-Msg-Id"] = msg_id or f"{event.job_id}:{event.attempt}"
+            if fresh:
+                headers["Nats-Expected-Last-Subject-Sequence"] = "0"
+                headers["Nats-Expected-Last-Subject-Sequence-Subject"] = deleted_subject(event.job_id)
             if event.pool == BATCH_POOL:
                 subject = events_subject(event.job_id)
             else:
@@ -578,12 +607,25 @@ class JobService:
                 subject = files_subject(event.file_id)
             elif isinstance(event, CancelRequested):
                 subject = control_subject(event.job_id)
+            elif isinstance(event, Deleted):
+                subject = deleted_subject(event.job_id)
             else:
                 subject = events_subject(event.job_id)
+            if isinstance(event, Deleted | FileDeleted) and self.settings.tombstone_ttl_s > 0:
+                headers["Nats-TTL"] = f"{max(1, round(self.settings.tombstone_ttl_s))}s"
             if msg_id:
                 headers["Nats-Msg-Id"] = msg_id
         try:
             return await self.js.publish(subject, encode_event(event), headers=headers, timeout=5)
+        except nats.js.errors.APIError as exc:
+            if fresh and exc.err_code == WRONG_LAST_SEQUENCE:
+                raise _TombstonedError(event.job_id) from None
+            if exc.err_code in STORE_FULL:
+                raise StorageFullError(
+                    f"storage full: the job log refuses new messages ({exc.description}); finished jobs "
+                    "must be deleted, or JOBCAST_STREAM_MAX_BYTES raised, before it accepts more"
+                ) from exc
+            raise UnavailableError(f"the job queue is unavailable ({exc.description}); try again") from exc
         except (nats.errors.Error, TimeoutError) as exc:
             raise UnavailableError(f"the job queue is unavailable ({type(exc).__name__}); try again") from exc
 
@@ -606,20 +648,54 @@ BATCH_POOL = "batch"
 """A batch parent's pool: no worker consumes it; its state follows its children."""
 
 _IDEMPOTENCY_NAMESPACE = uuid.UUID("0f0b7a54-5b0e-4d43-8c36-8a1f7a2a6a11")
+MAX_KEY_GENERATIONS = 64
+"""A key names at most this many jobs in turn, each deleted before the next (see `_candidate_ids`)."""
+WRONG_LAST_SEQUENCE = 10071
+"""JetStream's error code for a failed Nats-Expected-Last-Subject-Sequence check."""
+STORE_FULL = frozenset({10077, 10023})
+"""JetStream's error codes for a refused store (stream at its limit) and for insufficient resources."""
 
 
-def _job_id(owner: str, key: str | None) -> str:
+class _TombstonedError(Exception):
+    """The submission's job id has a tombstone: a job of that id was deleted."""
+
+
+def _job_id(owner: str, key: str | None, generation: int = 0) -> str:
     """A random id, or with an idempotency key one derived from owner and key, so concurrent
-    duplicates collide on the same id (and on the same Nats-Msg-Id)."""
+    duplicates collide on the same id (and on the same Nats-Msg-Id). Each time the key's job is
+    deleted, the key moves on to its next generation: a resubmission is a new job, never the
+    deleted one, so nothing meant for the old job (a client's late cancel) reaches the new one."""
     if key is None:
         return str(uuid.uuid4())
-    return str(uuid.uuid5(_IDEMPOTENCY_NAMESPACE, f"{owner}\n{key}"))
+    return str(
+        uuid.uuid5(_IDEMPOTENCY_NAMESPACE, f"{owner}\n{key}" + (f"\n{generation}" if generation else ""))
+    )
 
 
-def _utc(moment: datetime | None) -> datetime | None:
-    """A client's time in UTC; a naive one is taken to be UTC already."""
-    if moment is None:
+def _candidate_ids(owner: str, key: str | None) -> Iterator[str]:
+    """The ids a submission tries in turn: one random id, or the key's ids by generation (the
+    server refuses the ids of deleted jobs while their tombstones last)."""
+    if key is None:
+        yield _job_id(owner, None)
+        return
+    for generation in range(MAX_KEY_GENERATIONS):
+        yield _job_id(owner, key, generation)
+
+
+def _key_exhausted(key: str | None) -> ConflictError:
+    return ConflictError(
+        f"client_request_id {key!r} already named {MAX_KEY_GENERATIONS} jobs that were deleted; use a new one"
+    )
+
+
+def _utc(given: str | None) -> datetime | None:
+    """A client's RFC 3339 time in UTC; a naive one is taken to be UTC already."""
+    if given is None:
         return None
+    try:
+        moment = msgspec.convert(given, datetime)
+    except msgspec.ValidationError as exc:
+        raise InvalidParamsError(f"{exc}: {given!r} - at `$.scheduled_for`") from None
     return moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
+from fractions import Fraction
 from typing import Any, cast
 
 import msgspec
@@ -25,7 +26,8 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription as NatsSubscription
 from nats.js import JetStreamContext
 from nats.js import api as js_api
-from sqlalchemy import Table, bindparam, delete, func, insert, select, update
+from nats.js.errors import NotFoundError
+from sqlalchemy import Table, bindparam, delete, insert, select, update
 from sqlalchemy.engine import Connection
 
 from app._db import JOBS, BookmarkRow, Database, EventRow, FileRow, JobRow, queue_counts
@@ -136,6 +138,10 @@ def fold(job: JobRow | None, event: Event, seq: int) -> tuple[JobRow | None, boo
 
 def _submitted(job: JobRow | None, event: Submitted, seq: int) -> JobRow | None:
     scheduled = event.scheduled_for is not None and event.scheduled_for > event.ts
+    if job is None and event.attempt > 1:
+        # A retry of a job this projection does not have: it was deleted (its first submission
+        # purged) after whoever retried it last looked. A job comes into being only by its first.
+        return None
     if job is None:
         job = JobRow(
             id=event.job_id, type=event.type, pool=event.pool, owner=event.owner, title=event.title,
@@ -178,6 +184,9 @@ _MUTABLE = (
     "callback_status", "queue_seq", "last_seq", "started_at", "completed_at", "updated_at",
 )  # fmt: skip
 """The columns `fold` and the parent derivation change; a job's spec never changes."""
+_CHILDREN = select(JOBS.c.id, JOBS.c.status, JOBS.c.progress, JOBS.c.submit_seq).where(
+    JOBS.c.parent_id == bindparam("parent_id")
+)
 _INSERT_JOB = insert(JOBS)
 _UPDATE_JOB = update(JOBS).where(JOBS.c.id == bindparam("_id"))
 _INSERT_EVENT = insert(_EVENTS)
@@ -207,7 +216,11 @@ class _Times:
 def _apply_file(conn: Connection, event: FileStored | FileDeleted, seq: int) -> None:
     if isinstance(event, FileDeleted):
         conn.execute(delete(_FILES).where(_FILES.c.id == event.file_id))
-    elif conn.execute(select(_FILES.c.id).where(_FILES.c.id == event.file_id)).first() is None:
+    elif conn.execute(select(_FILES.c.id).where(_FILES.c.id == event.file_id)).first() is not None:
+        # Stored again: moved to its own subject before its job's were purged (app/_retention.py);
+        # the row takes the new message's place, as a rebuild would.
+        conn.execute(update(_FILES).where(_FILES.c.id == event.file_id).values(seq=seq))
+    else:
         conn.execute(
             insert(_FILES),
             {
@@ -235,6 +248,8 @@ class _Writes:
         """Jobs whose attempt the batch ended and that have a callback URL."""
         self._new: dict[str, JobRow] = {}
         self._dirty: dict[str, JobRow] = {}
+        self._families: dict[str, _Family] = {}
+        """Batch parents this batch derived, with their children."""
         self._events: list[dict[str, Any]] = []
 
     def load(self, job_ids: set[str]) -> None:
@@ -292,76 +307,121 @@ class _Writes:
         self.conn.execute(delete(JOBS).where(JOBS.c.id.in_(ids)))
         for job_id in ids:
             self.rows[job_id] = None
+        self._families.pop(job.id, None)
         payload = _envelope(job, seq, "deleted", job.attempt, utcnow(), b'{"kind":"deleted"}')
         self.applied += [
             Applied(seq, job_id, job.owner, "deleted", job.status, True, payload) for job_id in ids
         ]
 
-    def derive_parent(self, parent_id: str, seq: int) -> Applied | None:
-        """A batch parent's status, progress and result follow its children (flushed before)."""
+    def _family(self, parent_id: str) -> _Family:
+        """A batch parent's children, read once per batch (after writing what the batch changed)."""
+        family = self._families.get(parent_id)
+        if family is None:
+            self.flush()  # so that children this batch created are read with the others
+            family = self._families[parent_id] = _Family()
+            for row in self.conn.execute(_CHILDREN, {"parent_id": parent_id}):
+                family.set(row.id, row.status, row.progress, row.submit_seq)
+        return family
+
+    def derive_parent(self, child: JobRow, seq: int, ts: datetime, created: bool) -> Applied | None:
+        """A batch parent's status, progress and result follow its children, derived after each
+        child event from the event alone (its time, not the clock), so a database rebuilt from
+        the stream derives the same rows and events however its batches fell. A child's creation
+        moves the parent's counts without an event of its own."""
+        assert child.parent_id is not None
+        parent_id = child.parent_id
         self.load({parent_id})
         parent = self.rows[parent_id]
         if parent is None:
             return None
-        # Counted in SQL, not by loading every child: this runs for each batch that moves a child.
-        by_status = self.conn.execute(
-            select(JOBS.c.status, func.count(), func.sum(JOBS.c.progress))
-            .where(JOBS.c.parent_id == parent_id)
-            .group_by(JOBS.c.status)
-        ).all()
-        if not by_status:
-            return None
-        counts = Counter({status: n for status, n, _ in by_status})
+        family = self._family(parent_id)
+        family.set(child.id, child.status, child.progress, child.submit_seq)
+        counts, total = family.counts, len(family.children)
         done = sum(counts[s] for s in TERMINAL_STATUSES)
-        total = sum(counts.values())
-        progress = round(
-            sum(100.0 * n if JobStatus(status).terminal else subtotal for status, n, subtotal in by_status)
-            / total,
-            2,
-        )
-        result: dict[str, object] = {"total": total, "counts": dict(sorted(counts.items()))}
+        result: dict[str, object] = {"total": total, "counts": {s: n for s, n in sorted(counts.items()) if n}}
         if JobStatus(parent.status).terminal:
             # Ended by its children, or explicitly (cancelled, force-completed): only a retry,
             # which resets it to pending, lets the children move it again.
             status = JobStatus(parent.status)
         elif done == total:
             status = JobStatus.COMPLETED if counts[JobStatus.COMPLETED] == total else JobStatus.FAILED
-            children = self.conn.execute(
-                select(JOBS.c.id, JOBS.c.status)
-                .where(JOBS.c.parent_id == parent_id)
-                .order_by(JOBS.c.submit_seq)
-            ).all()
-            for outcome in TERMINAL_STATUSES:
-                result[str(outcome)] = [cid for cid, s in children if s == outcome]
+            ordered = family.in_submit_order()
+            for outcome in sorted(TERMINAL_STATUSES):
+                result[str(outcome)] = [cid for cid, s in ordered if s == outcome]
         elif counts[JobStatus.PENDING] + counts[JobStatus.SCHEDULED] == total:
             status = JobStatus(parent.status)
         else:
             status = JobStatus.RUNNING
         before = (parent.status, parent.progress, parent.result)
-        now = utcnow()
+        progress = family.progress()
+        if status == parent.status and result == parent.result and abs(progress - parent.progress) < 1.0:
+            progress = parent.progress  # a child's small step: the parent moves by whole points
         parent.result, parent.progress = result, progress
         parent.current_step = f"{done} of {total} done"
         if status != parent.status:
             parent.status = status
             if status == JobStatus.RUNNING and parent.started_at is None:
-                parent.started_at = now
+                parent.started_at = ts
             if status.terminal and parent.completed_at is None:
-                parent.completed_at = now
+                parent.completed_at = ts
             if status == JobStatus.FAILED:
                 parent.error = f"{total - counts[JobStatus.COMPLETED]} of {total} children did not complete"
         self.save(parent, new=False)
-        if (parent.status, parent.progress, parent.result) == before or JobStatus(before[0]).terminal:
+        unchanged = (parent.status, parent.progress, parent.result) == before
+        if created or unchanged or JobStatus(before[0]).terminal:
             return None
-        parent.last_seq, parent.updated_at = seq, now
+        parent.last_seq, parent.updated_at = seq, ts
         kind = str(status) if status.terminal else "progress"
         raw = _encoder.encode(
             {"kind": kind, "job_id": parent_id, "derived": True, "counts": result["counts"]}
         )
-        payload = _envelope(parent, seq, kind, parent.attempt, now, raw)
+        payload = _envelope(parent, seq, kind, parent.attempt, ts, raw)
         self.event(seq, parent_id, kind, payload)
         if status.terminal and parent.callback_url:
             self.callbacks.add(parent_id)
         return Applied(seq, parent_id, parent.owner, kind, parent.status, status.terminal, payload)
+
+
+class _Family:
+    """A batch parent's children as far as its derivation needs them, with the status counts and
+    the progress total kept up to date child by child; the total is exact (a Fraction), so the
+    parent's progress never depends on the order its children were added in."""
+
+    def __init__(self) -> None:
+        self.children: dict[str, tuple[str, int]] = {}
+        """Each child's status and submit sequence."""
+        self.counts: Counter[str] = Counter()
+        self._progress: dict[str, Fraction] = {}
+        self._total = Fraction(0)
+
+    def set(self, child_id: str, status: str, progress: float, submit_seq: int) -> None:
+        """Record a child's state, replacing what was known of it."""
+        if (old := self.children.get(child_id)) is not None:
+            self.counts[old[0]] -= 1
+            self._total -= self._progress[child_id]
+        weight = Fraction(100) if JobStatus(status).terminal else Fraction(progress)
+        self.children[child_id], self._progress[child_id] = (status, submit_seq), weight
+        self.counts[status] += 1
+        self._total += weight
+
+    def progress(self) -> float:
+        """The mean of the children's progress, a finished child counting 100."""
+        return round(float(self._total / len(self.children)), 2) if self.children else 0.0
+
+    def in_submit_order(self) -> list[tuple[str, str]]:
+        """(child id, status) in the order the children were submitted."""
+        return [(cid, status) for cid, (status, _) in sorted(self.children.items(), key=lambda i: i[1][1])]
+
+
+async def _last_stored(js: JetStreamContext, last_seq: int) -> int:
+    """The sequence of the stream's newest message still stored: `last_seq` unless that message
+    was purged or expired (a tombstone's TTL), which the ordered consumer would never deliver."""
+    if last_seq == 0:
+        return 0
+    try:
+        return (await js.get_last_msg(STREAM, ALL_SUBJECTS, direct=True)).seq or 0
+    except NotFoundError:
+        return 0  # nothing stored any more
 
 
 class Projection:
@@ -417,7 +477,7 @@ class Projection:
         """Resume from the bookmark and follow the stream, as task `projection` of `tasks`."""
         self.applied_seq = await self._bookmark()
         info = await js.stream_info(STREAM)
-        self.catch_up_to = info.state.last_seq
+        self.catch_up_to = await _last_stored(js, info.state.last_seq)
         if self.applied_seq > self.catch_up_to:
             log.warning(
                 "database bookmark %d is ahead of the stream (%d): was the NATS store replaced?",
@@ -588,7 +648,6 @@ class Projection:
             # One query for every job the batch touches, not one per job.
             wanted = {e.job_id for _, _, e in decoded if not isinstance(e, FileStored | FileDeleted)}
             writes.load(wanted)
-            parents: dict[str, int] = {}
             for msg, seq, event in decoded:
                 if isinstance(event, FileStored | FileDeleted):
                     _apply_file(conn, event, seq)
@@ -609,13 +668,9 @@ class Projection:
                 if ends and job.callback_url:
                     writes.callbacks.add(job.id)
                 if job.parent_id is not None:
-                    parents[job.parent_id] = seq
-            if parents:
-                writes.flush()  # the parents' derivation reads their children's rows
-            for parent_id, seq in parents.items():
-                derived = writes.derive_parent(parent_id, seq)
-                if derived is not None:
-                    writes.applied.append(derived)
+                    derived = writes.derive_parent(job, seq, event.ts, created=before is None)
+                    if derived is not None:
+                        writes.applied.append(derived)
             writes.flush()
             writes.hand_off(awaited)
             bookmark = {"_name": BOOKMARK, "last_seq": last}

@@ -6,6 +6,8 @@ from datetime import datetime
 from typing import Annotated, Any
 
 import msgspec
+from litestar.openapi.spec import OpenAPIFormat
+from litestar.params import KwargDefinition
 
 from streams import MAX_ATTEMPTS, MAX_PRIORITY, MAX_TIMEOUT_S, MIN_PRIORITY, MIN_TIMEOUT_S, TaskState
 
@@ -18,6 +20,14 @@ MaxAttempts = Annotated[int, msgspec.Meta(ge=1, le=MAX_ATTEMPTS)]
 TimeoutS = Annotated[float, msgspec.Meta(ge=MIN_TIMEOUT_S, le=MAX_TIMEOUT_S)]
 Priority = Annotated[int, msgspec.Meta(ge=MIN_PRIORITY, le=MAX_PRIORITY)]
 RequestId = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+ClientTime = Annotated[
+    str,
+    KwargDefinition(format=OpenAPIFormat.DATE_TIME),
+    msgspec.Meta(max_length=64, examples=["2026-12-24T18:00:00Z"]),
+]
+"""An RFC 3339 time, as the schema says: a string. Given as `datetime`, Litestar's lax conversion
+would also take a number (seconds since 1970), which the schema does not offer; the service
+parses it (`parse_time`)."""
 CallbackUrl = Annotated[str, msgspec.Meta(pattern=r"^https?://", max_length=2000)]
 
 
@@ -41,7 +51,7 @@ class SubmitJob(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Higher runs first among the pending jobs of a pool (-10 to 10)."""
     client_request_id: RequestId | None = None
     """Idempotency key: the same owner and key return the existing job (also as Idempotency-Key)."""
-    scheduled_for: datetime | None = None
+    scheduled_for: ClientTime | None = None
     """Run no earlier than this time (UTC unless it says otherwise)."""
     callback_url: CallbackUrl | None = None
     """POSTed the job, signed, when it ends."""
@@ -75,7 +85,7 @@ class SubmitBatch(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Run-time limit of each child's attempts, as for one job."""
     priority: Priority = 0
     client_request_id: RequestId | None = None
-    scheduled_for: datetime | None = None
+    scheduled_for: ClientTime | None = None
     callback_url: CallbackUrl | None = None
 
 
@@ -243,9 +253,15 @@ class CleanupReport(msgspec.Struct, kw_only=True):
 
     days_old: int
     deleted: int
+    """Top-level jobs deleted (a batch counts once, with its children)."""
     completed: int
     cancelled: int
     failed_kept: int
+    """Failed jobs older than `days_old` that were kept (see `failed_days_old`)."""
+    failed: int = 0
+    """Failed jobs deleted (only with `failed_days_old`)."""
+    files: int = 0
+    """Files deleted with their jobs (only with `files=true`)."""
 
 
 class FileInfo(msgspec.Struct, kw_only=True):

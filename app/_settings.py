@@ -77,6 +77,28 @@ class Settings:
     """JOBCAST_WEBHOOK_ALLOW_PRIVATE=1: callbacks may go to private network addresses."""
     webhook_sweep_s: float = field(default_factory=lambda: _env_float("JOBCAST_WEBHOOK_SWEEP_S", 30.0))
     """JOBCAST_WEBHOOK_SWEEP_S: how often undelivered callbacks (their sender died) are looked for."""
+    retention_days: float = field(default_factory=lambda: _env_float("JOBCAST_RETENTION_DAYS", 30.0))
+    """JOBCAST_RETENTION_DAYS: completed and cancelled jobs are deleted (their stream subjects purged)
+    this long after they ended; 0 keeps every job."""
+    retention_failed_days: float = field(
+        default_factory=lambda: _env_float("JOBCAST_RETENTION_FAILED_DAYS", 90.0)
+    )
+    """JOBCAST_RETENTION_FAILED_DAYS: failed jobs are kept longer, for analysis; 0 keeps them."""
+    retention_files: bool = field(
+        default_factory=lambda: os.environ.get("JOBCAST_RETENTION_FILES", "1") != "0"
+    )
+    """JOBCAST_RETENTION_FILES=0: the retention sweep leaves the files a job produced (default: they
+    go with it; uploads always stay until deleted)."""
+    retention_sweep_s: float = field(default_factory=lambda: _env_float("JOBCAST_RETENTION_SWEEP_S", 3600.0))
+    """JOBCAST_RETENTION_SWEEP_S: how often the retention sweep runs (every API instance runs it;
+    two at once are harmless)."""
+    storage_check_s: float = field(default_factory=lambda: _env_float("JOBCAST_STORAGE_CHECK_S", 1.0))
+    """JOBCAST_STORAGE_CHECK_S: how long one look at the stream's size serves the admission check
+    while the stream is below half of the share new work may fill (past it, every submission looks)."""
+    tombstone_ttl_s: float = field(default_factory=lambda: _env_float("JOBCAST_TOMBSTONE_TTL_S", 7 * 86400.0))
+    """JOBCAST_TOMBSTONE_TTL_S: how long a deleted job's tombstone stays in the stream: API instances
+    that were behind see the delete through it, and a `client_request_id` reused meanwhile gets a
+    new job. An API instance stopped for longer than this must rebuild its database."""
     client_buffer_bytes: int = field(
         default_factory=lambda: _env_int("JOBCAST_CLIENT_BUFFER_KB", 1024) * 1024
     )

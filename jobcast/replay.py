@@ -1,11 +1,11 @@
 """`jobcast events replay`: print one job's messages straight from JetStream, in stream order.
 
 The output is what `nats stream view JOBS --subject 'jobs.events.<id>'` shows, merged in stream
-order with the job's submissions (`jobs.submit.*.*.<id>`, `jobs.schedule.<id>`) and control
-messages (`jobs.control.<id>`): one JSON object per line,
-`{"seq": N, "subject": ..., "kind": ..., "event": {...}}`, where `event` is the payload as it
-is on the wire. No API and no database are involved, so it also works when the projection is
-lost or behind.
+order with the job's submissions (`jobs.submit.*.*.<id>`, `jobs.schedule.<id>`), control
+messages (`jobs.control.<id>`) and, once it is deleted, its tombstone (`jobs.deleted.<id>`):
+one JSON object per line, `{"seq": N, "subject": ..., "kind": ..., "event": {...}}`, where
+`event` is the payload as it is on the wire. No API and no database are involved, so it also
+works when the projection is lost or behind.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from streams import (
     close_quietly,
     control_subject,
     decode_event,
+    deleted_subject,
     events_subject,
     is_terminal,
     schedule_subject,
@@ -44,6 +45,7 @@ def job_subjects(job_id: str) -> list[str]:
         schedule_subject(job_id),
         events_subject(job_id),
         control_subject(job_id),
+        deleted_subject(job_id),
     ]
 
 

@@ -8,21 +8,24 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import msgspec
 from nats.js import JetStreamContext
 from nats.js import api as js_api
-from nats.js.errors import BadRequestError
+from nats.js.errors import APIError, BadRequestError
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
 from streams._limits import MAX_DELIVER
 from streams._subjects import ALL_SUBJECTS, STREAM, pool_submissions, priority_token
 from streams._supervisor import TaskState
+
+log = logging.getLogger("jobcast.streams")
 
 
 class Pool(enum.StrEnum):
@@ -33,24 +36,55 @@ class Pool(enum.StrEnum):
     LLM = "llm"
 
 
+STREAM_MAX_BYTES = 10 * 2**30
+"""Default size limit of the JOBS stream, 10 GiB (JOBCAST_STREAM_MAX_BYTES; 0: no limit). Retention
+(JOBCAST_RETENTION_DAYS) keeps the stream well below it; see ADMISSION_SHARE for what happens
+near it."""
+ADMISSION_SHARE = 0.9
+"""New work (submissions, retries, uploads) is refused with 503 "storage full" once the stream
+holds this share of its max_bytes; the rest is room for the events of the jobs already accepted,
+so that they can finish and the limit itself is never reached."""
+DUPLICATE_WINDOW_S = 120.0
+"""Default duplicate window (JOBCAST_DUPLICATE_WINDOW_S)."""
+
 JOBS_STREAM = js_api.StreamConfig(
     name=STREAM,
     description="jobcast: job submissions, lifecycle events and control messages",
     subjects=[ALL_SUBJECTS],
     # Limits retention: the stream is the log the API's SQLite projection is rebuilt
-    # from, so messages stay after workers ack them.
+    # from, so messages stay after workers ack them, until the job is deleted (its subjects
+    # are purged then) or retention deletes it.
     retention=js_api.RetentionPolicy.LIMITS,
     storage=js_api.StorageType.FILE,
     # A re-sent publish with the same Nats-Msg-Id inside this window is dropped by the
     # server: this is what makes an API retry after a lost PubAck harmless.
-    duplicate_window=120.0,
+    duplicate_window=DUPLICATE_WINDOW_S,
     # Direct gets let workers read the last control/event message of a job cheaply.
     allow_direct=True,
     # `scheduled_for`: the stream itself holds a scheduled submission (jobs.schedule.<id>)
     # and publishes it to its jobs.submit subject when it is due (nats-server >= 2.12).
     allow_msg_schedules=True,
+    # A deleted job's tombstone (jobs.deleted.<id>) expires by itself (header Nats-TTL).
+    allow_msg_ttl=True,
+    max_bytes=STREAM_MAX_BYTES,
+    # At max_bytes the server drops the oldest messages (DiscardOld); nats-server does not allow
+    # DiscardNew, which would refuse new ones instead, on a stream with message schedules. The
+    # API therefore stops taking new work well before the limit (ADMISSION_SHARE), so that
+    # nothing accepted is ever dropped.
     discard=js_api.DiscardPolicy.OLD,
 )
+
+
+def jobs_stream() -> js_api.StreamConfig:
+    """JOBS_STREAM with the limits in force: JOBCAST_STREAM_MAX_BYTES and JOBCAST_DUPLICATE_WINDOW_S
+    (every process brings the stream in line as it starts, so all of a deployment must agree)."""
+    max_bytes = int(os.environ.get("JOBCAST_STREAM_MAX_BYTES") or STREAM_MAX_BYTES)
+    window = float(os.environ.get("JOBCAST_DUPLICATE_WINDOW_S") or DUPLICATE_WINDOW_S)
+    return replace(JOBS_STREAM, max_bytes=max_bytes if max_bytes > 0 else -1, duplicate_window=window)
+
+
+INSUFFICIENT_STORAGE = 10047
+"""JetStream's error code when the server cannot reserve a stream's max_bytes in its store."""
 
 
 WORKERS_BUCKET = "JOBCAST_WORKERS"
@@ -217,11 +251,29 @@ class WorkerConsumer:
 
 
 async def ensure_stream(js: JetStreamContext) -> None:
-    """Create the JOBS stream, or bring an existing one in line with JOBS_STREAM."""
+    """Create the JOBS stream, or bring an existing one in line with `jobs_stream()` (its limits
+    included: a changed JOBCAST_STREAM_MAX_BYTES applies at the next start)."""
+    config = jobs_stream()
     try:
-        await js.add_stream(config=JOBS_STREAM)
+        await _add_or_update(js, config)
+    except APIError as exc:
+        if exc.err_code != INSUFFICIENT_STORAGE or os.environ.get("JOBCAST_STREAM_MAX_BYTES"):
+            raise
+        # The default limit is more than this server's JetStream store can reserve (a small
+        # disk): no stream limit then; the server's own store limit refuses what does not fit.
+        log.warning(
+            "nats-server cannot reserve %d bytes for the JOBS stream (%s): it runs without a byte limit; "
+            "set JOBCAST_STREAM_MAX_BYTES to what its store can hold",
+            config.max_bytes, exc.description,
+        )  # fmt: skip
+        await _add_or_update(js, replace(config, max_bytes=-1))
+
+
+async def _add_or_update(js: JetStreamContext, config: js_api.StreamConfig) -> None:
+    try:
+        await js.add_stream(config=config)
     except BadRequestError:
-        await js.update_stream(config=JOBS_STREAM)
+        await js.update_stream(config=config)
 
 
 async def ensure_consumer(js: JetStreamContext, consumer: WorkerConsumer) -> None:

@@ -146,7 +146,8 @@ class Cancelled(_Event, frozen=True, tag="cancelled"):
 
 
 class Deleted(_Event, frozen=True, tag="deleted"):
-    """The job (and a batch's children) leave the projection; the stream keeps their history."""
+    """The job (and a batch's children) leave the projection: the tombstone published on
+    jobs.deleted.<id> once every other subject of theirs has been purged; it expires (Nats-TTL)."""
 
     files: bool = False
     """Delete the files the job produced as well."""

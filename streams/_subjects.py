@@ -10,6 +10,7 @@ EVENTS_PREFIX = "jobs.events"
 CONTROL_PREFIX = "jobs.control"
 SCHEDULE_PREFIX = "jobs.schedule"
 FILES_PREFIX = "jobs.files"
+DELETED_PREFIX = "jobs.deleted"
 
 MIN_PRIORITY = -10
 MAX_PRIORITY = 10
@@ -62,6 +63,22 @@ def events_subject(job_id: str) -> str:
 def control_subject(job_id: str) -> str:
     """Subject of a job's control messages (cancel requests)."""
     return f"{CONTROL_PREFIX}.{job_id}"
+
+
+def deleted_subject(job_id: str) -> str:
+    """Subject of a deleted job's tombstone: the one message of it left after its purge."""
+    return f"{DELETED_PREFIX}.{job_id}"
+
+
+def job_subjects(job_id: str, pool: str, priority: int) -> list[str]:
+    """Every subject a job's messages are on, its tombstone's aside; all literal, so a purge of
+    each reads only that subject's messages."""
+    return [
+        submit_subject(pool, priority, job_id),
+        schedule_subject(job_id),
+        events_subject(job_id),
+        control_subject(job_id),
+    ]
 
 
 def job_id_of(subject: str) -> str:

@@ -210,11 +210,17 @@ async def test_force_complete_and_cleanup(client: httpx.AsyncClient, worker: Wor
 
     await wait_for(released)
     kept = (await client.delete("/api/v1/jobs/admin/cleanup", params={"days_old": 30})).json()
-    assert kept == {"days_old": 30, "deleted": 0, "completed": 0, "cancelled": 0, "failed_kept": 0}
+    none = {"deleted": 0, "completed": 0, "cancelled": 0, "failed": 0, "files": 0}
+    assert kept == {"days_old": 30, **none, "failed_kept": 0}
     report = (await client.delete("/api/v1/jobs/admin/cleanup", params={"days_old": 0})).json()
-    assert report == {"days_old": 0, "deleted": 2, "completed": 1, "cancelled": 1, "failed_kept": 1}
+    assert report == {"days_old": 0, **none, "deleted": 2, "completed": 1, "cancelled": 1, "failed_kept": 1}
     left = (await client.get("/api/v1/jobs")).json()
     assert [j["id"] for j in left["items"]] == [failed["id"]]
+    report = (
+        await client.delete("/api/v1/jobs/admin/cleanup", params={"days_old": 0, "failed_days_old": 0})
+    ).json()
+    assert report == {"days_old": 0, **none, "deleted": 1, "failed": 1, "failed_kept": 0}
+    assert (await client.get("/api/v1/jobs")).json()["items"] == []
     assert (await client.delete("/api/v1/jobs/admin/cleanup", params={"days_old": -1})).status_code == 400
 
 

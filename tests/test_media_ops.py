@@ -15,14 +15,17 @@ from typing import Any
 
 import av
 import httpx
+import nats
 import pytest
 from httpx_sse import aconnect_sse
+from nats.js.errors import ObjectNotFoundError
 
 from app import Settings
-from streams import NatsServer
+from streams import STREAM, NatsServer, decode_event, files_store, files_subject
 from tests.conftest import MEDIA, ApiServer, WorkerRunner, replace, submit, wait_terminal
 from tests.llm_server import ChatRequest, FakeLLM, drop_last_line, tidy
 from tests.media_clips import make_clip
+from tests.test_recovery import wait_ready
 from workers import WorkerSettings, subtitles
 
 JFK = MEDIA / "jfk.flac"
@@ -487,13 +490,20 @@ async def test_text_file_fails_clearly_and_worker_carries_on(
     assert done["status"] == "completed", done["error"]
 
 
-async def test_delete_job_keeps_or_removes_its_files(client: httpx.AsyncClient, gpu: WorkerRunner) -> None:
+async def test_delete_job_keeps_or_removes_its_files(
+    api: ApiServer, client: httpx.AsyncClient, gpu: WorkerRunner, nats_server: NatsServer, settings: Settings
+) -> None:
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream()
     source = await upload(client, "jfk.flac", JFK.read_bytes())
-    outputs = {}
+    outputs, jobs = {}, {}
     for keep in (True, False):
-        job = await submit(client, type="transcribe", file_id=source["id"], params=FAST)
+        job = jobs[keep] = await submit(client, type="transcribe", file_id=source["id"], params=FAST)
         done = await wait_terminal(client, job["id"])
         outputs[keep] = [o["file_id"] for o in done["result"]["outputs"]]
+        for file_id in outputs[keep]:  # the worker put each `file_stored` on the file's own subject
+            stored = await js.get_last_msg(STREAM, files_subject(file_id))
+            assert decode_event(stored.data or b"").kind == "file_stored"
         query = {} if keep else {"files": "true"}
         assert (await client.delete(f"/api/v1/jobs/{job['id']}", params=query)).status_code == 204
         assert (await client.get(f"/api/v1/jobs/{job['id']}")).status_code == 404
@@ -501,10 +511,34 @@ async def test_delete_job_keeps_or_removes_its_files(client: httpx.AsyncClient, 
         kept = await client.get(f"/api/v1/files/{file_id}/content")
         assert kept.status_code == 200
         assert kept.content
+    store = await files_store(js)
     for file_id in outputs[False]:
         gone = await client.get(f"/api/v1/files/{file_id}")
         assert gone.json() == {"status_code": 404, "detail": f"file {file_id} not found"}
+        with pytest.raises(ObjectNotFoundError):  # its bytes, and of its events only `file_deleted`
+            await store.get(file_id)
+        subject = files_subject(file_id)
+        assert (await js.stream_info(STREAM, subjects_filter=subject)).state.subjects == {subject: 1}
+        tombstone = await js.get_last_msg(STREAM, subject)
+        assert decode_event(tombstone.data or b"").kind == "file_deleted"
+        assert (tombstone.headers or {}).get("Nats-TTL") == f"{7 * 86400}s"
+    for keep, job in jobs.items():
+        job_id = job["id"]
+        left = await js.stream_info(STREAM, subjects_filter=f"jobs.*.{job_id}")
+        assert left.state.subjects == {f"jobs.deleted.{job_id}": 1}, keep
+    for file_id in outputs[True]:
+        assert (await store.get(file_id)).data
+    await nc.close()
     assert (await client.get(f"/api/v1/files/{source['id']}")).status_code == 200
+    kept_before = (await client.get("/api/v1/files", params={"job_id": jobs[True]["id"]})).json()
+    await api.stop()  # a rebuild from the stream still has the files kept
+    for suffix in ("", "-wal", "-shm"):
+        (settings.data_dir / f"jobcast.db{suffix}").unlink(missing_ok=True)
+    await api.start()
+    await wait_ready(api.url)
+    kept_after = (await client.get("/api/v1/files", params={"job_id": jobs[True]["id"]})).json()
+    assert kept_after == kept_before
+    assert sorted(f["id"] for f in kept_after["items"]) == sorted(outputs[True])
 
 
 async def test_batch_transcribe(client: httpx.AsyncClient, gpu: WorkerRunner) -> None:

@@ -24,6 +24,7 @@ from nats.js.kv import KeyValue
 from app import Settings
 from app._metrics import Metrics
 from app._projection import Projection
+from app._retention import Retention
 from app._webhooks import Webhooks
 from streams import STREAM, NatsServer, TaskPhase, TaskSupervisor, close_quietly, connect, keys_bucket
 from streams._config import KEYS_BUCKET
@@ -119,7 +120,7 @@ async def test_ready_lists_every_supervised_task(client: httpx.AsyncClient) -> N
     body = response.json()
     assert body["status"] == "ready"
     assert {name: (t["state"], t["restarts"], t["last_error"]) for name, t in body["tasks"].items()} == {
-        name: ("running", 0, None) for name in ("projection", "key-watch", "webhook-sweep")
+        name: ("running", 0, None) for name in ("projection", "key-watch", "webhook-sweep", "retention-sweep")
     }
 
 
@@ -267,6 +268,42 @@ async def test_webhook_sweep_restarts_and_delivers(
 
         await wait_for(delivered)
         assert [job["id"] in body.decode() for _, body in hook.requests] == [True]
+
+
+async def test_retention_sweep_restarts_and_deletes(
+    settings: Settings,
+    worker: WorkerRunner,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    delete_expired = Retention._delete_expired
+
+    async def broken(self: Retention, *args: Any) -> Any:
+        raise RuntimeError("injected retention-sweep fault")
+
+    monkeypatch.setattr(Retention, "_delete_expired", broken)
+    server = ApiServer(replace(settings, retention_days=0.2 / 86400, retention_sweep_s=0.2))
+    await server.start()
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+            job = await submit(http, params={"steps": 1})
+            assert (await wait_terminal(http, job["id"]))["status"] == "completed"
+            down = await wait_down(http, "retention-sweep")
+            assert (
+                down["tasks"]["retention-sweep"]["last_error"]
+                == "RuntimeError: injected retention-sweep fault"
+            )
+            assert_traceback_logged(caplog, "injected retention-sweep fault")
+            assert (await http.get(f"/api/v1/jobs/{job['id']}")).status_code == 200
+            monkeypatch.setattr(Retention, "_delete_expired", delete_expired)
+            await wait_up(http, "retention-sweep")
+
+            async def deleted() -> bool:
+                return (await http.get(f"/api/v1/jobs/{job['id']}")).status_code == 404
+
+            await wait_for(deleted)
+    finally:
+        await server.stop()
 
 
 # the worker's fetch loop ---------------------------------------------------------------------

@@ -50,6 +50,7 @@ from streams import (
     ensure_stream,
     events_subject,
     files_store,
+    files_subject,
     is_terminal,
     job_id_of,
     pool_submissions,
@@ -478,7 +479,12 @@ class Worker:
         headers = {KIND_HEADER: event.kind, JOB_HEADER: event.job_id}
         if msg_id is not None:
             headers["Nats-Msg-Id"] = msg_id
-        await self.js.publish(events_subject(event.job_id), encode_event(event), headers=headers)
+        # A file's `file_stored` goes on the file's own subject: it outlives the job's history
+        # when the job is deleted and its files are kept.
+        subject = (
+            files_subject(event.file_id) if isinstance(event, FileStored) else events_subject(event.job_id)
+        )
+        await self.js.publish(subject, encode_event(event), headers=headers)
 
     async def _publish_reliably(self, event: Event) -> None:
         """Publish an event, riding out a broker restart for `publish_retry_s`; the msg id makes

@@ -9,7 +9,7 @@ from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 from litestar.status_codes import HTTP_200_OK
 
 from app._auth import admin_only
-from app._deps import Service, StatsDep
+from app._deps import RetentionDep, Service, StatsDep
 from app._jobs import JobFilter
 from app._schemas import MAX_INT, CleanupReport, ForceComplete, Job, JobPage, TypeStatistics
 from streams import JobStatus
@@ -59,10 +59,19 @@ class AdminController(Controller):
 
     @delete("/cleanup", status_code=HTTP_200_OK, operation_id="adminCleanup")
     async def cleanup(
-        self, service: Service, days_old: Annotated[int, QueryParameter(ge=0, le=36500)] = 30
+        self,
+        retention: RetentionDep,
+        days_old: Annotated[int, QueryParameter(ge=0, le=36500)] = 30,
+        failed_days_old: Annotated[
+            int | None, QueryParameter(ge=0, le=36500, description="Delete failed jobs older than this too")
+        ] = None,
+        with_files: Annotated[
+            bool, QueryParameter(name="files", description="Delete the files they produced too")
+        ] = False,
     ) -> CleanupReport:
-        """Delete completed and cancelled jobs older than `days_old` days; failed ones are kept."""
-        return await service.cleanup(days_old)
+        """Delete completed and cancelled jobs that ended more than `days_old` days ago (their
+        messages purged from the stream); failed ones are kept unless `failed_days_old` is given."""
+        return await retention.cleanup(days_old, failed_days_old, files=with_files)
 
     @get("/queue-status", operation_id="adminQueueStatus")
     async def queue_status(self, stats: StatsDep) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath, FromQuery, HeaderParameter, JSONBody, QueryParameter
 from litestar.status_codes import HTTP_200_OK, HTTP_202_ACCEPTED, HTTP_204_NO_CONTENT
 
-from app._deps import FilesDep, Owner, Service
+from app._deps import Owner, RetentionDep, Service
 from app._jobs import JobFilter
 from app._schemas import MAX_INT, Job, JobPage, SubmitBatch, SubmitJob
 from streams import JobStatus
@@ -108,11 +108,9 @@ class JobController(Controller):
 
     @delete("/{job_id:str}", status_code=HTTP_204_NO_CONTENT, operation_id="deleteJob")
     async def delete_job(
-        self, job_id: FromPath[str], service: Service, files: FilesDep, owner: Owner,
+        self, job_id: FromPath[str], retention: RetentionDep, owner: Owner,
         with_files: Annotated[bool, QueryParameter(name="files", description="Delete the files it produced too")] = False,
     ) -> None:  # fmt: skip
-        """Delete a finished job (a batch with its children); 409 while it is active. The files it
-        produced stay unless `files=true`."""
-        deleted = await service.delete(job_id, owner, files=with_files)
-        if with_files:
-            await files.delete_produced(deleted)
+        """Delete a finished job (a batch with its children) for good: its messages are purged from
+        the stream. 409 while it is active. The files it produced stay unless `files=true`."""
+        await retention.delete(job_id, owner, files=with_files)
