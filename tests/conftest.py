@@ -114,7 +114,7 @@ class WorkerRunner:
 @pytest.fixture
 async def nats_server(tmp_path: Path) -> AsyncIterator[NatsServer]:
     """A fresh `nats-server -js` on a free port with its own store."""
-    server = NatsServer(tmp_path / "nats")
+    server = NatsServer(tmp_path / "nats", die_with_parent=True)  # a killed pytest leaves no server
     await server.start()
     yield server
     await server.stop()
