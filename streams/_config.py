@@ -77,7 +77,7 @@ JOBS_STREAM = js_api.StreamConfig(
 
 def jobs_stream() -> js_api.StreamConfig:
     """JOBS_STREAM with the limits in force: JOBCAST_STREAM_MAX_BYTES and JOBCAST_DUPLICATE_WINDOW_S
-    (every process brings the stream in line as it starts, so all of a deployment must agree)."""
+    (the API brings the stream in line with them as it starts; workers only create it if missing)."""
     max_bytes = int(os.environ.get("JOBCAST_STREAM_MAX_BYTES") or STREAM_MAX_BYTES)
     window = float(os.environ.get("JOBCAST_DUPLICATE_WINDOW_S") or DUPLICATE_WINDOW_S)
     return replace(JOBS_STREAM, max_bytes=max_bytes if max_bytes > 0 else -1, duplicate_window=window)
@@ -250,12 +250,17 @@ class WorkerConsumer:
         )
 
 
-async def ensure_stream(js: JetStreamContext) -> None:
-    """Create the JOBS stream, or bring an existing one in line with `jobs_stream()` (its limits
-    included: a changed JOBCAST_STREAM_MAX_BYTES applies at the next start)."""
+async def ensure_stream(js: JetStreamContext, *, update: bool = True) -> None:
+    """Create the JOBS stream, or, with `update`, bring an existing one in line with `jobs_stream()`
+    (its limits included: a changed JOBCAST_STREAM_MAX_BYTES applies at the API's next start).
+
+    Workers pass update=False: a worker on another machine, started without the API's settings,
+    must not move the stream's limits (a smaller byte limit would discard the oldest messages,
+    live jobs' submissions among them, at once).
+    """
     config = jobs_stream()
     try:
-        await _add_or_update(js, config)
+        await _add_or_update(js, config, update)
     except APIError as exc:
         if exc.err_code != INSUFFICIENT_STORAGE or os.environ.get("JOBCAST_STREAM_MAX_BYTES"):
             raise
@@ -266,13 +271,24 @@ async def ensure_stream(js: JetStreamContext) -> None:
             "set JOBCAST_STREAM_MAX_BYTES to what its store can hold",
             config.max_bytes, exc.description,
         )  # fmt: skip
-        await _add_or_update(js, replace(config, max_bytes=-1))
+        await _add_or_update(js, replace(config, max_bytes=-1), update)
 
 
-async def _add_or_update(js: JetStreamContext, config: js_api.StreamConfig) -> None:
+async def _add_or_update(js: JetStreamContext, config: js_api.StreamConfig, update: bool) -> None:
     try:
         await js.add_stream(config=config)
-    except BadRequestError:
+    except BadRequestError:  # it exists, with another configuration
+        if not update:
+            return
+        held = await js.stream_info(STREAM)
+        if config.max_bytes is not None and 0 < config.max_bytes <= (held.state.bytes or 0):
+            # Lowering the limit below what the stream holds would discard messages at once.
+            log.error(
+                "JOBCAST_STREAM_MAX_BYTES=%d is not above the %d bytes the JOBS stream holds: its limit "
+                "stays %s; delete jobs first, or raise the setting",
+                config.max_bytes, held.state.bytes, held.config.max_bytes,
+            )  # fmt: skip
+            config = replace(config, max_bytes=held.config.max_bytes)
         await js.update_stream(config=config)
 
 

@@ -34,6 +34,7 @@ from streams import (
     Started,
     Submitted,
     encode_event,
+    ensure_stream,
     events_subject,
     files_subject,
     submit_subject,
@@ -484,3 +485,32 @@ async def test_retention_sweep_of_two_instances(
             await api.stop()
     problems = [r for r in caplog.records if r.levelno >= 30 and r.name.startswith("jobcast")]
     assert not problems, [r.getMessage() for r in problems]
+
+
+async def test_only_the_api_moves_the_streams_limits_and_never_below_what_it_holds(
+    nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    nc = await nats.connect(nats_server.url)
+    try:
+        js = nc.jetstream()
+        monkeypatch.setenv("JOBCAST_STREAM_MAX_BYTES", "50000000")
+        await ensure_stream(js)
+        for n in range(50):
+            await js.publish(events_subject(f"held-{n}"), b"x" * 1000)
+
+        # a worker started without the API's settings leaves the limit alone
+        monkeypatch.setenv("JOBCAST_STREAM_MAX_BYTES", "10000000")
+        await ensure_stream(js, update=False)
+        assert (await js.stream_info(STREAM)).config.max_bytes == 50_000_000
+
+        # an API asked for less than the stream holds keeps the limit (and every message)
+        monkeypatch.setenv("JOBCAST_STREAM_MAX_BYTES", "20000")
+        await ensure_stream(js)
+        info = await js.stream_info(STREAM)
+        assert (info.config.max_bytes, info.state.messages) == (50_000_000, 50)
+
+        monkeypatch.setenv("JOBCAST_STREAM_MAX_BYTES", "30000000")
+        await ensure_stream(js)
+        assert (await js.stream_info(STREAM)).config.max_bytes == 30_000_000
+    finally:
+        await nc.close()

@@ -149,7 +149,7 @@ class Worker:
         delay = 0.2
         while True:
             try:
-                await ensure_stream(self.js)
+                await ensure_stream(self.js, update=False)  # the API owns its limits
                 for consumer in self.consumers.values():
                     await ensure_consumer(self.js, consumer)
                 return
