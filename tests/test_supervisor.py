@@ -142,7 +142,9 @@ async def test_projection_restarts_after_a_failing_batch(
     # the restart (the wait does not hang, and the batch that failed is not lost).
     pending = asyncio.create_task(client.post("/api/v1/jobs", json={"type": "noop", "params": {"steps": 2}}))
     down = await wait_down(client, "projection")
-    assert "RuntimeError: injected projection fault" in down["tasks"]["projection"]["last_error"]
+    assert (
+        down["tasks"]["projection"]["last_error"] == "RuntimeError (details in the log)"
+    )  # no data: /ready is public
     assert_traceback_logged(caplog, "injected projection fault")
     fault.clear()
     response = await pending
@@ -172,7 +174,7 @@ async def test_projection_does_not_apply_a_committed_batch_twice(
     job = await submit(client, params={"steps": 2})
     assert (await wait_terminal(client, job["id"]))["status"] == "completed"
     body = await wait_up(client, "projection")
-    assert body["tasks"]["projection"]["last_error"] == "RuntimeError: injected fault after commit"
+    assert body["tasks"]["projection"]["last_error"] == "RuntimeError (details in the log)"
     assert_traceback_logged(caplog, "injected fault after commit")
     await assert_stream_applied_once(settings, nats_server)
 
@@ -211,7 +213,7 @@ async def test_key_watch_restarts_and_applies_a_revocation_made_while_down(
         monkeypatch.setattr(KeyValue.KeyWatcher, "__anext__", broken)
         keys["carol"] = await put_key(nats_server.url, "carol")  # arrives; the next read fails
         down = await wait_down(http, "key-watch")
-        assert down["tasks"]["key-watch"]["last_error"] == "RuntimeError: injected key-watch fault"
+        assert down["tasks"]["key-watch"]["last_error"] == "RuntimeError (details in the log)"
         assert_traceback_logged(caplog, "injected key-watch fault")
         await revoke(nats_server.url, "alice")  # both while the watch is down
         await revoke(nats_server.url, "bob", leave_no_marker=True)
@@ -256,7 +258,7 @@ async def test_webhook_sweep_restarts_and_delivers(
         job = await submit(http, params={"steps": 1}, callback_url=hook.url)
         assert (await wait_terminal(http, job["id"]))["status"] == "completed"
         down = await wait_down(http, "webhook-sweep")
-        assert down["tasks"]["webhook-sweep"]["last_error"] == "RuntimeError: injected webhook-sweep fault"
+        assert down["tasks"]["webhook-sweep"]["last_error"] == "RuntimeError (details in the log)"
         assert_traceback_logged(caplog, "injected webhook-sweep fault")
         assert hook.requests == []
         monkeypatch.setattr(Webhooks, "_spawn", spawn)
@@ -289,10 +291,7 @@ async def test_retention_sweep_restarts_and_deletes(
             job = await submit(http, params={"steps": 1})
             assert (await wait_terminal(http, job["id"]))["status"] == "completed"
             down = await wait_down(http, "retention-sweep")
-            assert (
-                down["tasks"]["retention-sweep"]["last_error"]
-                == "RuntimeError: injected retention-sweep fault"
-            )
+            assert down["tasks"]["retention-sweep"]["last_error"] == "RuntimeError (details in the log)"
             assert_traceback_logged(caplog, "injected retention-sweep fault")
             assert (await http.get(f"/api/v1/jobs/{job['id']}")).status_code == 200
             monkeypatch.setattr(Retention, "_delete_expired", delete_expired)
