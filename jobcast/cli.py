@@ -19,7 +19,11 @@ def _serve(args: argparse.Namespace) -> int:
     from jobcast.supervisor import Supervisor, default_pools
 
     pools = args.pools.split(",") if args.pools else default_pools()
-    supervisor = Supervisor(Path(args.data_dir), args.host, args.port, args.nats_port, pools)
+    try:
+        supervisor = Supervisor(Path(args.data_dir), args.host, args.port, args.nats_port, pools)
+    except ValueError as exc:  # an unusable secret file in the data dir
+        print(f"jobcast: {exc}", file=sys.stderr)
+        return CONFIGURATION_ERROR
     try:
         return asyncio.run(supervisor.run())
     except ConfigurationError as exc:
@@ -42,6 +46,7 @@ def _api(args: argparse.Namespace) -> int:
         host = args.host or settings.host
         port = args.port or settings.port
         settings = dataclasses.replace(settings, host=host, port=port)
+        settings.session_key(), settings.signing_key()  # an unusable secret file: one line, not a traceback
         # The app refuses this too, but from its lifespan, which uvicorn reports with a
         # traceback and exit status 3; asked first, the answer is one line and status 2.
         asyncio.run(check_public_bind(host, settings.nats_url))

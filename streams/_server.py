@@ -27,6 +27,10 @@ def durable_mode() -> bool:
     return os.environ.get("JOBCAST_DURABLE", "") == "1"
 
 
+MIN_SECRET_CHARS = 32
+"""A stored secret shorter than this (an empty file left by a crash or a hand) is refused."""
+
+
 def stored_secret(path: Path) -> str:
     """A random secret kept in `path` (mode 0600), created once even when several processes race.
 
@@ -44,7 +48,10 @@ def stored_secret(path: Path) -> str:
                 os.link(candidate, path)
         finally:
             candidate.unlink()
-    return path.read_text().strip()
+    secret = path.read_text().strip()
+    if len(secret) < MIN_SECRET_CHARS:  # an empty token would mean no authentication at all
+        raise ValueError(f"{path} holds no usable secret (under {MIN_SECRET_CHARS} characters); delete it")
+    return secret
 
 
 def write_private(path: Path, text: str) -> None:

@@ -314,3 +314,18 @@ async def test_the_embedded_nats_server_wants_the_data_dirs_token(tmp_path: Path
         assert code == 1
         assert token not in err
         assert "cannot reach NATS at nats://127.0.0.1:1 (" in err
+
+
+async def test_an_empty_secret_file_is_refused_not_used(tmp_path: Path) -> None:
+    """An empty nats-token would start NATS without authentication, an empty secret sign with ''."""
+    data = tmp_path / "d"
+    data.mkdir()
+    (data / "nats-token").write_text("\n")
+    code, err, _ = await jobcast(
+        "serve", "--port", str(free_port()), "--data-dir", str(data), env=clean_env()
+    )
+    assert code == 2, err
+    assert lines(err) == [
+        f"jobcast: {data / 'nats-token'} holds no usable secret (under 32 characters); delete it"
+    ]
+    assert nats_servers_on(data / "nats") == []
