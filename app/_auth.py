@@ -29,9 +29,9 @@ from litestar.datastructures import Cookie, MutableScopeHeaders
 from litestar.exceptions import NotAuthorizedException, PermissionDeniedException, TooManyRequestsException
 from litestar.handlers.base import BaseRouteHandler
 from litestar.middleware import AbstractAuthenticationMiddleware, AuthenticationResult
-from litestar.middleware.rate_limit import DURATION_VALUES, RateLimitMiddleware
+from litestar.middleware.rate_limit import DURATION_VALUES, RateLimitConfig, RateLimitMiddleware
 from litestar.stores.base import Store
-from litestar.types import Message, Receive, Scope, Send
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from nats.js import JetStreamContext
 from nats.js.errors import KeyDeletedError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
@@ -298,6 +298,10 @@ class CountingRateLimitMiddleware(RateLimitMiddleware):
     16 KB per connection at 1,000, growing with n). Same limit, same 429, same RateLimit-* headers.
     """
 
+    def __init__(self, app: ASGIApp, config: RateLimitConfig) -> None:
+        super().__init__(app, config)
+        self._window_lock = asyncio.Lock()  # one read-count-write of a window at a time
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Count the request in its key's window; 429 once the window is full."""
         app = scope["litestar_app"]
@@ -305,7 +309,7 @@ class CountingRateLimitMiddleware(RateLimitMiddleware):
         if await self.should_check_request(request=request):
             key = self.cache_key_from_request(request)
             store = self.config.get_store_from_app(app)
-            async with self._lock:
+            async with self._window_lock:
                 count, reset = await self._window(key, store)
                 if count >= self.max_requests:
                     headers = self._headers(count, reset) if self.config.set_rate_limit_headers else None

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from litestar.response import ServerSentEvent
 from litestar.response.base import ASGIResponse
+from litestar.response.streaming import ASGIStreamingResponse
 
 from app._hub import Applied, Hub, sse_frame
 from streams import JobStatus
@@ -294,16 +295,18 @@ class SseFanout:
             self._pinger = None
 
 
-class _FollowResponse(ASGIResponse):
-    """The ASGI side of one SSE stream: headers, history, then live frames written by the hub."""
+class _FollowResponse(ASGIStreamingResponse):
+    """The ASGI side of one SSE stream: headers, history, then live frames written by the hub.
+
+    A streaming response (public Litestar API) so that no Content-Length is sent; its body is
+    written by `send_body` below, not by an iterator."""
 
     __slots__ = ("after", "job_id", "owner", "service")
-    _should_set_content_length = False
 
     def __init__(
         self, service: JobService, job_id: str, owner: str | None, after: int, **kwargs: Any
     ) -> None:
-        super().__init__(**kwargs)
+        super().__init__(iterator=(), **kwargs)
         self.service, self.job_id, self.owner, self.after = service, job_id, owner, after
 
     async def send_body(self, send: Send, receive: Receive) -> None:

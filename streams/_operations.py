@@ -33,7 +33,7 @@ class NoopParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Fail transiently on the first N deliveries (for retry tests)."""
     result_bytes: Annotated[int, msgspec.Meta(ge=0, le=10_000_000)] = 0
     """Return a result of about this many bytes (for tests of the result bound)."""
-    hang_s: Annotated[float, msgspec.Meta(ge=0, le=86_400)] = 0.0
+    hang_s: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 0.0
     """After the steps, hang this long without looking at the cancel flag (a stuck handler: only
     the run-time limit or a cancel stops it)."""
     block_s: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 0.0

@@ -76,7 +76,7 @@ async def test_oversized_result_fails_the_job_at_once_and_frees_the_slot(
     assert done["result"] is None
     assert done["error"].startswith("the result is 3000"), done["error"]
     assert f"over the {MAX_RESULT_BYTES}-byte bound" in done["error"]
-    assert took < 5, took
+    assert took < 10, took  # seconds, not the minutes of a publish retried for ever
     await then_next_job_runs(client)
 
 
@@ -226,7 +226,7 @@ async def test_hung_handler_times_out_and_the_worker_takes_the_next_job(
     print(
         f"hung handler stopped {took - 1:.2f} s after its 1 s limit"
     )  # the figure docs/reliability.md quotes
-    assert 1 <= took < 4, took  # limit, then cancel_grace_s, then the task's cancellation
+    assert 1 <= took < 8, took  # limit, then cancel_grace_s, then the task's cancellation (a loaded CI is slow)
     assert "stopping: timed out after 1 s" in steps(events)
     await then_next_job_runs(client)
 

@@ -437,7 +437,10 @@ async def test_transcription_past_its_limit_stops_and_the_worker_carries_on(
     client: httpx.AsyncClient, gpu: WorkerRunner
 ) -> None:
     source = await upload(client, "speech60.mp3", SPEECH60.read_bytes())
-    job = await submit(client, type="transcribe", file_id=source["id"], params=FAST, timeout_s=1)
+    # beam 5 with word timestamps: a few seconds of work even on a quick, idle CPU (with beam 1
+    # a warm tiny.en can finish 60 s of speech inside the 1 s limit)
+    slow = {"beam_size": 5, "word_timestamps": True}
+    job = await submit(client, type="transcribe", file_id=source["id"], params=slow, timeout_s=1)
     done = await wait_terminal(client, job["id"], timeout=30)
     assert (done["status"], done["error"], done["result"]) == ("failed", "timed out after 1 s", None), done
     history = [envelope async for _, envelope in events(client, job["id"])]
