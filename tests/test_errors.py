@@ -366,3 +366,24 @@ async def test_an_expected_error_is_not_logged_as_unexpected(
     assert no_file.json()["error"]["param"] == "file"
     assert missing.status_code == 404
     assert [r for r in caplog.records if r.name == "jobcast.api"] == []
+
+
+async def test_a_websocket_whose_stream_fails_is_logged_with_a_request_id(
+    api: ApiServer,
+    client: httpx.AsyncClient,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The failure happens in a task of the connection, after the handshake: the handler itself
+    # returns normally, so only the handler's own logging can say what happened.
+    job = await submit(client, params={"steps": 0})
+    break_method(monkeypatch, JobService, "history", "history lost")
+    caplog.set_level(logging.ERROR, logger="jobcast.api")
+    path = f"/api/v1/jobs/{job['id']}/ws"
+    async with connect(api.url.replace("http://", "ws://") + path) as ws:
+        await asyncio.wait_for(ws.wait_closed(), 10)
+    [record] = [r for r in caplog.records if getattr(r, "path", None) == path]
+    assert record.method == "WEBSOCKET"
+    assert re.fullmatch(r"[0-9a-f]{32}", record.request_id)
+    assert record.exc_info is not None
+    assert record.exc_info[0] is BrokenError

@@ -15,7 +15,7 @@ from litestar.params import FromPath, FromQuery, HeaderParameter, QueryParameter
 from litestar.response import ServerSentEvent
 
 from app._deps import Owner, Service
-from app._exceptions import NotFoundError, TooManyError, TooSlowError
+from app._exceptions import NotFoundError, TooManyError, TooSlowError, log_unexpected
 from app._hub import Subscription
 from app._jobs import JobService
 from app._schemas import MAX_INT, Job, SseMessage, WsCommand
@@ -137,6 +137,7 @@ class LiveController(Controller):
                     await socket.close(code=1000)
         finally:
             await _cancel(send_task, watch_task)
+            await _log_failures(socket, send_task)
 
     @websocket("/ws", operation_id="eventsSocket")
     async def multi_socket(self, socket: WebSocket[Any, Any, Any], service: Service, owner: Owner) -> None:
@@ -165,6 +166,7 @@ class LiveController(Controller):
                     )
             finally:
                 await _cancel(*tasks)
+                await _log_failures(socket, *tasks)
 
 
 class _Feed:
@@ -315,6 +317,17 @@ async def _close_cut_off(
                 )
     except TimeoutError:
         log.warning("WebSocket client cut off and not reading; dropped without a close frame")
+
+
+async def _log_failures(socket: WebSocket[Any, Any, Any], *tasks: asyncio.Task[None]) -> None:
+    """Log what a connection's task died of, with the request id, as for a failing handler: the
+    handler itself returns normally, so Litestar's exception hook never sees it. A client that
+    left or fell behind is no failure."""
+    for task in tasks:
+        if task.done() and not task.cancelled():
+            exc = task.exception()
+            if isinstance(exc, Exception) and not isinstance(exc, TooSlowError | WebSocketDisconnect):
+                await log_unexpected(exc, socket.scope)
 
 
 async def _cancel(*tasks: asyncio.Task[None]) -> None:
