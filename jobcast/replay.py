@@ -26,27 +26,13 @@ from streams import (
     KIND_HEADER,
     STREAM,
     close_quietly,
-    control_subject,
     decode_event,
-    deleted_subject,
-    events_subject,
     is_terminal,
-    schedule_subject,
+    job_history_subjects,
 )
 
 POLL_S = 0.25
 """How often `follow` looks for new messages once it has printed everything."""
-
-
-def job_subjects(job_id: str) -> list[str]:
-    """The filter subjects of one job's messages in the JOBS stream."""
-    return [
-        f"jobs.submit.*.*.{job_id}",
-        schedule_subject(job_id),
-        events_subject(job_id),
-        control_subject(job_id),
-        deleted_subject(job_id),
-    ]
 
 
 async def _next(js: JetStreamContext, subject: str, seq: int) -> RawStreamMsg | None:
@@ -76,7 +62,7 @@ def _line(msg: RawStreamMsg) -> tuple[dict[str, Any], bool]:
 
 async def _print_messages(js: JetStreamContext, job_id: str, follow: bool) -> int:
     """Print the job's messages; returns how many were printed."""
-    subjects = job_subjects(job_id)
+    subjects = job_history_subjects(job_id)
     printed = 0
     after = 0  # the last sequence printed
     heads: dict[str, RawStreamMsg | None] = {s: await _next(js, s, after + 1) for s in subjects}

@@ -81,6 +81,18 @@ def job_subjects(job_id: str, pool: str, priority: int) -> list[str]:
     ]
 
 
+def job_history_subjects(job_id: str) -> list[str]:
+    """Filter subjects of every message a job has in the stream, its tombstone included, whatever
+    its pool and priority (for reading a job's history, as `jobcast events replay` does)."""
+    return [
+        f"{SUBMIT_PREFIX}.*.*.{job_id}",
+        schedule_subject(job_id),
+        events_subject(job_id),
+        control_subject(job_id),
+        deleted_subject(job_id),
+    ]
+
+
 def job_id_of(subject: str) -> str:
     """The job id is always the last token of a jobs.* subject."""
     return subject.rsplit(".", 1)[-1]
