@@ -196,6 +196,11 @@ def document_errors(app: Litestar) -> None:
                 handler.responses = {**ERROR_RESPONSES, **(handler.responses or {})}
 
 
+def queue_unavailable(exc: BaseException) -> UnavailableError:
+    """The one wording of a 503 for NATS that did not answer (raise it `from exc`)."""
+    return UnavailableError(f"the job queue is unavailable ({type(exc).__name__}); try again")
+
+
 def not_found(what: str, ident: str) -> NotFoundError:
     """The one wording of a 404."""
     return NotFoundError(f"{what} {ident} not found")
@@ -217,6 +222,7 @@ __all__ = [
     "error_to_http",
     "log_unexpected",
     "not_found",
+    "queue_unavailable",
     "request_id",
     "send_request_id",
     "status_of",

@@ -17,7 +17,7 @@ from nats.js.object_store import ObjectStore
 from sqlalchemy import func, select
 
 from app._db import FileRow
-from app._exceptions import NotFoundError, UnavailableError, not_found
+from app._exceptions import NotFoundError, not_found, queue_unavailable
 from app._jobs import JobService
 from app._schemas import FileInfo, FilePage
 from streams import STREAM, FileDeleted, FileStored, digest, file_url, files_subject, safe_name
@@ -130,7 +130,7 @@ class FileService:
         try:
             await self.jobs.js.purge_stream(STREAM, subject=files_subject(file_id))
         except (nats.errors.Error, TimeoutError) as exc:
-            raise UnavailableError(f"the job queue is unavailable ({type(exc).__name__}); try again") from exc
+            raise queue_unavailable(exc) from exc
         ack = await self.jobs.publish(FileDeleted(job_id="", file_id=file_id))
         await self.jobs.wait_applied(ack.seq, file_id)
 

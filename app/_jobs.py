@@ -28,6 +28,7 @@ from app._exceptions import (
     TooSlowError,
     UnavailableError,
     not_found,
+    queue_unavailable,
 )
 from app._hub import Applied, Hub
 from app._projection import Handoff, Projection
@@ -571,9 +572,7 @@ class JobService:
             try:
                 info = await self.js.stream_info(STREAM)
             except (nats.errors.Error, TimeoutError) as exc:
-                raise UnavailableError(
-                    f"the job queue is unavailable ({type(exc).__name__}); try again"
-                ) from exc
+                raise queue_unavailable(exc) from exc
             used, limit = info.state.bytes, info.config.max_bytes or -1
             self._storage = (now, used, limit)
         if limit > 0 and used >= limit * ADMISSION_SHARE:
@@ -627,7 +626,7 @@ class JobService:
                 ) from exc
             raise UnavailableError(f"the job queue is unavailable ({exc.description}); try again") from exc
         except (nats.errors.Error, TimeoutError) as exc:
-            raise UnavailableError(f"the job queue is unavailable ({type(exc).__name__}); try again") from exc
+            raise queue_unavailable(exc) from exc
 
     async def wait_applied(self, seq: int, ident: str) -> None:
         """Read-your-writes for other resources (files)."""

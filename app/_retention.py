@@ -23,7 +23,7 @@ from sqlalchemy import and_, exists, func, or_, select
 from sqlalchemy.orm import aliased
 
 from app._db import FileRow, JobRow
-from app._exceptions import ConflictError, UnavailableError, not_found
+from app._exceptions import ConflictError, UnavailableError, not_found, queue_unavailable
 from app._files import FileService
 from app._jobs import JobService
 from app._schemas import CleanupReport
@@ -96,7 +96,7 @@ class Retention:
                 chunk = subjects[start : start + PARALLEL]
                 await asyncio.gather(*(self.service.js.purge_stream(STREAM, subject=s) for s in chunk))
         except (nats.errors.Error, TimeoutError) as exc:
-            raise UnavailableError(f"the job queue is unavailable ({type(exc).__name__}); try again") from exc
+            raise queue_unavailable(exc) from exc
         tombstone = Deleted(job_id=head.id, attempt=head.attempt, files=files)
         ack = await self.service.publish(tombstone, msg_id=f"{head.id}:deleted")
         await self.service.wait_applied(ack.seq, head.id)
@@ -114,9 +114,7 @@ class Retention:
             except NotFoundError:
                 pass
             except (nats.errors.Error, TimeoutError) as exc:
-                raise UnavailableError(
-                    f"the job queue is unavailable ({type(exc).__name__}); try again"
-                ) from exc
+                raise queue_unavailable(exc) from exc
             record = FileStored(
                 job_id=row.job_id or "", file_id=row.id, owner=row.owner, name=row.name,
                 content_type=row.content_type, size=row.size, sha256=row.sha256, ts=row.created_at,
