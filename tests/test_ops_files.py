@@ -87,6 +87,12 @@ def test_compose_wires_every_process_to_the_nats_service(compose: dict[str, Any]
         assert llm[var].startswith("${" + var), (var, llm[var])  # taken from the host's environment
     for pool in ("gpu", "cpu"):
         assert not any(k.startswith("JOBCAST_LLM") for k in _env(services[f"worker-{pool}"]))
+    # The API checks a job's base_url against the same endpoints as the llm workers; the key
+    # itself goes to the llm workers only.
+    api = _env(services["api"])
+    for var in ("JOBCAST_LLM_BASE_URL", "JOBCAST_LLM_ALLOWED_BASE_URLS"):
+        assert api[var] == llm[var], var
+    assert "JOBCAST_LLM_API_KEY" not in api
 
 
 def test_compose_gpu_reservation(compose: dict[str, Any]) -> None:
