@@ -193,8 +193,13 @@ class JobContext:
         return await self.files.fetch(self.job.file_id, self.workdir)
 
     async def save_output(self, path: Path, name: str, content_type: str) -> dict[str, Any]:
-        """Store an output file as the job owner's; returns its result entry (id, name, url, ...)."""
+        """Store an output file as the job owner's; returns its result entry (id, name, url, ...).
+
+        Raises JobCancelledError once the job was cancelled or ran past its limit: work that ended
+        after it was told to stop (whisper finishing its last segment) leaves no outputs behind.
+        """
         assert self.files is not None, "the runtime provides file access"
+        self.check_cancelled()
         return await self.files.save(path, name, content_type, self.job.owner, self.job.job_id)
 
     def media_duration(self, seconds: float) -> None:
