@@ -39,6 +39,8 @@ async def read_sse(
             assert source.response.status_code == 200
             assert source.response.headers["content-type"].startswith("text/event-stream")
             async for sse in source.aiter_sse():
+                if not sse.data:
+                    continue  # a keep-alive comment: httpx-sse yields it as an empty event
                 seen.append((int(sse.id), sse.event, json.loads(sse.data)))
                 if limit is not None and len(seen) >= limit:
                     break
