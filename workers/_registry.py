@@ -8,6 +8,7 @@ from workers.convert import convert
 from workers.fix_srt import fix_srt
 from workers.noop import noop
 from workers.transcribe import generate_srt, transcribe
+from workers.whisper import MODEL_CACHE
 
 HANDLERS: dict[str, Handler] = {
     "noop": noop,
@@ -24,3 +25,8 @@ assert not _missing, f"operations without a handler: {_missing}"
 def handlers_for_pool(pool: str) -> dict[str, Handler]:
     """The handlers whose operations run on `pool`."""
     return {name: h for name, h in HANDLERS.items() if OPERATIONS[name].pool == pool}
+
+
+def models_loaded() -> int:
+    """Models the handlers of this process hold loaded (the whisper cache; no other keeps any)."""
+    return len(MODEL_CACHE)
