@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
@@ -349,3 +351,31 @@ async def test_max_llm_concurrency_bounds_requests_across_all_jobs_of_a_worker(
         fixed = subtitles.validate_srt((await download(client, output["file_id"])).text)
         assert [c.lines for c in fixed] == [[f"Job {j} says line {n}."] for n in range(1, cues + 1)]
         assert [(c.start, c.end) for c in fixed] == [(2.0 * n, 2.0 * n + 1.5) for n in range(1, cues + 1)]
+
+
+async def test_configured_endpoint_redirecting_elsewhere_is_not_followed(server: FakeLLM) -> None:
+    """A redirect from the configured endpoint is an error: the subtitles and the key stay put."""
+
+    class Redirect(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self.send_response(307)
+            self.send_header("Location", f"{server.base_url}/chat/completions")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    redirector = ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    thread = threading.Thread(target=redirector.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+    thread.start()
+    try:
+        target = Endpoint(base_url=f"http://127.0.0.1:{redirector.server_address[1]}/v1", api_key=KEY)
+        with pytest.raises(LLMError, match="307"):
+            await fix(server, make_cues("hello"), target=target, max_retries=0)
+    finally:
+        redirector.shutdown()
+        redirector.server_close()
+        thread.join()
+    assert server.requests == []
