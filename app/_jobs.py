@@ -19,7 +19,7 @@ from nats.js.api import PubAck
 from sqlalchemy import Connection, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app._db import JOBS, Database, EventRow, FileRow, JobRow, queue_counts
+from app._db import JOBS, Database, EventRow, FileRow, JobRow
 from app._exceptions import (
     ConflictError,
     NotFoundError,
@@ -32,6 +32,7 @@ from app._exceptions import (
 )
 from app._hub import Applied, Hub
 from app._projection import Handoff, Projection
+from app._queue import BATCH_POOL, page_positions, queue_position
 from app._schemas import (
     BatchItem,
     EventEnvelope,
@@ -183,19 +184,7 @@ class JobService:
         """The job, if `owner` may see it (None: any owner); raises NotFoundError."""
         with self.db.reader.connect() as conn:  # two indexed reads: quicker than a thread hop
             row = self._visible_row(conn, job_id, owner)
-            if row.status != JobStatus.PENDING or row.pool == BATCH_POOL:
-                return job_view(row)
-            active, ahead = queue_counts(conn, row)
-        return job_view(row, QueuePosition(ahead=ahead, total_active=active))
-
-    @staticmethod
-    def _view(handoff: Handoff) -> Job:
-        """The job as the projection handed it over, with the queue position it counted."""
-        row, counts = handoff.row, handoff.queue_counts  # counts: set for every pending job
-        if counts is None or row.status != JobStatus.PENDING or row.pool == BATCH_POOL:
-            return job_view(row)
-        active, ahead = counts
-        return job_view(row, QueuePosition(ahead=ahead, total_active=active))
+            return job_view(row, queue_position(conn, row))
 
     async def check_visible(self, job_id: str, owner: str | None) -> None:
         """NotFoundError unless the job exists for `owner`; unlike `get`, no queue-position counts
@@ -225,7 +214,7 @@ class JobService:
             rows = await session.scalars(
                 select(JobRow).where(JobRow.parent_id == job_id).order_by(JobRow.submit_seq)
             )
-            return [job_view(row) for row in rows]
+            return await self._with_positions(session, list(rows))
 
     async def find(self, where: JobFilter, limit: int, offset: int) -> JobPage:
         """A page of jobs, newest first, and the total that match."""
@@ -250,8 +239,14 @@ class JobService:
         async with self.db.session() as session:
             total = await session.scalar(select(func.count()).select_from(query.subquery()))
             rows = await session.scalars(query.order_by(JobRow.submit_seq.desc()).limit(limit).offset(offset))
-            items = [job_view(row) for row in rows]
+            items = await self._with_positions(session, list(rows))
         return JobPage(items=items, total=total or 0, limit=limit, offset=offset)
+
+    @staticmethod
+    async def _with_positions(session: AsyncSession, rows: list[JobRow]) -> list[Job]:
+        """The jobs of a list, with their queue positions counted for all of them at once."""
+        positions = await session.run_sync(page_positions, rows)
+        return [job_view(row, positions[row.id]) for row in rows]
 
     async def history(
         self, job_id: str, after: int, limit: int | None = None
@@ -380,7 +375,7 @@ class JobService:
                     continue  # the key's job of this id was deleted: the next id is a new job
                 handoff = await self._applied(ack.seq, job_id)
             if handoff is not None and handoff.row.owner == owner:
-                return self._view(handoff), not ack.duplicate
+                return job_view(handoff.row, handoff.position), not ack.duplicate
             if (job := await self._existing(job_id, owner)) is not None:
                 return job, not ack.duplicate  # not handed over: read it back
             if not ack.duplicate:
@@ -557,7 +552,8 @@ class JobService:
                 .order_by(JOBS.c.submit_seq.desc())
                 .limit(1)
             ).first()
-        return None if found is None else job_view(JobRow(**found._mapping))
+            row = None if found is None else JobRow(**found._mapping)
+            return None if row is None else job_view(row, queue_position(conn, row))
 
     async def check_storage(self) -> None:
         """StorageFullError (503) while the stream holds ADMISSION_SHARE of its max_bytes: new work
@@ -642,9 +638,6 @@ class JobService:
                 f"job {job_id} was accepted but is not visible yet; poll GET /api/v1/jobs/{job_id}"
             ) from None
 
-
-BATCH_POOL = "batch"
-"""A batch parent's pool: no worker consumes it; its state follows its children."""
 
 _IDEMPOTENCY_NAMESPACE = uuid.UUID("0f0b7a54-5b0e-4d43-8c36-8a1f7a2a6a11")
 MAX_KEY_GENERATIONS = 64
