@@ -67,6 +67,8 @@ class JobRow(Base):
     description: Mapped[str] = mapped_column(Text, default="")
     params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     file_id: Mapped[str | None] = mapped_column(String(64))
+    file_name: Mapped[str | None] = mapped_column(String(256))
+    """The input file's name when the job was submitted (it outlives the file)."""
     parent_id: Mapped[str | None] = mapped_column(String(64))
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     current_step: Mapped[str] = mapped_column(Text, default="")

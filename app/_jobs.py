@@ -93,7 +93,8 @@ def job_view(row: JobRow, queue_position: QueuePosition | None = None) -> Job:
     """The client's view of a job row."""
     return Job(
         id=row.id, type=row.type, pool=row.pool, status=row.status, title=row.title,
-        description=row.description, params=row.params, file_id=row.file_id, progress=row.progress,
+        description=row.description, params=row.params, file_id=row.file_id, file_name=row.file_name,
+        progress=row.progress,
         current_step=row.current_step, result=row.result, error=row.error, attempt=row.attempt,
         max_attempts=row.max_attempts, timeout_s=row.timeout_s, priority=row.priority, owner=row.owner,
         parent_id=row.parent_id, worker=row.worker, held_by=row.held_by, exhausted=row.exhausted,
@@ -354,7 +355,7 @@ class JobService:
         whether it is new (False: the idempotency key named an existing job)."""
         spec = operation(body.type)
         params = validate_params(spec, body.params, self.settings.llm_endpoints)
-        await self._check_input(spec, body.file_id, owner, "`$.file_id`")
+        file_name = await self._check_input(spec, body.file_id, owner, "`$.file_id`")
         scheduled_for = _utc(body.scheduled_for)
         key = body.client_request_id or idempotency_key
         if key and (existing := self._keyed(owner, key)) is not None:
@@ -366,7 +367,7 @@ class JobService:
                 description=body.description, file_id=body.file_id, priority=body.priority,
                 max_attempts=body.max_attempts or spec.max_attempts, client_request_id=key,
                 scheduled_for=scheduled_for, callback_url=body.callback_url,
-                timeout_s=body.timeout_s,
+                timeout_s=body.timeout_s, file_name=file_name,
             )  # fmt: skip
             with self.projection.expecting(job_id):
                 try:
@@ -394,9 +395,10 @@ class JobService:
         items = body.items if body.items is not None else [BatchItem(file_id=f) for f in body.file_ids or []]
         if not items:
             raise InvalidParamsError("a batch needs at least one file or item - at `$.items`")
+        names = []
         for index, item in enumerate(items):
             where = f"`$.file_ids[{index}]`" if body.file_ids is not None else f"`$.items[{index}].file_id`"
-            await self._check_input(spec, item.file_id, owner, where)
+            names.append(await self._check_input(spec, item.file_id, owner, where))
         check_llm_endpoint(spec, body.params, self.settings.llm_endpoints)  # named where it was given
         children_params = []
         for index, item in enumerate(items):
@@ -441,11 +443,12 @@ class JobService:
                 params=params,
                 title=item.title or f"{body.title or spec.name} #{index + 1}",
                 file_id=item.file_id,
+                file_name=name,
                 parent_id=parent_id,
                 timeout_s=body.timeout_s,
                 **common,
             )
-            for index, (item, params) in enumerate(zip(items, children_params, strict=True))
+            for index, (item, params, name) in enumerate(zip(items, children_params, names, strict=True))
         ]
         acks = await asyncio.gather(*(self.publish(child) for child in children))
         await self._applied(max([ack.seq, *(a.seq for a in acks)]), parent_id)
@@ -524,10 +527,12 @@ class JobService:
         await self._applied(ack.seq, job_id)
         return await self.get(job_id, None)
 
-    async def _check_input(self, spec: OperationSpec, file_id: str | None, owner: str, where: str) -> None:
-        """An operation that reads a file needs one, and it must be the caller's."""
+    async def _check_input(
+        self, spec: OperationSpec, file_id: str | None, owner: str, where: str
+    ) -> str | None:
+        """An operation that reads a file needs one, and it must be the caller's; returns its name."""
         if not spec.needs_file:
-            return
+            return None
         if file_id is None:
             raise InvalidParamsError(
                 f"operation {spec.name!r} needs an input file: upload it, then give its id - at {where}"
@@ -536,6 +541,7 @@ class JobService:
             row = await session.get(FileRow, file_id)
         if row is None or row.owner != owner:
             raise not_found("file", file_id)
+        return row.name
 
     async def _existing(self, job_id: str, owner: str) -> Job | None:
         try:
@@ -698,5 +704,5 @@ def _resubmission(row: JobRow) -> Submitted:
         params=row.params, title=row.title, description=row.description, file_id=row.file_id,
         parent_id=row.parent_id, max_attempts=row.max_attempts, priority=row.priority,
         created_at=row.created_at, client_request_id=row.client_request_id, callback_url=row.callback_url,
-        timeout_s=row.timeout_s,
+        timeout_s=row.timeout_s, file_name=row.file_name,
     )  # fmt: skip

@@ -118,6 +118,8 @@ class Job(msgspec.Struct, kw_only=True):
     description: str
     params: dict[str, Any]
     file_id: str | None
+    file_name: str | None
+    """The input file's name when the job was submitted; it stays after the file is deleted."""
     progress: float
     current_step: str
     result: dict[str, Any] | None
