@@ -274,3 +274,30 @@ async def test_keys_are_the_rest_of_the_apis(nats_server: NatsServer, settings: 
             assert "output" in accepted.text
     finally:
         await server.stop()
+
+
+async def test_bazarr_sends_its_key_in_the_endpoint_url(
+    nats_server: NatsServer, settings: Settings, gpu: WorkerRunner
+) -> None:
+    key = await put_key(nats_server.url, "bazarr")
+    server = ApiServer(settings)
+    await server.start()
+    host = server.url.removeprefix("http://")
+    pcm = pcm_s16le_16k(JFK)
+    bazarr, wrong = Bazarr(f"http://bazarr:{key}@{host}"), Bazarr(f"http://bazarr:wrong@{host}")
+    try:  # requests sends a URL's user and password as HTTP Basic, Bazarr no header of its own
+        detected = await asyncio.to_thread(bazarr.detect_language, pcm, "film.mkv")
+        refused = await asyncio.to_thread(wrong.detect_language, pcm, "film.mkv")
+        async with httpx.AsyncClient(base_url=server.url, timeout=30, auth=("bazarr", key)) as basic:
+            elsewhere = await basic.get("/api/v1/jobs")  # Basic counts on these two routes only
+        async with httpx.AsyncClient(base_url=server.url, timeout=30, headers={"X-API-Key": key}) as http:
+            (job,) = await jobs(http, "detect_language")
+    finally:
+        bazarr.session.close()
+        wrong.session.close()
+        await server.stop()
+    assert detected.status_code == 200, detected.text
+    assert detected.json()["detected_language"] == "english"
+    assert refused.status_code == 401, refused.text
+    assert elsewhere.status_code == 401, elsewhere.text
+    assert job["owner"] == "bazarr"
