@@ -16,11 +16,12 @@ from urllib.parse import quote
 import msgspec
 from litestar import Controller, MediaType, Request, Response, post
 from litestar.datastructures import UploadFile
+from litestar.exceptions import ClientException
 from litestar.params import FromQuery, QueryParameter
 from litestar.status_codes import HTTP_400_BAD_REQUEST, HTTP_413_REQUEST_ENTITY_TOO_LARGE
 
 from app._deps import FilesDep, Owner, Service
-from app._exceptions import ErrorBody, StatusError
+from app._exceptions import StatusError
 from app._files import FileService
 from app._languages import WHISPER_LANGUAGES
 from app._schemas import FileInfo, Job, SubmitJob
@@ -86,13 +87,23 @@ async def _store(
         await close_uploads(form)
 
 
-def _failed(job: Job) -> Response[ErrorBody]:
-    """A job that did not complete, answered as jobcast's errors are, with the worker's reason."""
+class DetectedLanguage(msgspec.Struct, kw_only=True):
+    """The answer of `/detect-language`, as upstream's."""
+
+    detected_language: str
+    """Whisper's name of the language, e.g. `english`."""
+    language_code: str
+    """Its code, e.g. `en`."""
+    confidence: float
+    """The model's probability for it (1 for an English-only model)."""
+
+
+def _completed(job: Job) -> Job:
+    """The job, if it completed; a 400 with the worker's reason (as jobcast's errors are) if not."""
+    if job.status == JobStatus.COMPLETED:
+        return job
     reason = job.error or f"the job was {job.status}"
-    body = ErrorBody(status_code=HTTP_400_BAD_REQUEST, detail=reason)
-    return Response(
-        body, status_code=HTTP_400_BAD_REQUEST, media_type=MediaType.JSON, headers=_job_header(job)
-    )
+    raise ClientException(reason, status_code=HTTP_400_BAD_REQUEST, headers=_job_header(job))
 
 
 def _job_header(job: Job) -> dict[str, str]:
@@ -134,7 +145,7 @@ class WhisperAsrController(Controller):
     path = "/"
     tags = ["whisper-asr-webservice"]
 
-    @post("/asr", status_code=200, operation_id="asr")
+    @post("/asr", status_code=200, operation_id="asr", media_type=TEXT)
     async def asr(
         self,
         request: Request[Any, Any, Any],
@@ -152,7 +163,7 @@ class WhisperAsrController(Controller):
         max_speakers: FromQuery[int | None] = None,
         output: FromQuery[Output] = "txt",
         video_file: VideoFile = None,
-    ) -> Response[Any]:
+    ) -> Response[str]:
         """Speech to text (multipart `audio_file`) as txt, vtt, srt, tsv or json, the way
         whisper-asr-webservice answers; `min_speakers`/`max_speakers` are accepted and unused, as
         upstream's faster_whisper engine does; `diarize` is refused: jobcast does not diarize."""
@@ -173,9 +184,7 @@ class WhisperAsrController(Controller):
         submitted = SubmitJob(
             type="generate_srt" if subtitles else "transcribe", params=params, file_id=stored.id
         )
-        job = await run_to_end(request, service, submitted, owner)
-        if job.status != JobStatus.COMPLETED:
-            return _failed(job)
+        job = _completed(await run_to_end(request, service, submitted, owner))
         if subtitles:
             body = await output_text(files, job, owner, f".{output}")
         else:
@@ -196,21 +205,20 @@ class WhisperAsrController(Controller):
         owner: Owner,
         encode: Encode = True,
         video_file: VideoFile = None,
-    ) -> Response[Any]:
+    ) -> Response[DetectedLanguage]:
         """The language spoken in the first 30 s of the multipart `audio_file`:
         `{detected_language, language_code, confidence}` (an English-only model answers english)."""
         stored, _ = await _store(request, files, owner, encode, video_file, DETECTION_S)
-        job = await run_to_end(request, service, SubmitJob(type="detect_language", file_id=stored.id), owner)
-        if job.status != JobStatus.COMPLETED:
-            return _failed(job)
+        submitted = SubmitJob(type="detect_language", file_id=stored.id)
+        job = _completed(await run_to_end(request, service, submitted, owner))
         result = job.result or {}
         code = str(result.get("language"))
-        body = {
-            "detected_language": WHISPER_LANGUAGES.get(code, code),
-            "language_code": code,
-            "confidence": result.get("language_probability"),
-        }
+        body = DetectedLanguage(
+            detected_language=WHISPER_LANGUAGES.get(code, code),
+            language_code=code,
+            confidence=float(result.get("language_probability") or 0.0),
+        )
         return Response(body, media_type=MediaType.JSON, headers=_job_header(job))
 
 
-__all__ = ["WhisperAsrController", "render"]
+__all__ = ["DetectedLanguage", "WhisperAsrController", "render"]
