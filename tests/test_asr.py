@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -144,7 +145,9 @@ async def test_bazarr_detects_the_language_and_gets_srt_subtitles(
 async def test_detect_language_stores_only_the_first_30_s_of_raw_pcm(
     api: ApiServer, http: httpx.AsyncClient, gpu: WorkerRunner
 ) -> None:
-    pcm = pcm_s16le_16k(JFK) * 4  # 44 s, as Bazarr sends a whole film's audio track
+    pcm = (
+        pcm_s16le_16k(JFK) * 4
+    )  # 44 s (1.4 MB, past the JSON body limit), as Bazarr sends a whole film's audio
     bazarr = Bazarr(api.url)
     try:
         detected = await asyncio.to_thread(bazarr.detect_language, pcm, "film.mkv")
@@ -228,6 +231,21 @@ async def test_what_jobcast_cannot_do_is_a_clear_400(http: httpx.AsyncClient) ->
     assert "audio_file" in response.json()["detail"]
     assert await jobs(http, "transcribe") == []  # nothing was submitted, nothing stored
     assert (await http.get("/api/v1/files")).json()["items"] == []
+
+
+async def test_uploads_past_the_upload_limit_are_refused(settings: Settings) -> None:
+    server = ApiServer(replace(settings, max_upload_bytes=2**20))
+    await server.start()
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+            big = {"audio_file": pcm_s16le_16k(JFK) * 4}
+            for route in ("/asr", "/detect-language"):
+                response = await http.post(route, params={"encode": "false"}, files=big)
+                assert response.status_code == 413, response.text
+                assert "too large" in response.json()["detail"].lower()
+            assert (await http.get("/api/v1/files")).json()["items"] == []
+    finally:
+        await server.stop()
 
 
 async def test_a_failed_job_answers_its_reason(http: httpx.AsyncClient, gpu: WorkerRunner) -> None:

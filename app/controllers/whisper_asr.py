@@ -45,7 +45,7 @@ Encode = Annotated[
 VideoFile = Annotated[
     str | None,
     QueryParameter(
-        description="The video the audio comes from (Bazarr's `pass_video_name`): names the stored audio"
+        description="The video the audio comes from (Bazarr's `pass_video_name`): names raw PCM's stored WAV"
     ),
 ]
 
@@ -110,16 +110,10 @@ def _job_header(job: Job) -> dict[str, str]:
     return {"X-Jobcast-Job-Id": job.id}
 
 
-def _segments(transcript: dict[str, Any]) -> list[dict[str, Any]]:
-    """The transcript's segments (the .json output of a transcribe job)."""
-    segments: list[dict[str, Any]] = transcript.get("segments") or []
-    return segments
-
-
 def render(transcript: dict[str, Any], output: Output) -> str:
     """A transcript as upstream writes txt (a line per segment), tsv (milliseconds) and json (the
     whisper result: `text`, `segments`, `language`)."""
-    segments = _segments(transcript)
+    segments: list[dict[str, Any]] = transcript.get("segments") or []
     if output == "txt":
         return "".join(f"{s['text'].strip()}\n" for s in segments)
     if output == "tsv":
