@@ -48,12 +48,13 @@ from app.controllers.metrics import MetricsController
 from app.controllers.openai_audio import OpenAIAudioController
 from app.controllers.queue import QueueController
 from app.controllers.ui import UiController, login_redirect, to_ui
+from app.controllers.whisper_asr import WhisperAsrController
 from streams import TaskSupervisor, close_quietly, connect, ensure_stream, files_store, is_loopback
 
 log = logging.getLogger("jobcast.api")
 
 UI_FILES = Path(__file__).resolve().parent
-UPLOAD_OPERATIONS = {"uploadFile", "createTranscription"}
+UPLOAD_OPERATIONS = {"uploadFile", "createTranscription", "asr", "detectLanguage"}
 """Routes whose bodies are media files, limited by JOBCAST_MAX_UPLOAD_MB instead."""
 
 
@@ -124,6 +125,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             AdminController,
             HealthController,
             OpenAIAudioController,
+            WhisperAsrController,
             UiController,
             to_ui,
             create_static_files_router(
