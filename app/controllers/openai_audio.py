@@ -212,14 +212,14 @@ class OpenAIAudioController(Controller):
         result = job.result or {}
         if response_format in ("srt", "vtt"):
             text = await output_text(files, job, owner, f".{response_format}")
-            return Response(text, media_type="text/plain; charset=utf-8", headers=headers)
+            return Response(text, media_type=MediaType.TEXT, headers=headers)
         if response_format == "verbose_json":
             # Segments and words live only in the job's .json output, never in its (bounded) result.
             transcript = msgspec.json.decode(await output_text(files, job, owner, ".json"))
             return Response(_verbose(transcript, words, segments), media_type=MediaType.JSON, headers=headers)
         text = await _full_text(files, job, owner)
         if response_format == "text":
-            return Response(f"{text}\n", media_type="text/plain; charset=utf-8", headers=headers)
+            return Response(f"{text}\n", media_type=MediaType.TEXT, headers=headers)
         body = {"text": text, "usage": {"type": "duration", "seconds": _seconds(result)}}
         return Response(body, media_type=MediaType.JSON, headers=headers)
 
