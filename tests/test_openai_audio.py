@@ -268,4 +268,4 @@ async def test_text_answers_name_their_charset_once(caller: Caller, gpu: WorkerR
         )
         assert response.status_code == 200, response.text
         assert response.headers["content-type"] == "text/plain; charset=utf-8"
-        assert "ask not what your country" in response.text.lower()
+        assert "ask not what" in response.text.lower()
