@@ -33,6 +33,7 @@ from app._hub import Hub
 from app._jobs import JobService
 from app._metrics import Metrics
 from app._projection import Projection
+from app._query import QueryCheck
 from app._retention import Retention
 from app._settings import Settings, get_settings
 from app._stats import Stats
@@ -148,6 +149,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 exclude=["^/health$", "^/ready$", "^/schema", f"^{UI_PREFIX}/static/"],
                 middleware_class=CountingRateLimitMiddleware,
             ).middleware,
+            QueryCheck(),  # after the key check: an unknown caller learns nothing about parameters
         ],
         exception_handlers={**ERROR_HANDLERS, LoginRequired: login_redirect},
         after_exception=[log_unexpected],
