@@ -157,7 +157,9 @@ def create_app(settings: Settings | None = None) -> Litestar:
         logging_config=None,  # the process's own (JSON) logging stays; Litestar's would replace it
         dependencies=DEPENDENCIES,
         request_max_body_size=settings.max_request_bytes,
-        openapi_config=OpenAPIConfig(title="jobcast", version="0.1.0", path="/schema"),
+        openapi_config=OpenAPIConfig(
+            title="jobcast", version="0.1.0", path="/schema", use_handler_docstrings=True
+        ),
     )
     document_errors(app)
     for route in app.routes:  # uploads may be large; every other body is small JSON

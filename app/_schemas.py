@@ -34,6 +34,7 @@ CallbackUrl = Annotated[str, msgspec.Meta(pattern=r"^https?://", max_length=2000
 
 OperationName = Annotated[str, msgspec.Meta(min_length=1, max_length=64, examples=["noop"])]
 Params = Annotated[dict[str, Any], msgspec.Meta(examples=[{"steps": 3, "duration_s": 0.3}])]
+SEED_JOB_TYPE = "Seed 003's name of `type` (the operation)"
 
 
 class SubmitJob(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -43,12 +44,10 @@ class SubmitJob(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
     type: OperationName = ""
     """The operation, e.g. `noop` (required, unless given as `job_type`)."""
-    job_type: OperationName | None = None
-    """Seed 003's name of `type`."""
+    job_type: Annotated[OperationName | None, msgspec.Meta(description=SEED_JOB_TYPE)] = None
     params: Params | None = None
     """Operation parameters, validated against the operation's schema (default `{}`)."""
-    parameters: Params | None = None
-    """Seed 003's name of `params`."""
+    parameters: Annotated[Params | None, msgspec.Meta(description="Seed 003's name of `params`")] = None
     title: Annotated[str, msgspec.Meta(max_length=500, examples=["a quick check"])] = ""
     description: Description | None = ""
     """Free text; `null` (as seed 003's clients send it) is the same as empty."""
@@ -160,14 +159,12 @@ class Job(msgspec.Struct, kw_only=True):
     started_at: datetime | None
     completed_at: datetime | None
     updated_at: datetime
-    job_type: str = ""
-    """Seed 003's name of `type`."""
-    progress_percentage: int = 0
-    """Seed 003's progress: `progress` (0-100) rounded down, so 100 only once it is complete."""
-    progress_message: str = ""
-    """Seed 003's name of `current_step`."""
-    error_message: str | None = None
-    """Seed 003's name of `error`."""
+    job_type: Annotated[str, msgspec.Meta(description=SEED_JOB_TYPE)] = ""
+    progress_percentage: Annotated[
+        int, msgspec.Meta(description="Seed 003's progress: `progress` rounded down, 100 only once complete")
+    ] = 0
+    progress_message: Annotated[str, msgspec.Meta(description="Seed 003's name of `current_step`")] = ""
+    error_message: Annotated[str | None, msgspec.Meta(description="Seed 003's name of `error`")] = None
 
     def __post_init__(self) -> None:
         """Seed 003's names always say what jobcast's say."""
