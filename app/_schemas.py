@@ -110,12 +110,21 @@ class SubmitBatch(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 class QueuePosition(msgspec.Struct, kw_only=True):
-    """Where a pending job stands in its pool's queue."""
+    """Where a job stands in its pool's queue, as seed 001 counts it (app/_queue.py).
+
+    Pending and retrying jobs wait in the queue (a retrying one keeps its submission's place and
+    is taken again once its backoff ends); workers take them by priority, then in stream order.
+    A running job is at the head: `{ahead: 0, total_active}`. A finished one (completed, failed,
+    cancelled) is in no queue: `{ahead: 0, total_active: 0}`. A scheduled job joins the queue when
+    it is due, and a batch parent is in none (its children are): theirs is null.
+    """
 
     ahead: int
-    """Pending jobs of the same pool that workers will take before this one."""
+    """Jobs of the same pool a worker serves before this one: the pool's running jobs, and the
+    pending or retrying ones of a higher priority, or of the same one submitted earlier."""
     total_active: int
-    """Active jobs (pending, scheduled, running, retrying) in the pool."""
+    """The pool's jobs in the queue or held by a worker: pending, retrying and running (not
+    scheduled ones, not yet due)."""
 
 
 class Job(msgspec.Struct, kw_only=True):
@@ -131,6 +140,8 @@ class Job(msgspec.Struct, kw_only=True):
     description: str
     params: dict[str, Any]
     file_id: str | None
+    file_name: str | None
+    """The input file's name when the job was submitted; it stays after the file is deleted."""
     progress: float
     current_step: str
     result: dict[str, Any] | None
@@ -152,7 +163,7 @@ class Job(msgspec.Struct, kw_only=True):
     callback_url: str | None
     callback_status: str | None
     queue_position: QueuePosition | None
-    """Only while pending."""
+    """Null for a scheduled job and a batch parent (see QueuePosition)."""
     last_event_id: int
     """Stream sequence of the job's newest event: resume SSE from here with Last-Event-ID."""
     created_at: datetime

@@ -17,7 +17,7 @@ from nats.js.errors import NotFoundError as NatsNotFoundError
 from sqlalchemy import func, select
 
 from app._db import Database, JobRow
-from app._jobs import BATCH_POOL
+from app._queue import BATCH_POOL
 from app._schemas import QueueHealth, QueueStats, QueueSummary, Statistics, TypeStatistics
 from streams import PRIORITIES, STREAM, JobStatus, Pool, WorkerConsumer, WorkerInfo, workers_bucket
 
