@@ -33,6 +33,7 @@ from app._hub import Hub
 from app._jobs import JobService
 from app._metrics import Metrics
 from app._projection import Projection
+from app._query import QueryCheck
 from app._retention import Retention
 from app._settings import Settings, get_settings
 from app._stats import Stats
@@ -150,6 +151,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 exclude=["^/health$", "^/ready$", "^/schema", f"^{UI_PREFIX}/static/"],
                 middleware_class=CountingRateLimitMiddleware,
             ).middleware,
+            QueryCheck(),  # after the key check: an unknown caller learns nothing about parameters
         ],
         exception_handlers={**ERROR_HANDLERS, LoginRequired: login_redirect},
         after_exception=[log_unexpected],
@@ -157,7 +159,9 @@ def create_app(settings: Settings | None = None) -> Litestar:
         logging_config=None,  # the process's own (JSON) logging stays; Litestar's would replace it
         dependencies=DEPENDENCIES,
         request_max_body_size=settings.max_request_bytes,
-        openapi_config=OpenAPIConfig(title="jobcast", version="0.1.0", path="/schema"),
+        openapi_config=OpenAPIConfig(
+            title="jobcast", version="0.1.0", path="/schema", use_handler_docstrings=True
+        ),
     )
     document_errors(app)
     for route in app.routes:  # uploads may be large; every other body is small JSON

@@ -364,7 +364,7 @@ class JobService:
         for job_id in _candidate_ids(owner, key):
             event = Submitted(
                 job_id=job_id, type=spec.name, pool=spec.pool, owner=owner, params=params, title=body.title,
-                description=body.description, file_id=body.file_id, priority=body.priority,
+                description=body.description or "", file_id=body.file_id, priority=body.priority,
                 max_attempts=body.max_attempts or spec.max_attempts, client_request_id=key,
                 scheduled_for=scheduled_for, callback_url=body.callback_url,
                 timeout_s=body.timeout_s, file_name=file_name,

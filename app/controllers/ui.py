@@ -163,7 +163,7 @@ class UiController(Controller):
         caller: Caller = request.user
         figures = await stats.queue_stats(owner, service.hub.subscriber_count)
         workers = await stats.workers() if caller.admin else []
-        by_type = await stats.statistics() if caller.admin else {}
+        by_type = (await stats.statistics()).by_type if caller.admin else {}
         return _page("queue.html", request, stats=figures, workers=workers, by_type=by_type)
 
     @get("/login", name="ui:login", exclude_from_auth=True)
