@@ -33,6 +33,7 @@ from app._hub import Hub
 from app._jobs import JobService
 from app._metrics import Metrics
 from app._projection import Projection
+from app._query import QueryCheck
 from app._retention import Retention
 from app._settings import Settings, get_settings
 from app._stats import Stats
@@ -48,12 +49,13 @@ from app.controllers.metrics import MetricsController
 from app.controllers.openai_audio import OpenAIAudioController
 from app.controllers.queue import QueueController
 from app.controllers.ui import UiController, login_redirect, to_ui
+from app.controllers.whisper_asr import WhisperAsrController
 from streams import TaskSupervisor, close_quietly, connect, ensure_stream, files_store, is_loopback
 
 log = logging.getLogger("jobcast.api")
 
 UI_FILES = Path(__file__).resolve().parent
-UPLOAD_OPERATIONS = {"uploadFile", "createTranscription"}
+UPLOAD_OPERATIONS = {"uploadFile", "createTranscription", "asr", "detectLanguage"}
 """Routes whose bodies are media files, limited by JOBCAST_MAX_UPLOAD_MB instead."""
 
 
@@ -125,6 +127,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             AdminController,
             HealthController,
             OpenAIAudioController,
+            WhisperAsrController,
             UiController,
             to_ui,
             create_static_files_router(
@@ -149,6 +152,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 exclude=["^/health$", "^/ready$", "^/schema", f"^{UI_PREFIX}/static/"],
                 middleware_class=CountingRateLimitMiddleware,
             ).middleware,
+            QueryCheck(),  # after the key check: an unknown caller learns nothing about parameters
         ],
         exception_handlers={**ERROR_HANDLERS, LoginRequired: login_redirect},
         after_exception=[log_unexpected],
@@ -156,7 +160,9 @@ def create_app(settings: Settings | None = None) -> Litestar:
         logging_config=None,  # the process's own (JSON) logging stays; Litestar's would replace it
         dependencies=DEPENDENCIES,
         request_max_body_size=settings.max_request_bytes,
-        openapi_config=OpenAPIConfig(title="jobcast", version="0.1.0", path="/schema"),
+        openapi_config=OpenAPIConfig(
+            title="jobcast", version="0.1.0", path="/schema", use_handler_docstrings=True
+        ),
     )
     document_errors(app)
     for route in app.routes:  # uploads may be large; every other body is small JSON

@@ -20,8 +20,8 @@ from nats.js.errors import NotFoundError as NatsNotFoundError
 from sqlalchemy import func, select
 
 from app._db import Database, JobRow
-from app._jobs import BATCH_POOL
-from app._schemas import QueueHealth, QueueStats, TypeStatistics
+from app._queue import BATCH_POOL
+from app._schemas import QueueHealth, QueueStats, QueueSummary, Statistics, TypeStatistics
 from app._settings import Settings
 from streams import (
     PRIORITIES,
@@ -193,15 +193,36 @@ class Stats:
             queue_health=queue_health(workers, waiting, figures, self.settings),
         )  # fmt: skip
 
-    async def statistics(self) -> dict[str, TypeStatistics]:
-        """Per type: counts, success and failure rates, run time and queue wait."""
-        query = select(JobRow.type, JobRow.status, JobRow.created_at, JobRow.started_at, JobRow.completed_at)
+    async def statistics(self) -> Statistics:
+        """Overall and per type: counts, success and failure rates, run time and queue wait; and the
+        queue: pending and running jobs by type, live workers."""
+        query = select(
+            JobRow.type, JobRow.pool, JobRow.status, JobRow.created_at, JobRow.started_at, JobRow.completed_at
+        )
         async with self.db.session() as session:
             rows = (await session.execute(query)).all()
         by_type: defaultdict[str, list[Any]] = defaultdict(list)
         for row in rows:
             by_type[row.type].append(row)
-        return {job_type: _type_statistics(rows) for job_type, rows in sorted(by_type.items())}
+        work = [row for row in rows if row.pool != BATCH_POOL]
+        workers = await self.workers()
+        queue = QueueSummary(
+            pending=sum(row.status == JobStatus.PENDING for row in work),
+            running=sum(row.status == JobStatus.RUNNING for row in work),
+            pending_by_type=dict(
+                sorted(Counter(r.type for r in work if r.status == JobStatus.PENDING).items())
+            ),
+            running_by_type=dict(
+                sorted(Counter(r.type for r in work if r.status == JobStatus.RUNNING).items())
+            ),
+            live_workers=len(workers),
+            workers_by_pool=dict(sorted(Counter(worker.pool for worker in workers).items())),
+        )
+        return Statistics(
+            totals=_type_statistics(work),
+            by_type={job_type: _type_statistics(rows) for job_type, rows in sorted(by_type.items())},
+            queue=queue,
+        )
 
     async def queue_status(self) -> dict[str, Any]:
         """Pending work by type and pool, each pool's consumers as JetStream sees them, and workers."""

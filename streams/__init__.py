@@ -72,6 +72,7 @@ from streams._limits import (
 from streams._operations import (
     OPERATIONS,
     ConvertParams,
+    DetectLanguageParams,
     FixSrtParams,
     GenerateSrtParams,
     NoopParams,
@@ -144,6 +145,7 @@ __all__ = [
     "Completed",
     "ConvertParams",
     "Deleted",
+    "DetectLanguageParams",
     "EgressRefusedError",
     "Event",
     "Failed",

@@ -176,7 +176,10 @@ async def test_admin_all_statistics_and_exhausted(client: httpx.AsyncClient, wor
     failed = (await client.get("/api/v1/jobs/admin/all", params={"status": "failed"})).json()
     assert {j["id"] for j in failed["items"]} == {gave_up["id"], bad["id"]}
 
-    noop = (await client.get("/api/v1/jobs/admin/statistics")).json()["noop"]
+    statistics = (await client.get("/api/v1/jobs/admin/statistics")).json()
+    assert set(statistics) == {"totals", "by_type", "queue"}
+    noop = statistics["by_type"]["noop"]
+    assert statistics["totals"] == noop  # one type: the totals are its figures
     assert noop["total"] == 5
     assert noop["counts"] == {"completed": 3, "failed": 2}
     assert noop["success_rate"] == 0.6

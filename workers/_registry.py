@@ -5,6 +5,7 @@ from __future__ import annotations
 from streams import OPERATIONS
 from workers._context import Handler
 from workers.convert import convert
+from workers.detect_language import detect_language
 from workers.fix_srt import fix_srt
 from workers.noop import noop
 from workers.transcribe import generate_srt, transcribe
@@ -14,6 +15,7 @@ HANDLERS: dict[str, Handler] = {
     "noop": noop,
     "transcribe": transcribe,
     "generate_srt": generate_srt,
+    "detect_language": detect_language,
     "convert": convert,
     "fix_srt": fix_srt,
 }

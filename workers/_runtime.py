@@ -95,6 +95,8 @@ class Worker:
         self.nc: Client | None = None
         self.js: JetStreamContext | None = None
         self._running: dict[str, RunningJob] = {}
+        self.llm_slots = asyncio.Semaphore(settings.llm_concurrency)
+        """MAX_LLM_CONCURRENCY for the whole worker: every LLM request of every job holds one."""
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
         self._slot_free = asyncio.Event()
@@ -326,6 +328,7 @@ class Worker:
         ctx = JobContext(
             job, attempt, delivery, reporter, files=self.files, settings=self.settings,
             scratch_prefix=f"jobcast-{job.job_id[:8]}-", time_limit_s=limit_s, time_per_media_s=per_media_s,
+            llm_slots=self.llm_slots,
         )  # fmt: skip
         running = RunningJob(ctx)
         # Registered before the checks below, so a cancel that arrives meanwhile is not missed.
