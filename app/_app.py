@@ -95,7 +95,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
                     "have admin rights. Set JOBCAST_ADMIN_KEY (or JOBCAST_ADMIN_KEY_FILE), create a key with "
                     "`jobcast keys create --name NAME --admin`, or bind 127.0.0.1."
                 )
-            app.state.stats = Stats(db, js)
+            app.state.stats = stats = Stats(db, js, settings)
+            stats.start(tasks)
             app.state.files = files = FileService(service, await files_store(js), settings.data_dir / "cache")
             webhooks = Webhooks(service)
             webhooks.local_mode = lambda: keys.empty and is_loopback(settings.host)

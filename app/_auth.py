@@ -321,7 +321,7 @@ class CountingRateLimitMiddleware(RateLimitMiddleware):
         """Count the request in its key's window; 429 once the window is full."""
         app = scope["litestar_app"]
         request: Request[Any, Any, Any] = app.request_class(scope)
-        if await self.should_check_request(request=request):
+        if self.max_requests > 0 and await self.should_check_request(request=request):  # 0: no limit
             key = self.cache_key_from_request(request)
             store = self.config.get_store_from_app(app)
             async with self._window_lock:

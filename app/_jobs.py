@@ -164,8 +164,9 @@ class JobService:
         """When the stream's size was last read, its bytes and its max_bytes (-1: no limit)."""
 
     def check_stream_quota(self, owner: str | None) -> None:
-        """429 before a stream opens when its owner already holds the most it may."""
-        if self.open_streams[owner or "*"] >= self.settings.max_streams_per_owner:
+        """429 before a stream opens when its owner already holds the most it may (0: no quota)."""
+        quota = self.settings.max_streams_per_owner
+        if quota > 0 and self.open_streams[owner or "*"] >= quota:
             raise TooManyError(
                 f"too many open streams for this key ({self.settings.max_streams_per_owner}); close some first"
             )

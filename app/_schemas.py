@@ -257,11 +257,23 @@ class SseMessage(msgspec.Struct, kw_only=True):
 
 
 class QueueHealth(msgspec.Struct, kw_only=True):
-    """Compileo's queue_health block."""
+    """Compileo's queue_health block, and the figures it is worked out from (docs/architecture.md)."""
 
     status: str
+    """`unhealthy`: NATS does not answer, or work waits and no worker of any pool is live;
+    `degraded`: some pool has work waiting and no live worker; else `healthy`."""
     resource_utilization: str
+    """`high` from 90 % of the hosts' CPUs in use or 90 % of the live workers' slots busy; else `optimal`."""
     limit_enforcement: str
+    """`active`: per-key rate limit and stream quota both on; `partial`: one; `disabled`: neither."""
+    pools: dict[str, str] = {}
+    """Each pool's status: `degraded` when it has work waiting and no live worker, else `healthy`."""
+    cpu_cores: int = 0
+    """The CPUs of the hosts of the API and the live workers."""
+    busy_slots: int = 0
+    """Slots of live workers running a job."""
+    total_slots: int = 0
+    """Slots of live workers."""
 
 
 class QueueStats(msgspec.Struct, kw_only=True):
@@ -277,10 +289,15 @@ class QueueStats(msgspec.Struct, kw_only=True):
     total_jobs: int
     queue_type: str
     cache_size: int
-    """Open live subscriptions (SSE, WebSocket, long-poll) in this API process."""
+    """Models loaded in the live workers' caches (whisper models, one per model, device and
+    compute type), summed over their processes."""
     cpu_usage_percent: float
+    """CPU use of the API process and every live worker process, summed, each in percent of one
+    core over its last usage window (a third of the worker TTL)."""
     memory_usage_mb: float
+    """Resident memory of the API process and every live worker process, summed."""
     active_workers: int
+    """Workers whose heartbeat has not expired."""
     queue_health: QueueHealth
 
 

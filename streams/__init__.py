@@ -107,6 +107,7 @@ from streams._subjects import (
     submit_subject,
 )
 from streams._supervisor import TaskPhase, TaskState, TaskSupervisor
+from streams._usage import ProcessUsage, cpu_count, rss_mb
 
 __all__ = [
     "ACTIVE_STATUSES",
@@ -162,6 +163,7 @@ __all__ = [
     "NoopParams",
     "OperationSpec",
     "Pool",
+    "ProcessUsage",
     "Progress",
     "Retrying",
     "Started",
@@ -181,6 +183,7 @@ __all__ = [
     "close_quietly",
     "connect",
     "control_subject",
+    "cpu_count",
     "decode_event",
     "deleted_subject",
     "digest",
@@ -208,6 +211,7 @@ __all__ = [
     "priority_token",
     "released_by_worker",
     "result_size",
+    "rss_mb",
     "safe_name",
     "schedule_subject",
     "stored_secret",

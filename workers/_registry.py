@@ -9,6 +9,7 @@ from workers.detect_language import detect_language
 from workers.fix_srt import fix_srt
 from workers.noop import noop
 from workers.transcribe import generate_srt, transcribe
+from workers.whisper import MODEL_CACHE
 
 HANDLERS: dict[str, Handler] = {
     "noop": noop,
@@ -26,3 +27,8 @@ assert not _missing, f"operations without a handler: {_missing}"
 def handlers_for_pool(pool: str) -> dict[str, Handler]:
     """The handlers whose operations run on `pool`."""
     return {name: h for name, h in HANDLERS.items() if OPERATIONS[name].pool == pool}
+
+
+def models_loaded() -> int:
+    """Models the handlers of this process hold loaded (the whisper cache; no other keeps any)."""
+    return len(MODEL_CACHE)

@@ -61,7 +61,7 @@ from workers._errors import EventRejectedError, PublishGaveUpError
 from workers._files import WorkerFiles
 from workers._heartbeat import Heartbeat
 from workers._outcome import backoff, outcome_of, restamped, time_limit
-from workers._registry import handlers_for_pool
+from workers._registry import handlers_for_pool, models_loaded
 from workers._running import RunningJob, seconds_text
 from workers._settings import WorkerSettings
 
@@ -130,8 +130,9 @@ class Worker:
             await self.nc.subscribe(pool_submissions(self.settings.pool), cb=self._on_submission)
             self.files = WorkerFiles(await files_store(self.js), self._publish_reliably)
             self.heartbeat = Heartbeat(
-                self.js, self.settings.name, self.settings.pool, self.settings.slots, self.supervisor
-            )
+                self.js, self.settings.name, self.settings.pool, self.settings.slots, self.supervisor,
+                models_loaded,
+            )  # fmt: skip
             await self.heartbeat.start()
             self.ready.set()
             log.info(

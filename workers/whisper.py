@@ -119,6 +119,10 @@ class ModelCache:
                 self.loads += 1
             return loaded
 
+    def __len__(self) -> int:
+        """How many models are loaded (without the lock, which a load holds for seconds)."""
+        return len(self._models)
+
     def clear(self) -> None:
         """Drop every loaded model (they are freed once no job holds them)."""
         with self._lock:

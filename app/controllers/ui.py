@@ -156,12 +156,10 @@ class UiController(Controller):
         }  # fmt: skip
 
     @get("/queue", name="ui:queue")
-    async def queue(
-        self, request: Request[Any, Any, Any], stats: StatsDep, service: Service, owner: Owner
-    ) -> Template:
+    async def queue(self, request: Request[Any, Any, Any], stats: StatsDep, owner: Owner) -> Template:
         """The queue's figures; workers and per-type statistics for admins."""
         caller: Caller = request.user
-        figures = await stats.queue_stats(owner, service.hub.subscriber_count)
+        figures = await stats.queue_stats(owner)
         workers = await stats.workers() if caller.admin else []
         by_type = (await stats.statistics()).by_type if caller.admin else {}
         return _page("queue.html", request, stats=figures, workers=workers, by_type=by_type)
