@@ -4,15 +4,18 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
 import msgspec
 import pytest
+from httpx_sse import aconnect_sse
+from websockets.asyncio.client import connect
 
 from tests.conftest import TERMINAL, WorkerRunner
-from tests.test_security import Tenants, tenants
+from tests.test_security import Tenants, tenants, ws_frames, ws_json
 
 __all__ = ["tenants"]  # the fixture, imported to be used here
 
@@ -325,3 +328,33 @@ async def test_paging_and_type_filter_given_two_ways_are_refused(callers: Caller
             bad = await client.get(path, params=params)
             assert bad.status_code == 400
             assert next(iter(params)) in bad.text
+
+
+async def test_an_admin_key_follows_any_owners_job_live(tenants: Tenants, worker: WorkerRunner) -> None:
+    """SSE, long-poll, both WebSockets and the Compileo routes follow bob's job for root; alice,
+    a user, gets the 404 of an unknown id on each."""
+    job = (await tenants.bob.post("/api/v1/jobs", json={"type": "noop", "params": {"steps": 3}})).json()
+    path = f"/api/v1/jobs/{job['id']}"
+    headers = {"Authorization": f"Bearer {tenants.keys['root']}"}
+
+    async with aconnect_sse(tenants.root, "GET", f"{path}/events") as source:
+        kinds = [event.event async for event in source.aiter_sse() if event.event]
+    assert (kinds[0], kinds[-1]) == ("submitted", "completed"), kinds
+    polled = await tenants.root.get(f"{path}/poll", params={"timeout": 5, "since": 0})
+    assert (polled.json()["id"], polled.json()["owner"]) == (job["id"], "bob")
+    frames, code = await ws_frames(tenants.ws(f"{path}/ws"), additional_headers=headers)
+    assert (frames[-1]["kind"], code) == ("completed", 1000)
+    async with connect(tenants.ws("/api/v1/ws"), additional_headers=headers) as ws:
+        await ws.send(json.dumps({"action": "subscribe", "job_ids": [job["id"]], "last_event_id": 0}))
+        assert (await ws_json(ws)) == {"type": "subscribed", "job_ids": [job["id"]], "all": False}
+        assert (await ws_json(ws))["kind"] == "submitted"
+    status = await tenants.root.get(f"/api/v1/jobs/status/{job['id']}")
+    assert (status.json()["job_id"], status.json()["status"]) == (job["id"], "completed")
+
+    unknown = {"status_code": 404, "detail": f"job {job['id']} not found"}
+    for route in (f"{path}/events", f"{path}/poll", f"/api/v1/jobs/status/{job['id']}"):
+        answer = await tenants.alice.get(route)
+        assert (answer.status_code, answer.json()) == (404, unknown), route
+    alice = {"Authorization": f"Bearer {tenants.keys['alice']}"}
+    frames, code = await ws_frames(tenants.ws(f"{path}/ws"), additional_headers=alice)
+    assert (frames, code) == ([{"type": "error", **unknown}], 4404)
