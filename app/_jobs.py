@@ -275,9 +275,11 @@ class JobService:
             )
 
     async def follow(
-        self, job_id: str, owner: str | None, after: int = 0, cut_off: asyncio.Future[None] | None = None
-    ) -> AsyncIterator[Applied | None]:
+        self, job_id: str, owner: str, after: int = 0, cut_off: asyncio.Future[None] | None = None,
+        *, access: str | None,
+    ) -> AsyncIterator[Applied | None]:  # fmt: skip
         """The job's events after `after`: history first, then live, ending after the job ends.
+        Counted in `owner`'s stream quota; ends at once unless the job is `access`'s (None: any).
 
         Yields None whenever nothing happened for `sse_ping_s`, so callers can send a keep-alive.
         Raises TooSlowError (after the last event yielded) once the caller has fallen more than
@@ -290,7 +292,7 @@ class JobService:
             last = after
             while True:  # the history, a page at a time
                 history, job = await self.history(job_id, last, HISTORY_PAGE)
-                if job is None or (owner is not None and job.owner != owner):
+                if job is None or (access is not None and job.owner != access):
                     return
                 for row in history:
                     last = row.seq
@@ -318,15 +320,16 @@ class JobService:
                     return
 
     async def wait_change(
-        self, job_id: str, owner: str | None, timeout: float, current_status: str | None, since: int | None,
-        view: Callable[[str], str] = str,
+        self, job_id: str, owner: str, timeout: float, current_status: str | None, since: int | None,
+        view: Callable[[str], str] = str, *, access: str | None,
     ) -> Job:  # fmt: skip
         """Long-poll: the job once its status differs from `current_status` (or, with `since`,
         once it has an event newer than that), else at the timeout. Statuses are compared as
-        `view` maps them (e.g. `compileo_status_name`, where retrying is still running)."""
+        `view` maps them (e.g. `compileo_status_name`, where retrying is still running). Counted
+        in `owner`'s stream quota; NotFoundError unless the job is `access`'s (None: any)."""
         self.check_stream_quota(owner)
         with self.hub.subscribe([job_id]) as sub, self.counted_stream(owner):
-            job = await self.get(job_id, owner)
+            job = await self.get(job_id, access)
             reference = view(current_status or job.status)
             if since is not None and job.last_event_id > since:
                 return job
@@ -345,7 +348,7 @@ class JobService:
                     since is None and view(item.status) != reference
                 ):
                     break
-            return await self.get(job_id, owner)
+            return await self.get(job_id, access)
 
     # commands -----------------------------------------------------------------------
 

@@ -62,7 +62,7 @@ async def _ended(service: JobService, job_id: str, owner: str) -> Job:
     after = 0
     while True:
         with contextlib.suppress(TooSlowError):  # fell behind (a starved loop): follow again from `after`
-            async for applied in service.follow(job_id, owner, after):
+            async for applied in service.follow(job_id, owner, after, access=owner):
                 if applied is not None:
                     after = applied.seq
         job = await service.get(job_id, owner)

@@ -301,13 +301,14 @@ class _FollowResponse(ASGIStreamingResponse):
     A streaming response (public Litestar API) so that no Content-Length is sent; its body is
     written by `send_body` below, not by an iterator."""
 
-    __slots__ = ("after", "job_id", "owner", "service")
+    __slots__ = ("access", "after", "job_id", "owner", "service")
 
     def __init__(
-        self, service: JobService, job_id: str, owner: str | None, after: int, **kwargs: Any
+        self, service: JobService, job_id: str, owner: str, access: str | None, after: int, **kwargs: Any
     ) -> None:
         super().__init__(iterator=(), **kwargs)
         self.service, self.job_id, self.owner, self.after = service, job_id, owner, after
+        self.access = access
 
     async def send_body(self, send: Send, receive: Receive) -> None:
         """Replay the history, go live, and write until the stream ends or the client leaves."""
@@ -319,19 +320,21 @@ class _FollowResponse(ASGIStreamingResponse):
         watcher.add_done_callback(follower.gone)
         try:
             with service.counted_stream(self.owner):
-                await follower.run(service, self.owner)
+                await follower.run(service, self.access)
         finally:
             watcher.cancel()
 
 
 class FollowEvents(ServerSentEvent):
-    """SSE response for one job's events, served by the hub's lean fan-out (same wire format)."""
+    """SSE response for one job's events, served by the hub's lean fan-out (same wire format);
+    counted in `owner`'s stream quota, ending at once unless the job is `access`'s (None: any)."""
 
     def __init__(
-        self, service: JobService, job_id: str, owner: str | None, after: int, headers: dict[str, str]
-    ) -> None:
+        self, service: JobService, job_id: str, owner: str, access: str | None, after: int,
+        headers: dict[str, str],
+    ) -> None:  # fmt: skip
         super().__init__((), headers=headers)
-        self._follow = (service, job_id, owner, after)
+        self._follow = (service, job_id, owner, access, after)
 
     def to_asgi_response(
         self,

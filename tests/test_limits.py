@@ -13,7 +13,9 @@ from httpx_sse import aconnect_sse
 from websockets.asyncio.client import connect as ws_connect
 
 from app import Settings
+from streams import NatsServer
 from tests.conftest import ApiServer, submit
+from tests.test_security import put_key
 
 
 @pytest.fixture
@@ -88,4 +90,35 @@ async def test_json_bodies_are_small_uploads_may_be_large(settings: Settings) ->
             too_big = await client.post("/api/v1/files", files={"file": ("b.bin", b"\0" * 200_000)})
             assert too_big.status_code == 413
     finally:
+        await server.stop()
+
+
+async def test_each_admin_key_has_its_own_stream_quota(settings: Settings, nats_server: NatsServer) -> None:
+    """An admin following another owner's job counts in its own key's quota, not in one shared by
+    every admin key (or by everyone following across owners)."""
+    keys = {
+        name: await put_key(nats_server.url, name, admin=name != "bob") for name in ("root1", "root2", "bob")
+    }
+    server = ApiServer(replace(settings, max_streams_per_owner=1))
+    await server.start()
+    clients = {
+        name: httpx.AsyncClient(base_url=server.url, timeout=10, headers={"Authorization": f"Bearer {key}"})
+        for name, key in keys.items()
+    }
+    try:
+        bobs = await submit(clients["bob"])  # no worker: it stays pending, so its stream stays open
+        own = await submit(clients["root2"])
+        async with aconnect_sse(clients["root1"], "GET", f"/api/v1/jobs/{bobs['id']}/events") as held:
+            events = held.aiter_sse()  # kept: a collected generator would close the stream
+            assert (await anext(events)).event == "submitted"
+            poll = await clients["root2"].get(f"/api/v1/jobs/{own['id']}/poll", params={"timeout": 1})
+            assert (poll.status_code, poll.json()["id"]) == (200, own["id"])
+            across = await clients["root2"].get(f"/api/v1/jobs/{bobs['id']}/poll", params={"timeout": 1})
+            assert (across.status_code, across.json()["owner"]) == (200, "bob")
+            second = await clients["root1"].get(f"/api/v1/jobs/{own['id']}/poll", params={"timeout": 1})
+            assert second.status_code == 429
+            assert "too many open streams" in second.json()["detail"]
+    finally:
+        for client in clients.values():
+            await client.aclose()
         await server.stop()

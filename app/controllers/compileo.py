@@ -11,7 +11,7 @@ from litestar.params import FromPath, FromQuery, QueryParameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 from litestar.status_codes import HTTP_200_OK
 
-from app._deps import Access, Service
+from app._deps import Access, Owner, Service
 from app._exceptions import TooSlowError
 from app._jobs import compileo_status, compileo_status_name, compileo_update
 from app._schemas import JobStatusView, StatusUpdate
@@ -43,20 +43,25 @@ class CompileoController(Controller):
         self,
         job_id: FromPath[str],
         service: Service,
+        owner: Owner,
         access: Access,
         timeout: Annotated[float, QueryParameter(ge=1, le=300)] = 30,
         current_status: FromQuery[JobStatus | None] = None,
     ) -> JobStatusView:
         """Returns as soon as the status differs from `current_status`, or at the timeout."""
         return compileo_status(
-            await service.wait_change(job_id, access, timeout, current_status, None, compileo_status_name)
+            await service.wait_change(
+                job_id, owner, timeout, current_status, None, compileo_status_name, access=access
+            )
         )
 
     @get("/status/{job_id:str}/stream", operation_id="streamJobStatus", responses=SSE_RESPONSES)
-    async def stream(self, job_id: FromPath[str], service: Service, access: Access) -> ServerSentEvent:
+    async def stream(
+        self, job_id: FromPath[str], service: Service, owner: Owner, access: Access
+    ) -> ServerSentEvent:
         """SSE of status snapshots (`data:` lines only), from now until the job ends."""
         job = await service.get(job_id, access)
-        service.check_stream_quota(access)
+        service.check_stream_quota(owner)
 
         async def updates() -> AsyncIterator[ServerSentEventMessage]:
             current = compileo_status(job)
@@ -67,7 +72,7 @@ class CompileoController(Controller):
             )  # fmt: skip
             yield ServerSentEventMessage(data=_encoder.encode(first).decode())
             try:
-                async for item in service.follow(job_id, access, job.last_event_id):
+                async for item in service.follow(job_id, owner, job.last_event_id, access=access):
                     if item is None:
                         yield ServerSentEventMessage(comment="ping", data=None)
                         continue

@@ -46,7 +46,7 @@ LastEventId = Annotated[
 ]
 
 
-async def _within_quota(socket: WebSocket[Any, Any, Any], service: JobService, owner: str | None) -> bool:
+async def _within_quota(socket: WebSocket[Any, Any, Any], service: JobService, owner: str) -> bool:
     try:
         service.check_stream_quota(owner)
     except TooManyError as exc:
@@ -73,6 +73,7 @@ class LiveController(Controller):
         self,
         job_id: FromPath[str],
         service: Service,
+        owner: Owner,
         access: Access,
         last_event_id: LastEventId = None,
         after: Annotated[
@@ -82,14 +83,15 @@ class LiveController(Controller):
         """SSE: the job's history after Last-Event-ID, then live events, ending after the last."""
         await service.check_visible(job_id, access)
         start = last_event_id if last_event_id is not None else (after or 0)
-        service.check_stream_quota(access)
-        return FollowEvents(service, job_id, access, start, headers=SSE_HEADERS)
+        service.check_stream_quota(owner)
+        return FollowEvents(service, job_id, owner, access, start, headers=SSE_HEADERS)
 
     @get("/jobs/{job_id:str}/poll", operation_id="pollJob")
     async def poll(
         self,
         job_id: FromPath[str],
         service: Service,
+        owner: Owner,
         access: Access,
         timeout: Annotated[float, QueryParameter(ge=1, le=300)] = 30,
         current_status: FromQuery[JobStatus | None] = None,
@@ -100,18 +102,18 @@ class LiveController(Controller):
     ) -> Job:
         """Long-poll: returns when the status differs from `current_status` (or a newer event than
         `since` exists), else at the timeout with the current state."""
-        return await service.wait_change(job_id, access, timeout, current_status, since)
+        return await service.wait_change(job_id, owner, timeout, current_status, since, access=access)
 
     @websocket("/jobs/{job_id:str}/ws")
     async def job_socket(
-        self, socket: WebSocket[Any, Any, Any], job_id: FromPath[str], service: Service, access: Access,
-        last_event_id: Annotated[int | None, QueryParameter(ge=0, le=MAX_INT)] = None,
+        self, socket: WebSocket[Any, Any, Any], job_id: FromPath[str], service: Service, owner: Owner,
+        access: Access, last_event_id: Annotated[int | None, QueryParameter(ge=0, le=MAX_INT)] = None,
     ) -> None:  # fmt: skip
         """WebSocket: the same events as SSE, as JSON text frames; closes after the job ends (1000),
         or with 4008 when the client falls too far behind (the reason names the last_event_id to
         reconnect with)."""
         await socket.accept()
-        if not await _within_quota(socket, service, access):
+        if not await _within_quota(socket, service, owner):
             return
         try:
             await service.get(job_id, access)
@@ -122,7 +124,7 @@ class LiveController(Controller):
         cut_off: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
         async def send_all() -> None:
-            async for item in service.follow(job_id, access, last_event_id or 0, cut_off):
+            async for item in service.follow(job_id, owner, last_event_id or 0, cut_off, access=access):
                 if item is not None:
                     await socket.send_data(item.payload.decode())
 
