@@ -358,3 +358,20 @@ async def test_an_admin_key_follows_any_owners_job_live(tenants: Tenants, worker
     alice = {"Authorization": f"Bearer {tenants.keys['alice']}"}
     frames, code = await ws_frames(tenants.ws(f"{path}/ws"), additional_headers=alice)
     assert (frames, code) == ([{"type": "error", **unknown}], 4404)
+
+
+async def test_an_admin_key_reads_any_owners_files_by_id(tenants: Tenants) -> None:
+    """The files an admin's UI links to (another owner's input and outputs) open for it."""
+    upload = await tenants.bob.post(
+        "/api/v1/files", files={"file": ("notes.txt", b"bob's words\n", "text/plain")}
+    )
+    file_id = upload.json()["id"]
+    meta = await tenants.root.get(f"/api/v1/files/{file_id}")
+    assert (meta.json()["owner"], meta.json()["name"]) == ("bob", "notes.txt")
+    content = await tenants.root.get(f"/api/v1/files/{file_id}/content")
+    assert (content.status_code, content.content) == (200, b"bob's words\n")
+    for route in (f"/api/v1/files/{file_id}", f"/api/v1/files/{file_id}/content"):
+        assert (await tenants.alice.get(route)).status_code == 404, route
+    assert (await tenants.alice.delete(f"/api/v1/files/{file_id}")).status_code == 404
+    assert (await tenants.root.delete(f"/api/v1/files/{file_id}")).status_code == 204
+    assert (await tenants.bob.get(f"/api/v1/files/{file_id}")).status_code == 404

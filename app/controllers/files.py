@@ -16,7 +16,7 @@ from litestar.params import FromPath, HeaderParameter, MultipartBody, QueryParam
 from litestar.response import Stream
 from litestar.status_codes import HTTP_201_CREATED, HTTP_204_NO_CONTENT, HTTP_206_PARTIAL_CONTENT
 
-from app._deps import FilesDep, Owner
+from app._deps import Access, FilesDep, Owner
 from app._schemas import MAX_INT, FileInfo, FilePage
 from streams import CHUNK
 
@@ -99,22 +99,22 @@ class FileController(Controller):
         return await files.find(owner, job_id, limit, offset)
 
     @get("/{file_id:str}", operation_id="getFile")
-    async def get_file(self, file_id: FromPath[str], files: FilesDep, owner: Owner) -> FileInfo:
-        """One file's metadata."""
-        return await files.get(file_id, owner)
+    async def get_file(self, file_id: FromPath[str], files: FilesDep, access: Access) -> FileInfo:
+        """One file's metadata (an admin key: any owner's)."""
+        return await files.get(file_id, access)
 
     @get("/{file_id:str}/content", operation_id="getFileContent", responses=CONTENT_RESPONSES)
     async def content(
         self,
         file_id: FromPath[str],
         files: FilesDep,
-        owner: Owner,
+        access: Access,
         range_header: Annotated[
             str | None, HeaderParameter(name="Range", required=False, max_length=200)
         ] = None,
     ) -> Stream:
-        """The file's bytes, streamed, with its content type; honours a single Range."""
-        info, path = await files.local_copy(file_id, owner)
+        """The file's bytes (an admin key: any owner's), streamed, with its content type; honours a single Range."""
+        info, path = await files.local_copy(file_id, access)
         headers = {
             "Accept-Ranges": "bytes",
             "Content-Disposition": f'attachment; filename="{info.name}"',
@@ -133,6 +133,6 @@ class FileController(Controller):
         )  # fmt: skip
 
     @delete("/{file_id:str}", status_code=HTTP_204_NO_CONTENT, operation_id="deleteFile")
-    async def delete_file(self, file_id: FromPath[str], files: FilesDep, owner: Owner) -> None:
-        """Delete a file (jobs that used it keep their results)."""
-        await files.delete(file_id, owner)
+    async def delete_file(self, file_id: FromPath[str], files: FilesDep, access: Access) -> None:
+        """Delete a file (an admin key: any owner's); jobs that used it keep their results."""
+        await files.delete(file_id, access)
