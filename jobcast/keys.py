@@ -24,6 +24,7 @@ from streams import (
     connect,
     is_loopback,
     keys_bucket,
+    nats_servers,
     without_credentials,
 )
 
@@ -41,7 +42,8 @@ class ConfigurationError(Exception):
 
 
 def nats_url(data_dir: Path) -> str:
-    """JOBCAST_NATS_URL, else the URL `jobcast serve` left in the data dir."""
+    """JOBCAST_NATS_URL (one URL, or a cluster's comma-separated), else the URL `jobcast serve` left in
+    the data dir."""
     if url := os.environ.get("JOBCAST_NATS_URL"):
         return url
     marker = data_dir / "nats.url"
@@ -53,6 +55,11 @@ def nats_url(data_dir: Path) -> str:
 async def cli_connection(data_dir: Path, name: str) -> Client | None:
     """A connection for a one-shot command, or None after saying why there is none."""
     url = nats_url(data_dir)
+    try:
+        nats_servers(url)
+    except ValueError as exc:
+        print(f"jobcast: {exc}", file=sys.stderr)
+        return None
     errors: list[Exception] = []
 
     async def remember(exc: Exception) -> None:
