@@ -6,6 +6,8 @@ truth for how JetStream keeps jobs.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import enum
 import ipaddress
 import logging
@@ -16,9 +18,10 @@ from pathlib import Path
 from typing import TypeVar
 
 import msgspec
+import nats.errors
 from nats.js import JetStreamContext
 from nats.js import api as js_api
-from nats.js.errors import APIError, BadRequestError
+from nats.js.errors import APIError
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
@@ -261,9 +264,10 @@ async def _replicated(
     replicas = stream_replicas()
     try:
         return await create(replicas)
-    except BadRequestError as exc:
+    except APIError as exc:
+        _refuse_placement(exc, what, replicas)
         if exc.err_code != STREAM_NAME_IN_USE:
-            raise _placement_error(exc, what, replicas) from exc
+            raise
     # It exists with other replicas (or differs in more, which this create still refuses).
     info = await held()
     bucket = await create(info.config.num_replicas or 1)
@@ -273,18 +277,17 @@ async def _replicated(
 
 STREAM_NAME_IN_USE = 10058
 """JetStream's error code for a create whose stream exists with another configuration."""
-PLACEMENT_ERRORS = frozenset({10074, 10005, 10023})
-"""Replicas the server cannot place: not clustered, no suitable peers, insufficient resources."""
+PLACEMENT_ERRORS = frozenset({10074, 10005})
+"""Replicas the server cannot place: it is not clustered, or has too few suitable nodes."""
 
 
-def _placement_error(exc: APIError, what: str, replicas: int) -> Exception:
-    """`exc` as a ReplicasError that says what to do, when it is about replicas; else `exc` itself."""
-    if exc.err_code not in PLACEMENT_ERRORS:
-        return exc
-    return ReplicasError(
-        f"{what} cannot be created with {replicas} replicas ({exc.description}): JOBCAST_STREAM_REPLICAS="
-        f"{replicas} needs a JetStream cluster of at least {replicas} nodes; on one nats-server leave it at 1"
-    )
+def _refuse_placement(exc: APIError, what: str, replicas: int) -> None:
+    """Raise a ReplicasError that says what to do when `exc` is the server refusing the replicas."""
+    if exc.err_code in PLACEMENT_ERRORS:
+        raise ReplicasError(
+            f"{what} cannot be created with {replicas} replicas ({exc.description}): JOBCAST_STREAM_REPLICAS="
+            f"{replicas} needs a JetStream cluster of at least {replicas} nodes; on one nats-server leave it at 1"
+        ) from exc
 
 
 async def _raise_replicas(js: JetStreamContext, held: js_api.StreamInfo, replicas: int, what: str) -> None:
@@ -303,6 +306,26 @@ async def _raise_replicas(js: JetStreamContext, held: js_api.StreamInfo, replica
         )  # fmt: skip
         return
     log.info("%s: replicas raised from %d to %d", what, have, replicas)
+    await _settled(js, name or "", replicas)
+
+
+SETTLE_TIMEOUT_S = 30.0
+"""How long a stream whose replicas were just raised may take to elect its new leader and copy itself."""
+
+
+async def _settled(js: JetStreamContext, name: str, replicas: int) -> None:
+    """Return once stream `name` has a leader and `replicas - 1` current followers: until then its
+    publishes time out (the new group elects its leader, then copies the stream to the new peers)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + SETTLE_TIMEOUT_S
+    while loop.time() < deadline:
+        with contextlib.suppress(nats.errors.Error, TimeoutError):
+            cluster = (await js.stream_info(name)).cluster
+            peers = (cluster.replicas or []) if cluster is not None and cluster.leader else None
+            if peers is not None and len(peers) >= replicas - 1 and all(peer.current for peer in peers):
+                return
+        await asyncio.sleep(0.1)
+    log.warning("stream %s has not settled on %d replicas within %.0f s", name, replicas, SETTLE_TIMEOUT_S)
 
 
 @dataclass(frozen=True, slots=True)
@@ -376,9 +399,10 @@ async def ensure_stream(js: JetStreamContext, *, update: bool = True) -> None:
 async def _add_or_update(js: JetStreamContext, config: js_api.StreamConfig, update: bool) -> None:
     try:
         await js.add_stream(config=config)
-    except BadRequestError as exc:
+    except APIError as exc:
+        _refuse_placement(exc, f"the {STREAM} stream", config.num_replicas or 1)
         if exc.err_code != STREAM_NAME_IN_USE:
-            raise _placement_error(exc, f"the {STREAM} stream", config.num_replicas or 1) from exc
+            raise
         if not update:  # it exists, with another configuration
             return
         held = await js.stream_info(STREAM)
@@ -408,6 +432,7 @@ async def _add_or_update(js: JetStreamContext, config: js_api.StreamConfig, upda
                     "the %s stream: replicas raised from %d to %d",
                     STREAM, held.config.num_replicas, config.num_replicas,
                 )  # fmt: skip
+                await _settled(js, STREAM, config.num_replicas or 1)
 
 
 def _kept_replicas(config: js_api.StreamConfig, held: js_api.StreamInfo) -> js_api.StreamConfig:

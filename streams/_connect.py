@@ -47,19 +47,22 @@ async def connect(url: str, name: str, **options: Any) -> Client:
     """Connect to one of the servers `url` lists (see `nats_servers`) with reconnects forever, to
     whichever node answers: a broker restart, or a cluster node lost, must not end a process."""
     nc = Client()
+    node = [without_credentials(url)]
+    """The node connected to last (which a log line about a cluster should name)."""
 
-    def node() -> str:
-        current = nc.connected_url
-        return without_credentials(current.geturl()) if current is not None else without_credentials(url)
+    def remember() -> str:
+        if (current := nc.connected_url) is not None:
+            node[0] = without_credentials(current.geturl())
+        return node[0]
 
     async def on_error(exc: Exception) -> None:
         log.warning("nats: %s", exc)
 
     async def on_disconnected() -> None:
-        log.info("nats: disconnected from %s", node())
+        log.info("nats: disconnected from %s", node[0])
 
     async def on_reconnected() -> None:
-        log.info("nats: reconnected to %s", node())
+        log.info("nats: reconnected to %s", remember())
 
     settings: dict[str, Any] = {
         "name": name,
@@ -72,6 +75,7 @@ async def connect(url: str, name: str, **options: Any) -> Client:
         "reconnected_cb": on_reconnected,
     }
     await nc.connect(servers=nats_servers(url), **(settings | options))
+    remember()
     return nc
 
 
