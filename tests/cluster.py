@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import nats.errors
-import pytest
 from nats.js import api as js_api
 from nats.js.errors import APIError
 
@@ -67,31 +66,35 @@ class NatsCluster:
 
     async def wait_ready(self, replicas: int | None = None, timeout: float = READY_TIMEOUT_S) -> None:
         """Until the cluster has a meta leader and `replicas` (default: every live node) of its
-        nodes take part in a replicated stream: the probe stream is then created and deleted."""
+        nodes can keep a replicated stream."""
         live = [node for node in self.nodes if node.process is not None and node.process.returncode is None]
-        replicas = replicas or len(live)
-        nc = await connect(",".join(node.url for node in live), name="cluster-probe")
-        try:
-            js = nc.jetstream(timeout=2)
-            deadline = time.monotonic() + timeout
-            while True:
-                try:
-                    await js.add_stream(
-                        name="PROBE",
-                        subjects=["probe.>"],
-                        num_replicas=replicas,
-                        storage=js_api.StorageType.MEMORY,
-                    )
-                    await js.delete_stream("PROBE")
-                    return
-                except (APIError, nats.errors.Error, TimeoutError) as exc:
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(
-                            f"the cluster did not become ready within {timeout:.0f} s: {exc}"
-                        ) from exc
-                    await asyncio.sleep(0.2)
-        finally:
-            await close_quietly(nc)
+        await jetstream_ready(",".join(node.url for node in live), replicas or len(live), timeout)
+
+
+async def jetstream_ready(url: str, replicas: int, timeout: float = READY_TIMEOUT_S) -> None:
+    """Until the JetStream cluster at `url` creates (and deletes) a probe stream of `replicas`."""
+    nc = await connect(url, name="cluster-probe")
+    try:
+        js = nc.jetstream(timeout=2)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                await js.add_stream(
+                    name="PROBE",
+                    subjects=["probe.>"],
+                    num_replicas=replicas,
+                    storage=js_api.StorageType.MEMORY,
+                )
+                await js.delete_stream("PROBE")
+                return
+            except (APIError, nats.errors.Error, TimeoutError) as exc:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"the cluster did not become ready within {timeout:.0f} s: {exc}"
+                    ) from exc
+                await asyncio.sleep(0.2)
+    finally:
+        await close_quietly(nc)
 
 
 @contextlib.asynccontextmanager
@@ -103,10 +106,3 @@ async def running_cluster(root: Path, size: int = 3) -> AsyncIterator[NatsCluste
         yield cluster
     finally:
         await cluster.stop()
-
-
-@pytest.fixture
-async def nats_cluster(tmp_path: Path) -> AsyncIterator[NatsCluster]:
-    """A fresh 3-node JetStream cluster on loopback, each node with its own store and free ports."""
-    async with running_cluster(tmp_path / "cluster") as cluster:
-        yield cluster
