@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import os
 import sys
+import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -25,6 +27,7 @@ from nats.js import JetStreamContext
 from app import Settings
 from streams import (
     STREAM,
+    ApiKeyRecord,
     NatsServer,
     ReplicasError,
     callbacks_bucket,
@@ -181,7 +184,7 @@ def test_nats_url_takes_a_comma_separated_list() -> None:
         "nats://a:4222", "nats://t0k3n@b:4223", "tls://c:4224",
     ]  # fmt: skip
     with pytest.raises(ValueError, match=r"'http://b:1' is not a NATS URL") as raised:
-        Settings(nats_url="nats://user:secret@a:4222,http://b:1")
+        Settings(nats_url="nats://a:4222,http://user:secret@b:1")
     assert "secret" not in str(raised.value)
     with pytest.raises(ValueError, match="names no server"):
         WorkerSettings(nats_url=" , ")
@@ -207,16 +210,13 @@ async def test_two_apis_on_two_nodes_and_a_worker_on_the_third(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     n0, n1, n2 = nats_cluster.nodes
-    async with nats_client(nats_cluster.url) as (nc, js):
+    async with nats_client(nats_cluster.url) as (_, js):
         # A deployment that began on one replica: everything exists with R1 before the APIs start.
         await ensure_stream(js)
-        for make in (callbacks_bucket, workers_bucket, files_store):
+        for make in (keys_bucket, callbacks_bucket, workers_bucket, files_store):
             await make(js)
-        assert {(await js.stream_info(name)).config.num_replicas for name in (STREAM, *BUCKETS[1:])} == {1}
+        assert {(await js.stream_info(name)).config.num_replicas for name in (STREAM, *BUCKETS)} == {1}
         monkeypatch.setenv("JOBCAST_STREAM_REPLICAS", "3")
-        # The keys bucket is R3 already, led by n2: the APIs' key watches will live there.
-        await keys_bucket(js)
-        await lead_from(nc, js, "n2", stream=BUCKETS[0])
 
         extra = {"admin_key": ADMIN_KEY, "webhook_allow_loopback": True, "webhook_backoff_s": 0.05}
         api_a = ApiServer(api_settings(tmp_path, "a", n0.url, **extra))
@@ -317,6 +317,34 @@ async def jobcast_cli(nats_url: str, tmp_path: Path, *args: str) -> str:
             await proc.wait()
     assert proc.returncode == 0, err.decode()
     return out.decode()
+
+
+async def test_a_key_watch_whose_consumer_is_gone_starts_again(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    api = ApiServer(api_settings(tmp_path, "a", nats_server.url, admin_key=ADMIN_KEY))
+    async with (
+        serving(api),
+        nats_client(nats_server.url) as (_, js),
+        httpx.AsyncClient(base_url=api.url, headers=AUTH, timeout=30) as http,
+    ):
+        # What the death of the cluster node that held it does to the watch: its consumer is gone,
+        # and nothing tells nats-py.
+        watches = await js.consumers_info(BUCKETS[0])
+        assert len(watches) == 1, watches
+        await js.delete_consumer(BUCKETS[0], watches[0].name)
+        key = "jc_" + uuid.uuid4().hex
+        record = ApiKeyRecord(
+            name="alice", sha256=hashlib.sha256(key.encode()).hexdigest(), created_at=time.time()
+        )
+        await (await keys_bucket(js)).create("alice", msgspec.json.encode(record))
+
+        async def accepted() -> bool:
+            return (
+                await http.get("/api/v1/jobs", headers={"Authorization": f"Bearer {key}"})
+            ).status_code == 200
+
+        await wait_for(accepted)
 
 
 async def test_instances_read_each_others_writes(nats_server: NatsServer, tmp_path: Path) -> None:
@@ -429,18 +457,14 @@ async def test_the_stream_leader_killed_under_load_restarts_then_another_node_is
         await lead_from(nc, js, nats_cluster.name_of(victim))
         long_jobs = [await submit(http, params={"steps": 20, "duration_s": 4}) for http in (a, b, a, b)]
         followers = [Follower([a, b] if i % 2 == 0 else [b, a], job["id"]) for i, job in enumerate(long_jobs)]
-        tasks = [asyncio.create_task(f.run()) for f in followers]
-        tasks += [asyncio.create_task(submitter(http)) for http in (a, b)]
-        try:
+        async with asyncio.timeout(60), asyncio.TaskGroup() as group:  # a failing task cancels the rest
+            for follower in followers:
+                group.create_task(follower.run())
+            for http in (a, b):
+                group.create_task(submitter(http))
             await asyncio.sleep(1.0)
             victim.kill()
             killed.set()
-            async with asyncio.timeout(60):
-                await asyncio.gather(*tasks)
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
         assert await leader(js) != nats_cluster.name_of(victim)
 
         ids = [job["id"] for job in long_jobs] + accepted
