@@ -17,7 +17,7 @@ Either wait is bounded by JOBCAST_SUBMIT_TIMEOUT_S; past it the answer is 503 wi
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, cast
 
 import nats.errors
 from litestar import Litestar
@@ -36,7 +36,7 @@ from streams import STREAM, files_subject, job_history_subjects
 
 SEQ_HEADER = "x-jobcast-seq"
 """Request and response header: a stream sequence the answer must include (see the module doc)."""
-_FILES: Table = FileRow.__table__  # type: ignore[assignment]
+_FILES = cast(Table, FileRow.__table__)
 
 
 class Freshness:
