@@ -34,6 +34,7 @@ from app._hub import Hub
 from app._jobs import JobService
 from app._metrics import Metrics
 from app._projection import Projection
+from app._query import QueryCheck
 from app._retention import Retention
 from app._settings import Settings, get_settings
 from app._stats import Stats
@@ -49,12 +50,13 @@ from app.controllers.metrics import MetricsController
 from app.controllers.openai_audio import OpenAIAudioController
 from app.controllers.queue import QueueController
 from app.controllers.ui import UiController, login_redirect, to_ui
+from app.controllers.whisper_asr import WhisperAsrController
 from streams import TaskSupervisor, close_quietly, connect, ensure_stream, files_store, is_loopback
 
 log = logging.getLogger("jobcast.api")
 
 UI_FILES = Path(__file__).resolve().parent
-UPLOAD_OPERATIONS = {"uploadFile", "createTranscription"}
+UPLOAD_OPERATIONS = {"uploadFile", "createTranscription", "asr", "detectLanguage"}
 """Routes whose bodies are media files, limited by JOBCAST_MAX_UPLOAD_MB instead."""
 
 
@@ -95,7 +97,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
                     "have admin rights. Set JOBCAST_ADMIN_KEY (or JOBCAST_ADMIN_KEY_FILE), create a key with "
                     "`jobcast keys create --name NAME --admin`, or bind 127.0.0.1."
                 )
-            app.state.stats = Stats(db, js)
+            app.state.stats = stats = Stats(db, js, settings)
+            stats.start(tasks)
             app.state.files = files = FileService(service, await files_store(js), settings.data_dir / "cache")
             webhooks = Webhooks(service)
             webhooks.local_mode = lambda: keys.empty and is_loopback(settings.host)
@@ -126,6 +129,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             AdminController,
             HealthController,
             OpenAIAudioController,
+            WhisperAsrController,
             UiController,
             to_ui,
             create_static_files_router(
@@ -150,7 +154,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 exclude=["^/health$", "^/ready$", "^/schema", f"^{UI_PREFIX}/static/"],
                 middleware_class=CountingRateLimitMiddleware,
             ).middleware,
-            FreshnessMiddleware(),  # read-your-writes across API instances
+            QueryCheck(),  # after the key check: an unknown caller learns nothing about parameters
+            FreshnessMiddleware(),  # read-your-writes across API instances (a valid request only)
         ],
         exception_handlers={**ERROR_HANDLERS, LoginRequired: login_redirect},
         after_exception=[log_unexpected],
@@ -158,7 +163,9 @@ def create_app(settings: Settings | None = None) -> Litestar:
         logging_config=None,  # the process's own (JSON) logging stays; Litestar's would replace it
         dependencies=DEPENDENCIES,
         request_max_body_size=settings.max_request_bytes,
-        openapi_config=OpenAPIConfig(title="jobcast", version="0.1.0", path="/schema"),
+        openapi_config=OpenAPIConfig(
+            title="jobcast", version="0.1.0", path="/schema", use_handler_docstrings=True
+        ),
     )
     document_errors(app)
     for route in app.routes:  # uploads may be large; every other body is small JSON

@@ -1,6 +1,7 @@
 """Who is calling: API keys (KV bucket, hashed), signed tokens for browsers, local mode.
 
-A request authenticates with `Authorization: Bearer <key>` or `X-API-Key`; browsers, whose
+A request authenticates with `Authorization: Bearer <key>` or `X-API-Key` (whisper-asr-webservice's
+routes also with the key as an HTTP Basic password, see BASIC_AUTH_PATHS); browsers, whose
 EventSource and WebSocket cannot set headers, use the session cookie set by a login with a
 key, or a short-lived signed `?token=`. Tokens and cookies are signed with the session secret
 (never the webhook secret, which every callback receiver holds) and name the key they came
@@ -252,6 +253,25 @@ def verify_token(secret: bytes, token: str, keys: Keys, local: Caller | None) ->
         return None
 
 
+BASIC_AUTH_PATHS = frozenset({"/asr", "/detect-language"})
+"""whisper-asr-webservice's routes, whose clients (Bazarr's Whisper provider) send no header but
+take credentials in their endpoint URL, `http://any-name:KEY@host/`, as HTTP Basic. Only there: a
+browser that remembered Basic credentials sends them with any site's requests, as it does cookies
+but with no SameSite to stop it, so elsewhere they would lend every route to cross-site forms."""
+
+
+def _presented_key(connection: ASGIConnection[Any, Any, Any, Any]) -> str | None:
+    """The key the request presents: `Authorization: Bearer`, `X-API-Key`, or on BASIC_AUTH_PATHS
+    the password of `Authorization: Basic`."""
+    header = connection.headers.get("authorization", "")
+    if header.lower().startswith("bearer "):
+        return header[7:].strip()
+    if header.lower().startswith("basic ") and connection.scope["path"] in BASIC_AUTH_PATHS:
+        with contextlib.suppress(ValueError):  # not base64, or not UTF-8: no key presented
+            return base64.b64decode(header[6:].strip(), validate=True).decode().partition(":")[2]
+    return connection.headers.get("x-api-key")
+
+
 class AuthMiddleware(AbstractAuthenticationMiddleware):
     """Sets `connection.user` to a Caller, or answers 401."""
 
@@ -271,12 +291,7 @@ class AuthMiddleware(AbstractAuthenticationMiddleware):
         state = connection.app.state
         keys: Keys = state.api_keys
         settings: Settings = state.settings
-        header = connection.headers.get("authorization", "")
-        key = (
-            header[7:].strip()
-            if header.lower().startswith("bearer ")
-            else connection.headers.get("x-api-key")
-        )
+        key = _presented_key(connection)
         # In local mode every credential is served as the local owner, which is what no credential
         # gets: clients that always send a key (the OpenAI SDK) work, and nothing more is granted.
         local = (
@@ -331,7 +346,7 @@ class CountingRateLimitMiddleware(RateLimitMiddleware):
         """Count the request in its key's window; 429 once the window is full."""
         app = scope["litestar_app"]
         request: Request[Any, Any, Any] = app.request_class(scope)
-        if await self.should_check_request(request=request):
+        if self.max_requests > 0 and await self.should_check_request(request=request):  # 0: no limit
             key = self.cache_key_from_request(request)
             store = self.config.get_store_from_app(app)
             async with self._window_lock:

@@ -20,14 +20,8 @@ from sqlalchemy import (
     String,
     Table,
     Text,
-    and_,
-    bindparam,
-    case,
     event,
-    func,
     inspect,
-    or_,
-    select,
     text,
 )
 from sqlalchemy.engine import Connection, Engine, create_engine, make_url
@@ -37,7 +31,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.pool import ConnectionPoolEntry
 from sqlalchemy.types import TypeDecorator
 
-from streams import ACTIVE_STATUSES, JobStatus, durable_mode
+from streams import durable_mode
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -73,6 +67,8 @@ class JobRow(Base):
     description: Mapped[str] = mapped_column(Text, default="")
     params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     file_id: Mapped[str | None] = mapped_column(String(64))
+    file_name: Mapped[str | None] = mapped_column(String(256))
+    """The input file's name when the job was submitted (it outlives the file)."""
     parent_id: Mapped[str | None] = mapped_column(String(64))
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     current_step: Mapped[str] = mapped_column(Text, default="")
@@ -121,37 +117,6 @@ class JobRow(Base):
 
 
 JOBS = cast(Table, JobRow.__table__)
-
-
-_QUEUE_COUNTS = select(
-    func.count(),
-    func.sum(
-        case(
-            (
-                and_(
-                    JOBS.c.status == JobStatus.PENDING,
-                    or_(
-                        JOBS.c.priority > bindparam("priority"),
-                        and_(
-                            JOBS.c.priority == bindparam("priority"),
-                            JOBS.c.queue_seq < bindparam("queue_seq"),
-                        ),
-                    ),
-                ),
-                1,
-            ),
-            else_=0,
-        )
-    ),
-).where(JOBS.c.pool == bindparam("pool"), JOBS.c.status.in_(sorted(ACTIVE_STATUSES)))
-
-
-def queue_counts(conn: Connection, job: JobRow) -> tuple[int, int]:
-    """The active jobs of the job's pool, and the pending ones workers take before it (higher
-    priority first, then stream order), counted in one pass (one statement, compiled once)."""
-    params = {"pool": job.pool, "priority": job.priority, "queue_seq": job.queue_seq}
-    active, ahead = conn.execute(_QUEUE_COUNTS, params).one()
-    return active or 0, ahead or 0
 
 
 class EventRow(Base):

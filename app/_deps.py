@@ -54,6 +54,14 @@ def provide_owner(scope: Scope, service: Service) -> str:
     return caller.owner
 
 
+def provide_access(scope: Scope, service: Service) -> str | None:
+    """Whose jobs the caller may read and act on by id: its own, or any owner's (None) for an admin
+    (seed 003's "ownership or admin access")."""
+    del service  # as in provide_owner: resolved one after the other
+    caller: Caller = scope["user"]
+    return None if caller.admin else caller.owner
+
+
 Service = NamedDependency[JobService]
 """A handler parameter receiving the JobService."""
 
@@ -69,6 +77,9 @@ RetentionDep = NamedDependency[Retention]
 Owner = NamedDependency[str]
 """A handler parameter receiving the caller's owner id."""
 
+Access = NamedDependency[str | None]
+"""A handler parameter receiving whose jobs the caller may act on by id (None: any, for admins)."""
+
 
 DEPENDENCIES = {
     "service": Provide(provide_service, sync_to_thread=False),
@@ -76,5 +87,6 @@ DEPENDENCIES = {
     "stats": Provide(provide_stats, sync_to_thread=False),
     "retention": Provide(provide_retention, sync_to_thread=False),
     "owner": Provide(provide_owner, sync_to_thread=False),
+    "access": Provide(provide_access, sync_to_thread=False),
 }
 """Every handler's dependencies, registered once on the app."""

@@ -8,6 +8,7 @@ import mimetypes
 import os
 import uuid
 from pathlib import Path
+from typing import IO
 
 import nats.errors
 from litestar.datastructures import UploadFile
@@ -56,9 +57,12 @@ class FileService:
 
     async def upload(self, upload: UploadFile, owner: str) -> FileInfo:
         """Store an uploaded file (already spooled to disk by the multipart parser) as the owner's."""
+        return await self.save(upload.file, upload.filename or "", owner)
+
+    async def save(self, handle: IO[bytes], name: str, owner: str) -> FileInfo:
+        """Store the bytes of a seekable file object, read from its start, as the owner's file `name`."""
         await self.jobs.check_storage()
-        name = safe_name(upload.filename or "", default="upload")
-        handle = upload.file
+        name = safe_name(name, default="upload")
         size, sha256 = await asyncio.to_thread(digest, handle)
         file_id = str(uuid.uuid4())
         await self.store.put(file_id, handle, meta=js_api.ObjectMeta(description=name))  # type: ignore[arg-type]

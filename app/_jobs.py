@@ -19,7 +19,7 @@ from nats.js.api import PubAck
 from sqlalchemy import Connection, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app._db import JOBS, Database, EventRow, FileRow, JobRow, queue_counts
+from app._db import JOBS, Database, EventRow, FileRow, JobRow
 from app._exceptions import (
     ConflictError,
     NotFoundError,
@@ -32,6 +32,7 @@ from app._exceptions import (
 )
 from app._hub import Applied, Hub
 from app._projection import Handoff, Projection
+from app._queue import BATCH_POOL, page_positions, queue_position
 from app._schemas import (
     BatchItem,
     EventEnvelope,
@@ -92,7 +93,8 @@ def job_view(row: JobRow, queue_position: QueuePosition | None = None) -> Job:
     """The client's view of a job row."""
     return Job(
         id=row.id, type=row.type, pool=row.pool, status=row.status, title=row.title,
-        description=row.description, params=row.params, file_id=row.file_id, progress=row.progress,
+        description=row.description, params=row.params, file_id=row.file_id, file_name=row.file_name,
+        progress=row.progress,
         current_step=row.current_step, result=row.result, error=row.error, attempt=row.attempt,
         max_attempts=row.max_attempts, timeout_s=row.timeout_s, priority=row.priority, owner=row.owner,
         parent_id=row.parent_id, worker=row.worker, held_by=row.held_by, exhausted=row.exhausted,
@@ -162,8 +164,9 @@ class JobService:
         """When the stream's size was last read, its bytes and its max_bytes (-1: no limit)."""
 
     def check_stream_quota(self, owner: str | None) -> None:
-        """429 before a stream opens when its owner already holds the most it may."""
-        if self.open_streams[owner or "*"] >= self.settings.max_streams_per_owner:
+        """429 before a stream opens when its owner already holds the most it may (0: no quota)."""
+        quota = self.settings.max_streams_per_owner
+        if quota > 0 and self.open_streams[owner or "*"] >= quota:
             raise TooManyError(
                 f"too many open streams for this key ({self.settings.max_streams_per_owner}); close some first"
             )
@@ -183,19 +186,7 @@ class JobService:
         """The job, if `owner` may see it (None: any owner); raises NotFoundError."""
         with self.db.reader.connect() as conn:  # two indexed reads: quicker than a thread hop
             row = self._visible_row(conn, job_id, owner)
-            if row.status != JobStatus.PENDING or row.pool == BATCH_POOL:
-                return job_view(row)
-            active, ahead = queue_counts(conn, row)
-        return job_view(row, QueuePosition(ahead=ahead, total_active=active))
-
-    @staticmethod
-    def _view(handoff: Handoff) -> Job:
-        """The job as the projection handed it over, with the queue position it counted."""
-        row, counts = handoff.row, handoff.queue_counts  # counts: set for every pending job
-        if counts is None or row.status != JobStatus.PENDING or row.pool == BATCH_POOL:
-            return job_view(row)
-        active, ahead = counts
-        return job_view(row, QueuePosition(ahead=ahead, total_active=active))
+            return job_view(row, queue_position(conn, row))
 
     async def check_visible(self, job_id: str, owner: str | None) -> None:
         """NotFoundError unless the job exists for `owner`; unlike `get`, no queue-position counts
@@ -225,7 +216,7 @@ class JobService:
             rows = await session.scalars(
                 select(JobRow).where(JobRow.parent_id == job_id).order_by(JobRow.submit_seq)
             )
-            return [job_view(row) for row in rows]
+            return await self._with_positions(session, list(rows))
 
     async def find(self, where: JobFilter, limit: int, offset: int) -> JobPage:
         """A page of jobs, newest first, and the total that match."""
@@ -250,8 +241,14 @@ class JobService:
         async with self.db.session() as session:
             total = await session.scalar(select(func.count()).select_from(query.subquery()))
             rows = await session.scalars(query.order_by(JobRow.submit_seq.desc()).limit(limit).offset(offset))
-            items = [job_view(row) for row in rows]
+            items = await self._with_positions(session, list(rows))
         return JobPage(items=items, total=total or 0, limit=limit, offset=offset)
+
+    @staticmethod
+    async def _with_positions(session: AsyncSession, rows: list[JobRow]) -> list[Job]:
+        """The jobs of a list, with their queue positions counted for all of them at once."""
+        positions = await session.run_sync(page_positions, rows)
+        return [job_view(row, positions[row.id]) for row in rows]
 
     async def history(
         self, job_id: str, after: int, limit: int | None = None
@@ -359,7 +356,7 @@ class JobService:
         whether it is new (False: the idempotency key named an existing job)."""
         spec = operation(body.type)
         params = validate_params(spec, body.params, self.settings.llm_endpoints)
-        await self._check_input(spec, body.file_id, owner, "`$.file_id`")
+        file_name = await self._check_input(spec, body.file_id, owner, "`$.file_id`")
         scheduled_for = _utc(body.scheduled_for)
         key = body.client_request_id or idempotency_key
         if key and (existing := self._keyed(owner, key)) is not None:
@@ -368,10 +365,10 @@ class JobService:
         for job_id in _candidate_ids(owner, key):
             event = Submitted(
                 job_id=job_id, type=spec.name, pool=spec.pool, owner=owner, params=params, title=body.title,
-                description=body.description, file_id=body.file_id, priority=body.priority,
+                description=body.description or "", file_id=body.file_id, priority=body.priority,
                 max_attempts=body.max_attempts or spec.max_attempts, client_request_id=key,
                 scheduled_for=scheduled_for, callback_url=body.callback_url,
-                timeout_s=body.timeout_s,
+                timeout_s=body.timeout_s, file_name=file_name,
             )  # fmt: skip
             with self.projection.expecting(job_id):
                 try:
@@ -380,7 +377,7 @@ class JobService:
                     continue  # the key's job of this id was deleted: the next id is a new job
                 handoff = await self._applied(ack.seq, job_id)
             if handoff is not None and handoff.row.owner == owner:
-                return self._view(handoff), not ack.duplicate
+                return job_view(handoff.row, handoff.position), not ack.duplicate
             if (job := await self._existing(job_id, owner)) is not None:
                 return job, not ack.duplicate  # not handed over: read it back
             if not ack.duplicate:
@@ -399,9 +396,10 @@ class JobService:
         items = body.items if body.items is not None else [BatchItem(file_id=f) for f in body.file_ids or []]
         if not items:
             raise InvalidParamsError("a batch needs at least one file or item - at `$.items`")
+        names = []
         for index, item in enumerate(items):
             where = f"`$.file_ids[{index}]`" if body.file_ids is not None else f"`$.items[{index}].file_id`"
-            await self._check_input(spec, item.file_id, owner, where)
+            names.append(await self._check_input(spec, item.file_id, owner, where))
         check_llm_endpoint(spec, body.params, self.settings.llm_endpoints)  # named where it was given
         children_params = []
         for index, item in enumerate(items):
@@ -446,11 +444,12 @@ class JobService:
                 params=params,
                 title=item.title or f"{body.title or spec.name} #{index + 1}",
                 file_id=item.file_id,
+                file_name=name,
                 parent_id=parent_id,
                 timeout_s=body.timeout_s,
                 **common,
             )
-            for index, (item, params) in enumerate(zip(items, children_params, strict=True))
+            for index, (item, params, name) in enumerate(zip(items, children_params, names, strict=True))
         ]
         acks = await asyncio.gather(*(self.publish(child) for child in children))
         await self._applied(max([ack.seq, *(a.seq for a in acks)]), parent_id)
@@ -529,10 +528,12 @@ class JobService:
         await self._applied(ack.seq, job_id)
         return await self.get(job_id, None)
 
-    async def _check_input(self, spec: OperationSpec, file_id: str | None, owner: str, where: str) -> None:
-        """An operation that reads a file needs one, and it must be the caller's."""
+    async def _check_input(
+        self, spec: OperationSpec, file_id: str | None, owner: str, where: str
+    ) -> str | None:
+        """An operation that reads a file needs one, and it must be the caller's; returns its name."""
         if not spec.needs_file:
-            return
+            return None
         if file_id is None:
             raise InvalidParamsError(
                 f"operation {spec.name!r} needs an input file: upload it, then give its id - at {where}"
@@ -541,6 +542,7 @@ class JobService:
             row = await session.get(FileRow, file_id)
         if row is None or row.owner != owner:
             raise not_found("file", file_id)
+        return row.name
 
     async def _existing(self, job_id: str, owner: str) -> Job | None:
         try:
@@ -557,7 +559,8 @@ class JobService:
                 .order_by(JOBS.c.submit_seq.desc())
                 .limit(1)
             ).first()
-        return None if found is None else job_view(JobRow(**found._mapping))
+            row = None if found is None else JobRow(**found._mapping)
+            return None if row is None else job_view(row, queue_position(conn, row))
 
     async def check_storage(self) -> None:
         """StorageFullError (503) while the stream holds ADMISSION_SHARE of its max_bytes: new work
@@ -643,9 +646,6 @@ class JobService:
             ) from None
 
 
-BATCH_POOL = "batch"
-"""A batch parent's pool: no worker consumes it; its state follows its children."""
-
 _IDEMPOTENCY_NAMESPACE = uuid.UUID("0f0b7a54-5b0e-4d43-8c36-8a1f7a2a6a11")
 MAX_KEY_GENERATIONS = 64
 """A key names at most this many jobs in turn, each deleted before the next (see `_candidate_ids`)."""
@@ -705,5 +705,5 @@ def _resubmission(row: JobRow) -> Submitted:
         params=row.params, title=row.title, description=row.description, file_id=row.file_id,
         parent_id=row.parent_id, max_attempts=row.max_attempts, priority=row.priority,
         created_at=row.created_at, client_request_id=row.client_request_id, callback_url=row.callback_url,
-        timeout_s=row.timeout_s,
+        timeout_s=row.timeout_s, file_name=row.file_name,
     )  # fmt: skip

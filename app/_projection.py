@@ -30,10 +30,11 @@ from nats.js.errors import NotFoundError
 from sqlalchemy import Table, bindparam, delete, insert, select, update
 from sqlalchemy.engine import Connection
 
-from app._db import JOBS, BookmarkRow, Database, EventRow, FileRow, JobRow, queue_counts
+from app._db import JOBS, BookmarkRow, Database, EventRow, FileRow, JobRow
 from app._hub import Applied, Hub
 from app._metrics import Metrics
-from app._schemas import EventEnvelope
+from app._queue import queue_position
+from app._schemas import EventEnvelope, QueuePosition
 from streams import (
     ALL_SUBJECTS,
     STREAM,
@@ -149,7 +150,7 @@ def _submitted(job: JobRow | None, event: Submitted, seq: int) -> JobRow | None:
             parent_id=event.parent_id, max_attempts=event.max_attempts, timeout_s=event.timeout_s,
             priority=event.priority, submit_seq=seq, created_at=event.created_at, result=None, error=None,
             worker=None, held_by=None, exhausted=False, client_request_id=event.client_request_id,
-            scheduled_for=event.scheduled_for, callback_url=event.callback_url,
+            scheduled_for=event.scheduled_for, callback_url=event.callback_url, file_name=event.file_name,
             callback_status="pending" if event.callback_url else None, started_at=None, completed_at=None,
         )  # fmt: skip
     elif event.attempt < job.attempt or (event.attempt == job.attempt and job.status != JobStatus.SCHEDULED):
@@ -198,9 +199,8 @@ class Handoff:
     """A job as the batch that applied a waited-for sequence left it, for the waiter's answer."""
 
     row: JobRow
-    queue_counts: tuple[int, int] | None
-    """For a pending job: its pool's active jobs and the pending ones ahead of it, counted in
-    the batch's transaction (see `queue_counts`); None otherwise."""
+    position: QueuePosition | None
+    """Its queue position, counted in the batch's transaction."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,15 +288,10 @@ class _Writes:
 
     def hand_off(self, job_ids: set[str]) -> None:
         """Keep the rows of the awaited jobs this batch touched (flushed before), with their queue
-        position when pending, so that whoever waits need not read them back."""
+        position, so that whoever waits need not read them back."""
         for job_id in job_ids:
-            job = self.rows.get(job_id)
-            if job is None:
-                continue
-            counts = None
-            if job.status == JobStatus.PENDING:
-                counts = queue_counts(self.conn, job)
-            self.handoffs[job_id] = Handoff(job, counts)
+            if (job := self.rows.get(job_id)) is not None:
+                self.handoffs[job_id] = Handoff(job, queue_position(self.conn, job))
 
     def delete(self, job: JobRow, seq: int) -> None:
         """Remove a job, its children and their events; followers get a last `deleted` event."""

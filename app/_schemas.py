@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -31,15 +32,25 @@ parses it (`parse_time`)."""
 CallbackUrl = Annotated[str, msgspec.Meta(pattern=r"^https?://", max_length=2000)]
 
 
-class SubmitJob(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """Body of POST /api/v1/jobs."""
+OperationName = Annotated[str, msgspec.Meta(min_length=1, max_length=64, examples=["noop"])]
+Params = Annotated[dict[str, Any], msgspec.Meta(examples=[{"steps": 3, "duration_s": 0.3}])]
+SEED_JOB_TYPE = "Seed 003's name of `type` (the operation)"
 
-    type: Annotated[str, msgspec.Meta(min_length=1, max_length=64, examples=["noop"])]
-    """The operation, e.g. `noop`."""
-    params: Annotated[dict[str, Any], msgspec.Meta(examples=[{"steps": 3, "duration_s": 0.3}])] = {}
-    """Operation parameters, validated against the operation's schema."""
+
+class SubmitJob(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Body of POST /api/v1/jobs. Seed 003's `JobCreate` is accepted as it is: `job_type` for
+    `type` and `parameters` for `params` (exactly one of `type` / `job_type`, at most one of
+    `params` / `parameters`; both or neither is a 400)."""
+
+    type: OperationName = ""
+    """The operation, e.g. `noop` (required, unless given as `job_type`)."""
+    job_type: Annotated[OperationName | None, msgspec.Meta(description=SEED_JOB_TYPE)] = None
+    params: Params | None = None
+    """Operation parameters, validated against the operation's schema (default `{}`)."""
+    parameters: Annotated[Params | None, msgspec.Meta(description="Seed 003's name of `params`")] = None
     title: Annotated[str, msgspec.Meta(max_length=500, examples=["a quick check"])] = ""
-    description: Description = ""
+    description: Description | None = ""
+    """Free text; `null` (as seed 003's clients send it) is the same as empty."""
     file_id: Annotated[str, msgspec.Meta(max_length=64)] | None = None
     """The input file, for operations that take one."""
     max_attempts: MaxAttempts | None = None
@@ -55,6 +66,15 @@ class SubmitJob(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Run no earlier than this time (UTC unless it says otherwise)."""
     callback_url: CallbackUrl | None = None
     """POSTed the job, signed, when it ends."""
+
+    def __post_init__(self) -> None:
+        """Fold seed 003's names into jobcast's (a ValueError here is a 400 naming the problem)."""
+        if bool(self.type) == (self.job_type is not None):
+            raise ValueError("give exactly one of `type` or `job_type` (the operation)")
+        if self.params is not None and self.parameters is not None:
+            raise ValueError("give at most one of `params` or `parameters`")
+        self.type, self.job_type = self.type or self.job_type or "", None
+        self.params, self.parameters = self.params or self.parameters or {}, None
 
 
 class BatchItem(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -90,16 +110,27 @@ class SubmitBatch(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 class QueuePosition(msgspec.Struct, kw_only=True):
-    """Where a pending job stands in its pool's queue."""
+    """Where a job stands in its pool's queue, as seed 001 counts it (app/_queue.py).
+
+    Pending and retrying jobs wait in the queue (a retrying one keeps its submission's place and
+    is taken again once its backoff ends); workers take them by priority, then in stream order.
+    A running job is at the head: `{ahead: 0, total_active}`. A finished one (completed, failed,
+    cancelled) is in no queue: `{ahead: 0, total_active: 0}`. A scheduled job joins the queue when
+    it is due, and a batch parent is in none (its children are): theirs is null.
+    """
 
     ahead: int
-    """Pending jobs of the same pool that workers will take before this one."""
+    """Jobs of the same pool a worker serves before this one: the pool's running jobs, and the
+    pending or retrying ones of a higher priority, or of the same one submitted earlier."""
     total_active: int
-    """Active jobs (pending, scheduled, running, retrying) in the pool."""
+    """The pool's jobs in the queue or held by a worker: pending, retrying and running (not
+    scheduled ones, not yet due)."""
 
 
 class Job(msgspec.Struct, kw_only=True):
-    """A job as clients see it."""
+    """A job as clients see it. It also carries seed 003's `JobResponse` names, worked out from
+    jobcast's own: `job_type` (= `type`), `progress_percentage` (`progress` rounded down to an
+    int), `progress_message` (= `current_step`) and `error_message` (= `error`)."""
 
     id: str
     type: str
@@ -109,6 +140,8 @@ class Job(msgspec.Struct, kw_only=True):
     description: str
     params: dict[str, Any]
     file_id: str | None
+    file_name: str | None
+    """The input file's name when the job was submitted; it stays after the file is deleted."""
     progress: float
     current_step: str
     result: dict[str, Any] | None
@@ -130,22 +163,44 @@ class Job(msgspec.Struct, kw_only=True):
     callback_url: str | None
     callback_status: str | None
     queue_position: QueuePosition | None
-    """Only while pending."""
+    """Null for a scheduled job and a batch parent (see QueuePosition)."""
     last_event_id: int
     """Stream sequence of the job's newest event: resume SSE from here with Last-Event-ID."""
     created_at: datetime
     started_at: datetime | None
     completed_at: datetime | None
     updated_at: datetime
+    job_type: Annotated[str, msgspec.Meta(description=SEED_JOB_TYPE)] = ""
+    progress_percentage: Annotated[
+        int, msgspec.Meta(description="Seed 003's progress: `progress` rounded down, 100 only once complete")
+    ] = 0
+    progress_message: Annotated[str, msgspec.Meta(description="Seed 003's name of `current_step`")] = ""
+    error_message: Annotated[str | None, msgspec.Meta(description="Seed 003's name of `error`")] = None
+
+    def __post_init__(self) -> None:
+        """Seed 003's names always say what jobcast's say."""
+        self.job_type, self.progress_message, self.error_message = self.type, self.current_step, self.error
+        self.progress_percentage = math.floor(self.progress)
 
 
 class JobPage(msgspec.Struct, kw_only=True):
-    """A page of jobs, newest first."""
+    """A page of jobs, newest first: `limit`/`offset` and, in seed 003's words, `page`/`per_page`."""
 
     items: list[Job]
     total: int
+    """Jobs that match, on every page."""
     limit: int
     offset: int
+    page: int = 1
+    """The page `offset` falls on, counting from 1, in pages of `per_page` (exact when the request
+    gave `page`)."""
+    per_page: int = 0
+    """= `limit`."""
+
+    def __post_init__(self) -> None:
+        """`page` and `per_page` follow from `limit` and `offset`."""
+        self.per_page = self.limit
+        self.page = self.offset // self.limit + 1 if self.limit > 0 else 1
 
 
 class JobStatusView(msgspec.Struct, kw_only=True):
@@ -202,11 +257,23 @@ class SseMessage(msgspec.Struct, kw_only=True):
 
 
 class QueueHealth(msgspec.Struct, kw_only=True):
-    """Compileo's queue_health block."""
+    """Compileo's queue_health block, and the figures it is worked out from (docs/architecture.md)."""
 
     status: str
+    """`unhealthy`: NATS does not answer, or work waits and no worker of any pool is live;
+    `degraded`: some pool has work waiting and no live worker; else `healthy`."""
     resource_utilization: str
+    """`high` from 90 % of the hosts' CPUs in use or 90 % of the live workers' slots busy; else `optimal`."""
     limit_enforcement: str
+    """`active`: per-key rate limit and stream quota both on; `partial`: one; `disabled`: neither."""
+    pools: dict[str, str] = {}
+    """Each pool's status: `degraded` when it has work waiting and no live worker, else `healthy`."""
+    cpu_cores: int = 0
+    """The CPUs of the hosts of the API and the live workers."""
+    busy_slots: int = 0
+    """Slots of live workers running a job."""
+    total_slots: int = 0
+    """Slots of live workers."""
 
 
 class QueueStats(msgspec.Struct, kw_only=True):
@@ -222,10 +289,15 @@ class QueueStats(msgspec.Struct, kw_only=True):
     total_jobs: int
     queue_type: str
     cache_size: int
-    """Open live subscriptions (SSE, WebSocket, long-poll) in this API process."""
+    """Models loaded in the live workers' caches (whisper models, one per model, device and
+    compute type), summed over their processes."""
     cpu_usage_percent: float
+    """CPU use of the API process and every live worker process, summed, each in percent of one
+    core over its last usage window (a third of the worker TTL)."""
     memory_usage_mb: float
+    """Resident memory of the API process and every live worker process, summed."""
     active_workers: int
+    """Workers whose heartbeat has not expired."""
     queue_health: QueueHealth
 
 
@@ -242,10 +314,27 @@ class TypeStatistics(msgspec.Struct, kw_only=True):
     avg_queue_wait_s: float | None
 
 
-class ForceComplete(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """Body of POST /api/v1/jobs/admin/{id}/force-complete."""
+class QueueSummary(msgspec.Struct, kw_only=True):
+    """The queue, in the admin statistics: what waits and what runs, by type, and who runs it."""
 
-    result: Annotated[dict[str, Any], msgspec.Meta(examples=[{"text": "done by hand"}])] | None = None
+    pending: int
+    running: int
+    pending_by_type: dict[str, int]
+    running_by_type: dict[str, int]
+    live_workers: int
+    """Workers whose heartbeat has not expired."""
+    workers_by_pool: dict[str, int]
+
+
+class Statistics(msgspec.Struct, kw_only=True):
+    """GET /api/v1/jobs/admin/statistics: seed 003's dashboard figures."""
+
+    totals: TypeStatistics
+    """Every job but batch parents (a batch counts as its children): `total`, `counts` by status,
+    success and failure rates, and `avg_run_s`, the average processing time."""
+    by_type: dict[str, TypeStatistics]
+    """The same per job type (a batch parent's type is `batch_<type>`)."""
+    queue: QueueSummary
 
 
 class CleanupReport(msgspec.Struct, kw_only=True):

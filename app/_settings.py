@@ -54,9 +54,11 @@ class Settings:
     max_upload_bytes: int = field(default_factory=lambda: _env_int("JOBCAST_MAX_UPLOAD_MB", 2048) * 2**20)
     """JOBCAST_MAX_UPLOAD_MB: the largest request (upload) accepted; larger ones get 413."""
     rate_limit_per_minute: int = field(default_factory=lambda: _env_int("JOBCAST_RATE_LIMIT_PER_MIN", 6000))
-    """JOBCAST_RATE_LIMIT_PER_MIN: requests one key (or the local owner) may make per minute; 429 beyond."""
+    """JOBCAST_RATE_LIMIT_PER_MIN: requests one key (or the local owner) may make per minute; 429 beyond;
+    0 turns the limit off (the queue stats then say so in `limit_enforcement`)."""
     max_streams_per_owner: int = field(default_factory=lambda: _env_int("JOBCAST_MAX_STREAMS", 200))
-    """JOBCAST_MAX_STREAMS: SSE, WebSocket and long-poll connections one key may hold open; 429 beyond."""
+    """JOBCAST_MAX_STREAMS: SSE, WebSocket and long-poll connections one key may hold open; 429 beyond;
+    0 turns the quota off."""
     max_page_size: int = 500
     """Upper bound of `limit` on list endpoints."""
     webhook_secret: str = field(default_factory=lambda: os.environ.get("JOBCAST_WEBHOOK_SECRET", ""))

@@ -1,107 +1,228 @@
-"""Figures about the queue: Compileo's queue stats, admin statistics and queue status."""
+"""Figures about the queue: Compileo's queue stats (for the whole deployment: the API and every live
+worker), admin statistics and queue status."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
-import resource
+import socket
 import statistics
-import time
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 import nats.errors
 from nats.js import JetStreamContext
+from nats.js.errors import NoKeysError
 from nats.js.errors import NotFoundError as NatsNotFoundError
 from sqlalchemy import func, select
 
 from app._db import Database, JobRow
-from app._schemas import QueueHealth, QueueStats, TypeStatistics
-from streams import PRIORITIES, STREAM, JobStatus, Pool, WorkerConsumer, WorkerInfo, workers_bucket
+from app._queue import BATCH_POOL
+from app._schemas import QueueHealth, QueueStats, QueueSummary, Statistics, TypeStatistics
+from app._settings import Settings
+from streams import (
+    PRIORITIES,
+    STREAM,
+    JobStatus,
+    Pool,
+    ProcessUsage,
+    TaskSupervisor,
+    WorkerConsumer,
+    WorkerInfo,
+    cpu_count,
+    rss_mb,
+    workers_bucket,
+)
+
+HEARTBEATS_READ_S = 2.0
+"""How long reading the workers' heartbeats may take before NATS counts as unreachable."""
+HIGH_CPU_SHARE = 0.9
+"""`resource_utilization` is `high` from this share of the CPUs of the deployment's hosts..."""
+HIGH_SLOT_SHARE = 0.9
+"""...or from this share of the live workers' slots busy."""
+WAITING = (JobStatus.PENDING, JobStatus.RETRYING, JobStatus.RUNNING)
+"""The statuses of work a pool needs a live worker for (a running job whose worker is gone waits
+for its redelivery)."""
 
 
-class _CpuMeter:
-    """This process's CPU use since the previous reading, in percent of one core."""
+@dataclass(frozen=True, slots=True)
+class Deployment:
+    """The API process and every live worker process, each counted once."""
 
-    def __init__(self) -> None:
-        self._last = (time.monotonic(), time.process_time())
+    cpu_percent: float
+    """Their CPU use, summed, each in percent of one core over its last usage window."""
+    memory_mb: float
+    """Their resident memory, summed."""
+    models_loaded: int
+    """Models loaded in their caches, summed."""
+    cpu_cores: int
+    """The CPUs of their hosts (each host once)."""
+    busy_slots: int
+    """Slots of live workers running a job."""
+    total_slots: int
+    """Slots of live workers."""
 
-    def read(self) -> float:
-        now = (time.monotonic(), time.process_time())
-        wall, cpu = now[0] - self._last[0], now[1] - self._last[1]
-        self._last = now
-        return round(100.0 * cpu / wall, 1) if wall > 0 else 0.0
+
+def deployment(workers: list[WorkerInfo], own_cpu: float, own_rss: float) -> Deployment:
+    """Sum the heartbeats' figures with the API's own, one per (host, pid): workers running in the
+    API's process (or several in one process) measure that process, which is counted once."""
+    processes: dict[tuple[str, int], tuple[float, float, int]] = {}
+    cores: dict[str, int] = {}
+    for worker in sorted(workers, key=lambda w: w.last_seen):  # the newest beat of a process wins
+        processes[(worker.host, worker.pid)] = (worker.cpu_percent, worker.rss_mb, worker.models_loaded)
+        cores[worker.host] = max(cores.get(worker.host, 0), worker.cpu_count)
+    host, pid = socket.gethostname(), os.getpid()
+    models = processes.get((host, pid), (0.0, 0.0, 0))[2]
+    processes[(host, pid)] = (own_cpu, own_rss, models)  # measured now, fresher than any beat
+    cores[host] = max(cores.get(host, 0), cpu_count())
+    return Deployment(
+        cpu_percent=round(sum(p[0] for p in processes.values()), 1),
+        memory_mb=round(sum(p[1] for p in processes.values()), 1),
+        models_loaded=sum(p[2] for p in processes.values()),
+        cpu_cores=sum(cores.values()),
+        busy_slots=sum(min(len(w.running), w.slots) for w in workers),
+        total_slots=sum(w.slots for w in workers),
+    )
 
 
-def rss_mb() -> float:
-    """Resident memory of this process in MB (peak where /proc is missing)."""
-    with contextlib.suppress(OSError, ValueError, IndexError), open("/proc/self/statm") as statm:
-        return round(int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+def queue_health(
+    workers: list[WorkerInfo] | None, waiting: Counter[str], figures: Deployment, settings: Settings
+) -> QueueHealth:
+    """Compileo's queue_health, worked out from the pools, the deployment's figures and the limits
+    configured; `workers` is None when NATS did not answer."""
+    live = Counter(w.pool for w in workers or [])
+    pools = {
+        pool: "degraded" if waiting[pool] and not live[pool] else "healthy"
+        for pool in sorted({*Pool, *waiting, *live})
+    }
+    if workers is None or (not workers and waiting.total() > 0):
+        status = "unhealthy"  # nothing can run what waits, nor what comes
+    else:
+        status = "degraded" if "degraded" in pools.values() else "healthy"
+    cpu_share = figures.cpu_percent / (100.0 * figures.cpu_cores) if figures.cpu_cores else 0.0
+    slot_share = figures.busy_slots / figures.total_slots if figures.total_slots else 0.0
+    busy = cpu_share >= HIGH_CPU_SHARE or slot_share >= HIGH_SLOT_SHARE
+    limits = [settings.rate_limit_per_minute > 0, settings.max_streams_per_owner > 0]
+    return QueueHealth(
+        status=status,
+        resource_utilization="high" if busy else "optimal",
+        limit_enforcement="active" if all(limits) else "partial" if any(limits) else "disabled",
+        pools=pools,
+        cpu_cores=figures.cpu_cores,
+        busy_slots=figures.busy_slots,
+        total_slots=figures.total_slots,
+    )
 
 
 class Stats:
     """Reads counts from SQLite, consumers from JetStream and workers from their KV heartbeats."""
 
-    def __init__(self, db: Database, js: JetStreamContext) -> None:
+    def __init__(self, db: Database, js: JetStreamContext, settings: Settings) -> None:
         self.db = db
         self.js = js
-        self._cpu = _CpuMeter()
+        self.settings = settings
+        self.usage = ProcessUsage()
+        """This process's CPU use, sampled by the supervised task `cpu-sampler`."""
+
+    def start(self, tasks: TaskSupervisor) -> None:
+        """Sample this process's CPU use for as long as `tasks` runs."""
+        tasks.start("cpu-sampler", self.usage.run)
 
     async def workers(self) -> list[WorkerInfo]:
-        """Workers whose heartbeat has not expired."""
-        kv = await workers_bucket(self.js)
+        """Workers whose heartbeat has not expired (none while NATS does not answer)."""
+        return await self.heartbeats() or []
+
+    async def heartbeats(self) -> list[WorkerInfo] | None:
+        """Workers whose heartbeat has not expired; None when NATS did not answer."""
         try:
-            keys = await kv.keys()
-        except nats.errors.Error:  # NoKeysError: nobody is up
-            return []
-        views = []
-        for key in keys:
-            with contextlib.suppress(nats.errors.Error, msgspec.DecodeError):
-                entry = await kv.get(key)
-                if entry.value:
-                    views.append(msgspec.json.decode(entry.value, type=WorkerInfo))
+            async with asyncio.timeout(HEARTBEATS_READ_S):
+                kv = await workers_bucket(self.js)
+                try:
+                    keys = await kv.keys()
+                except NoKeysError:  # nobody is up
+                    return []
+                views = []
+                for key in keys:
+                    try:
+                        entry = await kv.get(key)
+                        if entry.value:
+                            views.append(msgspec.json.decode(entry.value, type=WorkerInfo))
+                    except (NatsNotFoundError, msgspec.DecodeError):
+                        continue  # gone since `keys`, or not a heartbeat
+        except (nats.errors.Error, TimeoutError):
+            return None
         return sorted(views, key=lambda w: (w.pool, w.name))
 
     async def counts(self, owner: str | None) -> Counter[str]:
-        """Jobs by status (top-level and children alike)."""
-        query = select(JobRow.status, func.count()).group_by(JobRow.status)
+        """Jobs by status; a batch counts as its children (its parent row is not a job to run)."""
+        query = select(JobRow.status, func.count()).where(JobRow.pool != BATCH_POOL).group_by(JobRow.status)
         if owner is not None:
             query = query.where(JobRow.owner == owner)
         async with self.db.session() as session:
             rows = (await session.execute(query)).all()
         return Counter({status: count for status, count in rows})
 
-    async def queue_stats(self, owner: str | None, subscribers: int) -> QueueStats:
-        """The Compileo /queue/stats figures."""
+    async def waiting_by_pool(self) -> Counter[str]:
+        """Jobs of every owner that need a live worker of their pool (see WAITING)."""
+        query = (
+            select(JobRow.pool, func.count())
+            .where(JobRow.status.in_(WAITING), JobRow.pool != BATCH_POOL)
+            .group_by(JobRow.pool)
+        )
+        async with self.db.session() as session:
+            rows = (await session.execute(query)).all()
+        return Counter({pool: count for pool, count in rows})
+
+    async def queue_stats(self, owner: str | None) -> QueueStats:
+        """The Compileo /queue/stats figures: the caller's jobs, the whole deployment's resources."""
         counts = await self.counts(owner)
-        workers = await self.workers()
-        cpu, memory = self._cpu.read(), rss_mb()
-        healthy = bool(workers) or counts[JobStatus.PENDING] == 0
+        waiting = await self.waiting_by_pool()
+        workers = await self.heartbeats()
+        figures = deployment(workers or [], self.usage.cpu_percent(), rss_mb())
         return QueueStats(
             pending_jobs=counts[JobStatus.PENDING], running_jobs=counts[JobStatus.RUNNING],
             scheduled_jobs=counts[JobStatus.SCHEDULED], completed_jobs=counts[JobStatus.COMPLETED],
             failed_jobs=counts[JobStatus.FAILED], cancelled_jobs=counts[JobStatus.CANCELLED],
             retrying_jobs=counts[JobStatus.RETRYING], total_jobs=sum(counts.values()),
-            queue_type="nats-jetstream", cache_size=subscribers, cpu_usage_percent=cpu,
-            memory_usage_mb=memory, active_workers=len(workers),
-            queue_health=QueueHealth(
-                status="healthy" if healthy else "degraded",
-                resource_utilization="high" if cpu > 90 else "optimal",
-                limit_enforcement="active",
-            ),
+            queue_type="nats-jetstream", cache_size=figures.models_loaded,
+            cpu_usage_percent=figures.cpu_percent, memory_usage_mb=figures.memory_mb,
+            active_workers=len(workers or []),
+            queue_health=queue_health(workers, waiting, figures, self.settings),
         )  # fmt: skip
 
-    async def statistics(self) -> dict[str, TypeStatistics]:
-        """Per type: counts, success and failure rates, run time and queue wait."""
-        query = select(JobRow.type, JobRow.status, JobRow.created_at, JobRow.started_at, JobRow.completed_at)
+    async def statistics(self) -> Statistics:
+        """Overall and per type: counts, success and failure rates, run time and queue wait; and the
+        queue: pending and running jobs by type, live workers."""
+        query = select(
+            JobRow.type, JobRow.pool, JobRow.status, JobRow.created_at, JobRow.started_at, JobRow.completed_at
+        )
         async with self.db.session() as session:
             rows = (await session.execute(query)).all()
         by_type: defaultdict[str, list[Any]] = defaultdict(list)
         for row in rows:
             by_type[row.type].append(row)
-        return {job_type: _type_statistics(rows) for job_type, rows in sorted(by_type.items())}
+        work = [row for row in rows if row.pool != BATCH_POOL]
+        workers = await self.workers()
+        queue = QueueSummary(
+            pending=sum(row.status == JobStatus.PENDING for row in work),
+            running=sum(row.status == JobStatus.RUNNING for row in work),
+            pending_by_type=dict(
+                sorted(Counter(r.type for r in work if r.status == JobStatus.PENDING).items())
+            ),
+            running_by_type=dict(
+                sorted(Counter(r.type for r in work if r.status == JobStatus.RUNNING).items())
+            ),
+            live_workers=len(workers),
+            workers_by_pool=dict(sorted(Counter(worker.pool for worker in workers).items())),
+        )
+        return Statistics(
+            totals=_type_statistics(work),
+            by_type={job_type: _type_statistics(rows) for job_type, rows in sorted(by_type.items())},
+            queue=queue,
+        )
 
     async def queue_status(self) -> dict[str, Any]:
         """Pending work by type and pool, each pool's consumers as JetStream sees them, and workers."""

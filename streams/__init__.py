@@ -79,6 +79,7 @@ from streams._limits import (
 from streams._operations import (
     OPERATIONS,
     ConvertParams,
+    DetectLanguageParams,
     FixSrtParams,
     GenerateSrtParams,
     NoopParams,
@@ -113,6 +114,7 @@ from streams._subjects import (
     submit_subject,
 )
 from streams._supervisor import TaskPhase, TaskState, TaskSupervisor
+from streams._usage import ProcessUsage, cpu_count, rss_mb
 
 __all__ = [
     "ACTIVE_STATUSES",
@@ -150,6 +152,7 @@ __all__ = [
     "Completed",
     "ConvertParams",
     "Deleted",
+    "DetectLanguageParams",
     "EgressRefusedError",
     "Event",
     "Failed",
@@ -167,6 +170,7 @@ __all__ = [
     "NoopParams",
     "OperationSpec",
     "Pool",
+    "ProcessUsage",
     "Progress",
     "ReplicasError",
     "Retrying",
@@ -187,6 +191,7 @@ __all__ = [
     "close_quietly",
     "connect",
     "control_subject",
+    "cpu_count",
     "decode_event",
     "deleted_subject",
     "digest",
@@ -215,6 +220,7 @@ __all__ = [
     "priority_token",
     "released_by_worker",
     "result_size",
+    "rss_mb",
     "safe_name",
     "schedule_subject",
     "stored_secret",

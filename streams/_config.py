@@ -146,6 +146,15 @@ class WorkerInfo(msgspec.Struct, kw_only=True):
     last_seen: float
     tasks: dict[str, TaskState] = {}
     """Its supervised tasks (fetch loop, heartbeat): running, or restarting since when and why."""
+    cpu_percent: float = 0.0
+    """Its process's CPU use over the last usage window, in percent of one core (0: a worker that
+    predates the field)."""
+    rss_mb: float = 0.0
+    """Its process's resident memory in MB."""
+    cpu_count: int = 0
+    """The CPUs its process may run on (0: unknown)."""
+    models_loaded: int = 0
+    """Models held loaded in its process's cache (whisper models, per model, device and compute type)."""
 
 
 async def workers_bucket(js: JetStreamContext) -> KeyValue:

@@ -63,6 +63,8 @@ class Submitted(_Event, frozen=True, tag="submitted"):
     title: str = ""
     description: str = ""
     file_id: str | None = None
+    file_name: str | None = None
+    """The input file's name at submit, so the job can name it after the file is deleted."""
     parent_id: str | None = None
     max_attempts: int = 3
     priority: int = 0

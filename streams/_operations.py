@@ -71,6 +71,17 @@ class GenerateSrtParams(TranscribeParams, kw_only=True, forbid_unknown_fields=Tr
     max_cue_duration: Annotated[float, msgspec.Meta(ge=0.5, le=60)] = 7.0
 
 
+class DetectLanguageParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """faster-whisper options of `detect_language`."""
+
+    model: Annotated[str, msgspec.Meta(min_length=1, max_length=500)] = "tiny.en"
+    """A faster-whisper model name or a local path; an English-only one (tiny.en) always answers `en`."""
+    device: Literal["cpu", "cuda"] | None = None
+    """cuda when available, else cpu."""
+    compute_type: Literal["int8", "int8_float16", "int16", "float16", "float32"] | None = None
+    """float16 on cuda, int8 on cpu."""
+
+
 class ConvertParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Options of `convert` (to MP4: H.264 + AAC, or M4A)."""
 
@@ -152,6 +163,14 @@ OPERATIONS: dict[str, OperationSpec] = {
             needs_file=True,
             timeout_s=600.0,
             timeout_per_media_s=4.0,
+        ),
+        OperationSpec(
+            name="detect_language",
+            pool=Pool.GPU,
+            params=DetectLanguageParams,
+            description="The language spoken in the first 30 s, and the model's confidence, by faster-whisper.",
+            needs_file=True,
+            timeout_s=600.0,  # the model's first load; only 30 s of audio are decoded, however long the file
         ),
         OperationSpec(
             name="convert",

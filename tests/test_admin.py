@@ -70,13 +70,17 @@ async def wait_for(predicate: Any, timeout: float = 10.0) -> Any:
 async def test_queue_stats_shape_and_counts(client: httpx.AsyncClient, worker: WorkerRunner) -> None:
     done = await submit(client, params={"steps": 1})
     failed = await submit(client, params={"fail": True})
-    await wait_terminal(client, done["id"])
-    await wait_terminal(client, failed["id"])
+    batch = await client.post(
+        "/api/v1/jobs/batch", json={"type": "noop", "items": [{}] * 3, "params": {"steps": 1}}
+    )
+    assert batch.status_code == 202, batch.text
+    for job_id in (done["id"], failed["id"], batch.json()["id"]):
+        await wait_terminal(client, job_id)
     stats = (await client.get("/api/v1/jobs/queue/stats")).json()
     assert set(stats) == STATS_KEYS
-    assert stats["completed_jobs"] == 1
+    assert stats["completed_jobs"] == 4  # a batch of 3 counts as its 3 children, not as 4 jobs
     assert stats["failed_jobs"] == 1
-    assert stats["total_jobs"] == 2
+    assert stats["total_jobs"] == 5
     assert stats["pending_jobs"] == stats["running_jobs"] == 0
     assert stats["queue_type"] == "nats-jetstream"
     assert stats["active_workers"] == 1
@@ -84,9 +88,12 @@ async def test_queue_stats_shape_and_counts(client: httpx.AsyncClient, worker: W
     assert stats["cpu_usage_percent"] >= 0
     health = stats["queue_health"]
     assert health["status"] == "healthy"
+    assert health["pools"] == {"cpu": "healthy", "gpu": "healthy", "llm": "healthy"}
     assert health["limit_enforcement"] == "active"
-    # the test process is also the API process, so its CPU figure depends on the machine's load
-    assert health["resource_utilization"] == ("high" if stats["cpu_usage_percent"] > 90 else "optimal")
+    assert (health["busy_slots"], health["total_slots"]) == (0, 1)
+    # the test process is the API and the worker: its CPU figure depends on the machine's load
+    high_cpu = stats["cpu_usage_percent"] >= 90 * health["cpu_cores"]
+    assert health["resource_utilization"] == ("high" if high_cpu else "optimal")
 
 
 async def test_workers_come_and_go(
@@ -169,7 +176,10 @@ async def test_admin_all_statistics_and_exhausted(client: httpx.AsyncClient, wor
     failed = (await client.get("/api/v1/jobs/admin/all", params={"status": "failed"})).json()
     assert {j["id"] for j in failed["items"]} == {gave_up["id"], bad["id"]}
 
-    noop = (await client.get("/api/v1/jobs/admin/statistics")).json()["noop"]
+    statistics = (await client.get("/api/v1/jobs/admin/statistics")).json()
+    assert set(statistics) == {"totals", "by_type", "queue"}
+    noop = statistics["by_type"]["noop"]
+    assert statistics["totals"] == noop  # one type: the totals are its figures
     assert noop["total"] == 5
     assert noop["counts"] == {"completed": 3, "failed": 2}
     assert noop["success_rate"] == 0.6

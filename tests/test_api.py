@@ -170,7 +170,7 @@ async def test_list_active_and_pagination(client: httpx.AsyncClient) -> None:
     assert beyond["total"] == 5
 
     done = (await client.get("/api/v1/jobs", params={"active": "true", "status": "completed"})).json()
-    assert done == {"items": [], "total": 0, "limit": 50, "offset": 0}
+    assert done == {"items": [], "total": 0, "limit": 20, "offset": 0, "page": 1, "per_page": 20}
 
 
 async def test_list_rejects_bad_query(client: httpx.AsyncClient) -> None:

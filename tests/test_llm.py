@@ -1,19 +1,25 @@
 """fix_cues against a local OpenAI-compatible server: chunking, concurrency, retries, errors, cancel,
-and where the key may go."""
+where the key may go, and MAX_LLM_CONCURRENCY across all the jobs of one worker."""
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import httpx
 import pytest
 
-from streams import AddressPolicy
+from streams import AddressPolicy, NatsServer
+from tests.conftest import submit, wait_terminal
 from tests.llm_server import ChatRequest, FakeLLM, drop_last_line, numbered, tidy
-from workers import WorkerSettings
+from tests.test_media_ops import download, llm_settings, running, upload
+from workers import WorkerSettings, subtitles
 from workers.llm import DEFAULT_SYS_MSG, Cue, Endpoint, FixCancelled, LLMError, endpoint, fix_cues
 
 KEY = "sk-test"
@@ -282,3 +288,94 @@ async def test_a_server_quoting_the_key_does_not_put_it_in_the_error() -> None:
     ):
         await fix(server, make_cues("a"))
     assert KEY not in str(info.value)
+
+
+# one worker, many jobs: MAX_LLM_CONCURRENCY -----------------------------------------------------
+
+
+async def test_calls_sharing_slots_have_that_many_requests_in_flight(server: FakeLLM) -> None:
+    server.delay = 0.2
+    slots = asyncio.Semaphore(2)
+    results = await asyncio.gather(
+        *(fix(server, make_cues(*(f"call {n} cue {i}" for i in range(6))), chunk_size=2, slots=slots) for n in range(3))
+    )  # fmt: skip
+    for n, result in enumerate(results):
+        assert [c.text for c in result.cues] == [f"Call {n} cue {i}." for i in range(6)]
+    assert len(server.requests) == 9
+    assert server.max_in_flight == 2
+
+
+async def test_a_request_waiting_out_its_backoff_holds_no_slot(server: FakeLLM) -> None:
+    server.fail_first = [429]
+    slots = asyncio.Semaphore(1)
+    first, second = await asyncio.gather(
+        fix(server, make_cues("first"), slots=slots, retry_delay=0.5),
+        fix(server, make_cues("second"), slots=slots, retry_delay=0.5),
+    )
+    assert ([c.text for c in first.cues], [c.text for c in second.cues]) == (["First."], ["Second."])
+    refused, other, retried = (r.user for r in server.requests)
+    # The 429's sender sleeps at least 0.5 s; the other call gets the only slot meanwhile.
+    assert retried == refused != other
+    assert server.max_in_flight == 1
+
+
+def jobs_srt(job: int, count: int) -> str:
+    """`count` untidy one-line cues naming `job`, so each job's output can be told apart."""
+    cues = [
+        subtitles.Cue(index=n, start=2.0 * n, end=2.0 * n + 1.5, lines=[f"job {job} says line {n}"])
+        for n in range(1, count + 1)
+    ]
+    return subtitles.to_srt(cues)
+
+
+async def test_max_llm_concurrency_bounds_requests_across_all_jobs_of_a_worker(
+    client: httpx.AsyncClient, nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MAX_LLM_CONCURRENCY", "2")
+    jobs, cues, chunk_size = 3, 20, 4  # 5 chunks a job: 15 requests, no more than 2 at once
+    sources = [await upload(client, f"talk{j}.srt", jobs_srt(j, cues).encode()) for j in range(jobs)]
+    with FakeLLM(delay=0.2) as fake:
+        settings = llm_settings(nats_server, fake)
+        assert (settings.llm_concurrency, settings.slots) == (2, 2)
+        async with running(settings):
+            submitted = await asyncio.gather(
+                *(submit(client, type="fix_srt", file_id=s["id"], params={"chunk_size": chunk_size}) for s in sources)
+            )  # fmt: skip
+            done = await asyncio.gather(*(wait_terminal(client, job["id"], timeout=60) for job in submitted))
+        assert fake.max_in_flight == 2
+        assert len(fake.requests) == jobs * cues // chunk_size
+    for j, job in enumerate(done):
+        assert job["status"] == "completed", job["error"]
+        assert (job["result"]["cues"], job["result"]["changed"], job["result"]["chunks"]) == (cues, cues, 5)
+        [output] = job["result"]["outputs"]
+        fixed = subtitles.validate_srt((await download(client, output["file_id"])).text)
+        assert [c.lines for c in fixed] == [[f"Job {j} says line {n}."] for n in range(1, cues + 1)]
+        assert [(c.start, c.end) for c in fixed] == [(2.0 * n, 2.0 * n + 1.5) for n in range(1, cues + 1)]
+
+
+async def test_configured_endpoint_redirecting_elsewhere_is_not_followed(server: FakeLLM) -> None:
+    """A redirect from the configured endpoint is an error: the subtitles and the key stay put."""
+
+    class Redirect(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self.send_response(307)
+            self.send_header("Location", f"{server.base_url}/chat/completions")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    redirector = ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    thread = threading.Thread(target=redirector.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+    thread.start()
+    try:
+        target = Endpoint(base_url=f"http://127.0.0.1:{redirector.server_address[1]}/v1", api_key=KEY)
+        with pytest.raises(LLMError, match="307"):
+            await fix(server, make_cues("hello"), target=target, max_retries=0)
+    finally:
+        redirector.shutdown()
+        redirector.server_close()
+        thread.join()
+    assert server.requests == []

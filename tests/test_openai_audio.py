@@ -255,3 +255,17 @@ async def test_client_timeout_cancels_a_running_job(caller: Caller, gpu: WorkerR
     job = await caller.first_job("transcribe")
     done = await wait_terminal(caller.http, job["id"])
     assert done["status"] == "cancelled", done
+
+
+async def test_text_answers_name_their_charset_once(caller: Caller, gpu: WorkerRunner) -> None:
+    """`text/plain; charset=utf-8`, not the doubled charset a hand-written media type gave."""
+    for response_format in ("text", "srt"):
+        response = await caller.http.post(
+            "/v1/audio/transcriptions",
+            data={"model": "whisper-1", "response_format": response_format},
+            files={"file": ("jfk.flac", JFK.read_bytes(), "audio/flac")},
+            timeout=60,
+        )
+        assert response.status_code == 200, response.text
+        assert response.headers["content-type"] == "text/plain; charset=utf-8"
+        assert "ask not what" in response.text.lower()

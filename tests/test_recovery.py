@@ -18,7 +18,7 @@ import httpx
 from httpx_sse import aconnect_sse
 
 from app import Settings
-from streams import STREAM, NatsServer, WorkerConsumer, connect, decode_event, events_subject
+from streams import STREAM, NatsServer, WorkerConsumer, close_quietly, connect, decode_event, events_subject
 from tests.conftest import (
     ApiServer,
     WorkerRunner,
@@ -314,3 +314,15 @@ async def test_serve_end_to_end(tmp_path: Path) -> None:
         for pid in seen:  # children run in their own sessions: never leave one behind
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)
+
+
+async def test_closing_after_the_server_went_away_does_not_raise(tmp_path: Path) -> None:
+    """A connection that still buffers a write when NATS vanished closes quietly: the API's
+    shutdown goes on to dispose of its database (it stopped there, leaking its SQLite connection)."""
+    server = NatsServer(tmp_path / "nats", die_with_parent=True)
+    await server.start()
+    nc = await connect(server.url, name="jobcast-test")
+    await server.stop()
+    await nc.publish("jobs.nowhere", b"buffered while reconnecting")
+    await close_quietly(nc)
+    assert nc.is_closed

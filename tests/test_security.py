@@ -198,7 +198,7 @@ async def test_cross_tenant_matrix(tenants: Tenants, worker: WorkerRunner) -> No
         assert by_header == by_token == (expected, 4404)
 
     # lists filtered by bob's ids are empty, exactly like unknown ids
-    empty_jobs = {"items": [], "total": 0, "limit": 50, "offset": 0}
+    empty_jobs = {"items": [], "total": 0, "limit": 20, "offset": 0, "page": 1, "per_page": 20}
     for params in ({"parent_id": batch["id"]}, {"parent_id": str(uuid.uuid4())}):
         listed = await alice.get("/api/v1/jobs", params=params)
         assert listed.json() == empty_jobs
@@ -287,8 +287,9 @@ async def test_admin_routes_need_admin_key(tenants: Tenants, worker: WorkerRunne
     assert only_bob["total"] == 2
     statistics = await root.get("/api/v1/jobs/admin/statistics")
     assert statistics.status_code == 200
-    assert statistics.json()["noop"]["counts"]["completed"] == 2  # both owners
-    assert statistics.json()["noop"]["total"] == 3
+    assert statistics.json()["by_type"]["noop"]["counts"]["completed"] == 2  # both owners
+    assert statistics.json()["by_type"]["noop"]["total"] == 3
+    assert statistics.json()["totals"]["total"] == 3
     assert (await root.get("/api/v1/jobs/admin/queue-status")).status_code == 200
     forced = await root.post(
         f"/api/v1/jobs/admin/{held['id']}/force-complete", json={"result": {"by": "root"}}

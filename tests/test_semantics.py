@@ -491,11 +491,79 @@ async def test_queue_position(client: httpx.AsyncClient, worker_settings: Worker
     await runner.start()
     try:
         running = await wait_until(client, urgent["id"], lambda j: j["status"] == "running")
-        assert running["queue_position"] is None
+        assert running["queue_position"] == {"ahead": 0, "total_active": 6}
         positions = [(await get(client, j["id"]))["queue_position"] for j in jobs]
-        assert positions == [{"ahead": i, "total_active": 6} for i in range(5)]
-        assert (await wait_terminal(client, urgent["id"]))["queue_position"] is None
-        assert (await wait_terminal(client, jobs[-1]["id"]))["queue_position"] is None
+        assert positions == [{"ahead": i + 1, "total_active": 6} for i in range(5)]  # behind the running one
+        assert (await wait_terminal(client, urgent["id"]))["queue_position"] == FINISHED
+        assert (await wait_terminal(client, jobs[-1]["id"]))["queue_position"] == FINISHED
+    finally:
+        await runner.stop()
+
+
+FINISHED = {"ahead": 0, "total_active": 0}
+"""A finished job's queue position, as seed 001 gives it."""
+
+
+async def positions(client: httpx.AsyncClient, jobs: list[dict[str, Any]]) -> list[dict[str, int] | None]:
+    """The jobs' queue positions as GET gives them, checked against the list and its page of them."""
+    each = [(await get(client, job["id"]))["queue_position"] for job in jobs]
+    listed = (await client.get("/api/v1/jobs", params={"limit": 100})).json()["items"]
+    by_id = {job["id"]: job["queue_position"] for job in listed}
+    assert [by_id[job["id"]] for job in jobs] == each  # the list counts them the same way
+    return each
+
+
+async def test_queue_position_counts_running_jobs_ahead_as_seed_001(
+    client: httpx.AsyncClient, worker_settings: WorkerSettings
+) -> None:
+    """Seed 001: `ahead` is the pool's running jobs plus the pending ones taken first; a running job
+    is at the head of its queue, a finished one has no place in it."""
+    runner = WorkerRunner(worker_settings)
+    await runner.start()
+    try:
+        first = await submit(client, params={"duration_s": 60, "steps": 60})
+        await wait_until(client, first["id"], lambda j: j["status"] == "running")
+        older = await submit(client, params={"steps": 0})
+        newer = await submit(client, params={"steps": 0})
+        assert older["queue_position"] == {"ahead": 1, "total_active": 2}  # as submit answers it
+        assert newer["queue_position"] == {"ahead": 2, "total_active": 3}
+        assert await positions(client, [first, older, newer]) == [
+            {"ahead": 0, "total_active": 3},
+            {"ahead": 1, "total_active": 3},
+            {"ahead": 2, "total_active": 3},
+        ]
+        page = (await client.get(f"/ui/jobs/{newer['id']}")).text
+        assert "Queued: 2 ahead of it (running, or to be taken first) among 3 active jobs" in page
+        await client.post(f"/api/v1/jobs/{first['id']}/cancel")
+        assert (await wait_terminal(client, first["id"]))["queue_position"] == FINISHED
+        assert (await wait_terminal(client, newer["id"]))["queue_position"] == FINISHED
+        assert await positions(client, [first, older, newer]) == [FINISHED] * 3
+    finally:
+        await runner.stop()
+
+
+async def test_a_retrying_job_waits_in_the_queue_and_a_scheduled_one_is_not_in_it(
+    client: httpx.AsyncClient, worker_settings: WorkerSettings
+) -> None:
+    """A retrying job is back in the queue, where its submission was (it is redelivered when its
+    backoff ends); a scheduled job joins the queue only when it is due."""
+    runner = WorkerRunner(replace(worker_settings, retry_base_s=60, retry_max_s=60))
+    await runner.start()
+    try:
+        flaky = await submit(client, params={"steps": 0, "fail_times": 1})
+        await wait_until(client, flaky["id"], lambda j: j["status"] == "retrying")
+        blocker = await submit(client, params={"duration_s": 60, "steps": 60})
+        await wait_until(client, blocker["id"], lambda j: j["status"] == "running")
+        later = await submit(client, params={"steps": 0})
+        waiting = await submit(client, params={"steps": 0}, scheduled_for="2100-01-01T00:00:00Z")
+        assert await positions(client, [flaky, blocker, later, waiting]) == [
+            {"ahead": 1, "total_active": 3},
+            {"ahead": 0, "total_active": 3},
+            {"ahead": 2, "total_active": 3},
+            None,
+        ]
+        for job in (flaky, blocker, later, waiting):
+            await client.post(f"/api/v1/jobs/{job['id']}/cancel")
     finally:
         await runner.stop()
 

@@ -16,6 +16,7 @@ from playwright.async_api import Browser, Page, async_playwright, expect
 from app import Settings
 from streams import NatsServer
 from tests.conftest import MEDIA, ApiServer, WorkerRunner, submit, wait_terminal
+from tests.test_recovery import wait_ready
 from tests.test_security import put_key
 
 CHROMIUM = os.environ.get("JOBCAST_CHROMIUM", "/usr/bin/chromium")
@@ -440,3 +441,113 @@ async def test_login_redirect_stays_inside_the_ui(keyed_api: tuple[ApiServer, di
         page: Any = await anon.get("/ui/jobs")
         assert page.status_code == 303
         assert page.headers["location"] == "/ui/login?next=%2Fui%2Fjobs"
+
+
+# server-rendered pages, read with httpx ----------------------------------------------------------
+
+ROW = re.compile(r'<tr data-job-id="([^"]+)">(.*?)</tr>', re.S)
+
+
+def listed_rows(html: str) -> dict[str, str]:
+    """The recent-jobs table's rows: job id -> the row's markup, top to bottom."""
+    return dict(ROW.findall(html))
+
+
+def cell(row: str, role: str) -> str:
+    """The text of a row's cell marked `data-role=role`."""
+    found = re.search(rf'<td data-role="{role}">(.*?)</td>', row, re.S)
+    assert found, row
+    return found.group(1).strip()
+
+
+@pytest.fixture
+async def owners(nats_server: NatsServer, settings: Settings) -> AsyncIterator[dict[str, httpx.AsyncClient]]:
+    """The API with keys for alice and bob (users) and root (admin), and a client for each."""
+    keys = {"alice": await put_key(nats_server.url, "alice"), "bob": await put_key(nats_server.url, "bob"),
+            "root": await put_key(nats_server.url, "root", admin=True)}  # fmt: skip
+    server = ApiServer(settings)
+    await server.start()
+    clients = {
+        name: httpx.AsyncClient(base_url=server.url, timeout=30, headers={"X-API-Key": key})
+        for name, key in keys.items()
+    }
+    try:
+        yield clients
+    finally:
+        for http in clients.values():
+            await http.aclose()
+        await server.stop()
+
+
+async def test_admins_filter_recent_jobs_by_owner(owners: dict[str, httpx.AsyncClient]) -> None:
+    alice, bob, root = owners["alice"], owners["bob"], owners["root"]
+    alices = await submit(alice, params={"steps": 0}, title="alice's")
+    bobs = [(await submit(bob, params={"steps": 0}, title=f"bob's {i}"))["id"] for i in range(21)]
+
+    page = await root.get("/ui/jobs")  # an admin sees every owner's jobs, and whose each is
+    assert page.status_code == 200
+    assert 'name="owner"' in page.text
+    rows = listed_rows(page.text)
+    assert list(rows)[:2] == [bobs[-1], bobs[-2]]
+    assert cell(rows[bobs[-1]], "owner") == "bob"
+    assert "Showing 20 of 22" in page.text
+
+    page = await root.get("/ui/jobs", params={"owner": "bob"})
+    assert list(listed_rows(page.text)) == bobs[::-1][:20]
+    assert 'name="owner" value="bob"' in page.text  # the filter bar keeps what was chosen
+    assert "Showing 20 of 21" in page.text
+    next_url = re.search(r'<a href="([^"]+)" rel="next">', page.text)
+    assert next_url
+    assert "owner=bob" in next_url.group(1)  # paging keeps the filter
+    page = await root.get(next_url.group(1).replace("&amp;", "&"))
+    assert list(listed_rows(page.text)) == [bobs[0]]
+    page = await root.get("/ui/jobs", params={"owner": "alice", "status": "pending"})
+    assert list(listed_rows(page.text)) == [alices["id"]]
+    page = await root.get(f"/ui/jobs/{alices['id']}")  # a row of the admin's list opens
+    assert page.status_code == 200
+    assert "alice&#39;s" in page.text
+
+    page = await alice.get("/ui/jobs")  # a user has no owner filter and sees only theirs
+    assert 'name="owner"' not in page.text
+    assert list(listed_rows(page.text)) == [alices["id"]]
+    assert 'data-role="owner"' not in page.text
+    page = await alice.get("/ui/jobs", params={"owner": "alice"})
+    assert list(listed_rows(page.text)) == [alices["id"]]
+    page = await alice.get("/ui/jobs", params={"owner": "bob"})
+    assert page.status_code == 403
+    assert "only an admin key may list the jobs of other owners" in page.text
+    assert not listed_rows(page.text)
+    assert all(job_id not in page.text for job_id in bobs)
+
+
+async def test_a_deleted_input_keeps_its_name_on_its_jobs(
+    api: ApiServer, client: httpx.AsyncClient, settings: Settings
+) -> None:
+    stored = (await client.post("/api/v1/files", files={"file": ("talk.flac", b"fLaC", "audio/flac")})).json()
+    job = await submit(client, type="transcribe", file_id=stored["id"], title="the talk")
+    assert job["file_name"] == "talk.flac"
+    answer = await client.post("/api/v1/jobs/batch", json={"type": "transcribe", "file_ids": [stored["id"]]})
+    assert answer.status_code == 202, answer.text
+    (child,) = (await client.get(f"/api/v1/jobs/{answer.json()['id']}/children")).json()
+    assert child["file_name"] == "talk.flac"
+    deleted = await client.delete(f"/api/v1/files/{stored['id']}")
+    assert deleted.status_code == 204, deleted.text
+
+    async def shown() -> None:
+        page = await client.get("/ui/jobs")
+        assert cell(listed_rows(page.text)[job["id"]], "file") == "talk.flac"
+        page = await client.get(f"/ui/jobs/{job['id']}")
+        assert re.search(r"<dt>Input</dt><dd>talk\.flac", page.text), page.text
+        page = await client.get(f"/ui/jobs/{answer.json()['id']}")
+        assert (
+            cell(re.findall(r"<tr data-child-id=[^>]+>(.*?)</tr>", page.text, re.S)[0], "file") == "talk.flac"
+        )
+        assert (await client.get(f"/api/v1/jobs/{job['id']}")).json()["file_name"] == "talk.flac"
+
+    await shown()
+    await api.stop()  # the name is in the stream's submission: a database rebuilt from it has it too
+    for suffix in ("", "-wal", "-shm"):
+        (settings.data_dir / f"jobcast.db{suffix}").unlink(missing_ok=True)
+    await api.start()
+    await wait_ready(api.url)
+    await shown()

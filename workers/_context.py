@@ -114,10 +114,14 @@ class JobContext:
         scratch_prefix: str | None = None,
         time_limit_s: float = 3600.0,
         time_per_media_s: float = 0.0,
+        llm_slots: asyncio.Semaphore | None = None,
     ) -> None:
         self.job = job
         self.settings = settings or WorkerSettings()
         """The worker's settings (LLM endpoint, concurrency, ...)."""
+        self.llm_slots = llm_slots or asyncio.Semaphore(self.settings.llm_concurrency)
+        """The worker's MAX_LLM_CONCURRENCY slots, shared by all its jobs: each HTTP request to the
+        LLM holds one while in flight (without a worker, this job's own)."""
         self.files = files
         self._workdir = workdir
         self._scratch_prefix = scratch_prefix

@@ -9,13 +9,14 @@ import os
 import re
 import socket
 import time
+from collections.abc import Callable
 
 import msgspec
 import nats.errors
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
-from streams import TaskSupervisor, WorkerInfo, worker_ttl, workers_bucket
+from streams import ProcessUsage, TaskSupervisor, WorkerInfo, cpu_count, rss_mb, worker_ttl, workers_bucket
 
 log = logging.getLogger("jobcast.worker")
 
@@ -23,14 +24,26 @@ log = logging.getLogger("jobcast.worker")
 class Heartbeat:
     """Keeps `<pool>.<name>` fresh in the workers bucket while the worker lives."""
 
-    def __init__(self, js: JetStreamContext, name: str, pool: str, slots: int, tasks: TaskSupervisor) -> None:
+    def __init__(
+        self,
+        js: JetStreamContext,
+        name: str,
+        pool: str,
+        slots: int,
+        tasks: TaskSupervisor,
+        models_loaded: Callable[[], int] = lambda: 0,
+    ) -> None:
         self.js = js
         self.tasks = tasks
-        """Runs the beating loop (task `heartbeat`); its status goes into every beat."""
+        """Runs the beating loop (task `heartbeat`) and the CPU sampler (task `cpu-sampler`); their status
+        goes into every beat."""
+        self.models_loaded = models_loaded
+        """How many models the process holds loaded, for every beat."""
+        self.usage = ProcessUsage()
         self.key = f"{pool}.{re.sub(r'[^A-Za-z0-9_=-]', '-', name)}"
         self.info = WorkerInfo(
             name=name, pool=pool, slots=slots, running=[], host=socket.gethostname(), pid=os.getpid(),
-            started_at=time.time(), last_seen=time.time(),
+            started_at=time.time(), last_seen=time.time(), cpu_count=cpu_count(),
         )  # fmt: skip
         self._kv: KeyValue | None = None
         self._wake = asyncio.Event()
@@ -39,6 +52,7 @@ class Heartbeat:
         """Announce the worker and keep announcing it."""
         self._kv = await workers_bucket(self.js)
         await self._beat()
+        self.tasks.start("cpu-sampler", self.usage.run)
         self.tasks.start("heartbeat", self._loop)
 
     def update(self, running: list[str]) -> None:
@@ -66,6 +80,9 @@ class Heartbeat:
         assert self._kv is not None
         self.info.last_seen = time.time()
         self.info.tasks = self.tasks.status()
+        self.info.cpu_percent = self.usage.cpu_percent()
+        self.info.rss_mb = rss_mb()
+        self.info.models_loaded = self.models_loaded()
         try:
             await self._kv.put(self.key, msgspec.json.encode(self.info))
         except (nats.errors.Error, TimeoutError) as exc:

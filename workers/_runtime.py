@@ -61,7 +61,7 @@ from workers._errors import EventRejectedError, PublishGaveUpError
 from workers._files import WorkerFiles
 from workers._heartbeat import Heartbeat
 from workers._outcome import backoff, outcome_of, restamped, time_limit
-from workers._registry import handlers_for_pool
+from workers._registry import handlers_for_pool, models_loaded
 from workers._running import RunningJob, seconds_text
 from workers._settings import WorkerSettings
 
@@ -95,6 +95,8 @@ class Worker:
         self.nc: Client | None = None
         self.js: JetStreamContext | None = None
         self._running: dict[str, RunningJob] = {}
+        self.llm_slots = asyncio.Semaphore(settings.llm_concurrency)
+        """MAX_LLM_CONCURRENCY for the whole worker: every LLM request of every job holds one."""
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
         self._slot_free = asyncio.Event()
@@ -128,8 +130,9 @@ class Worker:
             await self.nc.subscribe(pool_submissions(self.settings.pool), cb=self._on_submission)
             self.files = WorkerFiles(await files_store(self.js), self._publish_reliably)
             self.heartbeat = Heartbeat(
-                self.js, self.settings.name, self.settings.pool, self.settings.slots, self.supervisor
-            )
+                self.js, self.settings.name, self.settings.pool, self.settings.slots, self.supervisor,
+                models_loaded,
+            )  # fmt: skip
             await self.heartbeat.start()
             self.ready.set()
             log.info(
@@ -325,6 +328,7 @@ class Worker:
         ctx = JobContext(
             job, attempt, delivery, reporter, files=self.files, settings=self.settings,
             scratch_prefix=f"jobcast-{job.job_id[:8]}-", time_limit_s=limit_s, time_per_media_s=per_media_s,
+            llm_slots=self.llm_slots,
         )  # fmt: skip
         running = RunningJob(ctx)
         # Registered before the checks below, so a cancel that arrives meanwhile is not missed.

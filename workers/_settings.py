@@ -54,7 +54,10 @@ class WorkerSettings:
     llm_concurrency: int = field(
         default_factory=lambda: _env_int("MAX_LLM_CONCURRENCY", _env_int("JOBCAST_LLM_CONCURRENCY", 4))
     )
-    """MAX_LLM_CONCURRENCY: jobs (and LLM chunks) in flight at once in the llm pool."""
+    """MAX_LLM_CONCURRENCY (or JOBCAST_LLM_CONCURRENCY): HTTP requests to the LLM in flight at once
+    per worker process, across all its jobs; a request waiting out a retry's backoff holds none.
+    Also the llm pool's default number of jobs at once (`slots`), and each job's chunks under way
+    at once, so that concurrent jobs take the requests in turn rather than one job queueing all."""
     retry_base_s: float = field(default_factory=lambda: _env_float("JOBCAST_RETRY_BASE_S", 2.0))
     """JOBCAST_RETRY_BASE_S: first backoff step for transient failures (doubles, with jitter)."""
     retry_max_s: float = 300.0

@@ -13,7 +13,8 @@ from workers._errors import PermanentError, Retry
 
 
 async def fix_srt(ctx: JobContext) -> dict[str, Any]:
-    """Chunks of cues to the model, at most MAX_LLM_CONCURRENCY at once; timestamps and count kept."""
+    """Chunks of cues to the model, at most MAX_LLM_CONCURRENCY requests in flight across all the
+    worker's jobs; timestamps and count kept."""
     params = parse_params(ctx.params, FixSrtParams)
     settings = ctx.settings
     source = await ctx.input_file()
@@ -30,8 +31,8 @@ async def fix_srt(ctx: JobContext) -> dict[str, Any]:
         fixed = await llm.fix_cues(
             asked, target=llm.endpoint(settings, params.base_url),
             model=params.model or settings.llm_model, sys_msg=params.sys_msg, chunk_size=params.chunk_size,
-            max_concurrency=settings.llm_concurrency, retry_delay=settings.llm_retry_delay_s,
-            progress=ctx.progress, cancelled=ctx.cancelled.is_set,
+            max_concurrency=settings.llm_concurrency, slots=ctx.llm_slots,
+            retry_delay=settings.llm_retry_delay_s, progress=ctx.progress, cancelled=ctx.cancelled.is_set,
         )  # fmt: skip
     except llm.LLMError as exc:
         if exc.retryable:

@@ -141,17 +141,38 @@ class _CheckedTransport(httpx.AsyncBaseTransport):
         await self._inner.aclose()
 
 
+class _SlottedClient(httpx.AsyncClient):
+    """An httpx client whose every request holds one of `slots` from send to received body.
+
+    Held per HTTP request, not per job or per SDK call, so all clients sharing `slots` (all jobs
+    of a worker) have at most its size in flight, and a request waiting out a retry's backoff holds
+    none, whether fix_cues or the SDK retries it. Waiting for a slot is not timed: the request has
+    not started. (A streamed response would hold its slot only until its headers; none is asked for.)
+    """
+
+    def __init__(self, slots: asyncio.Semaphore | None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._slots = slots
+
+    async def send(self, request: httpx.Request, **kwargs: Any) -> httpx.Response:
+        """Send `request` once a slot is free."""
+        if self._slots is None:
+            return await super().send(request, **kwargs)
+        async with self._slots:
+            return await super().send(request, **kwargs)
+
+
 @contextlib.asynccontextmanager
-async def open_client(target: Endpoint, timeout: float = 120.0) -> AsyncIterator[openai.AsyncOpenAI]:
-    """An OpenAI client for `target` that sends the key nowhere else (no redirects followed)."""
+async def open_client(
+    target: Endpoint, timeout: float = 120.0, slots: asyncio.Semaphore | None = None
+) -> AsyncIterator[openai.AsyncOpenAI]:
+    """An OpenAI client for `target` that sends the key nowhere else (no redirects followed); each
+    of its HTTP requests holds one of `slots` (the worker's MAX_LLM_CONCURRENCY) while in flight."""
     async with contextlib.AsyncExitStack() as stack:
-        http: httpx.AsyncClient | None = None
-        if target.policy is not None:
-            http = await stack.enter_async_context(
-                httpx.AsyncClient(
-                    transport=_CheckedTransport(target.policy), timeout=timeout, follow_redirects=False
-                )
-            )
+        transport = None if target.policy is None else _CheckedTransport(target.policy)
+        http = await stack.enter_async_context(
+            _SlottedClient(slots, transport=transport, timeout=timeout, follow_redirects=False)
+        )
         # openai 3 annotates `http_client` as its httpx2 client and takes an httpx one too (what
         # openai 1 and 2 take, and this project's HTTP library).
         client = openai.AsyncOpenAI(
@@ -210,13 +231,18 @@ async def fix_cues(
     sys_msg: str | None = None,
     chunk_size: int = 20,
     max_concurrency: int = 4,
+    slots: asyncio.Semaphore | None = None,
     max_retries: int = 3,
     retry_delay: float = 1.0,
     timeout: float = 120.0,
     progress: Callable[[float, str], None] | None = None,
     cancelled: Callable[[], bool] | None = None,
 ) -> FixResult:
-    """Fix the text of `cues` with the model, chunk by chunk; timestamps and cue count are kept."""
+    """Fix the text of `cues` with the model, chunk by chunk; timestamps and cue count are kept.
+
+    Up to `max_concurrency` chunks are under way at once, and each HTTP request holds one of
+    `slots` (shared by the worker's jobs; None: this call's own `max_concurrency`) while in flight.
+    """
     if chunk_size < 1 or max_concurrency < 1 or max_retries < 0:
         raise ValueError("chunk_size and max_concurrency must be >= 1, max_retries >= 0")
     chunks = [cues[i : i + chunk_size] for i in range(0, len(cues), chunk_size)]
@@ -282,7 +308,7 @@ async def fix_cues(
         if progress is not None:
             progress(100.0 * done / len(chunks), f"fixing chunk {done} of {len(chunks)}")
 
-    async with open_client(target, timeout) as client:
+    async with open_client(target, timeout, slots or asyncio.Semaphore(max_concurrency)) as client:
         try:
             async with asyncio.TaskGroup() as group:  # one failure cancels the other chunks
                 for n, chunk in enumerate(chunks):

@@ -16,14 +16,20 @@ from workers.whisper import AudioError, Transcript, TranscriptionCancelled
 from workers.whisper import transcribe as run_whisper
 
 
-async def _transcript(ctx: JobContext, params: TranscribeParams) -> tuple[Path, Transcript]:
+async def media_input(ctx: JobContext) -> Path:
+    """The job's input file, once probed as media: "not a media file: … looks like text" beats a
+    decoder error, and its duration sets the job's run-time limit."""
     source = await ctx.input_file()
     try:
-        # "not a media file: … looks like text" beats a decoder error; the duration sets the limit
         info = await ctx.run_blocking(probe, source)
     except MediaError as exc:
         raise PermanentError(str(exc)) from None
     ctx.media_duration(info.duration_s)
+    return source
+
+
+async def _transcript(ctx: JobContext, params: TranscribeParams) -> tuple[Path, Transcript]:
+    source = await media_input(ctx)
     ctx.progress(0.0, "loading model")
     try:
         transcript = await ctx.run_blocking(

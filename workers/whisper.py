@@ -6,6 +6,7 @@ Everything here blocks: callers run it in a worker thread. Models stay loaded in
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 from collections.abc import Callable
@@ -15,6 +16,7 @@ from typing import Any
 import av
 import ctranslate2
 import msgspec
+import numpy as np
 from faster_whisper import WhisperModel
 from faster_whisper.audio import decode_audio
 
@@ -117,6 +119,10 @@ class ModelCache:
                 self.loads += 1
             return loaded
 
+    def __len__(self) -> int:
+        """How many models are loaded (without the lock, which a load holds for seconds)."""
+        return len(self._models)
+
     def clear(self) -> None:
         """Drop every loaded model (they are freed once no job holds them)."""
         with self._lock:
@@ -147,6 +153,52 @@ def _load_audio(path: str | os.PathLike[str], sampling_rate: int) -> Any:
     if audio.size == 0:
         raise AudioError(f"could not read audio from {name}: the audio stream is empty")
     return audio
+
+
+def _load_head(path: str | os.PathLike[str], sampling_rate: int, seconds: float) -> Any:
+    """The first `seconds` of the first audio stream as faster-whisper takes audio (mono float32 at
+    `sampling_rate`); decoding stops there, so a film costs what its first minute does."""
+    name = Path(path).name
+    wanted = int(seconds * sampling_rate)
+    resampler = av.AudioResampler(format="s16", layout="mono", rate=sampling_rate)
+    chunks: list[Any] = []
+    have = 0
+    try:
+        with av.open(str(path), metadata_errors="ignore") as container:
+            frames = container.decode(container.streams.audio[0])
+            for frame in itertools.chain(frames, [None]):  # None drains the resampler at the end
+                for resampled in resampler.resample(frame):
+                    chunks.append(resampled.to_ndarray().reshape(-1))
+                    have += chunks[-1].size
+                if have >= wanted:
+                    break
+    except av.error.FFmpegError as exc:
+        raise AudioError(f"could not read audio from {name}: {exc.strerror or exc}") from exc
+    except IndexError as exc:
+        raise AudioError(f"could not read audio from {name}: the file has no audio stream") from exc
+    if not have:
+        raise AudioError(f"could not read audio from {name}: the audio stream is empty")
+    return np.concatenate(chunks)[:wanted].astype(np.float32) / 32768.0
+
+
+def detect_language(
+    path: str | os.PathLike[str],
+    *,
+    model: str = DEFAULT_MODEL,
+    device: str | None = None,
+    compute_type: str | None = None,
+    cache: ModelCache | None = None,
+) -> tuple[str, float]:
+    """The language spoken in the first 30 s of an audio or video file, and the model's confidence."""
+    whisper = (cache or MODEL_CACHE).get(model, device, compute_type)
+    rate = whisper.feature_extractor.sampling_rate
+    # Whisper detects from one 30 s window; decoding it first also fails bad input as AudioError.
+    audio = _load_head(path, rate, whisper.feature_extractor.chunk_length)
+    languages = whisper.supported_languages
+    if len(languages) == 1:  # an English-only model knows one language, as its transcribe() says too
+        return languages[0], 1.0
+    language, probability, _ = whisper.detect_language(audio=audio)
+    return language, float(probability)
 
 
 def transcribe(

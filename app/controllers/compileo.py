@@ -11,7 +11,7 @@ from litestar.params import FromPath, FromQuery, QueryParameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 from litestar.status_codes import HTTP_200_OK
 
-from app._deps import Owner, Service
+from app._deps import Access, Service
 from app._exceptions import TooSlowError
 from app._jobs import compileo_status, compileo_status_name, compileo_update
 from app._schemas import JobStatusView, StatusUpdate
@@ -34,29 +34,29 @@ class CompileoController(Controller):
     tags = ["compileo"]
 
     @get("/status/{job_id:str}", operation_id="getJobStatus")
-    async def status(self, job_id: FromPath[str], service: Service, owner: Owner) -> JobStatusView:
+    async def status(self, job_id: FromPath[str], service: Service, access: Access) -> JobStatusView:
         """The job's current status."""
-        return compileo_status(await service.get(job_id, owner))
+        return compileo_status(await service.get(job_id, access))
 
     @get("/status/{job_id:str}/poll", operation_id="pollJobStatus")
     async def poll(
         self,
         job_id: FromPath[str],
         service: Service,
-        owner: Owner,
+        access: Access,
         timeout: Annotated[float, QueryParameter(ge=1, le=300)] = 30,
         current_status: FromQuery[JobStatus | None] = None,
     ) -> JobStatusView:
         """Returns as soon as the status differs from `current_status`, or at the timeout."""
         return compileo_status(
-            await service.wait_change(job_id, owner, timeout, current_status, None, compileo_status_name)
+            await service.wait_change(job_id, access, timeout, current_status, None, compileo_status_name)
         )
 
     @get("/status/{job_id:str}/stream", operation_id="streamJobStatus", responses=SSE_RESPONSES)
-    async def stream(self, job_id: FromPath[str], service: Service, owner: Owner) -> ServerSentEvent:
+    async def stream(self, job_id: FromPath[str], service: Service, access: Access) -> ServerSentEvent:
         """SSE of status snapshots (`data:` lines only), from now until the job ends."""
-        job = await service.get(job_id, owner)
-        service.check_stream_quota(owner)
+        job = await service.get(job_id, access)
+        service.check_stream_quota(access)
 
         async def updates() -> AsyncIterator[ServerSentEventMessage]:
             current = compileo_status(job)
@@ -67,11 +67,11 @@ class CompileoController(Controller):
             )  # fmt: skip
             yield ServerSentEventMessage(data=_encoder.encode(first).decode())
             try:
-                async for item in service.follow(job_id, owner, job.last_event_id):
+                async for item in service.follow(job_id, access, job.last_event_id):
                     if item is None:
                         yield ServerSentEventMessage(comment="ping", data=None)
                         continue
-                    final = await service.get(job_id, owner) if item.ends else job
+                    final = await service.get(job_id, access) if item.ends else job
                     yield ServerSentEventMessage(
                         data=_encoder.encode(compileo_update(item.payload, final)).decode()
                     )
@@ -81,13 +81,13 @@ class CompileoController(Controller):
         return ServerSentEvent(updates(), headers=SSE_HEADERS)
 
     @post("/cancel/{job_id:str}", status_code=HTTP_200_OK, operation_id="cancelJobCompileo")
-    async def cancel(self, job_id: FromPath[str], service: Service, owner: Owner) -> Message:
+    async def cancel(self, job_id: FromPath[str], service: Service, access: Access) -> Message:
         """Cancel a running or pending job."""
-        await service.cancel(job_id, owner)
+        await service.cancel(job_id, access)
         return Message(f"Job {job_id} cancelled successfully")
 
     @post("/restart/{job_id:str}", status_code=HTTP_200_OK, operation_id="restartJobCompileo")
-    async def restart(self, job_id: FromPath[str], service: Service, owner: Owner) -> Message:
+    async def restart(self, job_id: FromPath[str], service: Service, access: Access) -> Message:
         """Restart a failed or cancelled job."""
-        await service.retry(job_id, owner)
+        await service.retry(job_id, access)
         return Message(f"Job {job_id} restarted successfully")

@@ -1,4 +1,5 @@
-"""Jobs: submit (one or a batch), list, get, children, cancel, retry, delete."""
+"""Jobs: submit (one or a batch), list, get, children, cancel, retry, delete; in jobcast's words and
+seed 003's."""
 
 from __future__ import annotations
 
@@ -9,10 +10,53 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath, FromQuery, HeaderParameter, JSONBody, QueryParameter
 from litestar.status_codes import HTTP_200_OK, HTTP_202_ACCEPTED, HTTP_204_NO_CONTENT
 
-from app._deps import Owner, RetentionDep, Service
+from app._deps import Access, Owner, RetentionDep, Service
+from app._exceptions import StatusError
 from app._jobs import JobFilter
 from app._schemas import MAX_INT, Job, JobPage, SubmitBatch, SubmitJob
 from streams import JobStatus
+
+MAX_PAGE_SIZE = 500
+USER_PAGE_SIZE = 20
+"""A page of GET /api/v1/jobs unless the request says otherwise (seed 003's per_page)."""
+Page = Annotated[
+    int | None,
+    QueryParameter(
+        ge=1, le=MAX_INT // MAX_PAGE_SIZE, description="Seed 003's paging: the page, from 1 (default 1)"
+    ),
+]
+PerPage = Annotated[
+    int | None, QueryParameter(ge=1, le=MAX_PAGE_SIZE, description="Seed 003's paging: jobs per page")
+]
+Limit = Annotated[
+    int | None, QueryParameter(ge=1, le=MAX_PAGE_SIZE, description="Jobs per page (not with page/per_page)")
+]
+Offset = Annotated[int | None, QueryParameter(ge=0, le=MAX_INT, description="Jobs to skip (default 0)")]
+TypeFilter = Annotated[str | None, QueryParameter(name="type", max_length=64)]
+SeedTypeFilter = Annotated[
+    str | None, QueryParameter(name="job_type", max_length=64, description="Seed 003's name of `type`")
+]
+
+
+def page_window(
+    page: int | None, per_page: int | None, limit: int | None, offset: int | None, size: int
+) -> tuple[int, int]:
+    """The limit and offset a request asks for, given either way: page/per_page (seed 003) or
+    limit/offset; both ways at once is a 400. `size` is the route's default page size."""
+    if (page is not None or per_page is not None) and (limit is not None or offset is not None):
+        raise StatusError("page through jobs with `page`/`per_page` or with `limit`/`offset`, not both")
+    if limit is not None or offset is not None:
+        return limit or size, offset or 0
+    per_page = per_page or size
+    return per_page, ((page or 1) - 1) * per_page
+
+
+def type_filter(job_type: str | None, seed_job_type: str | None) -> str | None:
+    """The type filter, by jobcast's name (`type`) or seed 003's (`job_type`); both is a 400."""
+    if job_type is not None and seed_job_type is not None:
+        raise StatusError("filter by `type` or by `job_type`, not both")
+    return job_type if job_type is not None else seed_job_type
+
 
 IdempotencyKey = Annotated[
     str | None,
@@ -50,7 +94,8 @@ class JobController(Controller):
         owner: Owner,
         idempotency_key: IdempotencyKey = None,
     ) -> Response[Job]:
-        """Queue a job; answers once the job is visible to GET."""
+        """Queue a job; answers once the job is visible to GET. Seed 003's `JobCreate` body works as it
+        is (`job_type`, `parameters`), and the job carries its `JobResponse` fields."""
         return _accepted(*await service.submit(data, owner, idempotency_key))
 
     @post("/batch", status_code=HTTP_202_ACCEPTED, operation_id="submitBatch", responses=EXISTING)
@@ -72,45 +117,53 @@ class JobController(Controller):
         status: Annotated[
             list[JobStatus] | None, QueryParameter(description="Repeat to match several")
         ] = None,
-        job_type: Annotated[str | None, QueryParameter(name="type", max_length=64)] = None,
+        job_type: TypeFilter = None,
+        seed_job_type: SeedTypeFilter = None,
         active: FromQuery[bool] = False,
         parent_id: Annotated[str | None, QueryParameter(max_length=64)] = None,
         include_children: FromQuery[bool] = False,
-        limit: Annotated[int, QueryParameter(ge=1, le=500)] = 50,
-        offset: Annotated[int, QueryParameter(ge=0, le=MAX_INT)] = 0,
+        page: Page = None,
+        per_page: PerPage = None,
+        limit: Limit = None,
+        offset: Offset = None,
     ) -> JobPage:
-        """The caller's jobs, newest first; batch children only with `include_children` or `parent_id`."""
+        """The caller's jobs (an admin's too: its own), newest first; batch children only with
+        `include_children` or `parent_id`. Pages of 20 by default, asked for by `page`/`per_page`
+        (seed 003) or by `limit`/`offset`, not both; the answer states both."""
         where = JobFilter(
-            owner=owner, statuses=frozenset(status or ()), type=job_type, active=active,
-            parent_id=parent_id, include_children=include_children,
+            owner=owner, statuses=frozenset(status or ()), type=type_filter(job_type, seed_job_type),
+            active=active, parent_id=parent_id, include_children=include_children,
         )  # fmt: skip
+        limit, offset = page_window(page, per_page, limit, offset, USER_PAGE_SIZE)
         return await service.find(where, limit=limit, offset=offset)
 
+    # By id, an admin reaches every owner's job; anyone else only their own (404 for the others').
+
     @get("/{job_id:str}", operation_id="getJob")
-    async def get_job(self, job_id: FromPath[str], service: Service, owner: Owner) -> Job:
+    async def get_job(self, job_id: FromPath[str], service: Service, access: Access) -> Job:
         """One job; a pending one with its queue position."""
-        return await service.get(job_id, owner)
+        return await service.get(job_id, access)
 
     @get("/{job_id:str}/children", operation_id="listChildren")
-    async def children(self, job_id: FromPath[str], service: Service, owner: Owner) -> list[Job]:
+    async def children(self, job_id: FromPath[str], service: Service, access: Access) -> list[Job]:
         """A batch's child jobs in submit order (empty for a single job)."""
-        return await service.children(job_id, owner)
+        return await service.children(job_id, access)
 
     @post("/{job_id:str}/cancel", status_code=HTTP_200_OK, operation_id="cancelJob")
-    async def cancel(self, job_id: FromPath[str], service: Service, owner: Owner) -> Job:
+    async def cancel(self, job_id: FromPath[str], service: Service, access: Access) -> Job:
         """Cancel a pending or running job (409 once it has ended)."""
-        return await service.cancel(job_id, owner)
+        return await service.cancel(job_id, access)
 
     @post("/{job_id:str}/retry", status_code=HTTP_200_OK, operation_id="retryJob")
-    async def retry(self, job_id: FromPath[str], service: Service, owner: Owner) -> Job:
+    async def retry(self, job_id: FromPath[str], service: Service, access: Access) -> Job:
         """Run a failed or cancelled job again as a new attempt (409 otherwise)."""
-        return await service.retry(job_id, owner)
+        return await service.retry(job_id, access)
 
     @delete("/{job_id:str}", status_code=HTTP_204_NO_CONTENT, operation_id="deleteJob")
     async def delete_job(
-        self, job_id: FromPath[str], retention: RetentionDep, owner: Owner,
+        self, job_id: FromPath[str], retention: RetentionDep, access: Access,
         with_files: Annotated[bool, QueryParameter(name="files", description="Delete the files it produced too")] = False,
     ) -> None:  # fmt: skip
         """Delete a finished job (a batch with its children) for good: its messages are purged from
         the stream. 409 while it is active. The files it produced stay unless `files=true`."""
-        await retention.delete(job_id, owner, files=with_files)
+        await retention.delete(job_id, access, files=with_files)

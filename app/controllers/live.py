@@ -14,7 +14,7 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath, FromQuery, HeaderParameter, QueryParameter
 from litestar.response import ServerSentEvent
 
-from app._deps import Owner, Service
+from app._deps import Access, Owner, Service
 from app._exceptions import NotFoundError, TooManyError, TooSlowError, log_unexpected
 from app._hub import Subscription
 from app._jobs import JobService
@@ -46,7 +46,7 @@ LastEventId = Annotated[
 ]
 
 
-async def _within_quota(socket: WebSocket[Any, Any, Any], service: JobService, owner: str) -> bool:
+async def _within_quota(socket: WebSocket[Any, Any, Any], service: JobService, owner: str | None) -> bool:
     try:
         service.check_stream_quota(owner)
     except TooManyError as exc:
@@ -73,24 +73,24 @@ class LiveController(Controller):
         self,
         job_id: FromPath[str],
         service: Service,
-        owner: Owner,
+        access: Access,
         last_event_id: LastEventId = None,
         after: Annotated[
             int | None, QueryParameter(ge=0, le=MAX_INT, description="Same as Last-Event-ID")
         ] = None,
     ) -> ServerSentEvent:
         """SSE: the job's history after Last-Event-ID, then live events, ending after the last."""
-        await service.check_visible(job_id, owner)
+        await service.check_visible(job_id, access)
         start = last_event_id if last_event_id is not None else (after or 0)
-        service.check_stream_quota(owner)
-        return FollowEvents(service, job_id, owner, start, headers=SSE_HEADERS)
+        service.check_stream_quota(access)
+        return FollowEvents(service, job_id, access, start, headers=SSE_HEADERS)
 
     @get("/jobs/{job_id:str}/poll", operation_id="pollJob")
     async def poll(
         self,
         job_id: FromPath[str],
         service: Service,
-        owner: Owner,
+        access: Access,
         timeout: Annotated[float, QueryParameter(ge=1, le=300)] = 30,
         current_status: FromQuery[JobStatus | None] = None,
         since: Annotated[
@@ -100,21 +100,21 @@ class LiveController(Controller):
     ) -> Job:
         """Long-poll: returns when the status differs from `current_status` (or a newer event than
         `since` exists), else at the timeout with the current state."""
-        return await service.wait_change(job_id, owner, timeout, current_status, since)
+        return await service.wait_change(job_id, access, timeout, current_status, since)
 
     @websocket("/jobs/{job_id:str}/ws")
     async def job_socket(
-        self, socket: WebSocket[Any, Any, Any], job_id: FromPath[str], service: Service, owner: Owner,
+        self, socket: WebSocket[Any, Any, Any], job_id: FromPath[str], service: Service, access: Access,
         last_event_id: Annotated[int | None, QueryParameter(ge=0, le=MAX_INT)] = None,
     ) -> None:  # fmt: skip
         """WebSocket: the same events as SSE, as JSON text frames; closes after the job ends (1000),
         or with 4008 when the client falls too far behind (the reason names the last_event_id to
         reconnect with)."""
         await socket.accept()
-        if not await _within_quota(socket, service, owner):
+        if not await _within_quota(socket, service, access):
             return
         try:
-            await service.get(job_id, owner)
+            await service.get(job_id, access)
         except NotFoundError as exc:
             await socket.send_json({"type": "error", "status_code": 404, "detail": str(exc)})
             await socket.close(code=4404, reason="job not found")
@@ -122,7 +122,7 @@ class LiveController(Controller):
         cut_off: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
         async def send_all() -> None:
-            async for item in service.follow(job_id, owner, last_event_id or 0, cut_off):
+            async for item in service.follow(job_id, access, last_event_id or 0, cut_off):
                 if item is not None:
                     await socket.send_data(item.payload.decode())
 
@@ -140,8 +140,11 @@ class LiveController(Controller):
             await _log_failures(socket, send_task)
 
     @websocket("/ws", operation_id="eventsSocket")
-    async def multi_socket(self, socket: WebSocket[Any, Any, Any], service: Service, owner: Owner) -> None:
-        """WebSocket: subscribe by message to job ids, or to all of the caller's jobs.
+    async def multi_socket(
+        self, socket: WebSocket[Any, Any, Any], service: Service, owner: Owner, access: Access
+    ) -> None:
+        """WebSocket: subscribe by message to job ids (an admin's: any owner's), or to all of the
+        caller's jobs.
 
         Send `{"action": "subscribe", "job_ids": [...]}`, `{"action": "subscribe", "all": true}`
         (either with `"last_event_id": N` to replay what came after N first) or
@@ -154,7 +157,7 @@ class LiveController(Controller):
             return
         with service.hub.subscribe() as sub, service.counted_stream(owner):
             sub.cut_off = asyncio.get_running_loop().create_future()
-            feed = _Feed(socket, service, owner, sub)
+            feed = _Feed(socket, service, owner, sub, access)
             tasks = [asyncio.create_task(feed.read_commands()), asyncio.create_task(feed.write_live())]
             try:
                 await asyncio.wait([*tasks, sub.cut_off], return_when=asyncio.FIRST_COMPLETED)
@@ -173,9 +176,12 @@ class _Feed:
     """One /api/v1/ws connection: its subscription commands, replays and live events."""
 
     def __init__(
-        self, socket: WebSocket[Any, Any, Any], service: JobService, owner: str, sub: Subscription
-    ) -> None:
+        self, socket: WebSocket[Any, Any, Any], service: JobService, owner: str, sub: Subscription,
+        access: str | None,
+    ) -> None:  # fmt: skip
         self.socket, self.service, self.owner, self.sub = socket, service, owner, sub
+        self.access = access
+        """Whose jobs it may follow by id: the caller's, or any owner's (None) for an admin."""
         self.sent: dict[str, int] = {}
         """The last sequence sent of each job subscribed by id (the keys are `sub.job_ids`)."""
         self.owner_replayed = 0
@@ -220,7 +226,7 @@ class _Feed:
         known: list[str] = []
         for job_id in cmd.job_ids:
             try:
-                await service.get(job_id, self.owner)
+                await service.get(job_id, self.access)
             except NotFoundError as exc:
                 await socket.send_json({"type": "error", "status_code": 404, "detail": str(exc),
                                         "job_id": job_id})  # fmt: skip

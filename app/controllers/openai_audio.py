@@ -7,24 +7,20 @@ format OpenAI's clients expect. A client that goes away before the answer cancel
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from typing import Any
 
-import anyio
 import msgspec
 from litestar import Controller, MediaType, Request, Response, post
 from litestar.datastructures import UploadFile
 from litestar.exceptions import HTTPException
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.status_codes import HTTP_400_BAD_REQUEST, HTTP_500_INTERNAL_SERVER_ERROR
-from litestar.types import Receive
 
 from app._deps import FilesDep, Owner, Service
-from app._exceptions import StatusError, TooSlowError, error_body
+from app._exceptions import StatusError, error_body
 from app._files import FileService
-from app._jobs import JobService
 from app._schemas import Job, SubmitJob
+from app._speech import close_uploads, output_text, run_to_end
 from streams import InvalidParamsError, JobcastError, JobStatus, UnknownOperationError
 
 DEFAULT_MODEL = "tiny.en"
@@ -32,9 +28,6 @@ DEFAULT_MODEL = "tiny.en"
 
 FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
 GRANULARITIES = ("word", "segment")
-
-_CANCELLING: set[asyncio.Task[None]] = set()
-"""Cancels still running after their request went away (kept so they are not garbage-collected)."""
 
 
 class OpenAIRequestError(StatusError):
@@ -148,46 +141,12 @@ def _params(form: Any) -> tuple[str, dict[str, Any], str, bool, bool]:
     return job_type, params, response_format, words, segments
 
 
-async def _ended(service: JobService, job_id: str, owner: str) -> Job:
-    """The job once it has ended, awaited on its events (a retried attempt is followed too)."""
-    after = 0
-    while True:
-        with contextlib.suppress(TooSlowError):  # fell behind (a starved loop): follow again from `after`
-            async for applied in service.follow(job_id, owner, after):
-                if applied is not None:
-                    after = applied.seq
-        job = await service.get(job_id, owner)
-        if JobStatus(job.status).terminal:
-            return job
-
-
-async def _disconnected(receive: Receive) -> None:
-    """Returns when the client has gone away (the body is read by then)."""
-    while (await receive())["type"] != "http.disconnect":
-        pass
-
-
-async def _cancel(service: JobService, job_id: str, owner: str) -> None:
-    with contextlib.suppress(JobcastError):
-        await service.cancel(job_id, owner, reason="the client went away before the transcription ended")
-
-
-async def _output(files: FileService, job: Job, owner: str, suffix: str) -> str:
-    """The text of the job's output file with this suffix."""
-    outputs = (job.result or {}).get("outputs") or []
-    for output in outputs:
-        if str(output.get("name", "")).endswith(suffix):
-            _, path = await files.local_copy(str(output["file_id"]), owner)
-            return await anyio.Path(path).read_text(encoding="utf-8")
-    raise OpenAIRequestError(f"job {job.id} produced no {suffix} file", HTTP_500_INTERNAL_SERVER_ERROR)
-
-
 async def _full_text(files: FileService, job: Job, owner: str) -> str:
     """The whole transcript: inline in the result, or from its .txt when the result cut it."""
     result = job.result or {}
     if not result.get("text_truncated"):
         return str(result.get("text", ""))
-    return (await _output(files, job, owner, ".txt")).removesuffix("\n")
+    return (await output_text(files, job, owner, ".txt")).removesuffix("\n")
 
 
 def _verbose(transcript: dict[str, Any], words: bool, segments: bool) -> dict[str, Any]:
@@ -243,51 +202,26 @@ class OpenAIAudioController(Controller):
             job_type, params, response_format, words, segments = _params(form)
             stored = await files.upload(upload, owner)
         finally:
-            for _, value in form.multi_items():
-                if isinstance(value, UploadFile):
-                    await value.close()
-        job, _ = await service.submit(SubmitJob(type=job_type, params=params, file_id=stored.id), owner)
-        job = await self._await(request, service, job.id, owner)
+            await close_uploads(form)
+        submitted = SubmitJob(type=job_type, params=params, file_id=stored.id)
+        job = await run_to_end(request, service, submitted, owner)
         headers = {"X-Jobcast-Job-Id": job.id}
         if job.status != JobStatus.COMPLETED:
             reason = job.error or f"the transcription job was {job.status}"
             return error_response(reason, HTTP_400_BAD_REQUEST, headers=headers)
         result = job.result or {}
         if response_format in ("srt", "vtt"):
-            text = await _output(files, job, owner, f".{response_format}")
-            return Response(text, media_type="text/plain; charset=utf-8", headers=headers)
+            text = await output_text(files, job, owner, f".{response_format}")
+            return Response(text, media_type=MediaType.TEXT, headers=headers)
         if response_format == "verbose_json":
             # Segments and words live only in the job's .json output, never in its (bounded) result.
-            transcript = msgspec.json.decode(await _output(files, job, owner, ".json"))
+            transcript = msgspec.json.decode(await output_text(files, job, owner, ".json"))
             return Response(_verbose(transcript, words, segments), media_type=MediaType.JSON, headers=headers)
         text = await _full_text(files, job, owner)
         if response_format == "text":
-            return Response(f"{text}\n", media_type="text/plain; charset=utf-8", headers=headers)
+            return Response(f"{text}\n", media_type=MediaType.TEXT, headers=headers)
         body = {"text": text, "usage": {"type": "duration", "seconds": _seconds(result)}}
         return Response(body, media_type=MediaType.JSON, headers=headers)
-
-    @staticmethod
-    async def _await(request: Request[Any, Any, Any], service: Service, job_id: str, owner: str) -> Job:
-        """The ended job; cancelled when the client disconnects or this request is cancelled first."""
-        waiting = asyncio.create_task(_ended(service, job_id, owner))
-        gone = asyncio.create_task(_disconnected(request.receive))
-        ended = False
-        try:
-            await asyncio.wait({waiting, gone}, return_when=asyncio.FIRST_COMPLETED)
-            if not waiting.done():
-                raise OpenAIRequestError("the client disconnected; the job was cancelled")
-            job = waiting.result()
-            ended = True
-            return job
-        finally:
-            for task in (waiting, gone):
-                task.cancel()
-            await asyncio.gather(waiting, gone, return_exceptions=True)
-            if not ended:
-                cancelling = asyncio.create_task(_cancel(service, job_id, owner))
-                _CANCELLING.add(cancelling)
-                cancelling.add_done_callback(_CANCELLING.discard)
-                await asyncio.shield(cancelling)
 
 
 def _seconds(result: dict[str, Any]) -> int:

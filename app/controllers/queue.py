@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from litestar import Controller, get
 
-from app._deps import Owner, Service, StatsDep
+from app._deps import Owner, StatsDep
 from app._schemas import QueueStats
 
 
@@ -15,6 +15,7 @@ class QueueController(Controller):
     tags = ["queue"]
 
     @get("/stats", operation_id="queueStats")
-    async def stats(self, stats: StatsDep, service: Service, owner: Owner) -> QueueStats:
-        """Jobs by status, this API's CPU and memory, live workers and the queue's health."""
-        return await stats.queue_stats(owner, service.hub.subscriber_count)
+    async def stats(self, stats: StatsDep, owner: Owner) -> QueueStats:
+        """The caller's jobs by status; the CPU, memory, loaded models, live workers and health of
+        the whole deployment."""
+        return await stats.queue_stats(owner)

@@ -9,7 +9,7 @@ import msgspec
 from litestar import Controller, Request, Response, get, post
 from litestar.datastructures import Cookie, State
 from litestar.enums import RequestEncodingType
-from litestar.exceptions import HTTPException
+from litestar.exceptions import HTTPException, PermissionDeniedException
 from litestar.params import Body, FromPath, QueryParameter
 from litestar.response import Redirect, Template
 from litestar.status_codes import HTTP_303_SEE_OTHER, HTTP_401_UNAUTHORIZED, HTTP_500_INTERNAL_SERVER_ERROR
@@ -62,6 +62,11 @@ def error_page(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]
                  request_id=body.request_id)  # fmt: skip
 
 
+def _viewer(caller: Caller) -> str | None:
+    """Whose jobs and files a page may show: any owner's to an admin, else only the caller's."""
+    return None if caller.admin else caller.owner
+
+
 @get("/", include_in_schema=False, exclude_from_auth=True)
 async def to_ui() -> Redirect:
     """The bare address opens the UI."""
@@ -94,13 +99,20 @@ class UiController(Controller):
         status: Annotated[list[JobStatus] | None, QueryParameter()] = None,
         job_type: Annotated[str | None, QueryParameter(name="type", max_length=64)] = None,
         page: Annotated[int, QueryParameter(ge=1, le=MAX_INT // PAGE_SIZE)] = 1,
+        of_owner: Annotated[str | None, QueryParameter(name="owner", max_length=128)] = None,
     ) -> Template:
-        """Recent jobs, newest first: filter by statuses and type, page by page."""
-        chosen = frozenset(status or ())
-        where = JobFilter(owner=owner, statuses=chosen, type=job_type or None)
+        """Recent jobs, newest first: filter by statuses and type (admins: by owner too; every
+        owner's without one), page by page."""
+        caller: Caller = request.user
+        if of_owner and of_owner != owner and not caller.admin:
+            raise PermissionDeniedException("only an admin key may list the jobs of other owners")
+        chosen, of_owner = frozenset(status or ()), of_owner or None
+        where = JobFilter(owner=of_owner if caller.admin else owner, statuses=chosen, type=job_type or None)
         found = await service.find(where, limit=PAGE_SIZE, offset=(page - 1) * PAGE_SIZE)
-        names = await files.names({job.file_id for job in found.items if job.file_id}, owner)
+        unnamed = {job.file_id for job in found.items if job.file_id and not job.file_name}  # older jobs
+        names = await files.names(unnamed, _viewer(caller))
         query = [("status", s) for s in sorted(chosen)] + ([("type", job_type)] if job_type else [])
+        query += [("owner", of_owner)] if of_owner and caller.admin else []
 
         def page_url(number: int) -> str:
             return f"{UI_PREFIX}/jobs?{urlencode([*query, ('page', number)])}"
@@ -109,7 +121,7 @@ class UiController(Controller):
         return _page(
             "jobs.html", request, jobs=found.items, total=found.total, first=found.offset + 1,
             names=names, statuses=list(JobStatus), chosen=chosen, job_type=job_type or "",
-            types=list(OPERATIONS), page=page, last_page=last_page,
+            types=list(OPERATIONS), page=page, last_page=last_page, owner_filter=of_owner or "",
             prev_url=page_url(page - 1) if page > 1 else None,
             next_url=page_url(page + 1) if page < last_page else None,
         )  # fmt: skip
@@ -117,18 +129,19 @@ class UiController(Controller):
     @get("/jobs/{job_id:str}", name="ui:job")
     async def job(
         self, request: Request[Any, Any, Any], job_id: FromPath[str], service: Service, files: FilesDep,
-        owner: Owner, part: Annotated[Literal["summary"] | None, QueryParameter(
+        part: Annotated[Literal["summary"] | None, QueryParameter(
             description="Only the result panel (the page fetches it once when the job ends)")] = None,
     ) -> Template:  # fmt: skip
         """One job, live: progress, step, events, result and actions; a batch's children too."""
-        job = await service.get(job_id, owner)
+        viewer = _viewer(request.user)  # admins open any owner's job from their list
+        job = await service.get(job_id, viewer)
         if part == "summary":
-            return _page("_summary.html", request, **await self._view(job, [], files, owner))
-        children = await service.children(job_id, owner)
-        return _page("job.html", request, kinds=EVENT_KINDS, **await self._view(job, children, files, owner))
+            return _page("_summary.html", request, **await self._view(job, [], files, viewer))
+        children = await service.children(job_id, viewer)
+        return _page("job.html", request, kinds=EVENT_KINDS, **await self._view(job, children, files, viewer))
 
     @staticmethod
-    async def _view(job: Job, children: list[Job], files: FilesDep, owner: str) -> dict[str, Any]:
+    async def _view(job: Job, children: list[Job], files: FilesDep, owner: str | None) -> dict[str, Any]:
         ids = {j.file_id for j in (job, *children) if j.file_id}
         result = job.result or {}
         outputs = [o for o in result.get("outputs", ()) if isinstance(o, dict)]
@@ -143,14 +156,12 @@ class UiController(Controller):
         }  # fmt: skip
 
     @get("/queue", name="ui:queue")
-    async def queue(
-        self, request: Request[Any, Any, Any], stats: StatsDep, service: Service, owner: Owner
-    ) -> Template:
+    async def queue(self, request: Request[Any, Any, Any], stats: StatsDep, owner: Owner) -> Template:
         """The queue's figures; workers and per-type statistics for admins."""
         caller: Caller = request.user
-        figures = await stats.queue_stats(owner, service.hub.subscriber_count)
+        figures = await stats.queue_stats(owner)
         workers = await stats.workers() if caller.admin else []
-        by_type = await stats.statistics() if caller.admin else {}
+        by_type = (await stats.statistics()).by_type if caller.admin else {}
         return _page("queue.html", request, stats=figures, workers=workers, by_type=by_type)
 
     @get("/login", name="ui:login", exclude_from_auth=True)

@@ -1,0 +1,321 @@
+"""whisper-asr-webservice's API (`/asr`, `/detect-language`) through Bazarr's own calls, with a real
+gpu-pool worker (tiny.en on the CPU)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import av
+import httpx
+import msgspec
+import pytest
+import requests
+
+from app import Settings
+from streams import NatsServer
+from tests.conftest import ApiServer, WorkerRunner, wait_terminal
+from tests.test_openai_audio import put_key
+from workers import subtitles
+
+JFK = Path(__file__).resolve().parents[2] / "shared" / "media" / "jfk.flac"
+QUOTE = "ask not what your country can do for you"
+PCM_BYTES_PER_S = 16_000 * 2
+
+
+def pcm_s16le_16k(path: Path) -> bytes:
+    """What Bazarr makes of a video's audio with ffmpeg: raw 16 kHz mono s16le PCM."""
+    resampler = av.AudioResampler(format="s16", layout="mono", rate=16_000)
+    pcm = bytearray()
+    with av.open(str(path)) as container:
+        for frame in [*container.decode(audio=0), None]:
+            for resampled in resampler.resample(frame):
+                pcm += resampled.to_ndarray().tobytes()
+    return bytes(pcm)
+
+
+class Bazarr:
+    """Bazarr's Whisper provider, its HTTP calls as it makes them (requests, its parameters, its
+    headers and timeouts: custom_libs/subliminal_patch/providers/whisperai.py)."""
+
+    def __init__(self, endpoint: str, pass_video_name: bool = False) -> None:
+        self.endpoint = endpoint.rstrip("/")
+        self.pass_video_name = pass_video_name
+        self.response, self.timeout = 5, 120  # its connection and transcription timeouts
+        self.session = requests.Session()
+        self.session.headers["User-Agent"] = "Subliminal/2.1.0"
+
+    def detect_language(self, out: bytes, path: str) -> requests.Response:
+        video_name = path if self.pass_video_name else None
+        return self.session.post(
+            f"{self.endpoint}/detect-language",
+            params={"encode": "false", "video_file": {video_name}},  # a set: requests drops {None}
+            files={"audio_file": out},
+            timeout=(self.response, self.timeout),
+        )
+
+    def download_subtitle(self, out: bytes, path: str, task: str, language: str) -> requests.Response:
+        video_name = path if self.pass_video_name else None
+        return self.session.post(
+            f"{self.endpoint}/asr",
+            params={
+                "task": task,
+                "language": language,
+                "output": "srt",
+                "encode": "false",
+                "video_file": {video_name},
+            },
+            files={"audio_file": out},
+            timeout=(self.response, self.timeout),
+        )
+
+
+async def jobs(http: httpx.AsyncClient, job_type: str) -> list[dict[str, Any]]:
+    """The caller's jobs of this type, newest first."""
+    response = await http.get("/api/v1/jobs", params={"type": job_type})
+    assert response.status_code == 200, response.text
+    items: list[dict[str, Any]] = response.json()["items"]
+    return items
+
+
+async def first_job(http: httpx.AsyncClient, job_type: str) -> dict[str, Any]:
+    """The newest job of this type, once there is one."""
+    async with asyncio.timeout(30):
+        while True:
+            if found := await jobs(http, job_type):
+                return found[0]
+            await asyncio.sleep(0.02)
+
+
+async def input_file(http: httpx.AsyncClient, job: dict[str, Any]) -> dict[str, Any]:
+    """The file a job took as its input."""
+    response = await http.get(f"/api/v1/files/{job['file_id']}")
+    assert response.status_code == 200, response.text
+    info: dict[str, Any] = response.json()
+    return info
+
+
+@pytest.fixture
+async def http(api: ApiServer) -> AsyncIterator[httpx.AsyncClient]:
+    """The API in local mode (no key configured, bound to loopback), as Bazarr on the same box sees it."""
+    async with httpx.AsyncClient(base_url=api.url, timeout=60) as client:
+        yield client
+
+
+async def test_bazarr_detects_the_language_and_gets_srt_subtitles(
+    api: ApiServer, http: httpx.AsyncClient, gpu: WorkerRunner
+) -> None:
+    pcm = pcm_s16le_16k(JFK)
+    video = "/media/movies/Inaugural Address (1961)/Inaugural Address.mkv"
+    bazarr = Bazarr(api.url + "/", pass_video_name=True)
+    try:
+        detected = await asyncio.to_thread(bazarr.detect_language, pcm, video)
+        assert detected.status_code == 200, detected.text
+        assert detected.headers["content-type"] == "application/json"
+        assert detected.json() == {"detected_language": "english", "language_code": "en", "confidence": 1.0}
+
+        answer = await asyncio.to_thread(bazarr.download_subtitle, pcm, video, "transcribe", "en")
+    finally:
+        bazarr.session.close()
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["content-type"] == "text/plain; charset=utf-8"
+    assert answer.headers["content-disposition"] == 'attachment; filename="audio_file.srt"'  # requests' name
+    assert answer.headers["asr-engine"] == "faster_whisper"
+    cues = subtitles.validate_srt(answer.content.decode())
+    assert len(cues) >= 2
+    assert QUOTE in " ".join(line for cue in cues for line in cue.lines).lower()
+    assert cues[-1].end <= 11.1
+
+    (srt_job,) = await jobs(http, "generate_srt")
+    assert srt_job["status"] == "completed"
+    assert answer.headers["x-jobcast-job-id"] == srt_job["id"]
+    assert srt_job["params"]["language"] == "en"
+    assert srt_job["params"]["task"] == "transcribe"
+    stored = await input_file(http, srt_job)  # the PCM behind a WAV header, named after the video
+    assert stored["name"] == "Inaugural Address.wav"
+    assert stored["size"] == 44 + len(pcm)
+    (detect_job,) = await jobs(http, "detect_language")
+    assert detect_job["status"] == "completed"
+    assert detect_job["result"]["language"] == "en"
+
+
+async def test_detect_language_stores_only_the_first_30_s_of_raw_pcm(
+    api: ApiServer, http: httpx.AsyncClient, gpu: WorkerRunner
+) -> None:
+    pcm = (
+        pcm_s16le_16k(JFK) * 4
+    )  # 44 s (1.4 MB, past the JSON body limit), as Bazarr sends a whole film's audio
+    bazarr = Bazarr(api.url)
+    try:
+        detected = await asyncio.to_thread(bazarr.detect_language, pcm, "film.mkv")
+    finally:
+        bazarr.session.close()
+    assert detected.status_code == 200, detected.text
+    assert detected.json()["language_code"] == "en"
+    (job,) = await jobs(http, "detect_language")
+    stored = await input_file(http, job)
+    assert stored["name"] == "audio_file.wav"  # no video name passed
+    assert stored["size"] == 44 + 30 * PCM_BYTES_PER_S
+
+
+async def test_encoded_audio_in_every_output(http: httpx.AsyncClient, gpu: WorkerRunner) -> None:
+    audio = {"audio_file": ("jfk.flac", JFK.read_bytes(), "audio/flac")}
+    bodies: dict[str, str] = {}
+    for output in ("json", "txt", "tsv", "vtt"):
+        response = await http.post("/asr", params={"output": output, "word_timestamps": "true"}, files=audio)
+        assert response.status_code == 200, response.text
+        assert response.headers["content-type"] == "text/plain; charset=utf-8"  # upstream's, json too
+        assert response.headers["content-disposition"] == f'attachment; filename="jfk.flac.{output}"'
+        bodies[output] = response.text
+
+    result = msgspec.json.decode(bodies["json"])
+    assert set(result) == {"text", "segments", "language"}
+    assert result["language"] == "en"
+    assert QUOTE in result["text"].lower()
+    assert [s["id"] for s in result["segments"]] == list(range(1, len(result["segments"]) + 1))
+    for segment in result["segments"]:
+        assert 0 <= segment["start"] < segment["end"] <= 11.1
+        assert segment["words"]  # word_timestamps=true
+    assert QUOTE in "".join(w["word"] for s in result["segments"] for w in s["words"]).lower()  # " word"s
+
+    lines = bodies["txt"].splitlines()
+    assert lines == [s["text"].strip() for s in result["segments"]]  # one segment a line, as upstream
+    assert QUOTE in " ".join(lines).lower()
+
+    header, *rows = bodies["tsv"].splitlines()
+    assert header == "start\tend\ttext"
+    assert [row.split("\t") for row in rows] == [
+        [str(round(s["start"] * 1000)), str(round(s["end"] * 1000)), s["text"].strip()]
+        for s in result["segments"]
+    ]
+
+    cues = subtitles.validate_vtt(bodies["vtt"])
+    assert QUOTE in " ".join(line for cue in cues for line in cue.lines).lower()
+    assert [job["status"] for job in await jobs(http, "transcribe")] == ["completed"] * 3
+    assert [job["status"] for job in await jobs(http, "generate_srt")] == ["completed"]
+
+
+async def test_translate_with_an_english_only_model_answers_in_english(
+    http: httpx.AsyncClient, gpu: WorkerRunner
+) -> None:
+    audio = {"audio_file": ("jfk.flac", JFK.read_bytes(), "audio/flac")}
+    response = await http.post("/asr", params={"task": "translate", "language": "de"}, files=audio)
+    assert response.status_code == 200, response.text
+    assert QUOTE in response.text.lower()  # tiny.en knows English alone: it transcribes, as upstream's does
+    (job,) = await jobs(http, "transcribe")
+    assert job["params"]["task"] == "translate"
+    assert job["result"]["language"] == "en"
+
+
+async def test_what_jobcast_cannot_do_is_a_clear_400(http: httpx.AsyncClient) -> None:
+    audio = {"audio_file": ("jfk.flac", JFK.read_bytes(), "audio/flac")}
+    for params, named in [
+        ({"output": "docx"}, "output"),
+        ({"task": "summarise"}, "task"),
+        ({"language": "xx"}, "language"),
+        ({"encode": "maybe"}, "encode"),
+        ({"diarize": "true"}, "diarize"),
+    ]:
+        response = await http.post("/asr", params=params, files=audio)
+        assert response.status_code == 400, (params, response.text)
+        error = response.json()
+        assert named in (error["detail"] + str(error.get("extra"))), error
+    response = await http.post("/asr", files={"file": ("jfk.flac", JFK.read_bytes(), "audio/flac")})
+    assert response.status_code == 400, response.text
+    assert "audio_file" in response.json()["detail"]
+    response = await http.post("/detect-language", params={"encode": "false"})
+    assert response.status_code == 400, response.text
+    assert "audio_file" in response.json()["detail"]
+    assert await jobs(http, "transcribe") == []  # nothing was submitted, nothing stored
+    assert (await http.get("/api/v1/files")).json()["items"] == []
+
+
+async def test_uploads_past_the_upload_limit_are_refused(settings: Settings) -> None:
+    server = ApiServer(replace(settings, max_upload_bytes=2**20))
+    await server.start()
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+            big = {"audio_file": pcm_s16le_16k(JFK) * 4}
+            for route in ("/asr", "/detect-language"):
+                response = await http.post(route, params={"encode": "false"}, files=big)
+                assert response.status_code == 413, response.text
+                assert "too large" in response.json()["detail"].lower()
+            assert (await http.get("/api/v1/files")).json()["items"] == []
+    finally:
+        await server.stop()
+
+
+async def test_a_failed_job_answers_its_reason(http: httpx.AsyncClient, gpu: WorkerRunner) -> None:
+    response = await http.post("/asr", files={"audio_file": ("notes.txt", b"not audio at all\n" * 50)})
+    assert response.status_code == 400, response.text
+    assert "not a media file" in response.json()["detail"]
+    response = await http.post("/detect-language", files={"audio_file": ("notes.txt", b"not audio\n" * 50)})
+    assert response.status_code == 400, response.text
+    assert "not a media file" in response.json()["detail"]
+    assert response.headers["x-jobcast-job-id"] == (await jobs(http, "detect_language"))[0]["id"]
+
+
+async def test_a_client_that_goes_away_cancels_its_job(http: httpx.AsyncClient) -> None:
+    request = asyncio.create_task(
+        http.post("/asr", params={"output": "srt"}, files={"audio_file": JFK.read_bytes()})
+    )
+    try:
+        queued = await first_job(http, "generate_srt")  # no worker: it stays queued
+    finally:
+        request.cancel()  # the client closes its connection
+        with pytest.raises(asyncio.CancelledError):
+            await request
+    done = await wait_terminal(http, queued["id"])
+    assert done["status"] == "cancelled"
+    assert "went away" in (done["error"] or "")
+
+
+async def test_keys_are_the_rest_of_the_apis(nats_server: NatsServer, settings: Settings) -> None:
+    key = await put_key(nats_server.url, "bazarr")
+    server = ApiServer(settings)
+    await server.start()
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as anon:
+            pcm = {"audio_file": pcm_s16le_16k(JFK)}
+            refused = await anon.post("/detect-language", params={"encode": "false"}, files=pcm)
+            assert refused.status_code == 401, refused.text
+            refused = await anon.post("/asr", files=pcm, headers={"Authorization": "Bearer wrong"})
+            assert refused.status_code == 401, refused.text
+            # a right key reaches the route: its own validation answers
+            accepted = await anon.post(
+                "/asr", params={"output": "docx"}, files=pcm, headers={"X-API-Key": key}
+            )
+            assert accepted.status_code == 400, accepted.text
+            assert "output" in accepted.text
+    finally:
+        await server.stop()
+
+
+async def test_bazarr_sends_its_key_in_the_endpoint_url(
+    nats_server: NatsServer, settings: Settings, gpu: WorkerRunner
+) -> None:
+    key = await put_key(nats_server.url, "bazarr")
+    server = ApiServer(settings)
+    await server.start()
+    host = server.url.removeprefix("http://")
+    pcm = pcm_s16le_16k(JFK)
+    bazarr, wrong = Bazarr(f"http://bazarr:{key}@{host}"), Bazarr(f"http://bazarr:wrong@{host}")
+    try:  # requests sends a URL's user and password as HTTP Basic, Bazarr no header of its own
+        detected = await asyncio.to_thread(bazarr.detect_language, pcm, "film.mkv")
+        refused = await asyncio.to_thread(wrong.detect_language, pcm, "film.mkv")
+        async with httpx.AsyncClient(base_url=server.url, timeout=30, auth=("bazarr", key)) as basic:
+            elsewhere = await basic.get("/api/v1/jobs")  # Basic counts on these two routes only
+        async with httpx.AsyncClient(base_url=server.url, timeout=30, headers={"X-API-Key": key}) as http:
+            (job,) = await jobs(http, "detect_language")
+    finally:
+        bazarr.session.close()
+        wrong.session.close()
+        await server.stop()
+    assert detected.status_code == 200, detected.text
+    assert detected.json()["detected_language"] == "english"
+    assert refused.status_code == 401, refused.text
+    assert elsewhere.status_code == 401, elsewhere.text
+    assert job["owner"] == "bazarr"
