@@ -29,6 +29,7 @@ from app._db import Database
 from app._deps import DEPENDENCIES
 from app._exceptions import ERROR_HANDLERS, document_errors, log_unexpected, send_request_id
 from app._files import FileService
+from app._freshness import Freshness, FreshnessMiddleware
 from app._hub import Hub
 from app._jobs import JobService
 from app._metrics import Metrics
@@ -85,6 +86,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             await projection.start(js, tasks)
             app.state.nats = nc
             app.state.service = service = JobService(settings, db, js, projection, hub)
+            app.state.freshness = Freshness(db, js, projection, settings.submit_timeout_s)
             if settings.admin_key:
                 await provision_admin_key(js, settings.admin_key)
             app.state.api_keys = keys = Keys(js)
@@ -153,6 +155,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 middleware_class=CountingRateLimitMiddleware,
             ).middleware,
             QueryCheck(),  # after the key check: an unknown caller learns nothing about parameters
+            FreshnessMiddleware(),  # read-your-writes across API instances (a valid request only)
         ],
         exception_handlers={**ERROR_HANDLERS, LoginRequired: login_redirect},
         after_exception=[log_unexpected],

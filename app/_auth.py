@@ -24,6 +24,7 @@ import time
 from typing import Any
 
 import msgspec
+import nats.errors
 from litestar import Request
 from litestar.connection import ASGIConnection
 from litestar.datastructures import Cookie, MutableScopeHeaders
@@ -70,6 +71,14 @@ def key_hash(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+WATCH_CHECK_S = 2.0
+"""A key watch silent this long checks that the bucket has nothing newer (see `Keys._watch`)."""
+
+
+class WatchStalledError(Exception):
+    """The key watch missed a change of the bucket; its supervisor starts it again."""
+
+
 class Keys:
     """The API keys, kept in memory and current through a KV watch (revocation is immediate)."""
 
@@ -94,14 +103,30 @@ class Keys:
         names = self._names
         replayed: set[str] = set()
         watcher = await self._kv.watchall()
+        seen, behind_at = 0, 0
         try:
-            async for entry in watcher:
+            while True:
+                try:
+                    entry = await watcher.updates(timeout=WATCH_CHECK_S)  # type: ignore[no-untyped-call]
+                except nats.errors.TimeoutError:
+                    # The watch's consumer may have been on a cluster node that died: nats-py's KV watch
+                    # has no heartbeat to notice, and would stay silent for good (a revoked key valid).
+                    # A revision the bucket had at the last look and the watch has still not delivered
+                    # means that: start it again.
+                    if behind_at > seen:
+                        raise WatchStalledError(
+                            f"the key watch is at revision {seen}; the bucket was at {behind_at} "
+                            f"{WATCH_CHECK_S:.0f} s ago"
+                        ) from None
+                    behind_at = (await self._kv.status()).stream_info.state.last_seq
+                    continue
                 if entry is None:  # the initial values have all arrived
                     # Run again after a failure: a key the replay did not bring was revoked meanwhile.
                     for revoked in names.keys() - replayed:
                         self._by_hash.pop(names.pop(revoked).sha256, None)
                     self._loaded.set()
                     continue
+                seen = max(seen, entry.revision or 0)
                 replayed.add(entry.key)
                 old = names.pop(entry.key, None)
                 if old is not None:

@@ -158,7 +158,17 @@ def error_to_http(request: Request[Any, Any, Any], exc: Exception) -> Response[E
     own media type (Litestar would use the route's, so a text route's errors were mislabelled)."""
     body = error_body(request, exc)
     headers = exc.headers if isinstance(exc, HTTPException) and body.request_id is None else None
+    if body.status_code == HTTP_503_SERVICE_UNAVAILABLE:  # a NATS leader election, a lagging instance
+        wait = STORAGE_FULL_RETRY_S if isinstance(exc, StorageFullError) else RETRY_AFTER_S
+        headers = {**(headers or {}), "Retry-After": str(wait)}
     return Response(body, status_code=body.status_code, headers=headers, media_type=MediaType.JSON)
+
+
+RETRY_AFTER_S = 1
+"""Retry-After of a 503: NATS or the projection is away for moments (a JetStream cluster elects a new
+leader in a few seconds), and a retried submission with the same client_request_id is harmless."""
+STORAGE_FULL_RETRY_S = 60
+"""Retry-After of a 503 "storage full": room comes back only as jobs are deleted."""
 
 
 ERROR_HANDLERS: ExceptionHandlersMap = {

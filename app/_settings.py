@@ -7,7 +7,15 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-from streams import DEFAULT_LLM_BASE_URL, LlmEndpoints, admin_key_from_env, llm_allowlist, stored_secret
+from streams import (
+    DEFAULT_LLM_BASE_URL,
+    LlmEndpoints,
+    admin_key_from_env,
+    llm_allowlist,
+    nats_servers,
+    stored_secret,
+    stream_replicas,
+)
 
 
 def _env_float(name: str, default: float) -> float:
@@ -27,7 +35,8 @@ class Settings:
     data_dir: Path = field(default_factory=lambda: Path(os.environ.get("JOBCAST_DATA_DIR", "jobcast-data")))
     """JOBCAST_DATA_DIR: where the SQLite database (and, under `serve`, the NATS store) live."""
     nats_url: str = field(default_factory=lambda: os.environ.get("JOBCAST_NATS_URL", "nats://127.0.0.1:4222"))
-    """JOBCAST_NATS_URL: the NATS server or cluster the API publishes to."""
+    """JOBCAST_NATS_URL: the NATS server, or a cluster's nodes comma-separated, that the API publishes to;
+    it fails over between them. JOBCAST_STREAM_REPLICAS (read by streams/) sets how many keep a copy."""
     database_url: str = field(default_factory=lambda: os.environ.get("JOBCAST_DATABASE_URL", ""))
     """JOBCAST_DATABASE_URL: SQLAlchemy URL; empty means sqlite+aiosqlite under the data dir."""
     host: str = field(default_factory=lambda: os.environ.get("JOBCAST_HOST", "127.0.0.1"))
@@ -132,6 +141,10 @@ class Settings:
     )
     """JOBCAST_LLM_ALLOWED_BASE_URLS (comma-separated): the other LLM endpoints a job may name as
     `base_url`; the LLM workers get the same list. Any other gets 422."""
+
+    def __post_init__(self) -> None:
+        nats_servers(self.nats_url)  # a malformed setting stops the start with one line (ValueError)
+        stream_replicas()
 
     @property
     def llm_endpoints(self) -> LlmEndpoints:

@@ -21,7 +21,7 @@ def _serve(args: argparse.Namespace) -> int:
     pools = args.pools.split(",") if args.pools else default_pools()
     try:
         supervisor = Supervisor(Path(args.data_dir), args.host, args.port, args.nats_port, pools)
-    except ValueError as exc:  # an unusable secret file in the data dir
+    except ValueError as exc:  # an unusable secret file in the data dir, or JOBCAST_STREAM_REPLICAS
         print(f"jobcast: {exc}", file=sys.stderr)
         return CONFIGURATION_ERROR
     try:
@@ -72,11 +72,18 @@ def _api(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
+    from jobcast.keys import CONFIGURATION_ERROR
     from jobcast.lifeline import PARENT_GONE_GRACE_S, watch_parent
     from workers import Worker, WorkerSettings
 
+    try:
+        settings = WorkerSettings(pool=args.pool, concurrency=args.concurrency)
+    except ValueError as exc:  # a malformed JOBCAST_NATS_URL or JOBCAST_STREAM_REPLICAS
+        print(f"jobcast: {exc}", file=sys.stderr)
+        return CONFIGURATION_ERROR
+
     async def run() -> None:
-        worker = Worker(WorkerSettings(pool=args.pool, concurrency=args.concurrency))
+        worker = Worker(settings)
         worker.install_signal_handlers()
         loop = asyncio.get_running_loop()
 

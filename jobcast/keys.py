@@ -15,7 +15,7 @@ from pathlib import Path
 import msgspec
 import nats.errors
 from nats.aio.client import Client
-from nats.js.errors import KeyNotFoundError, NoKeysError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
 
 from streams import (
     ApiKeyRecord,
@@ -24,6 +24,7 @@ from streams import (
     connect,
     is_loopback,
     keys_bucket,
+    nats_servers,
     without_credentials,
 )
 
@@ -41,7 +42,8 @@ class ConfigurationError(Exception):
 
 
 def nats_url(data_dir: Path) -> str:
-    """JOBCAST_NATS_URL, else the URL `jobcast serve` left in the data dir."""
+    """JOBCAST_NATS_URL (one URL, or a cluster's comma-separated), else the URL `jobcast serve` left in
+    the data dir."""
     if url := os.environ.get("JOBCAST_NATS_URL"):
         return url
     marker = data_dir / "nats.url"
@@ -53,6 +55,11 @@ def nats_url(data_dir: Path) -> str:
 async def cli_connection(data_dir: Path, name: str) -> Client | None:
     """A connection for a one-shot command, or None after saying why there is none."""
     url = nats_url(data_dir)
+    try:
+        nats_servers(url)
+    except ValueError as exc:
+        print(f"jobcast: {exc}", file=sys.stderr)
+        return None
     errors: list[Exception] = []
 
     async def remember(exc: Exception) -> None:
@@ -128,47 +135,57 @@ async def run(action: str, name: str | None, admin: bool, data_dir: Path) -> int
     if nc is None:
         return 1
     try:
-        kv = await keys_bucket(nc.jetstream())
-        if action == "create":
-            assert name is not None
-            if not _NAME.match(name):
-                print("a key name is 1-64 letters, digits, '-' or '_'", file=sys.stderr)
-                return 2
-            key = "jc_" + secrets.token_urlsafe(32)
-            record = ApiKeyRecord(
-                name=name,
-                sha256=hashlib.sha256(key.encode()).hexdigest(),
-                admin=admin,
-                created_at=time.time(),
-            )
-            try:
-                await kv.create(name, msgspec.json.encode(record))
-            except nats.errors.Error:
-                print(f"a key named {name!r} exists already; revoke it first", file=sys.stderr)
-                return 1
-            print(key)
-            print(
-                f"key {name!r}{' (admin)' if admin else ''} created; it is shown this once", file=sys.stderr
-            )
-        elif action == "list":
-            try:
-                names = sorted(await kv.keys())
-            except nats.errors.Error:
-                names = []
-            for each in names:
-                entry = await kv.get(each)
-                record = msgspec.json.decode(entry.value or b"{}", type=ApiKeyRecord)
-                created = time.strftime("%Y-%m-%d %H:%M", time.gmtime(record.created_at))
-                print(f"{record.name}\t{'admin' if record.admin else 'user'}\t{created} UTC")
-        else:
-            assert name is not None
-            try:
-                await kv.get(name)
-            except KeyNotFoundError:
-                print(f"no key named {name!r}", file=sys.stderr)
-                return 1
-            await kv.delete(name)
-            print(f"key {name!r} revoked")
-        return 0
+        return await _act(nc, action, name, admin)
+    except (nats.errors.Error, TimeoutError) as exc:  # e.g. a cluster electing the bucket's leader
+        print(
+            f"the key store did not answer ({exc or type(exc).__name__}); try again (`jobcast keys list` "
+            "shows whether a key was created)",
+            file=sys.stderr,
+        )
+        return 1
     finally:
         await close_quietly(nc)
+
+
+async def _act(nc: Client, action: str, name: str | None, admin: bool) -> int:
+    """`run`'s action on a connection; NATS errors go to the caller."""
+    kv = await keys_bucket(nc.jetstream())
+    if action == "create":
+        assert name is not None
+        if not _NAME.match(name):
+            print("a key name is 1-64 letters, digits, '-' or '_'", file=sys.stderr)
+            return 2
+        key = "jc_" + secrets.token_urlsafe(32)
+        record = ApiKeyRecord(
+            name=name,
+            sha256=hashlib.sha256(key.encode()).hexdigest(),
+            admin=admin,
+            created_at=time.time(),
+        )
+        try:
+            await kv.create(name, msgspec.json.encode(record))
+        except KeyWrongLastSequenceError:
+            print(f"a key named {name!r} exists already; revoke it first", file=sys.stderr)
+            return 1
+        print(key)
+        print(f"key {name!r}{' (admin)' if admin else ''} created; it is shown this once", file=sys.stderr)
+    elif action == "list":
+        try:
+            names = sorted(await kv.keys())
+        except NoKeysError:
+            names = []
+        for each in names:
+            entry = await kv.get(each)
+            record = msgspec.json.decode(entry.value or b"{}", type=ApiKeyRecord)
+            created = time.strftime("%Y-%m-%d %H:%M", time.gmtime(record.created_at))
+            print(f"{record.name}\t{'admin' if record.admin else 'user'}\t{created} UTC")
+    else:
+        assert name is not None
+        try:
+            await kv.get(name)
+        except KeyNotFoundError:
+            print(f"no key named {name!r}", file=sys.stderr)
+            return 1
+        await kv.delete(name)
+        print(f"key {name!r} revoked")
+    return 0

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from jobcast.keys import CONFIGURATION_ERROR, ConfigurationError, check_public_bind
 from jobcast.lifeline import Lifeline
-from streams import NatsServer, Pool, stored_secret, write_private
+from streams import NatsServer, Pool, stored_secret, stream_replicas, write_private
 
 log = logging.getLogger("jobcast.serve")
 
@@ -93,6 +93,13 @@ class Supervisor:
     """Runs NATS, the API and the workers until asked to stop."""
 
     def __init__(self, data_dir: Path, host: str, port: int, nats_port: int, pools: list[str]) -> None:
+        """Raises ValueError for a setting serve cannot run with (its message is the one line to show)."""
+        if stream_replicas() != 1:
+            # Else the API would fail at every start (one server keeps one copy), and be restarted for ever.
+            raise ValueError(
+                "jobcast serve runs one nats-server, which keeps one copy of each stream: unset "
+                "JOBCAST_STREAM_REPLICAS, or run a cluster (docs/deploy.md)"
+            )
         self.data_dir = data_dir.resolve()
         self.host = host
         self.port = port

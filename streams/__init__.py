@@ -19,10 +19,11 @@ from streams._config import (
     is_loopback,
     jobs_stream,
     keys_bucket,
+    stream_replicas,
     worker_ttl,
     workers_bucket,
 )
-from streams._connect import close_quietly, connect, without_credentials
+from streams._connect import close_quietly, connect, nats_servers, without_credentials
 from streams._egress import (
     DEFAULT_LLM_BASE_URL,
     AddressPolicy,
@@ -32,7 +33,13 @@ from streams._egress import (
     llm_allowlist,
     normalized_url,
 )
-from streams._errors import InvalidParamsError, JobcastError, NatsServerError, UnknownOperationError
+from streams._errors import (
+    InvalidParamsError,
+    JobcastError,
+    NatsServerError,
+    ReplicasError,
+    UnknownOperationError,
+)
 from streams._events import (
     ACTIVE_STATUSES,
     TERMINAL_STATUSES,
@@ -165,6 +172,7 @@ __all__ = [
     "Pool",
     "ProcessUsage",
     "Progress",
+    "ReplicasError",
     "Retrying",
     "Started",
     "Submitted",
@@ -204,6 +212,7 @@ __all__ = [
     "keys_bucket",
     "llm_allowlist",
     "nats_server_binary",
+    "nats_servers",
     "normalized_url",
     "operation",
     "parse_params",
@@ -215,6 +224,7 @@ __all__ = [
     "safe_name",
     "schedule_subject",
     "stored_secret",
+    "stream_replicas",
     "submit_subject",
     "utcnow",
     "validate_params",

@@ -6,26 +6,32 @@ truth for how JetStream keeps jobs.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import enum
 import ipaddress
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TypeVar
 
 import msgspec
+import nats.errors
 from nats.js import JetStreamContext
 from nats.js import api as js_api
-from nats.js.errors import APIError, BadRequestError
+from nats.js.errors import APIError
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
+from streams._errors import ReplicasError
 from streams._limits import MAX_DELIVER
 from streams._subjects import ALL_SUBJECTS, STREAM, pool_submissions, priority_token
 from streams._supervisor import TaskState
 
 log = logging.getLogger("jobcast.streams")
+T = TypeVar("T")
 
 
 class Pool(enum.StrEnum):
@@ -75,12 +81,33 @@ JOBS_STREAM = js_api.StreamConfig(
 )
 
 
+MAX_REPLICAS = 5
+"""JetStream keeps at most five copies of a stream."""
+
+
+def stream_replicas() -> int:
+    """JOBCAST_STREAM_REPLICAS (default 1): how many cluster nodes keep a copy of the JOBS stream, every
+    KV bucket and the files store; 3 on a cluster, so that losing one node loses nothing.
+
+    Raises:
+        ValueError: not a whole number from 1 to MAX_REPLICAS.
+    """
+    text = os.environ.get("JOBCAST_STREAM_REPLICAS", "").strip() or "1"
+    if not text.isdigit() or not 1 <= int(text) <= MAX_REPLICAS:
+        raise ValueError(f"JOBCAST_STREAM_REPLICAS={text!r}: a whole number from 1 to {MAX_REPLICAS}")
+    return int(text)
+
+
 def jobs_stream() -> js_api.StreamConfig:
-    """JOBS_STREAM with the limits in force: JOBCAST_STREAM_MAX_BYTES and JOBCAST_DUPLICATE_WINDOW_S
-    (the API brings the stream in line with them as it starts; workers only create it if missing)."""
+    """JOBS_STREAM with the settings in force: JOBCAST_STREAM_MAX_BYTES, JOBCAST_DUPLICATE_WINDOW_S and
+    JOBCAST_STREAM_REPLICAS (the API brings the stream in line with them as it starts; workers only
+    create it if missing)."""
     max_bytes = int(os.environ.get("JOBCAST_STREAM_MAX_BYTES") or STREAM_MAX_BYTES)
     window = float(os.environ.get("JOBCAST_DUPLICATE_WINDOW_S") or DUPLICATE_WINDOW_S)
-    return replace(JOBS_STREAM, max_bytes=max_bytes if max_bytes > 0 else -1, duplicate_window=window)
+    return replace(
+        JOBS_STREAM, max_bytes=max_bytes if max_bytes > 0 else -1, duplicate_window=window,
+        num_replicas=stream_replicas(),
+    )  # fmt: skip
 
 
 INSUFFICIENT_STORAGE = 10047
@@ -132,17 +159,18 @@ class WorkerInfo(msgspec.Struct, kw_only=True):
 
 async def workers_bucket(js: JetStreamContext) -> KeyValue:
     """The heartbeat bucket, created on first use."""
-    return await js.create_key_value(
-        config=js_api.KeyValueConfig(
+    return await _key_value(
+        js,
+        js_api.KeyValueConfig(
             bucket=WORKERS_BUCKET, ttl=worker_ttl(), history=1, storage=js_api.StorageType.MEMORY
-        )
+        ),
     )
 
 
 async def callbacks_bucket(js: JetStreamContext) -> KeyValue:
     """The webhook-claim bucket, created on first use."""
-    return await js.create_key_value(
-        config=js_api.KeyValueConfig(bucket=CALLBACKS_BUCKET, ttl=CALLBACK_CLAIM_TTL_S, history=1)
+    return await _key_value(
+        js, js_api.KeyValueConfig(bucket=CALLBACKS_BUCKET, ttl=CALLBACK_CLAIM_TTL_S, history=1)
     )
 
 
@@ -171,7 +199,7 @@ def is_loopback(host: str) -> bool:
 
 async def keys_bucket(js: JetStreamContext) -> KeyValue:
     """The API keys bucket, created on first use (history 1: a revoked key is deleted)."""
-    return await js.create_key_value(config=js_api.KeyValueConfig(bucket=KEYS_BUCKET, history=1))
+    return await _key_value(js, js_api.KeyValueConfig(bucket=KEYS_BUCKET, history=1))
 
 
 ADMIN_KEY_NAME = "admin"
@@ -209,10 +237,104 @@ inputs and writes outputs here, no shared disk needed."""
 
 async def files_store(js: JetStreamContext) -> ObjectStore:
     """The files bucket, created on first use."""
-    return await js.create_object_store(
-        FILES_BUCKET,
-        config=js_api.ObjectStoreConfig(description="jobcast files", storage=js_api.StorageType.FILE),
-    )
+
+    async def create(replicas: int) -> ObjectStore:
+        config = js_api.ObjectStoreConfig(
+            description="jobcast files", storage=js_api.StorageType.FILE, replicas=replicas
+        )
+        return await js.create_object_store(FILES_BUCKET, config=config)
+
+    async def held() -> js_api.StreamInfo:
+        return (await (await js.object_store(FILES_BUCKET)).status()).stream_info
+
+    return await _replicated(js, f"object store {FILES_BUCKET}", create, held)
+
+
+async def _key_value(js: JetStreamContext, config: js_api.KeyValueConfig) -> KeyValue:
+    """A KV bucket with JOBCAST_STREAM_REPLICAS replicas (see `_replicated`)."""
+
+    async def create(replicas: int) -> KeyValue:
+        return await js.create_key_value(config=replace(config, replicas=replicas))
+
+    async def held() -> js_api.StreamInfo:
+        return (await (await js.key_value(config.bucket)).status()).stream_info
+
+    return await _replicated(js, f"KV bucket {config.bucket}", create, held)
+
+
+async def _replicated(
+    js: JetStreamContext,
+    what: str,
+    create: Callable[[int], Awaitable[T]],
+    held: Callable[[], Awaitable[js_api.StreamInfo]],
+) -> T:
+    """A bucket created with JOBCAST_STREAM_REPLICAS replicas, or the existing one with its replicas
+    raised to them; never lowered, so a process started without the setting binds to it as it is."""
+    replicas = stream_replicas()
+    try:
+        return await create(replicas)
+    except APIError as exc:
+        _refuse_placement(exc, what, replicas)
+        if exc.err_code != STREAM_NAME_IN_USE:
+            raise
+    # It exists with other replicas (or differs in more, which this create still refuses).
+    info = await held()
+    bucket = await create(info.config.num_replicas or 1)
+    await _raise_replicas(js, info, replicas, what)
+    return bucket
+
+
+STREAM_NAME_IN_USE = 10058
+"""JetStream's error code for a create whose stream exists with another configuration."""
+PLACEMENT_ERRORS = frozenset({10074, 10005})
+"""Replicas the server cannot place: it is not clustered, or has too few suitable nodes."""
+
+
+def _refuse_placement(exc: APIError, what: str, replicas: int) -> None:
+    """Raise a ReplicasError that says what to do when `exc` is the server refusing the replicas."""
+    if exc.err_code in PLACEMENT_ERRORS:
+        raise ReplicasError(
+            f"{what} cannot be created with {replicas} replicas ({exc.description}): JOBCAST_STREAM_REPLICAS="
+            f"{replicas} needs a JetStream cluster of at least {replicas} nodes; on one nats-server leave it at 1"
+        ) from exc
+
+
+async def _raise_replicas(js: JetStreamContext, held: js_api.StreamInfo, replicas: int, what: str) -> None:
+    """Raise an existing stream's replicas to `replicas`, or log why it cannot; never lowers them."""
+    have = held.config.num_replicas or 1
+    if have >= replicas:
+        return
+    name = held.config.name
+    try:
+        await js.update_stream(config=replace(held.config, num_replicas=replicas))
+    except APIError as exc:
+        log.error(
+            "%s keeps %d replica(s), not the %d JOBCAST_STREAM_REPLICAS asks for: %s. Start enough JetStream "
+            "nodes, then restart the API or run `nats stream edit %s --replicas %d`",
+            what, have, replicas, exc.description, name, replicas,
+        )  # fmt: skip
+        return
+    log.info("%s: replicas raised from %d to %d", what, have, replicas)
+    await _settled(js, name or "", replicas)
+
+
+SETTLE_TIMEOUT_S = 30.0
+"""How long a stream whose replicas were just raised may take to elect its new leader and copy itself."""
+
+
+async def _settled(js: JetStreamContext, name: str, replicas: int) -> None:
+    """Return once stream `name` has a leader and `replicas - 1` current followers: until then its
+    publishes time out (the new group elects its leader, then copies the stream to the new peers)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + SETTLE_TIMEOUT_S
+    while loop.time() < deadline:
+        with contextlib.suppress(nats.errors.Error, TimeoutError):
+            cluster = (await js.stream_info(name)).cluster
+            peers = (cluster.replicas or []) if cluster is not None and cluster.leader else None
+            if peers is not None and len(peers) >= replicas - 1 and all(peer.current for peer in peers):
+                return
+        await asyncio.sleep(0.1)
+    log.warning("stream %s has not settled on %d replicas within %.0f s", name, replicas, SETTLE_TIMEOUT_S)
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,10 +408,14 @@ async def ensure_stream(js: JetStreamContext, *, update: bool = True) -> None:
 async def _add_or_update(js: JetStreamContext, config: js_api.StreamConfig, update: bool) -> None:
     try:
         await js.add_stream(config=config)
-    except BadRequestError:  # it exists, with another configuration
-        if not update:
+    except APIError as exc:
+        _refuse_placement(exc, f"the {STREAM} stream", config.num_replicas or 1)
+        if exc.err_code != STREAM_NAME_IN_USE:
+            raise
+        if not update:  # it exists, with another configuration
             return
         held = await js.stream_info(STREAM)
+        config = _kept_replicas(config, held)
         if config.max_bytes is not None and 0 < config.max_bytes <= (held.state.bytes or 0):
             # Lowering the limit below what the stream holds would discard messages at once.
             log.error(
@@ -298,7 +424,37 @@ async def _add_or_update(js: JetStreamContext, config: js_api.StreamConfig, upda
                 config.max_bytes, held.state.bytes, held.config.max_bytes,
             )  # fmt: skip
             config = replace(config, max_bytes=held.config.max_bytes)
-        await js.update_stream(config=config)
+        try:
+            await js.update_stream(config=config)
+        except APIError as exc:
+            if exc.err_code not in PLACEMENT_ERRORS or config.num_replicas == held.config.num_replicas:
+                raise
+            log.error(
+                "the %s stream keeps %d replica(s), not the %d JOBCAST_STREAM_REPLICAS asks for: %s. Start "
+                "enough JetStream nodes, then restart the API or run `nats stream edit %s --replicas %d`",
+                STREAM, held.config.num_replicas, config.num_replicas, exc.description, STREAM, config.num_replicas,
+            )  # fmt: skip
+            await js.update_stream(config=replace(config, num_replicas=held.config.num_replicas))
+        else:
+            if (held.config.num_replicas or 1) < (config.num_replicas or 1):
+                log.info(
+                    "the %s stream: replicas raised from %d to %d",
+                    STREAM, held.config.num_replicas, config.num_replicas,
+                )  # fmt: skip
+                await _settled(js, STREAM, config.num_replicas or 1)
+
+
+def _kept_replicas(config: js_api.StreamConfig, held: js_api.StreamInfo) -> js_api.StreamConfig:
+    """`config`, but never with fewer replicas than the stream has: losing copies takes a deliberate act."""
+    have, wanted = held.config.num_replicas or 1, config.num_replicas or 1
+    if wanted >= have:
+        return config
+    log.warning(
+        "JOBCAST_STREAM_REPLICAS=%d is below the %d replicas of the %s stream: it keeps %d; to lower them on "
+        "purpose run `nats stream edit %s --replicas %d`",
+        wanted, have, STREAM, have, STREAM, wanted,
+    )  # fmt: skip
+    return replace(config, num_replicas=have)
 
 
 async def ensure_consumer(js: JetStreamContext, consumer: WorkerConsumer) -> None:

@@ -24,3 +24,8 @@ class InvalidParamsError(JobcastError):
 
 class NatsServerError(JobcastError):
     """The embedded nats-server could not be started."""
+
+
+class ReplicasError(JobcastError):
+    """JOBCAST_STREAM_REPLICAS asks for more copies than the NATS deployment can keep (one server, or
+    fewer JetStream nodes than replicas)."""

@@ -114,6 +114,8 @@ class NatsServer:
         token: A client must present it to connect (in the URL: nats://TOKEN@host:port). It goes
             to the server in a 0600 config file, never on its command line, which `ps` shows
             to every user of the machine.
+        config: More nats-server configuration for that file, e.g. a node's `server_name` and
+            `cluster` block (see tests/cluster.py).
     """
 
     def __init__(
@@ -126,6 +128,7 @@ class NatsServer:
         die_with_parent: bool = False,
         keep_fds: tuple[int, ...] = (),
         token: str | None = None,
+        config: str = "",
     ) -> None:
         self.store_dir = Path(store_dir)
         self.durable = durable_mode() if durable is None else durable
@@ -135,6 +138,7 @@ class NatsServer:
         self.die_with_parent = die_with_parent
         self.keep_fds = keep_fds
         self.token = token
+        self.config = config
         self.process: asyncio.subprocess.Process | None = None
 
     @property
@@ -169,6 +173,8 @@ class NatsServer:
             config.append("jetstream {\n  sync_interval: always\n}")
         if self.token:
             config.append(f"authorization {{\n  token: {json.dumps(self.token)}\n}}")
+        if self.config:
+            config.append(self.config)
         if config:
             path = self.store_dir / "server.conf"
             write_private(path, "\n".join(config) + "\n")

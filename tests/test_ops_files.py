@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -14,8 +16,9 @@ import pytest
 import yaml
 
 from jobcast.replay import replay
-from streams import NatsServer
-from tests.conftest import REPO, WorkerRunner, free_port, submit, wait_terminal
+from streams import NatsServer, nats_server_binary, nats_servers
+from tests.cluster import jetstream_ready
+from tests.conftest import REPO, WorkerRunner, free_port, spawned, submit, wait_terminal
 from tests.test_live import read_sse
 from tests.test_sessions import check_public_api, clean_env
 
@@ -146,6 +149,88 @@ async def test_compose_api_starts_on_its_public_address_with_the_admin_key(
     env.update(JOBCAST_NATS_URL=nats_server.url, JOBCAST_DATA_DIR=str(tmp_path / "data"))
     args = [*argv[1:-1], str(port)]
     await check_public_api(args, port, clean_env(**env), "the-key-from-dot-env")
+
+
+NODES = ("nats-1", "nats-2", "nats-3")
+
+
+@pytest.fixture(scope="module")
+def cluster_compose() -> dict[str, Any]:
+    """compose.cluster.yaml, parsed (anchors and merge keys resolved)."""
+    parsed: dict[str, Any] = yaml.safe_load((REPO / "compose.cluster.yaml").read_text())
+    return parsed
+
+
+def _flag(argv: list[str], flag: str) -> str:
+    return argv[argv.index(flag) + 1]
+
+
+def test_cluster_compose_is_three_nodes_two_apis_and_the_workers(cluster_compose: dict[str, Any]) -> None:
+    services, volumes = cluster_compose["services"], cluster_compose["volumes"]
+    assert set(services) == {*NODES, "api-1", "api-2", *(f"worker-{pool}" for pool in POOLS)}
+    routes = ",".join(f"nats://{node}:6222" for node in NODES)
+    stores = []
+    for node in NODES:
+        argv = _argv(services[node])
+        assert services[node]["image"].startswith("nats:2.12")
+        assert "-js" in argv
+        assert _flag(argv, "--server_name") == node  # JetStream on a cluster needs a name per node
+        assert _flag(argv, "--cluster_name") == "jobcast"
+        assert _flag(argv, "--cluster") == "nats://0.0.0.0:6222"
+        assert _flag(argv, "--routes") == routes
+        store = next(
+            v.split(":")[0] for v in services[node]["volumes"] if v.split(":")[1] == _flag(argv, "-sd")
+        )
+        assert store in volumes
+        stores.append(store)
+    assert len(set(stores)) == 3  # each node its own store
+
+    url = ",".join(f"nats://{node}:4222" for node in NODES)
+    for name, service in services.items():
+        if name in NODES:
+            continue
+        env = _env(service)
+        assert env["JOBCAST_NATS_URL"] == url, name  # every node: it fails over between them
+        assert nats_servers(env["JOBCAST_NATS_URL"]) == url.split(",")
+        assert env["JOBCAST_STREAM_REPLICAS"] == "3", name
+        assert _depends_on(service) == {node: {"condition": "service_healthy"} for node in NODES}, name
+        assert service.get("image") == "jobcast:latest", name
+
+    apis = [services["api-1"], services["api-2"]]
+    data = [next(v.split(":")[0] for v in api["volumes"] if v.endswith(":/data")) for api in apis]
+    assert data[0] != data[1]  # no shared disk: each keeps its own projection
+    assert {str(api["ports"][0]).split(":")[0] for api in apis} == {"8001", "8002"}
+    envs = [_env(api) for api in apis]
+    assert envs[0] == envs[1]
+    for secret in ("JOBCAST_ADMIN_KEY", "JOBCAST_WEBHOOK_SECRET", "JOBCAST_SESSION_SECRET"):
+        with pytest.raises(ValueError, match=f"{secret} is missing a value"):
+            interpolate(envs[0][secret], {})  # required, so every instance has the same one
+    devices = services["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+
+
+async def test_cluster_compose_nodes_form_a_jetstream_cluster(
+    cluster_compose: dict[str, Any], tmp_path: Path
+) -> None:
+    # Each node's command as compose.cluster.yaml has it, with its host names and ports made
+    # loopback addresses and free ports: the three elect a leader and keep a stream of three replicas.
+    client_ports = {node: free_port() for node in NODES}
+    route_ports = {node: free_port() for node in NODES}
+    async with contextlib.AsyncExitStack() as stack:
+        for node in NODES:
+            argv = _argv(cluster_compose["services"][node])
+            argv[argv.index("-sd") + 1] = str(tmp_path / node)
+            argv[argv.index("-m") + 1] = str(free_port())
+            argv[argv.index("--cluster") + 1] = f"nats://127.0.0.1:{route_ports[node]}"
+            routes = _flag(argv, "--routes")
+            for other in NODES:
+                routes = routes.replace(f"nats://{other}:6222", f"nats://127.0.0.1:{route_ports[other]}")
+            argv[argv.index("--routes") + 1] = routes
+            argv += ["-a", "127.0.0.1", "-p", str(client_ports[node])]
+            await stack.enter_async_context(spawned([nats_server_binary(), *argv], dict(os.environ)))
+        await jetstream_ready(
+            ",".join(f"nats://127.0.0.1:{port}" for port in client_ports.values()), replicas=3
+        )
 
 
 def test_justfile_has_every_recipe_with_a_doc_comment() -> None:

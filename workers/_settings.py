@@ -6,7 +6,15 @@ import os
 import socket
 from dataclasses import dataclass, field
 
-from streams import DEFAULT_LLM_BASE_URL, MAX_INLINE_TEXT_BYTES, AddressPolicy, LlmEndpoints, llm_allowlist
+from streams import (
+    DEFAULT_LLM_BASE_URL,
+    MAX_INLINE_TEXT_BYTES,
+    AddressPolicy,
+    LlmEndpoints,
+    llm_allowlist,
+    nats_servers,
+    stream_replicas,
+)
 
 
 def _env_float(name: str, default: float) -> float:
@@ -26,7 +34,8 @@ class WorkerSettings:
     pool: str = "cpu"
     """The pool whose jobs this worker takes (gpu, cpu, llm)."""
     nats_url: str = field(default_factory=lambda: os.environ.get("JOBCAST_NATS_URL", "nats://127.0.0.1:4222"))
-    """JOBCAST_NATS_URL: the NATS server or cluster."""
+    """JOBCAST_NATS_URL: the NATS server, or a cluster's nodes comma-separated; the worker fails over
+    between them."""
     concurrency: int = 0
     """Jobs run at once; 0 means the pool's default (1 for gpu/cpu, MAX_LLM_CONCURRENCY for llm)."""
     ack_wait_s: float = field(default_factory=lambda: _env_float("JOBCAST_ACK_WAIT_S", 30.0))
@@ -87,6 +96,10 @@ class WorkerSettings:
     """With nothing to do, how often to look for redeliveries and retries (which ring no bell)."""
     name: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
     """Shown in `started` events as the worker that took the job."""
+
+    def __post_init__(self) -> None:
+        nats_servers(self.nats_url)  # a malformed setting stops the start with one line (ValueError)
+        stream_replicas()
 
     @property
     def llm_endpoints(self) -> LlmEndpoints:
