@@ -182,11 +182,12 @@ class JobService:
 
     # reads --------------------------------------------------------------------------
 
-    async def get(self, job_id: str, owner: str | None) -> Job:
-        """The job, if `owner` may see it (None: any owner); raises NotFoundError."""
+    async def get(self, job_id: str, owner: str | None, *, positioned: bool = True) -> Job:
+        """The job, if `owner` may see it (None: any owner); raises NotFoundError. Without
+        `positioned`, no queue-position counts (for views that do not show it, e.g. Compileo's)."""
         with self.db.reader.connect() as conn:  # two indexed reads: quicker than a thread hop
             row = self._visible_row(conn, job_id, owner)
-            return job_view(row, queue_position(conn, row))
+            return job_view(row, queue_position(conn, row) if positioned else None)
 
     async def check_visible(self, job_id: str, owner: str | None) -> None:
         """NotFoundError unless the job exists for `owner`; unlike `get`, no queue-position counts
@@ -321,7 +322,7 @@ class JobService:
 
     async def wait_change(
         self, job_id: str, owner: str, timeout: float, current_status: str | None, since: int | None,
-        view: Callable[[str], str] = str, *, access: str | None,
+        view: Callable[[str], str] = str, *, access: str | None, positioned: bool = True,
     ) -> Job:  # fmt: skip
         """Long-poll: the job once its status differs from `current_status` (or, with `since`,
         once it has an event newer than that), else at the timeout. Statuses are compared as
@@ -329,7 +330,7 @@ class JobService:
         in `owner`'s stream quota; NotFoundError unless the job is `access`'s (None: any)."""
         self.check_stream_quota(owner)
         with self.hub.subscribe([job_id]) as sub, self.counted_stream(owner):
-            job = await self.get(job_id, access)
+            job = await self.get(job_id, access, positioned=positioned)
             reference = view(current_status or job.status)
             if since is not None and job.last_event_id > since:
                 return job
@@ -348,7 +349,7 @@ class JobService:
                     since is None and view(item.status) != reference
                 ):
                     break
-            return await self.get(job_id, access)
+            return await self.get(job_id, access, positioned=positioned)
 
     # commands -----------------------------------------------------------------------
 

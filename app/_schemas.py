@@ -172,7 +172,7 @@ class Job(msgspec.Struct, kw_only=True):
     updated_at: datetime
     job_type: Annotated[str, msgspec.Meta(description=SEED_JOB_TYPE)] = ""
     progress_percentage: Annotated[
-        int, msgspec.Meta(description="Seed 003's progress: `progress` rounded down, 100 only once complete")
+        int, msgspec.Meta(description="Seed 003's progress: `progress` (0-100) rounded down to an int")
     ] = 0
     progress_message: Annotated[str, msgspec.Meta(description="Seed 003's name of `current_step`")] = ""
     error_message: Annotated[str | None, msgspec.Meta(description="Seed 003's name of `error`")] = None

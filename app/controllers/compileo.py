@@ -36,7 +36,7 @@ class CompileoController(Controller):
     @get("/status/{job_id:str}", operation_id="getJobStatus")
     async def status(self, job_id: FromPath[str], service: Service, access: Access) -> JobStatusView:
         """The job's current status."""
-        return compileo_status(await service.get(job_id, access))
+        return compileo_status(await service.get(job_id, access, positioned=False))
 
     @get("/status/{job_id:str}/poll", operation_id="pollJobStatus")
     async def poll(
@@ -51,7 +51,14 @@ class CompileoController(Controller):
         """Returns as soon as the status differs from `current_status`, or at the timeout."""
         return compileo_status(
             await service.wait_change(
-                job_id, owner, timeout, current_status, None, compileo_status_name, access=access
+                job_id,
+                owner,
+                timeout,
+                current_status,
+                None,
+                compileo_status_name,
+                access=access,
+                positioned=False,
             )
         )
 
@@ -60,7 +67,7 @@ class CompileoController(Controller):
         self, job_id: FromPath[str], service: Service, owner: Owner, access: Access
     ) -> ServerSentEvent:
         """SSE of status snapshots (`data:` lines only), from now until the job ends."""
-        job = await service.get(job_id, access)
+        job = await service.get(job_id, access, positioned=False)
         service.check_stream_quota(owner)
 
         async def updates() -> AsyncIterator[ServerSentEventMessage]:
@@ -76,7 +83,7 @@ class CompileoController(Controller):
                     if item is None:
                         yield ServerSentEventMessage(comment="ping", data=None)
                         continue
-                    final = await service.get(job_id, access) if item.ends else job
+                    final = await service.get(job_id, access, positioned=False) if item.ends else job
                     yield ServerSentEventMessage(
                         data=_encoder.encode(compileo_update(item.payload, final)).decode()
                     )
