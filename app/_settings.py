@@ -59,8 +59,6 @@ class Settings:
     max_streams_per_owner: int = field(default_factory=lambda: _env_int("JOBCAST_MAX_STREAMS", 200))
     """JOBCAST_MAX_STREAMS: SSE, WebSocket and long-poll connections one key may hold open; 429 beyond;
     0 turns the quota off."""
-    max_page_size: int = 500
-    """Upper bound of `limit` on list endpoints."""
     webhook_secret: str = field(default_factory=lambda: os.environ.get("JOBCAST_WEBHOOK_SECRET", ""))
     """JOBCAST_WEBHOOK_SECRET: HMAC-SHA256 key of callback signatures; empty: one generated and kept
     in the data dir."""

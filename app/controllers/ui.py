@@ -15,7 +15,7 @@ from litestar.response import Redirect, Template
 from litestar.status_codes import HTTP_303_SEE_OTHER, HTTP_401_UNAUTHORIZED, HTTP_500_INTERNAL_SERVER_ERROR
 
 from app._auth import SESSION_COOKIE, UI_PREFIX, Caller, Keys, LoginRequired, session_cookie
-from app._deps import FilesDep, Owner, Service, StatsDep
+from app._deps import Access, FilesDep, Owner, Service, StatsDep
 from app._exceptions import error_body
 from app._forms import operation_forms
 from app._jobs import JobFilter
@@ -62,11 +62,6 @@ def error_page(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]
                  request_id=body.request_id)  # fmt: skip
 
 
-def _viewer(caller: Caller) -> str | None:
-    """Whose jobs and files a page may show: any owner's to an admin, else only the caller's."""
-    return None if caller.admin else caller.owner
-
-
 @get("/", include_in_schema=False, exclude_from_auth=True)
 async def to_ui() -> Redirect:
     """The bare address opens the UI."""
@@ -96,6 +91,7 @@ class UiController(Controller):
         service: Service,
         files: FilesDep,
         owner: Owner,
+        access: Access,
         status: Annotated[list[JobStatus] | None, QueryParameter()] = None,
         job_type: Annotated[str | None, QueryParameter(name="type", max_length=64)] = None,
         page: Annotated[int, QueryParameter(ge=1, le=MAX_INT // PAGE_SIZE)] = 1,
@@ -103,16 +99,16 @@ class UiController(Controller):
     ) -> Template:
         """Recent jobs, newest first: filter by statuses and type (admins: by owner too; every
         owner's without one), page by page."""
-        caller: Caller = request.user
-        if of_owner and of_owner != owner and not caller.admin:
+        admin = access is None  # an admin sees (and may filter by) every owner's jobs
+        if of_owner and of_owner != owner and not admin:
             raise PermissionDeniedException("only an admin key may list the jobs of other owners")
         chosen, of_owner = frozenset(status or ()), of_owner or None
-        where = JobFilter(owner=of_owner if caller.admin else owner, statuses=chosen, type=job_type or None)
+        where = JobFilter(owner=of_owner if admin else owner, statuses=chosen, type=job_type or None)
         found = await service.find(where, limit=PAGE_SIZE, offset=(page - 1) * PAGE_SIZE)
         unnamed = {job.file_id for job in found.items if job.file_id and not job.file_name}  # older jobs
-        names = await files.names(unnamed, _viewer(caller))
+        names = await files.names(unnamed, access)
         query = [("status", s) for s in sorted(chosen)] + ([("type", job_type)] if job_type else [])
-        query += [("owner", of_owner)] if of_owner and caller.admin else []
+        query += [("owner", of_owner)] if of_owner and admin else []
 
         def page_url(number: int) -> str:
             return f"{UI_PREFIX}/jobs?{urlencode([*query, ('page', number)])}"
@@ -129,16 +125,15 @@ class UiController(Controller):
     @get("/jobs/{job_id:str}", name="ui:job")
     async def job(
         self, request: Request[Any, Any, Any], job_id: FromPath[str], service: Service, files: FilesDep,
-        part: Annotated[Literal["summary"] | None, QueryParameter(
+        access: Access, part: Annotated[Literal["summary"] | None, QueryParameter(
             description="Only the result panel (the page fetches it once when the job ends)")] = None,
     ) -> Template:  # fmt: skip
         """One job, live: progress, step, events, result and actions; a batch's children too."""
-        viewer = _viewer(request.user)  # admins open any owner's job from their list
-        job = await service.get(job_id, viewer)
+        job = await service.get(job_id, access)  # admins open any owner's job from their list
         if part == "summary":
-            return _page("_summary.html", request, **await self._view(job, [], files, viewer))
-        children = await service.children(job_id, viewer)
-        return _page("job.html", request, kinds=EVENT_KINDS, **await self._view(job, children, files, viewer))
+            return _page("_summary.html", request, **await self._view(job, [], files, access))
+        children = await service.children(job_id, access)
+        return _page("job.html", request, kinds=EVENT_KINDS, **await self._view(job, children, files, access))
 
     @staticmethod
     async def _view(job: Job, children: list[Job], files: FilesDep, owner: str | None) -> dict[str, Any]:
