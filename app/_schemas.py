@@ -263,17 +263,18 @@ class QueueHealth(msgspec.Struct, kw_only=True):
     """`unhealthy`: NATS does not answer, or work waits and no worker of any pool is live;
     `degraded`: some pool has work waiting and no live worker; else `healthy`."""
     resource_utilization: str
-    """`high` from 90 % of the hosts' CPUs in use or 90 % of the live workers' slots busy; else `optimal`."""
+    """`high` from 90 % of the deployment's CPUs in use or 90 % of the live workers' slots busy."""
     limit_enforcement: str
     """`active`: per-key rate limit and stream quota both on; `partial`: one; `disabled`: neither."""
     pools: dict[str, str] = {}
     """Each pool's status: `degraded` when it has work waiting and no live worker, else `healthy`."""
-    cpu_cores: int = 0
-    """The CPUs of the hosts of the API and the live workers."""
+    cpu_core_percent: float = 0.0
+    """CPU use of the API and the live workers' processes, summed, each in percent of one core."""
+    cpu_cores: float = 0.0
+    """The CPUs those processes may use (affinity and cgroup quota), each machine's counted once."""
     busy_slots: int = 0
-    """Slots of live workers running a job."""
+    """Slots of live workers running a job, of their `total_slots`."""
     total_slots: int = 0
-    """Slots of live workers."""
 
 
 class QueueStats(msgspec.Struct, kw_only=True):
@@ -289,11 +290,10 @@ class QueueStats(msgspec.Struct, kw_only=True):
     total_jobs: int
     queue_type: str
     cache_size: int
-    """Models loaded in the live workers' caches (whisper models, one per model, device and
-    compute type), summed over their processes."""
+    """Models loaded in the live workers' caches (whisper: one per model, device and compute type)."""
     cpu_usage_percent: float
-    """CPU use of the API process and every live worker process, summed, each in percent of one
-    core over its last usage window (a third of the worker TTL)."""
+    """CPU use of the API and every live worker process over their last usage windows (a third of
+    the worker TTL), in percent of the CPUs they may use (`queue_health.cpu_cores`): 0 to 100."""
     memory_usage_mb: float
     """Resident memory of the API process and every live worker process, summed."""
     active_workers: int

@@ -5,22 +5,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import socket
 import statistics
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
 from typing import Any
 
 import msgspec
 import nats.errors
 from nats.js import JetStreamContext
-from nats.js.errors import NoKeysError
 from nats.js.errors import NotFoundError as NatsNotFoundError
 from sqlalchemy import func, select
 
 from app._db import Database, JobRow
-from app._queue import BATCH_POOL
+from app._queue import BATCH_POOL, IN_QUEUE
 from app._schemas import QueueHealth, QueueStats, QueueSummary, Statistics, TypeStatistics
 from app._settings import Settings
 from streams import (
@@ -32,60 +33,101 @@ from streams import (
     TaskSupervisor,
     WorkerConsumer,
     WorkerInfo,
-    cpu_count,
+    machine_id,
     rss_mb,
+    usable_cpus,
     workers_bucket,
 )
 
 HEARTBEATS_READ_S = 2.0
 """How long reading the workers' heartbeats may take before NATS counts as unreachable."""
-HIGH_CPU_SHARE = 0.9
-"""`resource_utilization` is `high` from this share of the CPUs of the deployment's hosts..."""
+HIGH_CPU_PERCENT = 90.0
+"""`resource_utilization` is `high` from this share (in percent) of the deployment's CPUs in use..."""
 HIGH_SLOT_SHARE = 0.9
 """...or from this share of the live workers' slots busy."""
-WAITING = (JobStatus.PENDING, JobStatus.RETRYING, JobStatus.RUNNING)
-"""The statuses of work a pool needs a live worker for (a running job whose worker is gone waits
-for its redelivery)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Process:
+    """One process of the deployment, as its heartbeat describes it or the API measures itself."""
+
+    host: str
+    """Its hostname: in Docker, its container's."""
+    pid: int
+    machine: str
+    """The kernel it runs on (`machine_id`), shared by the containers of one machine."""
+    cpus: float
+    """The CPUs it may use: its affinity, narrowed by its cgroups' quota."""
+    machine_cpus: int
+    """The CPUs of its machine (0: unknown)."""
+    core_percent: float
+    """Its CPU use over its last usage window, in percent of one core."""
+    rss_mb: float
+    models_loaded: int
+
+    @classmethod
+    def of(cls, worker: WorkerInfo) -> Process:
+        """The process a heartbeat describes (a worker older than `machine` stands for its host)."""
+        return cls(
+            host=worker.host, pid=worker.pid, machine=worker.machine or worker.host,
+            cpus=usable_cpus(worker.cpu_count, worker.cpu_quota), machine_cpus=worker.machine_cpus,
+            core_percent=worker.cpu_percent, rss_mb=worker.rss_mb, models_loaded=worker.models_loaded,
+        )  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
 class Deployment:
     """The API process and every live worker process, each counted once."""
 
-    cpu_percent: float
+    core_percent: float
     """Their CPU use, summed, each in percent of one core over its last usage window."""
+    cpu_percent: float
+    """The same in percent of the CPUs they may use (`cpu_cores`): 0 to 100."""
     memory_mb: float
     """Their resident memory, summed."""
     models_loaded: int
     """Models loaded in their caches, summed."""
-    cpu_cores: int
-    """The CPUs of their hosts (each host once)."""
+    cpu_cores: float
+    """The CPUs they may use (see `deployment_cpus`)."""
     busy_slots: int
     """Slots of live workers running a job."""
     total_slots: int
     """Slots of live workers."""
 
 
-def deployment(workers: list[WorkerInfo], own_cpu: float, own_rss: float) -> Deployment:
+def deployment(workers: list[WorkerInfo], own: Process) -> Deployment:
     """Sum the heartbeats' figures with the API's own, one per (host, pid): workers running in the
     API's process (or several in one process) measure that process, which is counted once."""
-    processes: dict[tuple[str, int], tuple[float, float, int]] = {}
-    cores: dict[str, int] = {}
+    processes: dict[tuple[str, int], Process] = {}
     for worker in sorted(workers, key=lambda w: w.last_seen):  # the newest beat of a process wins
-        processes[(worker.host, worker.pid)] = (worker.cpu_percent, worker.rss_mb, worker.models_loaded)
-        cores[worker.host] = max(cores.get(worker.host, 0), worker.cpu_count)
-    host, pid = socket.gethostname(), os.getpid()
-    models = processes.get((host, pid), (0.0, 0.0, 0))[2]
-    processes[(host, pid)] = (own_cpu, own_rss, models)  # measured now, fresher than any beat
-    cores[host] = max(cores.get(host, 0), cpu_count())
+        processes[(worker.host, worker.pid)] = Process.of(worker)
+    beat = processes.get((own.host, own.pid))
+    # the API measures itself now, fresher than any beat; its workers' beats say what they hold
+    processes[(own.host, own.pid)] = replace(own, models_loaded=beat.models_loaded if beat else 0)
+    core_percent = sum(p.core_percent for p in processes.values())
+    cpu_cores = deployment_cpus(processes.values())
     return Deployment(
-        cpu_percent=round(sum(p[0] for p in processes.values()), 1),
-        memory_mb=round(sum(p[1] for p in processes.values()), 1),
-        models_loaded=sum(p[2] for p in processes.values()),
-        cpu_cores=sum(cores.values()),
+        core_percent=round(core_percent, 1),
+        cpu_percent=round(min(100.0, core_percent / cpu_cores), 1) if cpu_cores else 0.0,
+        memory_mb=round(sum(p.rss_mb for p in processes.values()), 1),
+        models_loaded=sum(p.models_loaded for p in processes.values()),
+        cpu_cores=round(cpu_cores, 2),
         busy_slots=sum(min(len(w.running), w.slots) for w in workers),
         total_slots=sum(w.slots for w in workers),
     )
+
+
+def deployment_cpus(processes: Iterable[Process]) -> float:
+    """The CPUs the processes may use: per machine (by boot id, not by hostname, which is each
+    container's own), those of each of its containers (by hostname: the processes of one container
+    share its CPUs) summed, and no more than the machine has."""
+    containers: defaultdict[str, dict[str, float]] = defaultdict(dict)
+    machine_cpus: Counter[str] = Counter()
+    for process in processes:
+        hosts = containers[process.machine]
+        hosts[process.host] = max(hosts.get(process.host, 0.0), process.cpus)
+        machine_cpus[process.machine] = max(machine_cpus[process.machine], process.machine_cpus)
+    return sum(min(sum(hosts.values()), machine_cpus[m] or math.inf) for m, hosts in containers.items())
 
 
 def queue_health(
@@ -102,15 +144,15 @@ def queue_health(
         status = "unhealthy"  # nothing can run what waits, nor what comes
     else:
         status = "degraded" if "degraded" in pools.values() else "healthy"
-    cpu_share = figures.cpu_percent / (100.0 * figures.cpu_cores) if figures.cpu_cores else 0.0
     slot_share = figures.busy_slots / figures.total_slots if figures.total_slots else 0.0
-    busy = cpu_share >= HIGH_CPU_SHARE or slot_share >= HIGH_SLOT_SHARE
+    busy = figures.cpu_percent >= HIGH_CPU_PERCENT or slot_share >= HIGH_SLOT_SHARE
     limits = [settings.rate_limit_per_minute > 0, settings.max_streams_per_owner > 0]
     return QueueHealth(
         status=status,
         resource_utilization="high" if busy else "optimal",
         limit_enforcement="active" if all(limits) else "partial" if any(limits) else "disabled",
         pools=pools,
+        cpu_core_percent=figures.core_percent,
         cpu_cores=figures.cpu_cores,
         busy_slots=figures.busy_slots,
         total_slots=figures.total_slots,
@@ -137,24 +179,33 @@ class Stats:
 
     async def heartbeats(self) -> list[WorkerInfo] | None:
         """Workers whose heartbeat has not expired; None when NATS did not answer."""
+        views = []
         try:
             async with asyncio.timeout(HEARTBEATS_READ_S):
                 kv = await workers_bucket(self.js)
+                # One watch delivers every key's latest value: a few requests however many workers
+                # there are, not one each. Its ephemeral consumer goes once the watch has stopped.
+                watcher = await kv.watchall(ignore_deletes=True, inactive_threshold=HEARTBEATS_READ_S)
                 try:
-                    keys = await kv.keys()
-                except NoKeysError:  # nobody is up
-                    return []
-                views = []
-                for key in keys:
-                    try:
-                        entry = await kv.get(key)
-                        if entry.value:
-                            views.append(msgspec.json.decode(entry.value, type=WorkerInfo))
-                    except (NatsNotFoundError, msgspec.DecodeError):
-                        continue  # gone since `keys`, or not a heartbeat
+                    async for entry in watcher:
+                        if entry is None:  # the values there were when the watch began are all in
+                            break
+                        with contextlib.suppress(msgspec.DecodeError):  # not a heartbeat
+                            views.append(msgspec.json.decode(entry.value or b"", type=WorkerInfo))
+                finally:
+                    with contextlib.suppress(nats.errors.Error):
+                        await watcher.stop()  # type: ignore[no-untyped-call]  # nats-py leaves it unannotated
         except (nats.errors.Error, TimeoutError):
             return None
         return sorted(views, key=lambda w: (w.pool, w.name))
+
+    def own_process(self) -> Process:
+        """The API's own process, measured now."""
+        return Process(
+            host=socket.gethostname(), pid=os.getpid(), machine=machine_id(), cpus=self.usage.cpus(),
+            machine_cpus=os.cpu_count() or 0, core_percent=self.usage.cpu_percent(), rss_mb=rss_mb(),
+            models_loaded=0,
+        )  # fmt: skip
 
     async def counts(self, owner: str | None) -> Counter[str]:
         """Jobs by status; a batch counts as its children (its parent row is not a job to run)."""
@@ -166,22 +217,23 @@ class Stats:
         return Counter({status: count for status, count in rows})
 
     async def waiting_by_pool(self) -> Counter[str]:
-        """Jobs of every owner that need a live worker of their pool (see WAITING)."""
+        """Jobs of every owner that need a live worker of their pool: those in its queue (`IN_QUEUE`:
+        a running job whose worker is gone waits for its redelivery)."""
         query = (
             select(JobRow.pool, func.count())
-            .where(JobRow.status.in_(WAITING), JobRow.pool != BATCH_POOL)
+            .where(JobRow.status.in_(IN_QUEUE), JobRow.pool != BATCH_POOL)
             .group_by(JobRow.pool)
         )
         async with self.db.session() as session:
             rows = (await session.execute(query)).all()
         return Counter({pool: count for pool, count in rows})
 
-    async def queue_stats(self, owner: str | None) -> QueueStats:
-        """The Compileo /queue/stats figures: the caller's jobs, the whole deployment's resources."""
+    async def queue_stats(self, owner: str | None, workers: list[WorkerInfo] | None) -> QueueStats:
+        """The Compileo /queue/stats figures: the caller's jobs, the whole deployment's resources
+        (`workers`: the `heartbeats` read for them)."""
         counts = await self.counts(owner)
         waiting = await self.waiting_by_pool()
-        workers = await self.heartbeats()
-        figures = deployment(workers or [], self.usage.cpu_percent(), rss_mb())
+        figures = deployment(workers or [], self.own_process())
         return QueueStats(
             pending_jobs=counts[JobStatus.PENDING], running_jobs=counts[JobStatus.RUNNING],
             scheduled_jobs=counts[JobStatus.SCHEDULED], completed_jobs=counts[JobStatus.COMPLETED],
@@ -193,9 +245,9 @@ class Stats:
             queue_health=queue_health(workers, waiting, figures, self.settings),
         )  # fmt: skip
 
-    async def statistics(self) -> Statistics:
+    async def statistics(self, workers: list[WorkerInfo] | None = None) -> Statistics:
         """Overall and per type: counts, success and failure rates, run time and queue wait; and the
-        queue: pending and running jobs by type, live workers."""
+        queue: pending and running jobs by type, live workers (`workers`, read when None)."""
         query = select(
             JobRow.type, JobRow.pool, JobRow.status, JobRow.created_at, JobRow.started_at, JobRow.completed_at
         )
@@ -205,7 +257,7 @@ class Stats:
         for row in rows:
             by_type[row.type].append(row)
         work = [row for row in rows if row.pool != BATCH_POOL]
-        workers = await self.workers()
+        workers = await self.workers() if workers is None else workers
         queue = QueueSummary(
             pending=sum(row.status == JobStatus.PENDING for row in work),
             running=sum(row.status == JobStatus.RUNNING for row in work),

@@ -114,7 +114,7 @@ from streams._subjects import (
     submit_subject,
 )
 from streams._supervisor import TaskPhase, TaskState, TaskSupervisor
-from streams._usage import ProcessUsage, cpu_count, rss_mb
+from streams._usage import Cgroups, ProcessUsage, cpu_count, machine_id, rss_mb, usable_cpus
 
 __all__ = [
     "ACTIVE_STATUSES",
@@ -149,6 +149,7 @@ __all__ = [
     "CallbackResult",
     "CancelRequested",
     "Cancelled",
+    "Cgroups",
     "Completed",
     "ConvertParams",
     "Deleted",
@@ -211,6 +212,7 @@ __all__ = [
     "jobs_stream",
     "keys_bucket",
     "llm_allowlist",
+    "machine_id",
     "nats_server_binary",
     "nats_servers",
     "normalized_url",
@@ -226,6 +228,7 @@ __all__ = [
     "stored_secret",
     "stream_replicas",
     "submit_subject",
+    "usable_cpus",
     "utcnow",
     "validate_params",
     "without_credentials",

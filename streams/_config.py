@@ -155,6 +155,13 @@ class WorkerInfo(msgspec.Struct, kw_only=True):
     """The CPUs its process may run on (0: unknown)."""
     models_loaded: int = 0
     """Models held loaded in its process's cache (whisper models, per model, device and compute type)."""
+    machine: str = ""
+    """The kernel its process runs on: its boot id, shared by the containers of one machine (empty:
+    a worker that predates the field; its host stands for its machine)."""
+    machine_cpus: int = 0
+    """The CPUs of that machine, whatever its containers may use (0: unknown)."""
+    cpu_quota: float = 0.0
+    """The CPUs its cgroups' quota lets its process use (a container's `cpus:`; 0: no quota)."""
 
 
 async def workers_bucket(js: JetStreamContext) -> KeyValue:

@@ -16,7 +16,16 @@ import nats.errors
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
-from streams import ProcessUsage, TaskSupervisor, WorkerInfo, cpu_count, rss_mb, worker_ttl, workers_bucket
+from streams import (
+    ProcessUsage,
+    TaskSupervisor,
+    WorkerInfo,
+    cpu_count,
+    machine_id,
+    rss_mb,
+    worker_ttl,
+    workers_bucket,
+)
 
 log = logging.getLogger("jobcast.worker")
 
@@ -43,7 +52,7 @@ class Heartbeat:
         self.key = f"{pool}.{re.sub(r'[^A-Za-z0-9_=-]', '-', name)}"
         self.info = WorkerInfo(
             name=name, pool=pool, slots=slots, running=[], host=socket.gethostname(), pid=os.getpid(),
-            started_at=time.time(), last_seen=time.time(), cpu_count=cpu_count(),
+            started_at=time.time(), last_seen=time.time(), machine=machine_id(), machine_cpus=os.cpu_count() or 0,
         )  # fmt: skip
         self._kv: KeyValue | None = None
         self._wake = asyncio.Event()
@@ -81,6 +90,8 @@ class Heartbeat:
         self.info.last_seen = time.time()
         self.info.tasks = self.tasks.status()
         self.info.cpu_percent = self.usage.cpu_percent()
+        self.info.cpu_count = cpu_count()  # both change when a container's limits are updated live
+        self.info.cpu_quota = self.usage.cgroups.cpu_quota()
         self.info.rss_mb = rss_mb()
         self.info.models_loaded = self.models_loaded()
         try:

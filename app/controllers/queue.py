@@ -18,4 +18,4 @@ class QueueController(Controller):
     async def stats(self, stats: StatsDep, owner: Owner) -> QueueStats:
         """The caller's jobs by status; the CPU, memory, loaded models, live workers and health of
         the whole deployment."""
-        return await stats.queue_stats(owner)
+        return await stats.queue_stats(owner, await stats.heartbeats())

@@ -154,9 +154,10 @@ class UiController(Controller):
     async def queue(self, request: Request[Any, Any, Any], stats: StatsDep, owner: Owner) -> Template:
         """The queue's figures; workers and per-type statistics for admins."""
         caller: Caller = request.user
-        figures = await stats.queue_stats(owner)
-        workers = await stats.workers() if caller.admin else []
-        by_type = (await stats.statistics()).by_type if caller.admin else {}
+        heartbeats = await stats.heartbeats()  # read once for the page's three parts
+        figures = await stats.queue_stats(owner, heartbeats)
+        workers = (heartbeats or []) if caller.admin else []
+        by_type = (await stats.statistics(workers)).by_type if caller.admin else {}
         return _page("queue.html", request, stats=figures, workers=workers, by_type=by_type)
 
     @get("/login", name="ui:login", exclude_from_auth=True)
