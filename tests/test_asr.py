@@ -9,14 +9,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import av
 import httpx
 import msgspec
 import pytest
-import requests
 
 from app import Settings
 from streams import NatsServer
+from tests.bazarr import Bazarr, pcm_s16le_16k
 from tests.conftest import ApiServer, WorkerRunner, wait_terminal
 from tests.test_openai_audio import put_key
 from workers import subtitles
@@ -24,53 +23,6 @@ from workers import subtitles
 JFK = Path(__file__).resolve().parents[2] / "shared" / "media" / "jfk.flac"
 QUOTE = "ask not what your country can do for you"
 PCM_BYTES_PER_S = 16_000 * 2
-
-
-def pcm_s16le_16k(path: Path) -> bytes:
-    """What Bazarr makes of a video's audio with ffmpeg: raw 16 kHz mono s16le PCM."""
-    resampler = av.AudioResampler(format="s16", layout="mono", rate=16_000)
-    pcm = bytearray()
-    with av.open(str(path)) as container:
-        for frame in [*container.decode(audio=0), None]:
-            for resampled in resampler.resample(frame):
-                pcm += resampled.to_ndarray().tobytes()
-    return bytes(pcm)
-
-
-class Bazarr:
-    """Bazarr's Whisper provider, its HTTP calls as it makes them (requests, its parameters, its
-    headers and timeouts: custom_libs/subliminal_patch/providers/whisperai.py)."""
-
-    def __init__(self, endpoint: str, pass_video_name: bool = False) -> None:
-        self.endpoint = endpoint.rstrip("/")
-        self.pass_video_name = pass_video_name
-        self.response, self.timeout = 5, 120  # its connection and transcription timeouts
-        self.session = requests.Session()
-        self.session.headers["User-Agent"] = "Subliminal/2.1.0"
-
-    def detect_language(self, out: bytes, path: str) -> requests.Response:
-        video_name = path if self.pass_video_name else None
-        return self.session.post(
-            f"{self.endpoint}/detect-language",
-            params={"encode": "false", "video_file": {video_name}},  # a set: requests drops {None}
-            files={"audio_file": out},
-            timeout=(self.response, self.timeout),
-        )
-
-    def download_subtitle(self, out: bytes, path: str, task: str, language: str) -> requests.Response:
-        video_name = path if self.pass_video_name else None
-        return self.session.post(
-            f"{self.endpoint}/asr",
-            params={
-                "task": task,
-                "language": language,
-                "output": "srt",
-                "encode": "false",
-                "video_file": {video_name},
-            },
-            files={"audio_file": out},
-            timeout=(self.response, self.timeout),
-        )
 
 
 async def jobs(http: httpx.AsyncClient, job_type: str) -> list[dict[str, Any]]:
