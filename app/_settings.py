@@ -45,6 +45,11 @@ class Settings:
     """JOBCAST_PORT: port the API binds."""
     local_owner: str = field(default_factory=lambda: os.environ.get("JOBCAST_LOCAL_OWNER", "local"))
     """JOBCAST_LOCAL_OWNER: the owner of every job while no API keys are configured."""
+    asr_model: str = field(default_factory=lambda: os.environ.get("JOBCAST_ASR_MODEL") or "tiny.en")
+    """JOBCAST_ASR_MODEL (whisper-asr-webservice's ASR_MODEL): the faster-whisper model name or path the
+    speech routes run (`/asr`, `/detect-language`, and OpenAI's `whisper-1`); the bundled tiny.en by
+    default. A model named as English-only (`english_only` in app/_speech.py) makes those routes refuse
+    `translate` and other languages with a 400."""
     sse_ping_s: float = field(default_factory=lambda: _env_float("JOBCAST_SSE_PING_S", 15.0))
     """JOBCAST_SSE_PING_S: keep-alive comment interval on idle SSE streams."""
     submit_timeout_s: float = field(default_factory=lambda: _env_float("JOBCAST_SUBMIT_TIMEOUT_S", 10.0))

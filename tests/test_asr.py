@@ -4,73 +4,25 @@ gpu-pool worker (tiny.en on the CPU)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import av
 import httpx
 import msgspec
 import pytest
-import requests
 
 from app import Settings
 from streams import NatsServer
+from tests.bazarr import Bazarr, pcm_s16le_16k
 from tests.conftest import ApiServer, WorkerRunner, wait_terminal
-from tests.test_openai_audio import put_key
-from workers import subtitles
+from tests.test_openai_audio import put_key, stored, until_nothing_stored
+from workers import WorkerSettings, subtitles
 
 JFK = Path(__file__).resolve().parents[2] / "shared" / "media" / "jfk.flac"
 QUOTE = "ask not what your country can do for you"
 PCM_BYTES_PER_S = 16_000 * 2
-
-
-def pcm_s16le_16k(path: Path) -> bytes:
-    """What Bazarr makes of a video's audio with ffmpeg: raw 16 kHz mono s16le PCM."""
-    resampler = av.AudioResampler(format="s16", layout="mono", rate=16_000)
-    pcm = bytearray()
-    with av.open(str(path)) as container:
-        for frame in [*container.decode(audio=0), None]:
-            for resampled in resampler.resample(frame):
-                pcm += resampled.to_ndarray().tobytes()
-    return bytes(pcm)
-
-
-class Bazarr:
-    """Bazarr's Whisper provider, its HTTP calls as it makes them (requests, its parameters, its
-    headers and timeouts: custom_libs/subliminal_patch/providers/whisperai.py)."""
-
-    def __init__(self, endpoint: str, pass_video_name: bool = False) -> None:
-        self.endpoint = endpoint.rstrip("/")
-        self.pass_video_name = pass_video_name
-        self.response, self.timeout = 5, 120  # its connection and transcription timeouts
-        self.session = requests.Session()
-        self.session.headers["User-Agent"] = "Subliminal/2.1.0"
-
-    def detect_language(self, out: bytes, path: str) -> requests.Response:
-        video_name = path if self.pass_video_name else None
-        return self.session.post(
-            f"{self.endpoint}/detect-language",
-            params={"encode": "false", "video_file": {video_name}},  # a set: requests drops {None}
-            files={"audio_file": out},
-            timeout=(self.response, self.timeout),
-        )
-
-    def download_subtitle(self, out: bytes, path: str, task: str, language: str) -> requests.Response:
-        video_name = path if self.pass_video_name else None
-        return self.session.post(
-            f"{self.endpoint}/asr",
-            params={
-                "task": task,
-                "language": language,
-                "output": "srt",
-                "encode": "false",
-                "video_file": {video_name},
-            },
-            files={"audio_file": out},
-            timeout=(self.response, self.timeout),
-        )
 
 
 async def jobs(http: httpx.AsyncClient, job_type: str) -> list[dict[str, Any]]:
@@ -90,12 +42,33 @@ async def first_job(http: httpx.AsyncClient, job_type: str) -> dict[str, Any]:
             await asyncio.sleep(0.02)
 
 
-async def input_file(http: httpx.AsyncClient, job: dict[str, Any]) -> dict[str, Any]:
-    """The file a job took as its input."""
-    response = await http.get(f"/api/v1/files/{job['file_id']}")
-    assert response.status_code == 200, response.text
-    info: dict[str, Any] = response.json()
-    return info
+async def stored_while_queued(
+    http: httpx.AsyncClient,
+    worker_settings: WorkerSettings,
+    job_type: str,
+    call: Coroutine[Any, Any, httpx.Response],
+) -> tuple[list[dict[str, Any]], httpx.Response]:
+    """Make the call with no worker up and look at the caller's files while its job waits; then
+    start a gpu worker and return those files and the answer."""
+    request = asyncio.create_task(call)
+    gpu = WorkerRunner(replace(worker_settings, pool="gpu", ack_wait_s=5, name="gpu"))
+    try:
+        await first_job(http, job_type)
+        response = await http.get("/api/v1/files")
+        assert response.status_code == 200, response.text
+        await gpu.start()
+        return response.json()["items"], await request
+    finally:
+        request.cancel()  # nothing, once it has answered
+        await gpu.stop()
+
+
+async def gone(http: httpx.AsyncClient, job: dict[str, Any]) -> list[int]:
+    """The statuses of `GET /api/v1/files/ID` for the job's input and outputs."""
+    outputs = [str(output["file_id"]) for output in (job["result"] or {}).get("outputs", [])]
+    return [
+        (await http.get(f"/api/v1/files/{file_id}")).status_code for file_id in [job["file_id"], *outputs]
+    ]
 
 
 @pytest.fixture
@@ -134,38 +107,63 @@ async def test_bazarr_detects_the_language_and_gets_srt_subtitles(
     assert answer.headers["x-jobcast-job-id"] == srt_job["id"]
     assert srt_job["params"]["language"] == "en"
     assert srt_job["params"]["task"] == "transcribe"
-    stored = await input_file(http, srt_job)  # the PCM behind a WAV header, named after the video
-    assert stored["name"] == "Inaugural Address.wav"
-    assert stored["size"] == 44 + len(pcm)
+    assert srt_job["params"]["model"] == "tiny.en"  # JOBCAST_ASR_MODEL's default
+    assert (
+        srt_job["file_name"] == "Inaugural Address.wav"
+    )  # the PCM behind a WAV header, named after the video
     (detect_job,) = await jobs(http, "detect_language")
     assert detect_job["status"] == "completed"
     assert detect_job["result"]["language"] == "en"
+    assert detect_job["params"]["model"] == "tiny.en"
+    for job in (srt_job, detect_job):  # their records stay; their input and outputs are gone
+        assert await gone(http, job) == [404] * (3 if job is srt_job else 1)
+    assert await stored(http, api.settings.nats_url) == ([], [])
+
+
+async def test_an_answer_keeps_the_job_record_and_nothing_stored(
+    api: ApiServer, http: httpx.AsyncClient, worker_settings: WorkerSettings
+) -> None:
+    pcm = pcm_s16le_16k(JFK)
+    params = {"output": "srt", "encode": "false", "video_file": "/media/Film (1961)/Film.mkv"}
+    call = http.post("/asr", params=params, files={"audio_file": pcm})
+    files, answer = await stored_while_queued(http, worker_settings, "generate_srt", call)
+    assert [(f["name"], f["size"]) for f in files] == [("Film.wav", 44 + len(pcm))]  # while it ran
+    assert answer.status_code == 200, answer.text
+    assert (
+        QUOTE in " ".join(line for cue in subtitles.validate_srt(answer.text) for line in cue.lines).lower()
+    )
+    (job,) = await jobs(http, "generate_srt")
+    assert job["status"] == "completed"
+    assert job["file_name"] == "Film.wav"
+    assert {output["name"] for output in job["result"]["outputs"]} == {"Film.srt", "Film.vtt"}
+    assert await gone(http, job) == [404, 404, 404]
+    assert await stored(http, api.settings.nats_url) == ([], [])
 
 
 async def test_detect_language_stores_only_the_first_30_s_of_raw_pcm(
-    api: ApiServer, http: httpx.AsyncClient, gpu: WorkerRunner
+    api: ApiServer, http: httpx.AsyncClient, worker_settings: WorkerSettings
 ) -> None:
     pcm = (
         pcm_s16le_16k(JFK) * 4
     )  # 44 s (1.4 MB, past the JSON body limit), as Bazarr sends a whole film's audio
-    bazarr = Bazarr(api.url)
-    try:
-        detected = await asyncio.to_thread(bazarr.detect_language, pcm, "film.mkv")
-    finally:
-        bazarr.session.close()
+    call = http.post(
+        "/detect-language", params={"encode": "false"}, files={"audio_file": ("audio_file", pcm)}
+    )
+    files, detected = await stored_while_queued(http, worker_settings, "detect_language", call)
+    # no video name passed
+    assert [(f["name"], f["size"]) for f in files] == [("audio_file.wav", 44 + 30 * PCM_BYTES_PER_S)]
     assert detected.status_code == 200, detected.text
     assert detected.json()["language_code"] == "en"
-    (job,) = await jobs(http, "detect_language")
-    stored = await input_file(http, job)
-    assert stored["name"] == "audio_file.wav"  # no video name passed
-    assert stored["size"] == 44 + 30 * PCM_BYTES_PER_S
+    assert await stored(http, api.settings.nats_url) == ([], [])
 
 
 async def test_encoded_audio_in_every_output(http: httpx.AsyncClient, gpu: WorkerRunner) -> None:
     audio = {"audio_file": ("jfk.flac", JFK.read_bytes(), "audio/flac")}
     bodies: dict[str, str] = {}
+    prompt = "President Kennedy's inaugural address."
     for output in ("json", "txt", "tsv", "vtt"):
-        response = await http.post("/asr", params={"output": output, "word_timestamps": "true"}, files=audio)
+        params = {"output": output, "word_timestamps": "true", "vad_filter": "true", "initial_prompt": prompt}
+        response = await http.post("/asr", params=params, files=audio)
         assert response.status_code == 200, response.text
         assert response.headers["content-type"] == "text/plain; charset=utf-8"  # upstream's, json too
         assert response.headers["content-disposition"] == f'attachment; filename="jfk.flac.{output}"'
@@ -194,20 +192,60 @@ async def test_encoded_audio_in_every_output(http: httpx.AsyncClient, gpu: Worke
 
     cues = subtitles.validate_vtt(bodies["vtt"])
     assert QUOTE in " ".join(line for cue in cues for line in cue.lines).lower()
-    assert [job["status"] for job in await jobs(http, "transcribe")] == ["completed"] * 3
-    assert [job["status"] for job in await jobs(http, "generate_srt")] == ["completed"]
+    ran = [*await jobs(http, "transcribe"), *await jobs(http, "generate_srt")]
+    assert [job["status"] for job in ran] == ["completed"] * 4
+    for job in ran:  # what the caller asked for reached each job
+        assert (job["params"]["vad_filter"], job["params"]["initial_prompt"]) == (True, prompt)
+        assert job["params"]["word_timestamps"] is True
 
 
-async def test_translate_with_an_english_only_model_answers_in_english(
-    http: httpx.AsyncClient, gpu: WorkerRunner
+async def test_an_english_only_model_refuses_translation_and_other_languages(
+    http: httpx.AsyncClient,
 ) -> None:
     audio = {"audio_file": ("jfk.flac", JFK.read_bytes(), "audio/flac")}
-    response = await http.post("/asr", params={"task": "translate", "language": "de"}, files=audio)
-    assert response.status_code == 200, response.text
-    assert QUOTE in response.text.lower()  # tiny.en knows English alone: it transcribes, as upstream's does
-    (job,) = await jobs(http, "transcribe")
-    assert job["params"]["task"] == "translate"
-    assert job["result"]["language"] == "en"
+    for params, cannot in [
+        ({"task": "translate", "language": "de"}, "translate"),
+        ({"task": "translate"}, "translate"),
+        ({"language": "fr", "output": "srt"}, "transcribe french (fr)"),
+    ]:
+        response = await http.post("/asr", params=params, files=audio)
+        assert response.status_code == 400, (params, response.text)
+        detail = response.json()["detail"]
+        assert f"the model tiny.en knows English alone, so it cannot {cannot}" in detail
+        assert "set JOBCAST_ASR_MODEL to a multilingual model" in detail
+    assert await jobs(http, "transcribe") == await jobs(http, "generate_srt") == []  # refused up front
+    assert (await http.get("/api/v1/files")).json()["items"] == []
+
+
+async def test_the_configured_model_runs_every_job(
+    settings: Settings, worker_settings: WorkerSettings, gpu: WorkerRunner
+) -> None:
+    # faster-whisper refuses a name it does not know before it looks anything up: no download
+    server = ApiServer(replace(settings, asr_model="no-such-model"))
+    await server.start()
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as http:
+            pcm = pcm_s16le_16k(JFK)
+            bazarr = Bazarr(server.url)
+            try:  # a multilingual name: Bazarr's translation is not refused, it reaches the worker
+                answer = await asyncio.to_thread(bazarr.download_subtitle, pcm, "film.mkv", "translate", "fr")
+                detected = await asyncio.to_thread(bazarr.detect_language, pcm, "film.mkv")
+            finally:
+                bazarr.session.close()
+            for response in (answer, detected):
+                assert response.status_code == 400, response.text
+                assert "Invalid model size 'no-such-model'" in response.json()["detail"]
+            (srt_job,) = await jobs(http, "generate_srt")
+            assert srt_job["status"] == "failed"
+            assert {k: srt_job["params"][k] for k in ("model", "task", "language")} == {
+                "model": "no-such-model", "task": "translate", "language": "fr",
+            }  # fmt: skip
+            (detect_job,) = await jobs(http, "detect_language")
+            assert detect_job["status"] == "failed"
+            assert detect_job["params"]["model"] == "no-such-model"
+            assert await stored(http, settings.nats_url) == ([], [])  # failed jobs keep nothing either
+    finally:
+        await server.stop()
 
 
 async def test_what_jobcast_cannot_do_is_a_clear_400(http: httpx.AsyncClient) -> None:
@@ -231,6 +269,12 @@ async def test_what_jobcast_cannot_do_is_a_clear_400(http: httpx.AsyncClient) ->
     assert "audio_file" in response.json()["detail"]
     assert await jobs(http, "transcribe") == []  # nothing was submitted, nothing stored
     assert (await http.get("/api/v1/files")).json()["items"] == []
+    # refused by the job's params, once the upload is stored: it goes too
+    response = await http.post("/asr", params={"initial_prompt": "x" * 4001}, files=audio)
+    assert response.status_code == 422, response.text
+    assert "initial_prompt" in response.json()["detail"]
+    assert await jobs(http, "transcribe") == []
+    assert (await http.get("/api/v1/files")).json()["items"] == []
 
 
 async def test_uploads_past_the_upload_limit_are_refused(settings: Settings) -> None:
@@ -248,17 +292,21 @@ async def test_uploads_past_the_upload_limit_are_refused(settings: Settings) -> 
         await server.stop()
 
 
-async def test_a_failed_job_answers_its_reason(http: httpx.AsyncClient, gpu: WorkerRunner) -> None:
+async def test_a_failed_job_answers_its_reason(
+    api: ApiServer, http: httpx.AsyncClient, gpu: WorkerRunner
+) -> None:
     response = await http.post("/asr", files={"audio_file": ("notes.txt", b"not audio at all\n" * 50)})
     assert response.status_code == 400, response.text
     assert "not a media file" in response.json()["detail"]
+    assert await stored(http, api.settings.nats_url) == ([], [])
     response = await http.post("/detect-language", files={"audio_file": ("notes.txt", b"not audio\n" * 50)})
     assert response.status_code == 400, response.text
     assert "not a media file" in response.json()["detail"]
     assert response.headers["x-jobcast-job-id"] == (await jobs(http, "detect_language"))[0]["id"]
+    assert await stored(http, api.settings.nats_url) == ([], [])
 
 
-async def test_a_client_that_goes_away_cancels_its_job(http: httpx.AsyncClient) -> None:
+async def test_a_client_that_goes_away_cancels_its_job(api: ApiServer, http: httpx.AsyncClient) -> None:
     request = asyncio.create_task(
         http.post("/asr", params={"output": "srt"}, files={"audio_file": JFK.read_bytes()})
     )
@@ -271,6 +319,7 @@ async def test_a_client_that_goes_away_cancels_its_job(http: httpx.AsyncClient) 
     done = await wait_terminal(http, queued["id"])
     assert done["status"] == "cancelled"
     assert "went away" in (done["error"] or "")
+    await until_nothing_stored(http, api.settings.nats_url)
 
 
 async def test_keys_are_the_rest_of_the_apis(nats_server: NatsServer, settings: Settings) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -12,10 +13,11 @@ import httpx
 import msgspec
 import openai
 import pytest
+from nats.js.errors import NotFoundError
 
 from app import Settings
 from app._auth import key_hash
-from streams import ApiKeyRecord, NatsServer, close_quietly, keys_bucket
+from streams import ApiKeyRecord, NatsServer, close_quietly, files_store, keys_bucket
 from streams import connect as nats_connect
 from tests.conftest import ApiServer, WorkerRunner, replace, wait_terminal
 from workers import WorkerSettings, subtitles
@@ -64,9 +66,35 @@ async def put_key(nats_url: str, name: str) -> str:
     return key
 
 
-@pytest.fixture
-async def caller(nats_server: NatsServer, settings: Settings) -> AsyncIterator[Caller]:
-    key = await put_key(nats_server.url, "alice")
+async def stored(http: httpx.AsyncClient, nats_url: str) -> tuple[list[dict[str, Any]], list[str]]:
+    """What is kept: the caller's files (`GET /api/v1/files`), and the objects of the files bucket
+    (deleted ones left out), any owner's."""
+    response = await http.get("/api/v1/files")
+    assert response.status_code == 200, response.text
+    nc = await nats_connect(nats_url, "t")
+    try:
+        bucket = await files_store(nc.jetstream())
+        try:
+            objects = [info.name for info in await bucket.list(ignore_deletes=True)]
+        except NotFoundError:  # nats-py's answer for a bucket holding nothing
+            objects = []
+    finally:
+        await close_quietly(nc)
+    return response.json()["items"], objects
+
+
+async def until_nothing_stored(http: httpx.AsyncClient, nats_url: str, timeout: float = 30) -> None:
+    """Wait until nothing is kept: a request whose client went away cleans up after its job ended."""
+    async with asyncio.timeout(timeout):
+        while True:
+            if await stored(http, nats_url) == ([], []):
+                return
+            await asyncio.sleep(0.05)
+
+
+@contextlib.asynccontextmanager
+async def serving(settings: Settings, key: str) -> AsyncIterator[Caller]:
+    """The API with these settings, and a caller with this key."""
     server = ApiServer(settings)
     await server.start()
     who = Caller(server, key)
@@ -76,6 +104,12 @@ async def caller(nats_server: NatsServer, settings: Settings) -> AsyncIterator[C
         await who.openai.close()
         await who.http.aclose()
         await server.stop()
+
+
+@pytest.fixture
+async def caller(nats_server: NatsServer, settings: Settings) -> AsyncIterator[Caller]:
+    async with serving(settings, await put_key(nats_server.url, "alice")) as who:
+        yield who
 
 
 async def test_json_and_text(caller: Caller, gpu: WorkerRunner) -> None:
@@ -92,12 +126,16 @@ async def test_json_and_text(caller: Caller, gpu: WorkerRunner) -> None:
 
     jobs = await caller.jobs("transcribe")
     assert len(jobs) == 2
-    for job in jobs:
+    for job in jobs:  # the record stays, its upload and outputs are gone
         assert job["status"] == "completed"
         assert job["owner"] == "alice"
         assert job["params"]["model"] == "tiny.en"
-    uploads = (await caller.http.get("/api/v1/files", params={"limit": 500})).json()["items"]
-    assert {f["id"] for f in uploads} >= {job["file_id"] for job in jobs}  # the caller's own files
+        assert job["file_name"] == "jfk.flac"
+        outputs = [output["file_id"] for output in job["result"]["outputs"]]
+        assert len(outputs) >= 2
+        for file_id in [job["file_id"], *outputs]:
+            assert (await caller.http.get(f"/api/v1/files/{file_id}")).status_code == 404
+    assert await stored(caller.http, caller.api.settings.nats_url) == ([], [])
 
 
 async def test_json_and_text_answer_the_whole_text_when_the_result_cuts_it(
@@ -176,6 +214,34 @@ async def test_other_model_names_are_passed_through(caller: Caller, gpu: WorkerR
         await caller.openai.audio.transcriptions.create(model="/no/such/model", file=audio)
     assert failed.value.status_code == 400
     assert failed.value.message  # the worker's reason
+    assert await stored(caller.http, caller.api.settings.nats_url) == ([], [])  # a failed job's too
+    with JFK.open("rb") as audio, pytest.raises(openai.BadRequestError) as failed:
+        await caller.openai.audio.transcriptions.create(model="tiny.en", file=audio, language="fr")
+    assert "tiny.en knows English alone, so it cannot transcribe french (fr)" in failed.value.message
+    assert "name a multilingual model" in failed.value.message
+    assert len(await caller.jobs("transcribe")) == 2  # refused before any job
+
+
+async def test_whisper_1_means_the_configured_model(
+    nats_server: NatsServer, settings: Settings, gpu: WorkerRunner
+) -> None:
+    key = await put_key(nats_server.url, "alice")
+    # faster-whisper refuses a name it does not know before it looks anything up: no download
+    async with serving(replace(settings, asr_model="no-such-model"), key) as who:
+        with JFK.open("rb") as audio, pytest.raises(openai.BadRequestError) as failed:
+            await who.openai.audio.transcriptions.create(model="whisper-1", file=audio, language="fr")
+        assert "Invalid model size 'no-such-model'" in failed.value.message
+        (job,) = await who.jobs("transcribe")
+        assert job["status"] == "failed"
+        assert job["params"]["model"] == "no-such-model"
+        assert job["params"]["language"] == "fr"  # a multilingual name: French is not refused
+    async with serving(replace(settings, asr_model="Systran/faster-whisper-small.en"), key) as who:
+        with JFK.open("rb") as audio, pytest.raises(openai.BadRequestError) as failed:
+            await who.openai.audio.transcriptions.create(model="whisper-1", file=audio, language="de")
+        assert "Systran/faster-whisper-small.en knows English alone" in failed.value.message
+        assert "JOBCAST_ASR_MODEL (what whisper-1 means)" in failed.value.message
+        assert len(await who.jobs("transcribe")) == 1  # refused before any job
+        assert await stored(who.http, settings.nats_url) == ([], [])
 
 
 async def test_a_text_file_is_a_bad_request(caller: Caller, gpu: WorkerRunner) -> None:
@@ -191,6 +257,7 @@ async def test_a_text_file_is_a_bad_request(caller: Caller, gpu: WorkerRunner) -
     assert "not a media file" in body["message"].lower() or "text" in body["message"].lower()
     (job,) = await caller.jobs("transcribe")
     assert job["status"] == "failed"
+    assert await stored(caller.http, caller.api.settings.nats_url) == ([], [])
 
 
 async def test_errors_in_openai_shape(caller: Caller) -> None:
@@ -213,6 +280,8 @@ async def test_errors_in_openai_shape(caller: Caller) -> None:
         ("response_format", "docx"),
         ("timestamp_granularities[]", "char"),
         ("language", "EN!"),
+        ("language", "fr"),  # tiny.en knows English alone
+        ("prompt", "x" * 4001),  # refused by the job's params, once the upload is stored
     ]:
         response = await caller.http.post("/v1/audio/transcriptions", data={field: value}, files=audio)
         assert response.status_code == 400, response.text
@@ -220,6 +289,7 @@ async def test_errors_in_openai_shape(caller: Caller) -> None:
         assert set(error) == {"message", "type", "param", "code"}
         assert error["message"]
     assert await caller.jobs("transcribe") == []  # nothing was submitted
+    assert await stored(caller.http, caller.api.settings.nats_url) == ([], [])  # nor kept
 
     anon = await caller.http.post(
         "/v1/audio/transcriptions", files=audio, headers={"Authorization": "Bearer wrong"}
@@ -246,6 +316,7 @@ async def test_disconnect_cancels_a_queued_job(caller: Caller) -> None:
     done = await _disconnect_cancels(caller, "pending")  # no worker: it stays queued
     assert done["status"] == "cancelled"
     assert "went away" in (done["error"] or "")
+    await until_nothing_stored(caller.http, caller.api.settings.nats_url)
 
 
 async def test_client_timeout_cancels_a_running_job(caller: Caller, gpu: WorkerRunner) -> None:
@@ -255,6 +326,7 @@ async def test_client_timeout_cancels_a_running_job(caller: Caller, gpu: WorkerR
     job = await caller.first_job("transcribe")
     done = await wait_terminal(caller.http, job["id"])
     assert done["status"] == "cancelled", done
+    await until_nothing_stored(caller.http, caller.api.settings.nats_url)
 
 
 async def test_text_answers_name_their_charset_once(caller: Caller, gpu: WorkerRunner) -> None:

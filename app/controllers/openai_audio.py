@@ -2,7 +2,8 @@
 
 The upload is stored as the caller's file, a `transcribe` job (`generate_srt` for srt and vtt)
 is submitted, its end is awaited by following its events, and the result is answered in the
-format OpenAI's clients expect. A client that goes away before the answer cancels its job.
+format OpenAI's clients expect. A client that goes away before the answer cancels its job. The
+upload and the job's outputs are deleted once answered (app/_speech.py).
 """
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ from app._deps import FilesDep, Owner, Service
 from app._exceptions import StatusError, error_body
 from app._files import FileService
 from app._schemas import Job, SubmitJob
-from app._speech import close_uploads, output_text, run_to_end
+from app._speech import close_uploads, ended_job, output_text, speech_refusal
 from streams import InvalidParamsError, JobcastError, JobStatus, UnknownOperationError
 
-DEFAULT_MODEL = "tiny.en"
-"""What OpenAI's `whisper-1` means here."""
+WHISPER_1 = "whisper-1"
+"""OpenAI's model name; here it means JOBCAST_ASR_MODEL."""
 
 FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
 GRANULARITIES = ("word", "segment")
@@ -98,9 +99,9 @@ def _text(form: Any, name: str) -> str | None:
     return text or None
 
 
-def _params(form: Any) -> tuple[str, dict[str, Any], str, bool, bool]:
-    """From the form: the job type, its params, the response format, and whether words and
-    segments go into a verbose_json answer."""
+def _params(form: Any, asr_model: str) -> tuple[str, dict[str, Any], str, bool, bool]:
+    """From the form: the job type, its params (`whisper-1` is `asr_model`), the response format,
+    and whether words and segments go into a verbose_json answer."""
     response_format = _text(form, "response_format") or "json"
     if response_format not in FORMATS:
         raise OpenAIRequestError(
@@ -129,9 +130,18 @@ def _params(form: Any) -> tuple[str, dict[str, Any], str, bool, bool]:
             ) from None
     words = response_format == "verbose_json" and "word" in granularities
     segments = not granularities or "segment" in granularities
-    model = _text(form, "model") or "whisper-1"
-    params: dict[str, Any] = {"model": DEFAULT_MODEL if model == "whisper-1" else model}
-    if (language := _text(form, "language")) is not None:
+    named = _text(form, "model") or WHISPER_1
+    model = asr_model if named == WHISPER_1 else named
+    remedy = (
+        "the server's JOBCAST_ASR_MODEL (what whisper-1 means) must name a multilingual model for that"
+        if named == WHISPER_1
+        else "name a multilingual model (e.g. small or large-v3) for that"
+    )
+    language = _text(form, "language")
+    if (refusal := speech_refusal(model, language, False, remedy)) is not None:
+        raise OpenAIRequestError(refusal, param="language")
+    params: dict[str, Any] = {"model": model}
+    if language is not None:
         params["language"] = language
     if (prompt := _text(form, "prompt")) is not None:
         params["initial_prompt"] = prompt
@@ -193,35 +203,43 @@ class OpenAIAudioController(Controller):
         self, request: Request[Any, Any, Any], service: Service, files: FilesDep, owner: Owner
     ) -> Response[Any]:
         """Speech to text in OpenAI's wire format (multipart: `file`, `model`, `language`, `prompt`,
-        `response_format`, `timestamp_granularities[]`, `temperature`); `whisper-1` means tiny.en."""
+        `response_format`, `timestamp_granularities[]`, `temperature`); `whisper-1` means the
+        server's JOBCAST_ASR_MODEL (tiny.en unless configured)."""
         form = await request.form()
         upload = form.get("file")
         try:
             if not isinstance(upload, UploadFile):
                 raise OpenAIRequestError("a file is required in the multipart field `file`", param="file")
-            job_type, params, response_format, words, segments = _params(form)
+            job_type, params, response_format, words, segments = _params(form, service.settings.asr_model)
             stored = await files.upload(upload, owner)
         finally:
             await close_uploads(form)
         submitted = SubmitJob(type=job_type, params=params, file_id=stored.id)
-        job = await run_to_end(request, service, submitted, owner)
-        headers = {"X-Jobcast-Job-Id": job.id}
-        if job.status != JobStatus.COMPLETED:
-            reason = job.error or f"the transcription job was {job.status}"
-            return error_response(reason, HTTP_400_BAD_REQUEST, headers=headers)
-        result = job.result or {}
-        if response_format in ("srt", "vtt"):
-            text = await output_text(files, job, owner, f".{response_format}")
-            return Response(text, media_type=MediaType.TEXT, headers=headers)
-        if response_format == "verbose_json":
-            # Segments and words live only in the job's .json output, never in its (bounded) result.
-            transcript = msgspec.json.decode(await output_text(files, job, owner, ".json"))
-            return Response(_verbose(transcript, words, segments), media_type=MediaType.JSON, headers=headers)
-        text = await _full_text(files, job, owner)
-        if response_format == "text":
-            return Response(f"{text}\n", media_type=MediaType.TEXT, headers=headers)
-        body = {"text": text, "usage": {"type": "duration", "seconds": _seconds(result)}}
-        return Response(body, media_type=MediaType.JSON, headers=headers)
+        async with ended_job(request, service, files, submitted, owner) as job:
+            return await _answer(files, job, owner, response_format, words, segments)
+
+
+async def _answer(
+    files: FileService, job: Job, owner: str, response_format: str, words: bool, segments: bool
+) -> Response[Any]:
+    """The ended job's answer in `response_format` (read from its outputs, which go after it)."""
+    headers = {"X-Jobcast-Job-Id": job.id}
+    if job.status != JobStatus.COMPLETED:
+        reason = job.error or f"the transcription job was {job.status}"
+        return error_response(reason, HTTP_400_BAD_REQUEST, headers=headers)
+    result = job.result or {}
+    if response_format in ("srt", "vtt"):
+        text = await output_text(files, job, owner, f".{response_format}")
+        return Response(text, media_type=MediaType.TEXT, headers=headers)
+    if response_format == "verbose_json":
+        # Segments and words live only in the job's .json output, never in its (bounded) result.
+        transcript = msgspec.json.decode(await output_text(files, job, owner, ".json"))
+        return Response(_verbose(transcript, words, segments), media_type=MediaType.JSON, headers=headers)
+    text = await _full_text(files, job, owner)
+    if response_format == "text":
+        return Response(f"{text}\n", media_type=MediaType.TEXT, headers=headers)
+    body = {"text": text, "usage": {"type": "duration", "seconds": _seconds(result)}}
+    return Response(body, media_type=MediaType.JSON, headers=headers)
 
 
 def _seconds(result: dict[str, Any]) -> int:

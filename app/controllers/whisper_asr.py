@@ -2,9 +2,11 @@
 and the Jellyfin/Plex subtitle tools built like it speak it, served by the queue.
 
 As on the OpenAI route, the upload is stored as the caller's file, a job is submitted
-(`generate_srt` for srt and vtt, `transcribe` for txt, tsv and json, `detect_language`), its end
-is awaited, and the answer has upstream's shape; a client that goes away first cancels its job.
-With `encode=false` the body is raw 16 kHz mono s16le PCM, stored as a WAV (see app/_wav.py).
+(`generate_srt` for srt and vtt, `transcribe` for txt, tsv and json, `detect_language`) with the
+model JOBCAST_ASR_MODEL names, its end is awaited, and the answer has upstream's shape; a client
+that goes away first cancels its job. The upload and the job's outputs are deleted once answered
+(app/_speech.py). With `encode=false` the body is raw 16 kHz mono s16le PCM, stored as a WAV (see
+app/_wav.py).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from app._exceptions import StatusError
 from app._files import FileService
 from app._languages import WHISPER_LANGUAGES
 from app._schemas import FileInfo, Job, SubmitJob
-from app._speech import close_uploads, output_text, run_to_end
+from app._speech import close_uploads, ended_job, output_text, speech_refusal
 from app._wav import PcmTooLargeError, pcm_as_wav
 from streams import JobStatus, safe_name
 
@@ -38,6 +40,8 @@ ENGINE = "faster_whisper"
 """Upstream's `Asr-Engine` header for the engine jobcast runs."""
 DETECTION_S = 30.0
 """Whisper detects the language from one 30 s window; raw PCM past it is not stored."""
+REMEDY = "set JOBCAST_ASR_MODEL to a multilingual model (e.g. small or large-v3) for that"
+"""What an operator does about a request an English-only JOBCAST_ASR_MODEL cannot serve."""
 
 Encode = Annotated[
     bool, QueryParameter(description="false: the body is raw 16 kHz mono s16le PCM (what Bazarr sends)")
@@ -48,15 +52,6 @@ VideoFile = Annotated[
         description="The video the audio comes from (Bazarr's `pass_video_name`): names raw PCM's stored WAV"
     ),
 ]
-
-
-def _language(language: str | None) -> str | None:
-    """The whisper language code, or None to detect it; StatusError for one whisper does not know."""
-    if language is None or language in WHISPER_LANGUAGES:
-        return language
-    raise StatusError(
-        f"language must be one of whisper's codes ({', '.join(WHISPER_LANGUAGES)}), not {language!r}"
-    )
 
 
 async def _store(
@@ -95,7 +90,8 @@ class DetectedLanguage(msgspec.Struct, kw_only=True):
     language_code: str
     """Its code, e.g. `en`."""
     confidence: float
-    """The model's probability for it (1 for an English-only model)."""
+    """The model's probability for it; an English-only model knows one language, so it answers
+    english with 1 (faster-whisper's own answer for such a model)."""
 
 
 def _completed(job: Job) -> Job:
@@ -166,9 +162,12 @@ class WhisperAsrController(Controller):
             raise StatusError(
                 "diarize is not supported: jobcast's faster-whisper does no speaker diarization"
             )
-        params: dict[str, Any] = {"task": task, "vad_filter": vad_filter}
-        if (code := _language(language)) is not None:
-            params["language"] = code
+        model = service.settings.asr_model
+        if (refusal := speech_refusal(model, language, task == "translate", REMEDY)) is not None:
+            raise StatusError(refusal)
+        params: dict[str, Any] = {"model": model, "task": task, "vad_filter": vad_filter}
+        if language is not None:
+            params["language"] = language
         if initial_prompt:
             params["initial_prompt"] = initial_prompt
         subtitles = output in ("srt", "vtt")
@@ -178,11 +177,12 @@ class WhisperAsrController(Controller):
         submitted = SubmitJob(
             type="generate_srt" if subtitles else "transcribe", params=params, file_id=stored.id
         )
-        job = _completed(await run_to_end(request, service, submitted, owner))
-        if subtitles:
-            body = await output_text(files, job, owner, f".{output}")
-        else:
-            body = render(msgspec.json.decode(await output_text(files, job, owner, ".json")), output)
+        async with ended_job(request, service, files, submitted, owner) as ended:
+            job = _completed(ended)
+            if subtitles:
+                body = await output_text(files, job, owner, f".{output}")
+            else:
+                body = render(msgspec.json.decode(await output_text(files, job, owner, ".json")), output)
         headers = {
             "Asr-Engine": ENGINE,
             "Content-Disposition": f'attachment; filename="{quote(filename)}.{output}"',
@@ -203,8 +203,10 @@ class WhisperAsrController(Controller):
         """The language spoken in the first 30 s of the multipart `audio_file`:
         `{detected_language, language_code, confidence}` (an English-only model answers english)."""
         stored, _ = await _store(request, files, owner, encode, video_file, DETECTION_S)
-        submitted = SubmitJob(type="detect_language", file_id=stored.id)
-        job = _completed(await run_to_end(request, service, submitted, owner))
+        params = {"model": service.settings.asr_model}
+        submitted = SubmitJob(type="detect_language", params=params, file_id=stored.id)
+        async with ended_job(request, service, files, submitted, owner) as ended:
+            job = _completed(ended)
         result = job.result or {}
         code = str(result.get("language"))
         body = DetectedLanguage(
