@@ -584,3 +584,17 @@ async def test_input_file_errors(client: httpx.AsyncClient) -> None:
     assert "needs an input file" in response.json()["detail"]
     jobs = (await client.get("/api/v1/jobs")).json()
     assert jobs["total"] == 0
+
+
+async def test_a_model_faster_whisper_refuses_fails_the_job_at_once(
+    client: httpx.AsyncClient, gpu: WorkerRunner
+) -> None:
+    """No such model is the same on every attempt: a permanent error, not three tries."""
+    source = await upload(client, "jfk.flac", JFK.read_bytes())
+    for op in ("transcribe", "generate_srt", "detect_language"):
+        job = await submit(
+            client, type=op, file_id=source["id"], params={"model": "no-such-model"}, max_attempts=3
+        )
+        done = await wait_terminal(client, job["id"])
+        assert (done["status"], done["attempt"]) == ("failed", 1), (op, done["error"])
+        assert "model 'no-such-model': Invalid model size 'no-such-model'" in done["error"], op

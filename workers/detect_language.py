@@ -8,7 +8,7 @@ from streams import DetectLanguageParams, parse_params
 from workers._context import JobContext
 from workers._errors import PermanentError
 from workers.transcribe import media_input
-from workers.whisper import AudioError
+from workers.whisper import AudioError, ModelError
 from workers.whisper import detect_language as run_detection
 
 
@@ -22,7 +22,7 @@ async def detect_language(ctx: JobContext) -> dict[str, Any]:
         language, probability = await ctx.run_blocking(
             run_detection, source, model=params.model, device=params.device, compute_type=params.compute_type
         )
-    except AudioError as exc:
+    except (AudioError, ModelError) as exc:  # the same on every attempt
         raise PermanentError(str(exc)) from None
     ctx.progress(100.0, f"detected {language}")
     return {"language": language, "language_probability": probability}

@@ -12,7 +12,7 @@ from workers import subtitles
 from workers._context import JobContext
 from workers._errors import JobCancelledError, PermanentError
 from workers.media import MediaError, probe
-from workers.whisper import AudioError, Transcript, TranscriptionCancelled
+from workers.whisper import AudioError, ModelError, Transcript, TranscriptionCancelled
 from workers.whisper import transcribe as run_whisper
 
 
@@ -38,7 +38,7 @@ async def _transcript(ctx: JobContext, params: TranscribeParams) -> tuple[Path, 
             initial_prompt=params.initial_prompt, device=params.device, compute_type=params.compute_type,
             progress=ctx.progress, cancelled=ctx.cancelled.is_set,
         )  # fmt: skip
-    except AudioError as exc:
+    except (AudioError, ModelError) as exc:  # the same on every attempt
         raise PermanentError(str(exc)) from None
     except TranscriptionCancelled as exc:
         raise JobCancelledError(str(exc)) from None

@@ -30,6 +30,11 @@ class AudioError(ValueError):
     """The input could not be decoded as audio (not media, no audio stream, or empty)."""
 
 
+class ModelError(ValueError):
+    """faster-whisper refused the model name or its settings (no such size, an invalid hub id, a
+    compute type the device lacks): the same on every attempt. A failed download is not one."""
+
+
 class TranscriptionCancelled(Exception):  # noqa: N818 - reads as an event, like asyncio.CancelledError
     """Raised between segments once `cancelled()` reports True."""
 
@@ -108,13 +113,16 @@ class ModelCache:
         with self._lock:
             loaded = self._models.get(key)
             if loaded is None:
-                loaded = WhisperModel(
-                    key[0],
-                    device=device,
-                    compute_type=compute_type,
-                    cpu_threads=self.cpu_threads,
-                    num_workers=self.num_workers,
-                )
+                try:
+                    loaded = WhisperModel(
+                        key[0],
+                        device=device,
+                        compute_type=compute_type,
+                        cpu_threads=self.cpu_threads,
+                        num_workers=self.num_workers,
+                    )
+                except ValueError as exc:  # huggingface_hub's HFValidationError is one too
+                    raise ModelError(f"model {model!r}: {exc}") from exc
                 self._models[key] = loaded
                 self.loads += 1
             return loaded
