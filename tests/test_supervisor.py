@@ -206,19 +206,19 @@ async def test_key_watch_restarts_and_applies_a_revocation_made_while_down(
             return {"Authorization": f"Bearer {keys[name]}"}
 
         assert (await http.get("/api/v1/jobs", headers=as_("alice"))).status_code == 200
-        next_entry = KeyValue.KeyWatcher.__anext__
+        next_entry = KeyValue.KeyWatcher.updates  # how the key watch reads (with a timeout)
 
-        async def broken(self: KeyValue.KeyWatcher) -> KeyValue.Entry | None:
+        async def broken(self: KeyValue.KeyWatcher, timeout: float = 5.0) -> KeyValue.Entry | None:
             raise RuntimeError("injected key-watch fault")
 
-        monkeypatch.setattr(KeyValue.KeyWatcher, "__anext__", broken)
+        monkeypatch.setattr(KeyValue.KeyWatcher, "updates", broken)
         keys["carol"] = await put_key(nats_server.url, "carol")  # arrives; the next read fails
         down = await wait_down(http, "key-watch")
         assert down["tasks"]["key-watch"]["last_error"] == "RuntimeError (details in the log)"
         assert_traceback_logged(caplog, "injected key-watch fault")
         await revoke(nats_server.url, "alice")  # both while the watch is down
         await revoke(nats_server.url, "bob", leave_no_marker=True)
-        monkeypatch.setattr(KeyValue.KeyWatcher, "__anext__", next_entry)
+        monkeypatch.setattr(KeyValue.KeyWatcher, "updates", next_entry)
         await wait_up(http, "key-watch")
 
         async def refused(name: str) -> bool:
