@@ -25,10 +25,11 @@ import pytest
 from nats.js import JetStreamContext
 
 from app import Settings
-from streams import STREAM, NatsServer, WorkerConsumer
+from streams import STREAM, Completed, NatsServer, Started, WorkerConsumer, events_subject
 from tests.chaos._procs import WorkerProcess, sse_history
 from tests.conftest import WorkerRunner, submit, wait_terminal
 from tests.test_admin import Receiver, wait_for
+from tests.test_retention import publish
 from workers import WorkerSettings
 
 ACK_WAIT_S = 1.0
@@ -222,3 +223,33 @@ async def test_a_job_left_to_a_runner_that_then_dies_runs_again(
     started = [(e["event"]["worker"], e["event"]["delivery"]) for e in events if e["kind"] == "started"]
     assert started == [(name, 1), ("second", 3)]  # delivery 2 was left to the frozen worker
     assert [e["event"]["worker"] for e in events if e["kind"] == "completed"] == ["second"]
+
+
+async def test_a_run_that_began_before_the_end_was_stored_ends_nothing(
+    client: httpx.AsyncClient, js: JetStreamContext
+) -> None:
+    # What two workers publish when the first ran on out of reach (its connection gone, as the
+    # second asked) while the second took the job: the first's end lands before the second's
+    # start, then the second ends.
+    async with Receiver([200]) as hook:
+        job = await submit(client, params={"steps": 0}, callback_url=hook.url)  # no worker takes it
+        job_id, subject = job["id"], events_subject(job["id"])
+        for event in (
+            Started(job_id=job_id, attempt=1, worker="cut-off", delivery=1),
+            Completed(job_id=job_id, attempt=1, worker="cut-off", result={"by": "cut-off"}),
+            Started(job_id=job_id, attempt=2, worker="second", delivery=2),
+            Completed(job_id=job_id, attempt=2, worker="second", result={"by": "second"}),
+        ):
+            await publish(js, subject, event)
+        await submit(client, params={"steps": 0})  # applied after every event above
+        seen = (await client.get(f"/api/v1/jobs/{job_id}")).json()
+        assert (seen["status"], seen["worker"], seen["attempt"], seen["result"]) == (
+            "completed", "cut-off", 1, {"by": "cut-off"},
+        )  # fmt: skip
+
+        async def called() -> bool:
+            return (await client.get(f"/api/v1/jobs/{job_id}")).json()["callback_status"] == "delivered"
+
+        await wait_for(called)
+        await asyncio.sleep(0.3)  # a second delivery would have come by now
+        assert [json.loads(body)["result"] for _, body in hook.requests] == [{"by": "cut-off"}]
