@@ -85,7 +85,8 @@ def fold(job: JobRow | None, event: Event, seq: int) -> tuple[JobRow | None, boo
     """Apply one event to a job row (creating it for a submission).
 
     Returns the row and whether the event ended the job's current attempt. Events of an
-    older attempt, and non-terminal events after the end, are recorded but change nothing.
+    older attempt, and events after the end that no new submission preceded, are recorded
+    but change nothing.
     """
     if isinstance(event, Submitted):
         return _submitted(job, event, seq), False
@@ -101,7 +102,10 @@ def fold(job: JobRow | None, event: Event, seq: int) -> tuple[JobRow | None, boo
     finished = JobStatus(job.status).terminal
     if event.attempt < job.attempt or (finished and event.attempt == job.attempt):
         return job, False
-    if finished and not isinstance(event, Started | Retrying | CancelRequested):
+    if finished and not isinstance(event, CancelRequested):
+        # Only a new submission (a retry) reopens an ended job. A run that began before the end
+        # was stored (a worker given the job again while its first runner, out of reach, still
+        # ran it) ends nothing more: one end, and one webhook, per submission.
         return job, False
     match event:
         case Started():

@@ -110,6 +110,7 @@ from streams._subjects import (
     job_subjects,
     pool_submissions,
     priority_token,
+    running_subject,
     schedule_subject,
     submit_subject,
 )
@@ -223,6 +224,7 @@ __all__ = [
     "released_by_worker",
     "result_size",
     "rss_mb",
+    "running_subject",
     "safe_name",
     "schedule_subject",
     "stored_secret",

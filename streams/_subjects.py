@@ -93,6 +93,16 @@ def job_history_subjects(job_id: str) -> list[str]:
     ]
 
 
+RUNNING_PREFIX = "jobcast.running"
+"""Core NATS, outside the stream (never stored): the worker that runs a job answers requests on
+`running_subject(job_id)` while it renews the job's message."""
+
+
+def running_subject(job_id: str) -> str:
+    """Subject on which a job's runner answers "who runs it?" (a worker the job was redelivered to asks)."""
+    return f"{RUNNING_PREFIX}.{job_id}"
+
+
 def job_id_of(subject: str) -> str:
     """The job id is always the last token of a jobs.* subject."""
     return subject.rsplit(".", 1)[-1]

@@ -62,7 +62,7 @@ from workers._files import WorkerFiles
 from workers._heartbeat import Heartbeat
 from workers._outcome import backoff, outcome_of, restamped, time_limit
 from workers._registry import handlers_for_pool, models_loaded
-from workers._running import RunningJob, seconds_text
+from workers._running import RunningJob, runner_of, seconds_text
 from workers._settings import WorkerSettings
 
 log = logging.getLogger("jobcast.worker")
@@ -315,6 +315,8 @@ class Worker:
         if not isinstance(job, Submitted):
             await msg.term()
             return
+        if (current := self._running.get(job.job_id)) is not None and current.adopt(msg):
+            return  # the one run goes on, answering this delivery; this slot is free at once
         delivery = msg.metadata.num_delivered or 1
         attempt = job.attempt + delivery - 1
         ids: dict[str, Any] = {"job_id": job.job_id, "attempt": attempt, "worker": self.settings.name}
@@ -330,39 +332,47 @@ class Worker:
             scratch_prefix=f"jobcast-{job.job_id[:8]}-", time_limit_s=limit_s, time_per_media_s=per_media_s,
             llm_slots=self.llm_slots,
         )  # fmt: skip
-        running = RunningJob(ctx)
+        running = RunningJob(ctx, msg)
         # Registered before the checks below, so a cancel that arrives meanwhile is not missed.
         self._running[job.job_id] = running
         self._announce()
-        heartbeat = asyncio.create_task(self._heartbeat(msg, running))
+        heartbeat = asyncio.create_task(running.renew(self.settings))
         try:
-            await self._attempt(msg, running, ids, delivery)
+            await self._attempt(running, ids, delivery)
         except PublishGaveUpError as exc:
             # The broker stayed away: let go of the attempt so the slot serves again. The message,
             # never acked, comes back (after this nak, or after ack_wait if the nak is lost too),
             # and the next delivery finds the end if it was stored after all.
             log.error("job %s: %s; it will be delivered again", job.job_id, exc, extra={"job_id": job.job_id})
             with contextlib.suppress(nats.errors.Error):
-                await msg.nak(delay=backoff(self.settings, delivery))
+                await running.msg.nak(delay=backoff(self.settings, delivery))
         finally:
             heartbeat.cancel()
+            await running.unclaim()  # the message is acked or let go: no longer this run's to answer for
             await ctx.threads_stopped(None)  # a thread that outlived stop_wait_s still holds the slot
             if ctx.scratch is not None:
                 await asyncio.to_thread(shutil.rmtree, ctx.scratch, True)
-            self._running.pop(job.job_id, None)
+            if self._running.get(job.job_id) is running:  # not a newer run of a job this one released
+                del self._running[job.job_id]
             self._announce()
             self._slot_free.set()
 
-    async def _attempt(self, msg: Msg, running: RunningJob, ids: dict[str, Any], delivery: int) -> None:
+    async def _attempt(self, running: RunningJob, ids: dict[str, Any], delivery: int) -> None:
         """Run one delivery of a job and record how it ended."""
         job = running.ctx.job
         early = await self._precheck(job, ids, delivery)
-        if early is False:
-            await msg.ack()
+        if early == "ack":
+            await running.msg.ack()
+            return
+        if early == "leave":  # back after AckWait once its runner stops renewing it
+            with contextlib.suppress(nats.errors.Error):
+                await running.msg.nak(delay=self.settings.ack_wait_s)
             return
         if early is not None:
-            await self._finish(msg, early)
+            await self._finish(running, early)
             return
+        assert self.nc is not None
+        await running.claim(self.nc, self.settings.name)  # before `started`: it answers from then on
         # `started` is not awaited before the handler runs (one round trip less per job).
         # It leaves first on this connection, so the stream stores it before the handler's
         # progress; its ack is awaited before the outcome is published.
@@ -390,11 +400,11 @@ class Worker:
         if isinstance(outcome, Retrying):
             recorded = await self._record(outcome)
             if isinstance(recorded, Retrying):
-                await msg.nak(delay=recorded.delay_s)
+                await running.msg.nak(delay=recorded.delay_s)
             else:
-                await msg.ack()
+                await running.msg.ack()
         else:
-            await self._finish(msg, outcome)
+            await self._finish(running, outcome)
 
     def _announce(self) -> None:
         if self.heartbeat is not None:
@@ -402,16 +412,22 @@ class Worker:
 
     async def _precheck(
         self, job: Submitted, ids: dict[str, Any], delivery: int
-    ) -> Event | Literal[False] | None:
-        """What to do instead of running: an event to finish with, False to only ack, None to run."""
+    ) -> Event | Literal["ack", "leave"] | None:
+        """What to do instead of running: an event to finish with, "ack" to only ack, "leave" to
+        leave the message to the live worker that runs it, None to run."""
         cancel, last = await asyncio.gather(
             self._last(control_subject(job.job_id)), self._last(events_subject(job.job_id))
         )
         if last is not None and is_terminal(last) and last.attempt >= job.attempt:
             if getattr(last, "worker", None) is not None:
-                return False  # finished before its ack got through (its worker died in between)
+                return "ack"  # finished before its ack got through (its worker died in between)
             # Ended by the API (cancelled while queued): say that no worker holds it any more.
             return msgspec.structs.replace(last, attempt=ids["attempt"], worker=ids["worker"], ts=utcnow())
+        in_flight = isinstance(last, Started | Progress) and last.attempt >= job.attempt
+        # Redelivered while it runs (its runner's heartbeats were lost for AckWait, as in a leader
+        # election): a live runner keeps the job, and it alone ends it.
+        if in_flight and self.nc is not None and await runner_of(self.nc, job.job_id) is not None:
+            return "leave"
         if isinstance(cancel, CancelRequested) and cancel.attempt >= job.attempt:
             return Cancelled(**ids, reason=cancel.reason or "cancelled")
         if delivery > job.max_attempts:
@@ -426,29 +442,12 @@ class Worker:
             )
         return None
 
-    async def _finish(self, msg: Msg, event: Event) -> None:
+    async def _finish(self, running: RunningJob, event: Event) -> None:
         event = await self._record(event)
         log.info(
             "job %s %s", event.job_id, event.kind, extra={"job_id": event.job_id, "attempt": event.attempt}
         )
-        await msg.ack()
-
-    async def _heartbeat(self, msg: Msg, running: RunningJob) -> None:
-        interval = max(0.2, self.settings.ack_wait_s / 3)
-        # Past its deadline, a job has this long to stop and publish its end; then its message is
-        # no longer renewed, and JetStream gives it to another worker after ack_wait.
-        grace = self.settings.cancel_grace_s + self.settings.stop_wait_s + self.settings.publish_retry_s
-        while True:
-            await asyncio.sleep(interval)
-            if not running.renewable(grace):
-                job_id = running.ctx.job.job_id
-                log.error(
-                    "job %s did not stop within %.0f s of its run-time limit; no longer renewing it",
-                    job_id, grace, extra={"job_id": job_id},
-                )  # fmt: skip
-                return
-            with contextlib.suppress(nats.errors.Error):
-                await msg.in_progress()
+        await running.msg.ack()
 
     # cancellation ------------------------------------------------------------------
 
