@@ -21,7 +21,8 @@ class Applied:
     kind: str
     status: str
     ends: bool
-    """True for the event that ended the job's current attempt (completed / failed / cancelled)."""
+    """True for the event that ended the job's current attempt (completed / failed / cancelled),
+    and for any later one while the job stays ended (a webhook's result): followers stop after it."""
     payload: bytes
     """The EventEnvelope, JSON-encoded once for every subscriber."""
 

@@ -663,7 +663,12 @@ class Projection:
                 writes.save(job, new=before is None)
                 payload = _envelope(job, seq, event.kind, event.attempt, event.ts, msg.data)
                 writes.event(seq, job.id, event.kind, payload)
-                writes.applied.append(Applied(seq, job.id, job.owner, event.kind, job.status, ends, payload))
+                # An event of a job that has ended (its webhook's result) closes a follower too: one
+                # that read the history just before it was stored and the job just after waits for it.
+                closes = ends or JobStatus(job.status).terminal
+                writes.applied.append(
+                    Applied(seq, job.id, job.owner, event.kind, job.status, closes, payload)
+                )
                 if ends and job.callback_url:
                     writes.callbacks.add(job.id)
                 if job.parent_id is not None:
