@@ -90,6 +90,10 @@ class Keys:
         """The record each key name of the bucket stands for, as the watch has seen them so far
         (kept when the watch is restarted)."""
         self._loaded = asyncio.Event()
+        self._revision = 0
+        """The newest bucket revision the watch has delivered."""
+        self._advanced = asyncio.Event()
+        """Set whenever `_revision` grows."""
 
     async def start(self, tasks: TaskSupervisor) -> None:
         """Load every key and follow changes, as task `key-watch` of `tasks`."""
@@ -97,6 +101,14 @@ class Keys:
         tasks.start("key-watch", self._watch)
         async with asyncio.timeout(10):
             await self._loaded.wait()
+            # nats.py may say its initial values are done before the last of them has arrived (it
+            # reads its consumer's pending count while that message is in flight): a key stored a
+            # moment ago, such as the admin key this API just provisioned, would be missing. The
+            # bucket's newest message is the newest of its key, so the watch delivers it.
+            state = (await self._kv.status()).stream_info.state
+            while state.messages and self._revision < state.last_seq:
+                self._advanced.clear()  # no await since the check: a delivery cannot slip between
+                await self._advanced.wait()
 
     async def _watch(self) -> None:
         assert self._kv is not None
@@ -127,6 +139,8 @@ class Keys:
                     self._loaded.set()
                     continue
                 seen = max(seen, entry.revision or 0)
+                self._revision = max(self._revision, seen)
+                self._advanced.set()
                 replayed.add(entry.key)
                 old = names.pop(entry.key, None)
                 if old is not None:
