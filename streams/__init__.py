@@ -1,27 +1,29 @@
 """The contract between the API and the workers: NATS names, configs, payloads, operations."""
 
-from streams._config import (
+from streams._buckets import (
     ADMIN_KEY_NAME,
-    ADMISSION_SHARE,
     CALLBACK_CLAIM_TTL_S,
-    JOBS_STREAM,
-    STREAM_MAX_BYTES,
     WORKER_TTL_S,
     ApiKeyRecord,
-    Pool,
-    WorkerConsumer,
     WorkerInfo,
     admin_key_from_env,
     callbacks_bucket,
-    ensure_consumer,
-    ensure_stream,
     files_store,
     is_loopback,
-    jobs_stream,
     keys_bucket,
-    stream_replicas,
     worker_ttl,
     workers_bucket,
+)
+from streams._config import (
+    ADMISSION_SHARE,
+    JOBS_STREAM,
+    STREAM_MAX_BYTES,
+    Pool,
+    WorkerConsumer,
+    ensure_consumer,
+    ensure_stream,
+    jobs_stream,
+    stream_replicas,
 )
 from streams._connect import close_quietly, connect, nats_servers, without_credentials
 from streams._egress import (
