@@ -33,6 +33,7 @@ from streams import (
     Event,
     TaskSupervisor,
     decode_event,
+    riding_out,
 )
 
 __all__ = ["Handoff", "Projection"]
@@ -109,8 +110,11 @@ class Projection:
     async def start(self, js: JetStreamContext, tasks: TaskSupervisor) -> None:
         """Resume from the bookmark and follow the stream, as task `projection` of `tasks`."""
         self.applied_seq = await self._bookmark()
-        info = await js.stream_info(STREAM)
-        self.catch_up_to = await _last_stored(js, info.state.last_seq)
+
+        async def stream_end() -> int:
+            return await _last_stored(js, (await js.stream_info(STREAM)).state.last_seq)
+
+        self.catch_up_to = await riding_out(f"the projection of {STREAM}", stream_end)
         if self.applied_seq > self.catch_up_to:
             log.warning(
                 "database bookmark %d is ahead of the stream (%d): was the NATS store replaced?",

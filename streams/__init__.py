@@ -26,6 +26,7 @@ from streams._config import (
     stream_replicas,
 )
 from streams._connect import close_quietly, connect, nats_servers, without_credentials
+from streams._declare import DECLARE_TIMEOUT_S, ensure_jetstream, is_transient, riding_out
 from streams._egress import (
     DEFAULT_LLM_BASE_URL,
     AddressPolicy,
@@ -128,6 +129,7 @@ __all__ = [
     "ALL_SUBJECTS",
     "CALLBACK_CLAIM_TTL_S",
     "CHUNK",
+    "DECLARE_TIMEOUT_S",
     "DEFAULT_LLM_BASE_URL",
     "JOBS_STREAM",
     "JOB_HEADER",
@@ -202,6 +204,7 @@ __all__ = [
     "durable_mode",
     "encode_event",
     "ensure_consumer",
+    "ensure_jetstream",
     "ensure_stream",
     "events_subject",
     "file_url",
@@ -209,6 +212,7 @@ __all__ = [
     "files_subject",
     "is_loopback",
     "is_terminal",
+    "is_transient",
     "job_history_subjects",
     "job_id_of",
     "job_subjects",
@@ -225,6 +229,7 @@ __all__ = [
     "priority_token",
     "released_by_worker",
     "result_size",
+    "riding_out",
     "rss_mb",
     "running_subject",
     "safe_name",
