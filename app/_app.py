@@ -51,7 +51,7 @@ from app.controllers.openai_audio import OpenAIAudioController
 from app.controllers.queue import QueueController
 from app.controllers.ui import UiController, login_redirect, to_ui
 from app.controllers.whisper_asr import WhisperAsrController
-from streams import TaskSupervisor, close_quietly, connect, ensure_stream, files_store, is_loopback
+from streams import TaskSupervisor, close_quietly, connect, ensure_jetstream, files_store, is_loopback
 
 log = logging.getLogger("jobcast.api")
 
@@ -78,7 +78,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         service: JobService | None = None
         try:
             js = nc.jetstream()
-            await ensure_stream(js)
+            await ensure_jetstream(js)
             hub = Hub(settings.client_buffer_bytes)
             projection = Projection(
                 db, hub, app.state.metrics, settings.projection_queue, settings.projection_queue_bytes

@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 import msgspec
 import nats.errors
+import stamina
 from nats.js.errors import KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 from sqlalchemy import select
@@ -50,6 +51,15 @@ def _http_error() -> type[Exception]:
     import httpx
 
     return httpx.HTTPError
+
+
+class _UndeliveredError(Exception):
+    """One delivery of a callback that did not succeed: retried, up to JOBCAST_WEBHOOK_TRIES."""
+
+    def __init__(self, error: str, status: int | None) -> None:
+        super().__init__(error)
+        self.error = error
+        self.status = status
 
 
 def sign(key: bytes, body: bytes) -> str:
@@ -135,6 +145,16 @@ class Webhooks:
             return str(exc)
         return ""
 
+    async def _post(self, url: str, body: bytes, headers: dict[str, str]) -> int:
+        """POST a callback once; its HTTP status, or raises _UndeliveredError."""
+        try:
+            response = await self._client.post(url, content=body, headers=headers)
+        except _http_error() as exc:
+            raise _UndeliveredError(f"{type(exc).__name__}: {exc}", None) from exc
+        if not response.is_success:
+            raise _UndeliveredError(f"HTTP {response.status_code}", response.status_code)
+        return response.status_code
+
     async def deliver(self, job_id: str) -> None:
         """Send one job's callback if it is due and nobody else is sending it."""
         try:
@@ -157,22 +177,20 @@ class Webhooks:
             "X-Jobcast-Event": f"job.{job.status}",
             "X-Jobcast-Delivery": claim,
         }
-        error, status, tries = "", None, 0
-        delay = self.settings.webhook_backoff_s
-        for tries in range(1, 0 if refused else self.settings.webhook_tries + 1):
+        error, status, tries = refused, None, 0
+        if not refused and self.settings.webhook_tries > 0:
+            backoff = self.settings.webhook_backoff_s
+            retries = stamina.retry_context(
+                on=_UndeliveredError, attempts=self.settings.webhook_tries, timeout=None, wait_initial=backoff,
+                wait_max=backoff * 2**self.settings.webhook_tries, wait_jitter=0.0, wait_exp_base=2,
+            )  # fmt: skip
             try:
-                response = await self._client.post(job.callback_url, content=body, headers=headers)
-                status = response.status_code
-                if response.is_success:
-                    error = ""
-                    break
-                error = f"HTTP {status}"
-            except _http_error() as exc:
-                status, error = None, f"{type(exc).__name__}: {exc}"
-            if tries < self.settings.webhook_tries:
-                await asyncio.sleep(delay)
-                delay *= 2
-        error = refused or error
+                async for attempt in retries:  # the backoff doubles from webhook_backoff_s, no jitter
+                    with attempt:
+                        tries = attempt.num
+                        status = await self._post(job.callback_url, body, headers)
+            except _UndeliveredError as exc:
+                status, error = exc.status, exc.error
         delivered = not error
         log.info(
             "callback of %s to %s: %s after %d tries", job.id, job.callback_url, error or "delivered", tries

@@ -1,29 +1,32 @@
 """The contract between the API and the workers: NATS names, configs, payloads, operations."""
 
-from streams._config import (
+from streams._buckets import (
     ADMIN_KEY_NAME,
-    ADMISSION_SHARE,
     CALLBACK_CLAIM_TTL_S,
-    JOBS_STREAM,
-    STREAM_MAX_BYTES,
     WORKER_TTL_S,
     ApiKeyRecord,
-    Pool,
-    WorkerConsumer,
     WorkerInfo,
     admin_key_from_env,
     callbacks_bucket,
-    ensure_consumer,
-    ensure_stream,
     files_store,
     is_loopback,
-    jobs_stream,
     keys_bucket,
-    stream_replicas,
     worker_ttl,
     workers_bucket,
 )
+from streams._config import (
+    ADMISSION_SHARE,
+    JOBS_STREAM,
+    STREAM_MAX_BYTES,
+    Pool,
+    WorkerConsumer,
+    ensure_consumer,
+    ensure_stream,
+    jobs_stream,
+    stream_replicas,
+)
 from streams._connect import close_quietly, connect, nats_servers, without_credentials
+from streams._declare import DECLARE_TIMEOUT_S, ensure_jetstream, is_transient, riding_out
 from streams._egress import (
     DEFAULT_LLM_BASE_URL,
     AddressPolicy,
@@ -126,6 +129,7 @@ __all__ = [
     "ALL_SUBJECTS",
     "CALLBACK_CLAIM_TTL_S",
     "CHUNK",
+    "DECLARE_TIMEOUT_S",
     "DEFAULT_LLM_BASE_URL",
     "JOBS_STREAM",
     "JOB_HEADER",
@@ -200,6 +204,7 @@ __all__ = [
     "durable_mode",
     "encode_event",
     "ensure_consumer",
+    "ensure_jetstream",
     "ensure_stream",
     "events_subject",
     "file_url",
@@ -207,6 +212,7 @@ __all__ = [
     "files_subject",
     "is_loopback",
     "is_terminal",
+    "is_transient",
     "job_history_subjects",
     "job_id_of",
     "job_subjects",
@@ -223,6 +229,7 @@ __all__ = [
     "priority_token",
     "released_by_worker",
     "result_size",
+    "riding_out",
     "rss_mb",
     "running_subject",
     "safe_name",

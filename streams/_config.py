@@ -1,7 +1,8 @@
 """Stream and consumer configuration, as data.
 
 Every process calls `ensure_stream`; the definitions below are the only source of
-truth for how JetStream keeps jobs.
+truth for how JetStream keeps jobs. The KV buckets and the files store are in
+streams/_buckets.py.
 """
 
 from __future__ import annotations
@@ -9,29 +10,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import ipaddress
 import logging
 import os
-from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
-from pathlib import Path
-from typing import TypeVar
 
-import msgspec
 import nats.errors
 from nats.js import JetStreamContext
 from nats.js import api as js_api
 from nats.js.errors import APIError
-from nats.js.kv import KeyValue
-from nats.js.object_store import ObjectStore
 
 from streams._errors import ReplicasError
 from streams._limits import MAX_DELIVER
 from streams._subjects import ALL_SUBJECTS, STREAM, pool_submissions, priority_token
-from streams._supervisor import TaskState
 
 log = logging.getLogger("jobcast.streams")
-T = TypeVar("T")
 
 
 class Pool(enum.StrEnum):
@@ -114,190 +106,13 @@ INSUFFICIENT_STORAGE = 10047
 """JetStream's error code when the server cannot reserve a stream's max_bytes in its store."""
 
 
-WORKERS_BUCKET = "JOBCAST_WORKERS"
-"""KV bucket of worker heartbeats, one key per worker (`<pool>.<name>`)."""
-WORKER_TTL_S = 15.0
-"""A worker that has not refreshed its key this long is gone; workers refresh every TTL/3.
-JOBCAST_WORKER_TTL_S overrides it (every process of a deployment must agree)."""
-
-
-def worker_ttl() -> float:
-    """The heartbeat TTL in force."""
-    return float(os.environ.get("JOBCAST_WORKER_TTL_S") or WORKER_TTL_S)
-
-
-CALLBACKS_BUCKET = "JOBCAST_CALLBACKS"
-"""KV bucket of webhook claims: the API instance that creates a job's key sends its callback."""
-CALLBACK_CLAIM_TTL_S = 120.0
-"""A claim expires this long after its instance stopped refreshing it (it crashed mid-delivery)."""
-
-
-class WorkerInfo(msgspec.Struct, kw_only=True):
-    """A worker's heartbeat: the value of its key in the workers bucket."""
-
-    name: str
-    pool: str
-    slots: int
-    running: list[str]
-    """Ids of the jobs it runs now."""
-    host: str
-    pid: int
-    started_at: float
-    last_seen: float
-    tasks: dict[str, TaskState] = {}
-    """Its supervised tasks (fetch loop, heartbeat): running, or restarting since when and why."""
-    cpu_percent: float = 0.0
-    """Its process's CPU use over the last usage window, in percent of one core (0: a worker that
-    predates the field)."""
-    rss_mb: float = 0.0
-    """Its process's resident memory in MB."""
-    cpu_count: int = 0
-    """The CPUs its process may run on (0: unknown)."""
-    models_loaded: int = 0
-    """Models held loaded in its process's cache (whisper models, per model, device and compute type)."""
-    machine: str = ""
-    """The kernel its process runs on: its boot id, shared by the containers of one machine (empty:
-    a worker that predates the field; its host stands for its machine)."""
-    machine_cpus: int = 0
-    """The CPUs of that machine, whatever its containers may use (0: unknown)."""
-    cpu_quota: float = 0.0
-    """The CPUs its cgroups' quota lets its process use (a container's `cpus:`; 0: no quota)."""
-
-
-async def workers_bucket(js: JetStreamContext) -> KeyValue:
-    """The heartbeat bucket, created on first use."""
-    return await _key_value(
-        js,
-        js_api.KeyValueConfig(
-            bucket=WORKERS_BUCKET, ttl=worker_ttl(), history=1, storage=js_api.StorageType.MEMORY
-        ),
-    )
-
-
-async def callbacks_bucket(js: JetStreamContext) -> KeyValue:
-    """The webhook-claim bucket, created on first use."""
-    return await _key_value(
-        js, js_api.KeyValueConfig(bucket=CALLBACKS_BUCKET, ttl=CALLBACK_CLAIM_TTL_S, history=1)
-    )
-
-
-KEYS_BUCKET = "JOBCAST_KEYS"
-"""KV bucket of API keys, one entry per key name; only the key's sha256 is stored."""
-
-
-class ApiKeyRecord(msgspec.Struct, kw_only=True):
-    """An API key as stored: its owner name, role and hash, never the key itself."""
-
-    name: str
-    sha256: str
-    admin: bool = False
-    created_at: float = 0.0
-
-
-def is_loopback(host: str) -> bool:
-    """Whether binding `host` keeps a server on this machine: only then may it run without keys."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-async def keys_bucket(js: JetStreamContext) -> KeyValue:
-    """The API keys bucket, created on first use (history 1: a revoked key is deleted)."""
-    return await _key_value(js, js_api.KeyValueConfig(bucket=KEYS_BUCKET, history=1))
-
-
-ADMIN_KEY_NAME = "admin"
-"""The key record that JOBCAST_ADMIN_KEY (or JOBCAST_ADMIN_KEY_FILE) provisions at API start-up."""
-
-
-def admin_key_from_env(environ: Mapping[str, str] = os.environ) -> str | None:
-    """The admin key an operator configured: JOBCAST_ADMIN_KEY, else the file JOBCAST_ADMIN_KEY_FILE names.
-
-    None when neither is set (or both are empty). Surrounding whitespace is dropped, so a file
-    written by `echo` or a Docker/Kubernetes secret works as it is.
-
-    Raises:
-        ValueError: JOBCAST_ADMIN_KEY_FILE is set but names no readable file, or an empty one; a
-            deployment that meant to have an admin key must not start without one.
-    """
-    if value := environ.get("JOBCAST_ADMIN_KEY", "").strip():
-        return value
-    path = environ.get("JOBCAST_ADMIN_KEY_FILE", "").strip()
-    if not path:
-        return None
-    try:
-        value = Path(path).read_text().strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"JOBCAST_ADMIN_KEY_FILE={path}: cannot read it ({exc})") from exc
-    if not value:
-        raise ValueError(f"JOBCAST_ADMIN_KEY_FILE={path}: the file is empty")
-    return value
-
-
-FILES_BUCKET = "JOBCAST_FILES"
-"""Object store bucket of every file's bytes, by file id: a worker on another machine reads
-inputs and writes outputs here, no shared disk needed."""
-
-
-async def files_store(js: JetStreamContext) -> ObjectStore:
-    """The files bucket, created on first use."""
-
-    async def create(replicas: int) -> ObjectStore:
-        config = js_api.ObjectStoreConfig(
-            description="jobcast files", storage=js_api.StorageType.FILE, replicas=replicas
-        )
-        return await js.create_object_store(FILES_BUCKET, config=config)
-
-    async def held() -> js_api.StreamInfo:
-        return (await (await js.object_store(FILES_BUCKET)).status()).stream_info
-
-    return await _replicated(js, f"object store {FILES_BUCKET}", create, held)
-
-
-async def _key_value(js: JetStreamContext, config: js_api.KeyValueConfig) -> KeyValue:
-    """A KV bucket with JOBCAST_STREAM_REPLICAS replicas (see `_replicated`)."""
-
-    async def create(replicas: int) -> KeyValue:
-        return await js.create_key_value(config=replace(config, replicas=replicas))
-
-    async def held() -> js_api.StreamInfo:
-        return (await (await js.key_value(config.bucket)).status()).stream_info
-
-    return await _replicated(js, f"KV bucket {config.bucket}", create, held)
-
-
-async def _replicated(
-    js: JetStreamContext,
-    what: str,
-    create: Callable[[int], Awaitable[T]],
-    held: Callable[[], Awaitable[js_api.StreamInfo]],
-) -> T:
-    """A bucket created with JOBCAST_STREAM_REPLICAS replicas, or the existing one with its replicas
-    raised to them; never lowered, so a process started without the setting binds to it as it is."""
-    replicas = stream_replicas()
-    try:
-        return await create(replicas)
-    except APIError as exc:
-        _refuse_placement(exc, what, replicas)
-        if exc.err_code != STREAM_NAME_IN_USE:
-            raise
-    # It exists with other replicas (or differs in more, which this create still refuses).
-    info = await held()
-    bucket = await create(info.config.num_replicas or 1)
-    await _raise_replicas(js, info, replicas, what)
-    return bucket
-
-
 STREAM_NAME_IN_USE = 10058
 """JetStream's error code for a create whose stream exists with another configuration."""
 PLACEMENT_ERRORS = frozenset({10074, 10005})
 """Replicas the server cannot place: it is not clustered, or has too few suitable nodes."""
 
 
-def _refuse_placement(exc: APIError, what: str, replicas: int) -> None:
+def refuse_placement(exc: APIError, what: str, replicas: int) -> None:
     """Raise a ReplicasError that says what to do when `exc` is the server refusing the replicas."""
     if exc.err_code in PLACEMENT_ERRORS:
         raise ReplicasError(
@@ -306,7 +121,7 @@ def _refuse_placement(exc: APIError, what: str, replicas: int) -> None:
         ) from exc
 
 
-async def _raise_replicas(js: JetStreamContext, held: js_api.StreamInfo, replicas: int, what: str) -> None:
+async def raise_replicas(js: JetStreamContext, held: js_api.StreamInfo, replicas: int, what: str) -> None:
     """Raise an existing stream's replicas to `replicas`, or log why it cannot; never lowers them."""
     have = held.config.num_replicas or 1
     if have >= replicas:
@@ -416,7 +231,7 @@ async def _add_or_update(js: JetStreamContext, config: js_api.StreamConfig, upda
     try:
         await js.add_stream(config=config)
     except APIError as exc:
-        _refuse_placement(exc, f"the {STREAM} stream", config.num_replicas or 1)
+        refuse_placement(exc, f"the {STREAM} stream", config.num_replicas or 1)
         if exc.err_code != STREAM_NAME_IN_USE:
             raise
         if not update:  # it exists, with another configuration

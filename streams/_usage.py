@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from streams._config import worker_ttl
+from streams._buckets import worker_ttl
 
 
 def usage_window_s() -> float:

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from app import Settings
-from streams import NatsServer, ProcessUsage
+from streams import STREAM, CallbackResult, NatsServer, ProcessUsage, connect, decode_event, events_subject
 from tests.conftest import ApiServer, WorkerRunner, spawned, submit, wait_terminal, worker_process
 from tests.test_queue_stats import proc_rss_mb
 
@@ -235,8 +235,19 @@ async def test_force_complete_and_cleanup(client: httpx.AsyncClient, worker: Wor
     assert (await client.delete("/api/v1/jobs/admin/cleanup", params={"days_old": -1})).status_code == 400
 
 
+async def callback_result(nats_server: NatsServer, job_id: str) -> CallbackResult:
+    """The `callback` event the sending API published for a job, read from the stream."""
+    nc = await connect(nats_server.url, name="test")
+    try:
+        event = decode_event((await nc.jetstream().get_last_msg(STREAM, events_subject(job_id))).data or b"")
+    finally:
+        await nc.close()
+    assert isinstance(event, CallbackResult)
+    return event
+
+
 async def test_webhook_signed_and_retried(
-    client: httpx.AsyncClient, worker: WorkerRunner, settings: Settings
+    client: httpx.AsyncClient, worker: WorkerRunner, settings: Settings, nats_server: NatsServer
 ) -> None:
     async with Receiver([500, 503, 200]) as hook:
         job = await submit(client, params={"steps": 1}, callback_url=hook.url)
@@ -256,9 +267,13 @@ async def test_webhook_signed_and_retried(
     assert sent["id"] == job["id"]
     assert sent["status"] == "completed"
     assert sent["result"] == final["result"]
+    result = await callback_result(nats_server, job["id"])
+    assert (result.delivered, result.tries, result.error, result.http_status) == (True, 3, "", 200)
 
 
-async def test_webhook_gives_up_after_five_tries(client: httpx.AsyncClient, worker: WorkerRunner) -> None:
+async def test_webhook_gives_up_after_five_tries(
+    client: httpx.AsyncClient, worker: WorkerRunner, nats_server: NatsServer
+) -> None:
     async with Receiver([500]) as hook:
         job = await submit(client, params={"fail": True, "error": "boom"}, callback_url=hook.url)
 
@@ -270,6 +285,8 @@ async def test_webhook_gives_up_after_five_tries(client: httpx.AsyncClient, work
     assert len(hook.requests) == 5
     assert hook.requests[0][0]["x-jobcast-event"] == "job.failed"
     assert json.loads(hook.requests[0][1])["error"] == "boom"
+    result = await callback_result(nats_server, job["id"])
+    assert (result.delivered, result.tries, result.error, result.http_status) == (False, 5, "HTTP 500", 500)
 
 
 async def test_webhook_sent_once_by_two_api_instances(

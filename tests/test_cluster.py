@@ -24,8 +24,9 @@ from httpx_sse import aconnect_sse
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
-from app import Settings
+from app import Settings, create_app
 from streams import (
+    DECLARE_TIMEOUT_S,
     STREAM,
     ApiKeyRecord,
     NatsServer,
@@ -33,6 +34,7 @@ from streams import (
     callbacks_bucket,
     close_quietly,
     connect,
+    ensure_jetstream,
     ensure_stream,
     files_store,
     keys_bucket,
@@ -198,6 +200,61 @@ async def test_replicas_beyond_one_server_are_refused_clearly(
             await ensure_stream(js)
         with pytest.raises(ReplicasError, match="KV bucket JOBCAST_KEYS cannot be created with 3 replicas"):
             await keys_bucket(js)
+        # A permanent error is not ridden out like JetStream not being ready: the API fails at once.
+        started = time.monotonic()
+        with pytest.raises(ReplicasError, match="JOBCAST_STREAM_REPLICAS=3 needs a JetStream cluster"):
+            await ensure_jetstream(js)
+        assert time.monotonic() - started < DECLARE_TIMEOUT_S / 3
+
+
+async def test_an_api_started_before_its_cluster_has_a_leader_waits_for_it(tmp_path: Path) -> None:
+    # Seen in CI: an API that starts while the cluster's meta leader is not there (or too busy to
+    # answer) got a timeout from its stream declaration, and its start crashed. A node alone has no
+    # meta leader: its JetStream times out, then answers 503 (no responders), until its peers join.
+    cluster = NatsCluster(tmp_path / "cluster")
+    first, *peers = cluster.nodes
+    waiting = asyncio.Event()
+
+    class Waits(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.levelno == logging.WARNING and "JetStream is not ready" in record.getMessage():
+                waiting.set()
+
+    handler = Waits()
+    logging.getLogger("jobcast.streams").addHandler(handler)
+
+    async def join_once_it_waits() -> None:
+        await asyncio.wait_for(waiting.wait(), 30)
+        await asyncio.gather(*(node.start() for node in peers))
+
+    try:
+        await first.start()
+        joining = asyncio.create_task(join_once_it_waits())
+        app = create_app(api_settings(tmp_path, "a", first.url))
+        try:
+            # The app's own lifespan, in this loop (the test client would run it in another thread).
+            async with (
+                asyncio.timeout(90),
+                app.lifespan(),
+                httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api") as client,
+            ):
+                await joining  # it did wait, and the cluster is whole
+                ready = await wait_for(lambda: ready_body(client), timeout=30)
+                assert ready["status"] == "ready"
+                job = await client.post("/api/v1/jobs", json={"type": "noop", "params": {"steps": 1}})
+                assert job.status_code == 202, job.text
+                assert job.json()["status"] == "pending"
+        finally:
+            joining.cancel()
+    finally:
+        logging.getLogger("jobcast.streams").removeHandler(handler)
+        await cluster.stop()
+
+
+async def ready_body(client: httpx.AsyncClient) -> dict[str, Any] | None:
+    """/ready's body once it answers 200, else None."""
+    response = await client.get("/ready")
+    return response.json() if response.status_code == 200 else None
 
 
 # the cluster ------------------------------------------------------------------------------------

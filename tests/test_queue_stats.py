@@ -30,7 +30,7 @@ from streams import (
     machine_id,
     workers_bucket,
 )
-from streams._config import WORKERS_BUCKET
+from streams._buckets import WORKERS_BUCKET
 from tests.conftest import MEDIA, ApiServer, WorkerRunner, spawned, submit, wait_terminal, worker_process
 from workers import WorkerSettings
 from workers.whisper import MODEL_CACHE

@@ -27,7 +27,7 @@ from app._projection import Projection
 from app._retention import Retention
 from app._webhooks import Webhooks
 from streams import STREAM, NatsServer, TaskPhase, TaskSupervisor, close_quietly, connect, keys_bucket
-from streams._config import KEYS_BUCKET
+from streams._buckets import KEYS_BUCKET
 from tests.conftest import ApiServer, WorkerRunner, submit, wait_terminal
 from tests.test_admin import Receiver, wait_for
 from tests.test_security import BAD_KEY, put_key

@@ -1,0 +1,326 @@
+"""One batch of the projection, in the writer thread: the jobs it touches, folded in memory,
+each row written once, the batch parents derived from their children, and the bookmark, all in
+one transaction.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from datetime import datetime
+from fractions import Fraction
+from typing import Any, cast
+
+import msgspec
+from nats.aio.msg import Msg
+from sqlalchemy import Table, bindparam, delete, insert, select, update
+from sqlalchemy.engine import Connection
+
+from app._db import JOBS, BookmarkRow, EventRow, FileRow, JobRow
+from app._fold import fold
+from app._hub import Applied
+from app._queue import queue_position
+from app._schemas import EventEnvelope, QueuePosition
+from streams import (
+    TERMINAL_STATUSES,
+    Deleted,
+    Event,
+    FileDeleted,
+    FileStored,
+    JobStatus,
+    utcnow,
+)
+
+BOOKMARK = "jobs"
+"""The bookmark row's name: the last stream sequence the projection applied."""
+_encoder = msgspec.json.Encoder()
+
+
+def _envelope(job: JobRow, seq: int, kind: str, attempt: int, ts: datetime, raw: bytes) -> bytes:
+    """The client-facing envelope: the job's state after the event, and the raw event."""
+    return _encoder.encode(
+        EventEnvelope(
+            seq=seq, job_id=job.id, kind=kind, status=job.status, progress=job.progress,
+            current_step=job.current_step, attempt=attempt, ts=ts, event=msgspec.Raw(raw),
+        )
+    )  # fmt: skip
+
+
+def _chunks(items: list[str], size: int) -> list[list[str]]:
+    """`items` in lists of at most `size` (SQLite bounds the parameters of one statement)."""
+    return [items[start : start + size] for start in range(0, len(items), size)]
+
+
+_EVENTS = cast(Table, EventRow.__table__)
+_FILES = cast(Table, FileRow.__table__)
+BOOKMARKS = cast(Table, BookmarkRow.__table__)
+_JOB_COLUMNS = tuple(column.name for column in JOBS.columns)
+_MUTABLE = (
+    "status", "attempt", "progress", "current_step", "result", "error", "worker", "held_by", "exhausted",
+    "callback_status", "queue_seq", "last_seq", "started_at", "completed_at", "updated_at",
+)  # fmt: skip
+"""The columns `fold` and the parent derivation change; a job's spec never changes."""
+_CHILDREN = select(JOBS.c.id, JOBS.c.status, JOBS.c.progress, JOBS.c.submit_seq).where(
+    JOBS.c.parent_id == bindparam("parent_id")
+)
+_INSERT_JOB = insert(JOBS)
+_UPDATE_JOB = update(JOBS).where(JOBS.c.id == bindparam("_id"))
+_INSERT_EVENT = insert(_EVENTS)
+_UPDATE_BOOKMARK = update(BOOKMARKS).where(BOOKMARKS.c.name == bindparam("_name"))
+
+
+@dataclass(frozen=True, slots=True)
+class Handoff:
+    """A job as the batch that applied a waited-for sequence left it, for the waiter's answer."""
+
+    row: JobRow
+    position: QueuePosition | None
+    """Its queue position, counted in the batch's transaction."""
+
+
+@dataclass(frozen=True, slots=True)
+class EventTimes:
+    """What the metrics need of a job at the moment an event was applied to it."""
+
+    type: str
+    attempt: int
+    created_at: datetime
+    started_at: datetime | None
+
+
+def _apply_file(conn: Connection, event: FileStored | FileDeleted, seq: int) -> None:
+    if isinstance(event, FileDeleted):
+        conn.execute(delete(_FILES).where(_FILES.c.id == event.file_id))
+    elif conn.execute(select(_FILES.c.id).where(_FILES.c.id == event.file_id)).first() is not None:
+        # Stored again: moved to its own subject before its job's were purged (app/_retention.py);
+        # the row takes the new message's place, as a rebuild would.
+        conn.execute(update(_FILES).where(_FILES.c.id == event.file_id).values(seq=seq))
+    else:
+        conn.execute(
+            insert(_FILES),
+            {
+                "id": event.file_id, "owner": event.owner, "name": event.name,
+                "content_type": event.content_type, "size": event.size, "sha256": event.sha256,
+                "job_id": event.job_id or None, "seq": seq, "created_at": event.ts,
+            },
+        )  # fmt: skip
+
+
+class BatchWrites:
+    """One batch in the writer thread: the jobs it touches, folded in memory, each written once.
+
+    Rows are plain (session-less) `JobRow`s, written with Core `executemany` statements.
+    """
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.rows: dict[str, JobRow | None] = {}
+        """Every job the batch touched, as the batch left it (None: absent or deleted)."""
+        self.applied: list[Applied] = []
+        self.observed: list[tuple[EventTimes, Event]] = []
+        self.handoffs: dict[str, Handoff] = {}
+        self.callbacks: set[str] = set()
+        """Jobs whose attempt the batch ended and that have a callback URL."""
+        self._new: dict[str, JobRow] = {}
+        self._dirty: dict[str, JobRow] = {}
+        self._families: dict[str, _Family] = {}
+        """Batch parents this batch derived, with their children."""
+        self._events: list[dict[str, Any]] = []
+
+    def load(self, job_ids: set[str]) -> None:
+        """Read the jobs a batch touches, one query per 500 ids."""
+        for chunk in _chunks(sorted(job_ids - self.rows.keys()), 500):
+            for row in self.conn.execute(select(JOBS).where(JOBS.c.id.in_(chunk))):
+                self.rows[row.id] = JobRow(**row._mapping)
+        self.rows.update((job_id, None) for job_id in job_ids if job_id not in self.rows)
+
+    def save(self, job: JobRow, new: bool) -> None:
+        """Mark a job to be written at the next flush."""
+        self.rows[job.id] = job
+        if new:
+            self._new[job.id] = job
+        elif job.id not in self._new:
+            self._dirty[job.id] = job
+
+    def event(self, seq: int, job_id: str, kind: str, payload: bytes) -> None:
+        """Record an event row, written at the next flush."""
+        self._events.append({"seq": seq, "job_id": job_id, "kind": kind, "payload": payload})
+
+    def flush(self) -> None:
+        """Write what the batch changed so far: each job row once, then the event rows."""
+        if self._new:
+            self.conn.execute(
+                _INSERT_JOB, [{c: getattr(job, c) for c in _JOB_COLUMNS} for job in self._new.values()]
+            )
+        if self._dirty:
+            self.conn.execute(
+                _UPDATE_JOB,
+                [{"_id": job.id} | {c: getattr(job, c) for c in _MUTABLE} for job in self._dirty.values()],
+            )
+        if self._events:
+            self.conn.execute(_INSERT_EVENT, self._events)
+        self._new, self._dirty, self._events = {}, {}, []
+
+    def hand_off(self, job_ids: set[str]) -> None:
+        """Keep the rows of the awaited jobs this batch touched (flushed before), with their queue
+        position, so that whoever waits need not read them back."""
+        for job_id in job_ids:
+            if (job := self.rows.get(job_id)) is not None:
+                self.handoffs[job_id] = Handoff(job, queue_position(self.conn, job))
+
+    def delete(self, job: JobRow, seq: int) -> None:
+        """Remove a job, its children and their events; followers get a last `deleted` event."""
+        self.flush()  # so that the deletes below also cover what this batch wrote
+        children = self.conn.execute(select(JOBS.c.id).where(JOBS.c.parent_id == job.id)).scalars()
+        ids = [job.id, *children]
+        self.conn.execute(delete(_EVENTS).where(_EVENTS.c.job_id.in_(ids)))
+        self.conn.execute(delete(JOBS).where(JOBS.c.id.in_(ids)))
+        for job_id in ids:
+            self.rows[job_id] = None
+        self._families.pop(job.id, None)
+        payload = _envelope(job, seq, "deleted", job.attempt, utcnow(), b'{"kind":"deleted"}')
+        self.applied += [
+            Applied(seq, job_id, job.owner, "deleted", job.status, True, payload) for job_id in ids
+        ]
+
+    def _family(self, parent_id: str) -> _Family:
+        """A batch parent's children, read once per batch (after writing what the batch changed)."""
+        family = self._families.get(parent_id)
+        if family is None:
+            self.flush()  # so that children this batch created are read with the others
+            family = self._families[parent_id] = _Family()
+            for row in self.conn.execute(_CHILDREN, {"parent_id": parent_id}):
+                family.set(row.id, row.status, row.progress, row.submit_seq)
+        return family
+
+    def derive_parent(self, child: JobRow, seq: int, ts: datetime, created: bool) -> Applied | None:
+        """A batch parent's status, progress and result follow its children, derived after each
+        child event from the event alone (its time, not the clock), so a database rebuilt from
+        the stream derives the same rows and events however its batches fell. A child's creation
+        moves the parent's counts without an event of its own."""
+        assert child.parent_id is not None
+        parent_id = child.parent_id
+        self.load({parent_id})
+        parent = self.rows[parent_id]
+        if parent is None:
+            return None
+        family = self._family(parent_id)
+        family.set(child.id, child.status, child.progress, child.submit_seq)
+        counts, total = family.counts, len(family.children)
+        done = sum(counts[s] for s in TERMINAL_STATUSES)
+        result: dict[str, object] = {"total": total, "counts": {s: n for s, n in sorted(counts.items()) if n}}
+        if JobStatus(parent.status).terminal:
+            # Ended by its children, or explicitly (cancelled, force-completed): only a retry,
+            # which resets it to pending, lets the children move it again.
+            status = JobStatus(parent.status)
+        elif done == total:
+            status = JobStatus.COMPLETED if counts[JobStatus.COMPLETED] == total else JobStatus.FAILED
+            ordered = family.in_submit_order()
+            for outcome in sorted(TERMINAL_STATUSES):
+                result[str(outcome)] = [cid for cid, s in ordered if s == outcome]
+        elif counts[JobStatus.PENDING] + counts[JobStatus.SCHEDULED] == total:
+            status = JobStatus(parent.status)
+        else:
+            status = JobStatus.RUNNING
+        before = (parent.status, parent.progress, parent.result)
+        progress = family.progress()
+        if status == parent.status and result == parent.result and abs(progress - parent.progress) < 1.0:
+            progress = parent.progress  # a child's small step: the parent moves by whole points
+        parent.result, parent.progress = result, progress
+        parent.current_step = f"{done} of {total} done"
+        if status != parent.status:
+            parent.status = status
+            if status == JobStatus.RUNNING and parent.started_at is None:
+                parent.started_at = ts
+            if status.terminal and parent.completed_at is None:
+                parent.completed_at = ts
+            if status == JobStatus.FAILED:
+                parent.error = f"{total - counts[JobStatus.COMPLETED]} of {total} children did not complete"
+        self.save(parent, new=False)
+        unchanged = (parent.status, parent.progress, parent.result) == before
+        if created or unchanged or JobStatus(before[0]).terminal:
+            return None
+        parent.last_seq, parent.updated_at = seq, ts
+        kind = str(status) if status.terminal else "progress"
+        raw = _encoder.encode(
+            {"kind": kind, "job_id": parent_id, "derived": True, "counts": result["counts"]}
+        )
+        payload = _envelope(parent, seq, kind, parent.attempt, ts, raw)
+        self.event(seq, parent_id, kind, payload)
+        if status.terminal and parent.callback_url:
+            self.callbacks.add(parent_id)
+        return Applied(seq, parent_id, parent.owner, kind, parent.status, status.terminal, payload)
+
+
+class _Family:
+    """A batch parent's children as far as its derivation needs them, with the status counts and
+    the progress total kept up to date child by child; the total is exact (a Fraction), so the
+    parent's progress never depends on the order its children were added in."""
+
+    def __init__(self) -> None:
+        self.children: dict[str, tuple[str, int]] = {}
+        """Each child's status and submit sequence."""
+        self.counts: Counter[str] = Counter()
+        self._progress: dict[str, Fraction] = {}
+        self._total = Fraction(0)
+
+    def set(self, child_id: str, status: str, progress: float, submit_seq: int) -> None:
+        """Record a child's state, replacing what was known of it."""
+        if (old := self.children.get(child_id)) is not None:
+            self.counts[old[0]] -= 1
+            self._total -= self._progress[child_id]
+        weight = Fraction(100) if JobStatus(status).terminal else Fraction(progress)
+        self.children[child_id], self._progress[child_id] = (status, submit_seq), weight
+        self.counts[status] += 1
+        self._total += weight
+
+    def progress(self) -> float:
+        """The mean of the children's progress, a finished child counting 100."""
+        return round(float(self._total / len(self.children)), 2) if self.children else 0.0
+
+    def in_submit_order(self) -> list[tuple[str, str]]:
+        """(child id, status) in the order the children were submitted."""
+        return [(cid, status) for cid, (status, _) in sorted(self.children.items(), key=lambda i: i[1][1])]
+
+
+def write_batch(
+    conn: Connection, decoded: list[tuple[Msg, int, Event]], last: int, advanced: bool, awaited: set[str]
+) -> BatchWrites:
+    """Apply a batch of decoded events in `conn`'s transaction, and with `advanced` (it applied
+    something new) move the bookmark to `last`; keeps the rows of the `awaited` jobs it touched."""
+    writes = BatchWrites(conn)
+    # One query for every job the batch touches, not one per job.
+    wanted = {e.job_id for _, _, e in decoded if not isinstance(e, FileStored | FileDeleted)}
+    writes.load(wanted)
+    for msg, seq, event in decoded:
+        if isinstance(event, FileStored | FileDeleted):
+            _apply_file(conn, event, seq)
+            continue
+        before = writes.rows[event.job_id]
+        if isinstance(event, Deleted):
+            if before is not None:
+                writes.delete(before, seq)
+            continue
+        job, ends = fold(before, event, seq)
+        if job is None:
+            continue
+        writes.observed.append((EventTimes(job.type, job.attempt, job.created_at, job.started_at), event))
+        writes.save(job, new=before is None)
+        payload = _envelope(job, seq, event.kind, event.attempt, event.ts, msg.data)
+        writes.event(seq, job.id, event.kind, payload)
+        # An event of a job that has ended (its webhook's result) closes a follower too: one
+        # that read the history just before it was stored and the job just after waits for it.
+        closes = ends or JobStatus(job.status).terminal
+        writes.applied.append(Applied(seq, job.id, job.owner, event.kind, job.status, closes, payload))
+        if ends and job.callback_url:
+            writes.callbacks.add(job.id)
+        if job.parent_id is not None:
+            derived = writes.derive_parent(job, seq, event.ts, created=before is None)
+            if derived is not None:
+                writes.applied.append(derived)
+    writes.flush()
+    writes.hand_off(awaited)
+    bookmark = {"_name": BOOKMARK, "last_seq": last}
+    if advanced and conn.execute(_UPDATE_BOOKMARK, bookmark).rowcount == 0:
+        conn.execute(insert(BOOKMARKS), {"name": BOOKMARK, "last_seq": last})
+    return writes

@@ -1,0 +1,66 @@
+"""Declaring the stream and buckets while JetStream is not ready yet.
+
+A process may start before its JetStream can answer: a fresh cluster still electing its meta
+leader, or one too busy to reply in time (several APIs declaring at once on loaded nodes). Such
+errors pass by themselves, so the declaration is retried for a while; an error in what is
+declared (a bad config, replicas the cluster cannot place) fails at once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import nats.errors
+import stamina
+from nats.js import JetStreamContext
+from nats.js.errors import ServiceUnavailableError
+
+from streams._buckets import callbacks_bucket, files_store, keys_bucket, workers_bucket
+from streams._config import ensure_stream
+
+log = logging.getLogger("jobcast.streams")
+T = TypeVar("T")
+
+DECLARE_TIMEOUT_S = 30.0
+"""How long a declaration rides out JetStream not answering before the process gives up."""
+
+
+def is_transient(exc: Exception) -> bool:
+    """Whether `exc` says JetStream cannot answer yet (a timeout, no responders, a 503), not that
+    the request was wrong."""
+    # nats-py raises ServiceUnavailableError both for a 503 answer and for no responders at all.
+    return isinstance(exc, TimeoutError | nats.errors.NoRespondersError | ServiceUnavailableError)
+
+
+async def riding_out(what: str, declare: Callable[[], Awaitable[T]], timeout: float = DECLARE_TIMEOUT_S) -> T:
+    """`declare()`, retried with backoff while it fails with a transient error, for up to `timeout`
+    seconds in all; then, or on any other error, the error is raised. `declare` must be idempotent."""
+    retries = stamina.retry_context(
+        on=is_transient, attempts=None, timeout=timeout, wait_initial=0.2, wait_max=2.0, wait_jitter=0.2
+    )
+    async for attempt in retries:
+        with attempt:
+            try:
+                return await declare()
+            except Exception as exc:
+                if is_transient(exc):
+                    log.warning(
+                        "declaring %s: JetStream is not ready (%s: %s); retrying for up to %.0f s",
+                        what, type(exc).__name__, exc, timeout,
+                    )  # fmt: skip
+                raise
+    raise AssertionError("unreachable: stamina raises the last error")
+
+
+async def ensure_jetstream(js: JetStreamContext) -> None:
+    """Create, or bring in line, the JOBS stream, every KV bucket and the files store, as the API
+    does at start, riding out JetStream not being ready (`riding_out`)."""
+
+    async def declare() -> None:
+        await ensure_stream(js)
+        for bucket in (keys_bucket, callbacks_bucket, workers_bucket, files_store):
+            await bucket(js)
+
+    await riding_out("the JOBS stream and the buckets", declare)
