@@ -33,6 +33,7 @@ from app._freshness import Freshness, FreshnessMiddleware
 from app._hub import Hub
 from app._jobs import JobService
 from app._metrics import Metrics
+from app._params_doc import OperationParamsSchema
 from app._projection import Projection
 from app._query import QueryCheck
 from app._retention import Retention
@@ -163,6 +164,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         logging_config=None,  # the process's own (JSON) logging stays; Litestar's would replace it
         dependencies=DEPENDENCIES,
         request_max_body_size=settings.max_request_bytes,
+        plugins=[OperationParamsSchema()],
         openapi_config=OpenAPIConfig(
             title="jobcast", version="0.1.0", path="/schema", use_handler_docstrings=True
         ),

@@ -1,11 +1,8 @@
-"""The submit form's option fields, derived from each operation's params struct (one source of truth)."""
+"""The submit form's option fields, derived from each operation's params struct (one source of truth):
+its types, limits and `msgspec.Meta` descriptions, the same that document the params in OpenAPI."""
 
 from __future__ import annotations
 
-import ast
-import inspect
-import itertools
-import textwrap
 from dataclasses import dataclass
 from functools import cache
 from typing import Any, Literal
@@ -47,36 +44,23 @@ class OperationForm:
     fields: tuple[FormField, ...]
 
 
-def _attribute_docs(struct: type[msgspec.Struct]) -> dict[str, str]:
-    """The docstrings written under each field, from the struct and its bases."""
-    docs: dict[str, str] = {}
-    for klass in reversed(struct.__mro__):
-        if not (isinstance(klass, type) and issubclass(klass, msgspec.Struct)) or klass is msgspec.Struct:
-            continue
-        try:
-            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
-        except (OSError, TypeError):
-            continue
-        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
-        for node, after in itertools.pairwise(body):
-            if (
-                isinstance(node, ast.AnnAssign)
-                and isinstance(node.target, ast.Name)
-                and isinstance(after, ast.Expr)
-                and isinstance(after.value, ast.Constant)
-                and isinstance(after.value.value, str)
-            ):
-                docs[node.target.id] = " ".join(after.value.value.split())
-    return docs
+def _unwrapped(kind_of: mi.Type) -> tuple[mi.Type, str]:
+    """The type under its `msgspec.Meta` wrappers, and the description the outermost one gives."""
+    described = ""
+    while isinstance(kind_of, mi.Metadata):
+        described = described or str((kind_of.extra_json_schema or {}).get("description", ""))
+        kind_of = kind_of.type
+    return kind_of, described
 
 
-def _field(field: mi.Field, help_text: str) -> FormField | None:
-    kind_of = field.type
+def _field(field: mi.Field) -> FormField | None:
+    kind_of, help_text = _unwrapped(field.type)
     if isinstance(kind_of, mi.UnionType):  # `X | None`: optional, left empty by default
         options = [t for t in kind_of.types if not isinstance(t, mi.NoneType)]
         if len(options) != 1:
             return None
-        kind_of = options[0]
+        kind_of, inner_help = _unwrapped(options[0])
+        help_text = help_text or inner_help
     default = None if field.default is msgspec.NODEFAULT else field.default
     kind: FieldKind
     choices: tuple[str, ...] = ()
@@ -98,8 +82,7 @@ def _field(field: mi.Field, help_text: str) -> FormField | None:
 def _form(spec: OperationSpec) -> OperationForm:
     info = mi.type_info(spec.params)
     assert isinstance(info, mi.StructType)
-    docs = _attribute_docs(spec.params)
-    fields = tuple(f for f in (_field(field, docs.get(field.name, "")) for field in info.fields) if f)
+    fields = tuple(f for f in (_field(field) for field in info.fields) if f)
     return OperationForm(spec.name, spec.description, spec.needs_file, fields)
 
 

@@ -10,6 +10,7 @@ import msgspec
 from litestar.openapi.spec import OpenAPIFormat
 from litestar.params import KwargDefinition
 
+from app._params_doc import OPERATION_PARAMS
 from streams import MAX_ATTEMPTS, MAX_PRIORITY, MAX_TIMEOUT_S, MIN_PRIORITY, MIN_TIMEOUT_S, TaskState
 
 MAX_INT = 2**62
@@ -45,9 +46,11 @@ class SubmitJob(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     type: OperationName = ""
     """The operation, e.g. `noop` (required, unless given as `job_type`)."""
     job_type: Annotated[OperationName | None, msgspec.Meta(description=SEED_JOB_TYPE)] = None
-    params: Params | None = None
+    params: Annotated[Params | None, OPERATION_PARAMS] = None
     """Operation parameters, validated against the operation's schema (default `{}`)."""
-    parameters: Annotated[Params | None, msgspec.Meta(description="Seed 003's name of `params`")] = None
+    parameters: Annotated[
+        Params | None, msgspec.Meta(description="Seed 003's name of `params`"), OPERATION_PARAMS
+    ] = None
     title: Annotated[str, msgspec.Meta(max_length=500, examples=["a quick check"])] = ""
     description: Description | None = ""
     """Free text; `null` (as seed 003's clients send it) is the same as empty."""
