@@ -31,7 +31,7 @@ from streams._buckets import KEYS_BUCKET
 from tests.conftest import ApiServer, WorkerRunner, submit, wait_terminal
 from tests.test_admin import Receiver, wait_for
 from tests.test_security import BAD_KEY, put_key
-from workers import Worker
+from workers._fetch import Fetcher
 
 # the helper itself ---------------------------------------------------------------------------
 
@@ -313,19 +313,19 @@ async def test_worker_fetch_loop_restarts_and_takes_jobs_again(
     client: httpx.AsyncClient, worker: WorkerRunner, caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
-    pull = Worker._pull
+    pull = Fetcher._pull
 
-    async def broken(self: Worker, durable: str, count: int) -> list[Any]:
+    async def broken(self: Fetcher, nc: Any, durable: str, count: int) -> list[Any]:
         raise RuntimeError("injected fetch fault")
 
-    monkeypatch.setattr(Worker, "_pull", broken)
+    monkeypatch.setattr(Fetcher, "_pull", broken)
     job = await submit(client, params={"steps": 1})  # its doorbell makes the loop pull, and fail
     # The worker has no HTTP: its heartbeat record (the admin workers list) says what is down.
     seen = await wait_for(lambda: _worker_task(client, "fetch", "restarting"))
     assert seen["last_error"] == "RuntimeError: injected fetch fault"
     assert_traceback_logged(caplog, "injected fetch fault")
     assert (await client.get(f"/api/v1/jobs/{job['id']}")).json()["status"] == "pending"
-    monkeypatch.setattr(Worker, "_pull", pull)
+    monkeypatch.setattr(Fetcher, "_pull", pull)
     assert (await wait_terminal(client, job["id"]))["status"] == "completed"
     seen = await wait_for(lambda: _worker_task(client, "fetch", "running"))
     assert seen["restarts"] >= 1
