@@ -39,7 +39,7 @@ from nats.js.errors import KeyDeletedError, KeyNotFoundError, KeyWrongLastSequen
 from nats.js.kv import KeyValue
 
 from app._settings import Settings
-from streams import ADMIN_KEY_NAME, ApiKeyRecord, TaskSupervisor, is_loopback, keys_bucket
+from streams import ADMIN_KEY_NAME, ApiKeyRecord, TaskSupervisor, is_loopback, key_hash, keys_bucket
 
 log = logging.getLogger("jobcast.auth")
 
@@ -64,11 +64,6 @@ class Caller(msgspec.Struct, frozen=True):
     """The key it authenticated with, directly or through a token; None in local mode."""
     login_at: float | None = None
     """When its session began (tokens and cookies); None when it presented the key itself."""
-
-
-def key_hash(key: str) -> str:
-    """How keys are stored: their sha256, so a leaked bucket leaks no key."""
-    return hashlib.sha256(key.encode()).hexdigest()
 
 
 WATCH_CHECK_S = 2.0

@@ -25,8 +25,8 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from app import Settings
-from app._auth import SESSION_MAX_AGE_S, Caller, key_hash, sign_token
-from streams import ApiKeyRecord, NatsServer, admin_key_from_env, close_quietly, keys_bucket
+from app._auth import SESSION_MAX_AGE_S, Caller, sign_token
+from streams import ApiKeyRecord, NatsServer, admin_key_from_env, close_quietly, key_hash, keys_bucket
 from streams import connect as nats_connect
 from tests.conftest import MEDIA, ApiServer, WorkerRunner, free_port, spawned, submit
 from tests.test_admin import Receiver, wait_for
