@@ -1,0 +1,37 @@
+"""The `jobcast api` process itself: what it loads (P6's memory budget)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import httpx
+
+from streams import NatsServer
+from tests.conftest import free_port, spawned
+from tests.test_admin import wait_for
+from tests.test_sessions import clean_env
+
+
+async def test_the_api_process_serves_without_pydantic(nats_server: NatsServer, tmp_path: Path) -> None:
+    """pydantic (installed for the llm worker's openai client) is never loaded by `jobcast api`:
+    Litestar's pydantic plugins would cost 8 MB of its 80 MB (see `jobcast.cli.without_pydantic`)."""
+    port = free_port()
+    env = clean_env(JOBCAST_NATS_URL=nats_server.url, JOBCAST_DATA_DIR=str(tmp_path / "data"))
+    argv = [sys.executable, "-m", "jobcast", "api", "--port", str(port)]
+    async with spawned(argv, env) as proc, httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+
+        async def ready() -> bool:
+            assert proc.returncode is None, "the API exited"
+            try:
+                return (await http.get("/ready")).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        await wait_for(ready, timeout=30)
+        jobs = await http.get("/api/v1/jobs")
+        assert (jobs.status_code, jobs.json()["items"]) == (200, [])
+        assert (await http.get("/schema/openapi.json")).json()["info"]["title"] == "jobcast"
+        libraries = Path(f"/proc/{proc.pid}/maps").read_text()
+        assert "_sqlite3" in libraries  # extension modules the process loaded are listed
+        assert "pydantic_core" not in libraries
