@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from pathlib import Path
 
@@ -32,6 +33,6 @@ async def test_the_api_process_serves_without_pydantic(nats_server: NatsServer, 
         jobs = await http.get("/api/v1/jobs")
         assert (jobs.status_code, jobs.json()["items"]) == (200, [])
         assert (await http.get("/schema/openapi.json")).json()["info"]["title"] == "jobcast"
-        libraries = Path(f"/proc/{proc.pid}/maps").read_text()
+        libraries = await asyncio.to_thread(Path(f"/proc/{proc.pid}/maps").read_text)
         assert "_sqlite3" in libraries  # extension modules the process loaded are listed
         assert "pydantic_core" not in libraries
