@@ -267,9 +267,29 @@ async def fix_cues(
         own backoff; each try holds a slot (`_SlottedClient`), a wait holds none. An answer with
         the wrong lines is asked again here, at once, up to `max_retries` times."""
         nonlocal retries
-        prompt = to_lines(texts)
-        messages: list[Any] = [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
-        try:
+        messages: list[Any] = [
+            {"role": "system", "content": system},
+            {"role": "user", "content": to_lines(texts)},
+        ]
+
+        async def once() -> list[str]:
+            nonlocal retries
+            try:
+                raw = await client.chat.completions.with_raw_response.create(model=model, messages=messages)
+            except EgressRefusedError as exc:  # openai 3 lets what the transport raises through
+                raise LLMError(f"{label}: {exc}; not sent") from None
+            except openai.APIError as exc:
+                raise _failure(exc, label, max_retries, target.api_key) from exc
+            retries += raw.retries_taken
+            response = raw.parse()
+            answer = from_lines(
+                (response.choices[0].message.content if response.choices else None) or "", len(texts)
+            )
+            if answer is None:
+                raise _BrokenAnswer
+            return answer
+
+        with contextlib.suppress(_BrokenAnswer):  # raised again by the last attempt: keep the chunk
             async for attempt in stamina.retry_context(
                 on=_BrokenAnswer,
                 attempts=max_retries + 1,
@@ -281,24 +301,8 @@ async def fix_cues(
                 with attempt:
                     if attempt.num > 1:
                         retries += 1
-                    try:
-                        raw = await client.chat.completions.with_raw_response.create(
-                            model=model, messages=messages
-                        )
-                    except EgressRefusedError as exc:  # openai 3 lets what the transport raises through
-                        raise LLMError(f"{label}: {exc}; not sent") from None
-                    except openai.APIError as exc:
-                        raise _failure(exc, label, max_retries, target.api_key) from exc
-                    retries += raw.retries_taken
-                    response = raw.parse()
-                    content = response.choices[0].message.content if response.choices else None
-                    answer = from_lines(content or "", len(texts))
-                    if answer is None:
-                        raise _BrokenAnswer
-                    return answer
-        except _BrokenAnswer:
-            return None
-        raise AssertionError("unreachable: the last attempt returns or raises")
+                    return await once()
+        return None
 
     async def run(client: openai.AsyncOpenAI, n: int, chunk: list[Cue]) -> None:
         nonlocal done
