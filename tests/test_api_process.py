@@ -10,8 +10,7 @@ import httpx
 
 from streams import NatsServer
 from tests.conftest import free_port, spawned
-from tests.test_admin import wait_for
-from tests.test_sessions import clean_env
+from tests.test_sessions import clean_env, wait_ready
 
 
 async def test_the_api_process_serves_without_pydantic(nats_server: NatsServer, tmp_path: Path) -> None:
@@ -21,15 +20,7 @@ async def test_the_api_process_serves_without_pydantic(nats_server: NatsServer, 
     env = clean_env(JOBCAST_NATS_URL=nats_server.url, JOBCAST_DATA_DIR=str(tmp_path / "data"))
     argv = [sys.executable, "-m", "jobcast", "api", "--port", str(port)]
     async with spawned(argv, env) as proc, httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
-
-        async def ready() -> bool:
-            assert proc.returncode is None, "the API exited"
-            try:
-                return (await http.get("/ready")).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        await wait_for(ready, timeout=30)
+        await wait_ready(proc, http)
         jobs = await http.get("/api/v1/jobs")
         assert (jobs.status_code, jobs.json()["items"]) == (200, [])
         assert (await http.get("/schema/openapi.json")).json()["info"]["title"] == "jobcast"
