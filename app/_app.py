@@ -10,7 +10,6 @@ from pathlib import Path
 from litestar import Litestar
 from litestar.datastructures import State
 from litestar.middleware import DefineMiddleware
-from litestar.middleware.rate_limit import RateLimitConfig
 from litestar.openapi import OpenAPIConfig
 from litestar.plugins.jinja import JinjaTemplateEngine
 from litestar.static_files import create_static_files_router
@@ -19,11 +18,9 @@ from litestar.template.config import TemplateConfig
 from app._auth import (
     UI_PREFIX,
     AuthMiddleware,
-    CountingRateLimitMiddleware,
     Keys,
     LoginRequired,
     provision_admin_key,
-    rate_limit_identity,
 )
 from app._db import Database
 from app._deps import DEPENDENCIES
@@ -36,6 +33,7 @@ from app._metrics import Metrics
 from app._params_doc import OperationParamsSchema
 from app._projection import Projection
 from app._query import QueryCheck
+from app._ratelimit import RateLimit
 from app._retention import Retention
 from app._settings import Settings, get_settings
 from app._stats import Stats
@@ -149,12 +147,10 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 exclude=["^/health$", "^/ready$", "^/schema", "^/api/v1/auth/login$"],
                 exclude_http_methods=[],
             ),
-            RateLimitConfig(
-                rate_limit=("minute", settings.rate_limit_per_minute),
-                identifier_for_request=rate_limit_identity,
+            RateLimit(
+                settings.rate_limit_per_minute,
                 exclude=["^/health$", "^/ready$", "^/schema", f"^{UI_PREFIX}/static/"],
-                middleware_class=CountingRateLimitMiddleware,
-            ).middleware,
+            ),
             QueryCheck(),  # after the key check: an unknown caller learns nothing about parameters
             FreshnessMiddleware(),  # read-your-writes across API instances (a valid request only)
         ],

@@ -25,21 +25,17 @@ from typing import Any
 
 import msgspec
 import nats.errors
-from litestar import Request
 from litestar.connection import ASGIConnection
-from litestar.datastructures import Cookie, MutableScopeHeaders
-from litestar.exceptions import NotAuthorizedException, PermissionDeniedException, TooManyRequestsException
+from litestar.datastructures import Cookie
+from litestar.exceptions import NotAuthorizedException, PermissionDeniedException
 from litestar.handlers.base import BaseRouteHandler
 from litestar.middleware import AbstractAuthenticationMiddleware, AuthenticationResult
-from litestar.middleware.rate_limit import DURATION_VALUES, RateLimitConfig, RateLimitMiddleware
-from litestar.stores.base import Store
-from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from nats.js import JetStreamContext
 from nats.js.errors import KeyDeletedError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from app._settings import Settings
-from streams import ADMIN_KEY_NAME, ApiKeyRecord, TaskSupervisor, is_loopback, keys_bucket
+from streams import ADMIN_KEY_NAME, ApiKeyRecord, TaskSupervisor, is_loopback, key_hash, keys_bucket
 
 log = logging.getLogger("jobcast.auth")
 
@@ -64,11 +60,6 @@ class Caller(msgspec.Struct, frozen=True):
     """The key it authenticated with, directly or through a token; None in local mode."""
     login_at: float | None = None
     """When its session began (tokens and cookies); None when it presented the key itself."""
-
-
-def key_hash(key: str) -> str:
-    """How keys are stored: their sha256, so a leaked bucket leaks no key."""
-    return hashlib.sha256(key.encode()).hexdigest()
 
 
 WATCH_CHECK_S = 2.0
@@ -331,79 +322,6 @@ class AuthMiddleware(AbstractAuthenticationMiddleware):
         if local is not None:
             return AuthenticationResult(user=local, auth=None)
         raise NotAuthorizedException("an API key is required: send Authorization: Bearer <key> or X-API-Key")
-
-
-def rate_limit_identity(request: Request[Any, Any, Any]) -> str:
-    """Rate limits count per key (owner), not per address."""
-    caller = request.scope.get("user")
-    return (
-        f"owner:{caller.owner}"
-        if isinstance(caller, Caller)
-        else f"addr:{request.client.host if request.client else '-'}"
-    )
-
-
-class CountingRateLimitMiddleware(RateLimitMiddleware):
-    """Litestar's fixed-window rate limit, keeping a count per window instead of every request's time.
-
-    The stock middleware decodes and re-encodes the list of the window's timestamps on every
-    request and keeps its copy alive in the request's frame and send wrapper for as long as the
-    response lasts: thousands of SSE connections opened in one window held O(n^2) memory (about
-    16 KB per connection at 1,000, growing with n). Same limit, same 429, same RateLimit-* headers.
-    """
-
-    def __init__(self, app: ASGIApp, config: RateLimitConfig) -> None:
-        super().__init__(app, config)
-        self._window_lock = asyncio.Lock()  # one read-count-write of a window at a time
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Count the request in its key's window; 429 once the window is full."""
-        app = scope["litestar_app"]
-        request: Request[Any, Any, Any] = app.request_class(scope)
-        if self.max_requests > 0 and await self.should_check_request(request=request):  # 0: no limit
-            key = self.cache_key_from_request(request)
-            store = self.config.get_store_from_app(app)
-            async with self._window_lock:
-                count, reset = await self._window(key, store)
-                if count >= self.max_requests:
-                    headers = self._headers(count, reset) if self.config.set_rate_limit_headers else None
-                    raise TooManyRequestsException(headers=headers)
-                count += 1
-                await store.set(key, f"{count} {reset}", expires_in=DURATION_VALUES[self.unit])
-            if self.config.set_rate_limit_headers:
-                send = self._send_with_headers(send, count, reset)
-        del request
-        await self.app(scope, receive, send)
-
-    async def _window(self, key: str, store: Store) -> tuple[int, int]:
-        """Requests counted in the key's current window, and when it resets (epoch seconds)."""
-        now = int(time.time())
-        raw = await store.get(key)
-        if raw:
-            count, reset = (int(part) for part in raw.split())
-            if reset > now:
-                return count, reset
-        return 0, now + DURATION_VALUES[self.unit]
-
-    def _headers(self, count: int, reset: int) -> dict[str, str]:
-        config = self.config
-        return {
-            config.rate_limit_policy_header_key: f"{self.max_requests}; w={DURATION_VALUES[self.unit]}",
-            config.rate_limit_limit_header_key: str(self.max_requests),
-            config.rate_limit_remaining_header_key: str(max(self.max_requests - count, 0)),
-            config.rate_limit_reset_header_key: str(reset - int(time.time())),
-        }
-
-    def _send_with_headers(self, send: Send, count: int, reset: int) -> Send:
-        async def send_wrapper(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message.setdefault("headers", [])
-                headers = MutableScopeHeaders(message)
-                for name, value in self._headers(count, reset).items():
-                    headers[name] = value
-            await send(message)
-
-        return send_wrapper
 
 
 def admin_only(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:

@@ -1,48 +1,33 @@
-"""Prometheus metrics at GET /metrics, in the text exposition format (no client library needed)."""
+"""Prometheus metrics at GET /metrics, with prometheus_client.
+
+What the projection observes as it applies events (events by kind, run-time and queue-wait
+histograms) lives in prometheus_client's own metrics; what is read at each scrape (jobs and queue
+depth from SQLite, workers, open streams, the bounded buffers) is yielded by `Scrape`, a custom
+collector. Each app has its own registry: several run in one test process.
+"""
 
 from __future__ import annotations
 
-import bisect
-from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
 from app._db import Database, JobRow
 from streams import Event, JobStatus, Started, is_terminal
 
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0, 7200.0)
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
+"""The text format `generate_latest` writes."""
 
-
-class Histogram:
-    """Cumulative buckets per label value, the Prometheus way."""
-
-    def __init__(self, name: str, help_text: str, label: str) -> None:
-        self.name, self.help, self.label = name, help_text, label
-        self.counts: dict[str, list[int]] = {}
-        self.sums: defaultdict[str, float] = defaultdict(float)
-
-    def observe(self, label: str, value: float) -> None:
-        """Count one observation."""
-        counts = self.counts.setdefault(label, [0] * (len(BUCKETS) + 1))
-        counts[bisect.bisect_left(BUCKETS, value)] += 1
-        self.sums[label] += value
-
-    def lines(self) -> Iterable[str]:
-        """The exposition lines."""
-        yield f"# HELP {self.name} {self.help}"
-        yield f"# TYPE {self.name} histogram"
-        for label, counts in sorted(self.counts.items()):
-            running = 0
-            for bound, count in zip((*BUCKETS, float("inf")), counts, strict=True):
-                running += count
-                le = "+Inf" if bound == float("inf") else repr(bound)
-                yield f'{self.name}_bucket{{{self.label}="{label}",le="{le}"}} {running}'
-            yield f'{self.name}_sum{{{self.label}="{label}"}} {self.sums[label]:.6f}'
-            yield f'{self.name}_count{{{self.label}="{label}"}} {running}'
+# One series per figure, as before: no `_created` timestamps beside each counter and histogram.
+disable_created_metrics()  # type: ignore[no-untyped-call]  # unannotated in prometheus_client
 
 
 class JobTimes(Protocol):
@@ -71,48 +56,90 @@ class Buffers:
     projection_restarts: int
     """Times the projection's consumer was stopped at its bound and started again."""
 
-    def lines(self) -> list[str]:
-        """The exposition lines."""
-        return [
-            "# HELP jobcast_client_buffered_bytes Event bytes waiting for live clients' sockets.",
-            "# TYPE jobcast_client_buffered_bytes gauge",
-            f"jobcast_client_buffered_bytes {self.client_bytes}",
-            "# HELP jobcast_clients_cut_off_total Live clients cut off for falling too far behind.",
-            "# TYPE jobcast_clients_cut_off_total counter",
-            f"jobcast_clients_cut_off_total {self.cut_offs}",
-            "# HELP jobcast_projection_queued Stream messages received but not yet applied.",
-            "# TYPE jobcast_projection_queued gauge",
-            f"jobcast_projection_queued {self.projection_messages}",
-            "# HELP jobcast_projection_restarts_total Projection consumer restarts at its bound.",
-            "# TYPE jobcast_projection_restarts_total counter",
-            f"jobcast_projection_restarts_total {self.projection_restarts}",
-        ]
+
+@dataclass(frozen=True, slots=True)
+class Scrape(Collector):
+    """The figures read for one scrape: from SQLite and from the API's live state."""
+
+    jobs: list[tuple[str, str, int]]
+    """(type, status, count) of every job."""
+    queue_depth: list[tuple[str, int]]
+    """(pool, count) of pending jobs."""
+    workers: int
+    open_streams: int
+    subscriptions: int
+    buffers: Buffers | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        """The families, in prometheus_client's form."""
+        jobs = GaugeMetricFamily("jobcast_jobs", "Jobs by status and type.", labels=["type", "status"])
+        for job_type, status, count in sorted(self.jobs):
+            jobs.add_metric([job_type, status], count)
+        yield jobs
+        depth = GaugeMetricFamily("jobcast_queue_depth", "Pending jobs per pool.", labels=["pool"])
+        for pool, count in sorted(self.queue_depth):
+            depth.add_metric([pool], count)
+        yield depth
+        yield GaugeMetricFamily(
+            "jobcast_open_streams", "Open SSE, WebSocket and long-poll connections.", value=self.open_streams
+        )
+        yield GaugeMetricFamily(
+            "jobcast_subscriptions", "Live event subscriptions in this API process.", value=self.subscriptions
+        )
+        yield GaugeMetricFamily("jobcast_workers", "Workers with a live heartbeat.", value=self.workers)
+        if (buffers := self.buffers) is not None:
+            yield GaugeMetricFamily(
+                "jobcast_client_buffered_bytes",
+                "Event bytes waiting for live clients' sockets.",
+                value=buffers.client_bytes,
+            )
+            yield CounterMetricFamily(
+                "jobcast_clients_cut_off",
+                "Live clients cut off for falling too far behind.",
+                value=buffers.cut_offs,
+            )
+            yield GaugeMetricFamily(
+                "jobcast_projection_queued",
+                "Stream messages received but not yet applied.",
+                value=buffers.projection_messages,
+            )
+            yield CounterMetricFamily(
+                "jobcast_projection_restarts",
+                "Projection consumer restarts at its bound.",
+                value=buffers.projection_restarts,
+            )
 
 
 class Metrics:
     """What the projection observes as it applies events, and what is read on each scrape."""
 
     def __init__(self) -> None:
-        self.events = Counter[str]()
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.events = Counter(
+            "jobcast_events", "Events applied by this API process, by kind.", ["kind"], registry=self.registry
+        )
         self.run_time = Histogram(
-            "jobcast_job_run_seconds", "Time from started to the end of an attempt.", "type"
-        )
+            "jobcast_job_run_seconds", "Time from started to the end of an attempt.", ["type"],
+            buckets=BUCKETS, registry=self.registry,
+        )  # fmt: skip
         self.queue_wait = Histogram(
-            "jobcast_job_queue_wait_seconds", "Time from submission to start.", "type"
-        )
+            "jobcast_job_queue_wait_seconds", "Time from submission to start.", ["type"],
+            buckets=BUCKETS, registry=self.registry,
+        )  # fmt: skip
 
     def observe(self, job: JobTimes, event: Event) -> None:
         """Called by the projection for every applied event, once its batch is committed."""
-        self.events[event.kind] += 1
+        self.events.labels(event.kind).inc()
         if isinstance(event, Started) and event.attempt == job.attempt:
-            self.queue_wait.observe(job.type, max(0.0, (event.ts - job.created_at).total_seconds()))
+            wait = max(0.0, (event.ts - job.created_at).total_seconds())
+            self.queue_wait.labels(job.type).observe(wait)
         elif is_terminal(event) and job.started_at is not None:
-            self.run_time.observe(job.type, max(0.0, (event.ts - job.started_at).total_seconds()))
+            self.run_time.labels(job.type).observe(max(0.0, (event.ts - job.started_at).total_seconds()))
 
     async def render(
         self, db: Database, workers: int, streams: int, subscriptions: int, buffers: Buffers | None = None
-    ) -> str:
-        """The whole exposition."""
+    ) -> bytes:
+        """The whole exposition, in the text format of CONTENT_TYPE."""
         async with db.session() as session:
             by_status = (
                 await session.execute(
@@ -126,27 +153,12 @@ class Metrics:
                     .group_by(JobRow.pool)
                 )
             ).all()
-        lines = ["# HELP jobcast_jobs Jobs by status and type.", "# TYPE jobcast_jobs gauge"]
-        lines += [f'jobcast_jobs{{type="{t}",status="{s}"}} {n}' for t, s, n in sorted(by_status)]
-        lines += ["# HELP jobcast_queue_depth Pending jobs per pool.", "# TYPE jobcast_queue_depth gauge"]
-        lines += [f'jobcast_queue_depth{{pool="{p}"}} {n}' for p, n in sorted(depth)]
-        lines += [
-            "# HELP jobcast_events_total Events applied by this API process, by kind.",
-            "# TYPE jobcast_events_total counter",
-        ]
-        lines += [f'jobcast_events_total{{kind="{k}"}} {n}' for k, n in sorted(self.events.items())]
-        lines += [*self.run_time.lines(), *self.queue_wait.lines()]
-        lines += [
-            "# HELP jobcast_open_streams Open SSE, WebSocket and long-poll connections.",
-            "# TYPE jobcast_open_streams gauge",
-            f"jobcast_open_streams {streams}",
-            "# HELP jobcast_subscriptions Live event subscriptions in this API process.",
-            "# TYPE jobcast_subscriptions gauge",
-            f"jobcast_subscriptions {subscriptions}",
-            "# HELP jobcast_workers Workers with a live heartbeat.",
-            "# TYPE jobcast_workers gauge",
-            f"jobcast_workers {workers}",
-        ]
-        if buffers is not None:
-            lines += buffers.lines()
-        return "\n".join(lines) + "\n"
+        scrape = Scrape(
+            jobs=[(t, s, n) for t, s, n in by_status],
+            queue_depth=[(p, n) for p, n in depth],
+            workers=workers,
+            open_streams=streams,
+            subscriptions=subscriptions,
+            buffers=buffers,
+        )
+        return generate_latest(scrape) + generate_latest(self.registry)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import os
 import re
 import secrets
@@ -23,6 +22,7 @@ from streams import (
     close_quietly,
     connect,
     is_loopback,
+    key_hash,
     keys_bucket,
     nats_servers,
     without_credentials,
@@ -158,7 +158,7 @@ async def _act(nc: Client, action: str, name: str | None, admin: bool) -> int:
         key = "jc_" + secrets.token_urlsafe(32)
         record = ApiKeyRecord(
             name=name,
-            sha256=hashlib.sha256(key.encode()).hexdigest(),
+            sha256=key_hash(key),
             admin=admin,
             created_at=time.time(),
         )

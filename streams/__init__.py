@@ -67,6 +67,7 @@ from streams._events import (
     utcnow,
 )
 from streams._files import CHUNK, digest, file_url, safe_name
+from streams._keys import key_hash
 from streams._limits import (
     MAX_ATTEMPTS,
     MAX_DELIVER,
@@ -217,6 +218,7 @@ __all__ = [
     "job_id_of",
     "job_subjects",
     "jobs_stream",
+    "key_hash",
     "keys_bucket",
     "llm_allowlist",
     "machine_id",

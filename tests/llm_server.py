@@ -34,6 +34,8 @@ class ChatRequest:
     """1-based, in order of arrival."""
     body: dict[str, Any]
     authorization: str
+    at: float = field(default_factory=time.monotonic)
+    """When it arrived (time.monotonic)."""
 
     @property
     def system(self) -> str:
@@ -75,6 +77,8 @@ class FakeLLM:
     """The assistant's content for a request that is not failed."""
     fail_first: list[int] = field(default_factory=list)
     """HTTP statuses for the first requests, in order (e.g. [429, 500]); later ones are answered."""
+    retry_after: str | None = None
+    """The Retry-After header of those scripted failures (none when None)."""
     api_key: str | None = None
     """When set, any other bearer token gets 401."""
     delay: float = 0.0
@@ -103,6 +107,8 @@ class FakeLLM:
                 status, payload = fake._handle(self.path, body, self.headers.get("Authorization", ""))
                 data = json.dumps(payload).encode()
                 self.send_response(status)
+                if status != 200 and fake.retry_after is not None:
+                    self.send_header("Retry-After", fake.retry_after)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()

@@ -34,6 +34,7 @@ from app._sse import SseFanout, SseFollower
 from jobcast.client import Client
 from tests.conftest import TERMINAL, ApiServer, WorkerRunner, submit, wait_terminal
 from tests.test_live import StoredEvents as History
+from tests.test_metrics import sample
 from workers import WorkerSettings
 
 BUFFER = 64 * 1024
@@ -216,10 +217,7 @@ def parse_sse(body: bytes) -> tuple[list[dict[str, Any]], list[str]]:
 
 
 async def metric(client: httpx.AsyncClient, name: str) -> int:
-    text = (await client.get("/metrics")).text
-    match = re.search(rf"^{name} (\d+)$", text, re.MULTILINE)
-    assert match, text
-    return int(match.group(1))
+    return int(sample((await client.get("/metrics")).text, name))
 
 
 class Sampler:

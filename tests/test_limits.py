@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -13,6 +14,7 @@ from httpx_sse import aconnect_sse
 from websockets.asyncio.client import connect as ws_connect
 
 from app import Settings
+from app._ratelimit import WINDOW_S, RateLimit
 from streams import NatsServer
 from tests.conftest import ApiServer, submit
 from tests.test_security import put_key
@@ -25,6 +27,23 @@ async def limited(settings: Settings) -> AsyncIterator[ApiServer]:
     await server.start()
     yield server
     await server.stop()
+
+
+@contextlib.asynccontextmanager
+async def serving(settings: Settings, keys: dict[str, str]) -> AsyncIterator[dict[str, httpx.AsyncClient]]:
+    """An API with `settings`, and a client per key name, each sending its key."""
+    server = ApiServer(settings)
+    await server.start()
+    clients = {
+        name: httpx.AsyncClient(base_url=server.url, timeout=10, headers={"Authorization": f"Bearer {key}"})
+        for name, key in keys.items()
+    }
+    try:
+        yield clients
+    finally:
+        for client in clients.values():
+            await client.aclose()
+        await server.stop()
 
 
 async def test_rate_limit_per_key(limited: ApiServer) -> None:
@@ -99,13 +118,7 @@ async def test_each_admin_key_has_its_own_stream_quota(settings: Settings, nats_
     keys = {
         name: await put_key(nats_server.url, name, admin=name != "bob") for name in ("root1", "root2", "bob")
     }
-    server = ApiServer(replace(settings, max_streams_per_owner=1))
-    await server.start()
-    clients = {
-        name: httpx.AsyncClient(base_url=server.url, timeout=10, headers={"Authorization": f"Bearer {key}"})
-        for name, key in keys.items()
-    }
-    try:
+    async with serving(replace(settings, max_streams_per_owner=1), keys) as clients:
         bobs = await submit(clients["bob"])  # no worker: it stays pending, so its stream stays open
         own = await submit(clients["root2"])
         async with aconnect_sse(clients["root1"], "GET", f"/api/v1/jobs/{bobs['id']}/events") as held:
@@ -118,7 +131,39 @@ async def test_each_admin_key_has_its_own_stream_quota(settings: Settings, nats_
             second = await clients["root1"].get(f"/api/v1/jobs/{own['id']}/poll", params={"timeout": 1})
             assert second.status_code == 429
             assert "too many open streams" in second.json()["detail"]
-    finally:
-        for client in clients.values():
-            await client.aclose()
-        await server.stop()
+
+
+async def test_rate_limit_counts_each_key_in_its_own_window(
+    settings: Settings, nats_server: NatsServer
+) -> None:
+    """alice's full window leaves bob's alone; the RateLimit-* headers count down to the 429."""
+    keys = {name: await put_key(nats_server.url, name) for name in ("alice", "bob")}
+    async with serving(replace(settings, rate_limit_per_minute=3), keys) as clients:
+        answers = [await clients["alice"].get("/api/v1/jobs") for _ in range(4)]
+        assert [a.status_code for a in answers] == [200, 200, 200, 429]
+        assert [a.headers["ratelimit-remaining"] for a in answers] == ["2", "1", "0", "0"]
+        assert {a.headers["ratelimit-limit"] for a in answers} == {"3"}
+        assert {a.headers["ratelimit-policy"] for a in answers} == {"3; w=60"}
+        assert all(0 < int(a.headers["ratelimit-reset"]) <= 60 for a in answers)
+        assert answers[-1].json() == {"status_code": 429, "detail": "Too Many Requests"}
+        bobs = await clients["bob"].get("/api/v1/jobs")
+        assert (bobs.status_code, bobs.headers["ratelimit-remaining"]) == (200, "2")
+        assert bobs.json()["items"] == []
+        health = await clients["alice"].get("/health")  # excluded: not counted, no headers
+        assert (health.json()["status"], "ratelimit-limit" in health.headers) == ("ok", False)
+
+
+def test_rate_limit_keeps_only_the_current_windows() -> None:
+    """A window is two integers per caller, and windows that ended are dropped: memory is bounded by
+    the callers of the last minute, not by the requests."""
+    limit = RateLimit(5)
+    now = 1_000_000
+    for n in range(1000):
+        limit.count(f"addr:10.0.{n // 256}.{n % 256}", now)
+    assert limit.count("owner:alice", now) == (1, now + WINDOW_S)
+    for _ in range(10):
+        counted = limit.count("owner:alice", now + 1)
+    assert counted == (6, now + WINDOW_S)  # refused past the limit, not counted further
+    assert limit.windows == 1001
+    assert limit.count("owner:alice", now + WINDOW_S) == (1, now + 2 * WINDOW_S)
+    assert limit.windows == 1  # the ended windows were swept

@@ -46,8 +46,7 @@ def make_cues(*texts: str) -> list[Cue]:
 
 
 async def fix(server: FakeLLM, cues: list[Cue], **kwargs: Any) -> Any:
-    """fix_cues against `server`, with fast retries."""
-    kwargs.setdefault("retry_delay", 0.01)
+    """fix_cues against `server`."""
     target = kwargs.pop("target", Endpoint(base_url=server.base_url, api_key=KEY))
     return await fix_cues(cues, target=target, model="test-model", **kwargs)
 
@@ -111,6 +110,16 @@ async def test_transient_errors_past_max_retries_fail_retryable(server: FakeLLM)
     assert len(server.requests) == 3
 
 
+async def test_retry_after_is_waited_out_before_the_next_try(server: FakeLLM) -> None:
+    """A 429's Retry-After (1 s) sets the wait, not the SDK's own first backoff (0.5 s at most)."""
+    server.fail_first, server.retry_after = [429, 503], "1"
+    result = await fix(server, make_cues("a"), max_retries=2)
+    assert ([c.text for c in result.cues], result.retries) == (["A."], 2)
+    first, second, third = (r.at for r in server.requests)
+    assert second - first >= 0.95
+    assert third - second >= 0.95
+
+
 async def test_wrong_line_count_is_retried_then_accepted(server: FakeLLM) -> None:
     def broken_once(request: ChatRequest) -> str:
         return drop_last_line(request) if request.number == 1 else tidy(request)
@@ -140,7 +149,7 @@ async def test_unauthorized_fails_at_once() -> None:
     with FakeLLM(api_key="sk-other") as server:
         started = time.monotonic()
         with pytest.raises(LLMError, match=r"authentication failed \(HTTP 401\): check the API key") as info:
-            await fix(server, make_cues("a", "b", "c"), chunk_size=1, max_concurrency=1, retry_delay=5.0)
+            await fix(server, make_cues("a", "b", "c"), chunk_size=1, max_concurrency=1)
         assert time.monotonic() - started < 2.0
         assert info.value.retryable is False
         assert len(server.requests) == 1
@@ -149,7 +158,7 @@ async def test_unauthorized_fails_at_once() -> None:
 async def test_bad_request_fails_at_once(server: FakeLLM) -> None:
     server.fail_first = [400]
     with pytest.raises(LLMError, match=r"refused the request: HTTP 400") as info:
-        await fix(server, make_cues("a"), retry_delay=5.0)
+        await fix(server, make_cues("a"))
     assert info.value.retryable is False
     assert len(server.requests) == 1
 
@@ -239,7 +248,7 @@ def test_configured_and_listed_endpoints_compare_normalized() -> None:
 async def test_listed_endpoint_on_loopback_is_refused_unless_allowed(server: FakeLLM) -> None:
     listed = llm_worker(llm_allowed_base_urls=(server.base_url,))
     with pytest.raises(LLMError, match=r"resolves to the non-public address 127\.0\.0\.1; not sent"):
-        await fix(server, make_cues("a"), target=endpoint(listed, server.base_url), retry_delay=5.0)
+        await fix(server, make_cues("a"), target=endpoint(listed, server.base_url))
     assert server.requests == []
 
     # By name too: localhost is loopback whichever address it resolves to first.
@@ -306,15 +315,14 @@ async def test_calls_sharing_slots_have_that_many_requests_in_flight(server: Fak
 
 
 async def test_a_request_waiting_out_its_backoff_holds_no_slot(server: FakeLLM) -> None:
-    server.fail_first = [429]
+    server.fail_first, server.retry_after = [429], "1"
     slots = asyncio.Semaphore(1)
     first, second = await asyncio.gather(
-        fix(server, make_cues("first"), slots=slots, retry_delay=0.5),
-        fix(server, make_cues("second"), slots=slots, retry_delay=0.5),
+        fix(server, make_cues("first"), slots=slots), fix(server, make_cues("second"), slots=slots)
     )
     assert ([c.text for c in first.cues], [c.text for c in second.cues]) == (["First."], ["Second."])
     refused, other, retried = (r.user for r in server.requests)
-    # The 429's sender sleeps at least 0.5 s; the other call gets the only slot meanwhile.
+    # The 429's sender waits 1 s, as Retry-After says; the other call gets the only slot meanwhile.
     assert retried == refused != other
     assert server.max_in_flight == 1
 

@@ -26,7 +26,7 @@ def operator_worker(nats_server: NatsServer, operator: FakeLLM, **kwargs: Any) -
     """An llm worker whose configured endpoint is `operator`, with the operator's key."""
     return pool_settings(
         nats_server, "llm", llm_base_url=operator.base_url, llm_api_key=KEY, llm_model="test",
-        llm_retry_delay_s=0.01, **kwargs,
+        **kwargs,
     )  # fmt: skip
 
 

@@ -62,7 +62,7 @@ async def cpu(nats_server: NatsServer) -> AsyncIterator[WorkerRunner]:
 def llm_settings(nats_server: NatsServer, fake: FakeLLM, **kwargs: Any) -> WorkerSettings:
     return pool_settings(
         nats_server, "llm", llm_base_url=fake.base_url, llm_api_key="sk-test", llm_model="test",
-        llm_retry_delay_s=0.01, **kwargs,
+        **kwargs,
     )  # fmt: skip
 
 

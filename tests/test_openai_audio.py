@@ -16,8 +16,7 @@ import pytest
 from nats.js.errors import NotFoundError
 
 from app import Settings
-from app._auth import key_hash
-from streams import ApiKeyRecord, NatsServer, close_quietly, files_store, keys_bucket
+from streams import ApiKeyRecord, NatsServer, close_quietly, files_store, key_hash, keys_bucket
 from streams import connect as nats_connect
 from tests.conftest import ApiServer, WorkerRunner, replace, wait_terminal
 from workers import WorkerSettings, subtitles

@@ -22,8 +22,8 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from app import Settings, create_app
-from app._auth import Caller, key_hash, sign_token
-from streams import ApiKeyRecord, NatsServer, close_quietly, keys_bucket
+from app._auth import Caller, sign_token
+from streams import ApiKeyRecord, NatsServer, close_quietly, key_hash, keys_bucket
 from streams import connect as nats_connect
 from tests.conftest import REPO, ApiServer, WorkerRunner, free_port, submit, wait_terminal
 from tests.test_admin import Receiver, wait_for

@@ -25,8 +25,8 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from app import Settings
-from app._auth import SESSION_MAX_AGE_S, Caller, key_hash, sign_token
-from streams import ApiKeyRecord, NatsServer, admin_key_from_env, close_quietly, keys_bucket
+from app._auth import SESSION_MAX_AGE_S, Caller, sign_token
+from streams import ApiKeyRecord, NatsServer, admin_key_from_env, close_quietly, key_hash, keys_bucket
 from streams import connect as nats_connect
 from tests.conftest import MEDIA, ApiServer, WorkerRunner, free_port, spawned, submit
 from tests.test_admin import Receiver, wait_for
@@ -434,19 +434,24 @@ async def test_admin_key_from_env_lets_a_fresh_api_bind_publicly(
     assert (await stored_record(nats_server.url, "admin"))[0].sha256 == key_hash("second-admin-key")
 
 
+async def wait_ready(proc: asyncio.subprocess.Process, http: httpx.AsyncClient) -> None:
+    """Poll the API process `proc` serves at `http` until /ready answers 200 (at most 30 s)."""
+
+    async def ready() -> bool:
+        assert proc.returncode is None, "the API exited"
+        try:
+            return (await http.get("/ready")).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    await wait_for(ready, timeout=30)
+
+
 async def check_public_api(args: list[str], port: int, env: dict[str, str], admin_key: str) -> None:
     """Run `jobcast ARGS` (an API on a public address); it must serve the admin key and refuse anyone else."""
     argv = [sys.executable, "-m", "jobcast", *args]
     async with spawned(argv, env) as proc, httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
-
-        async def ready() -> bool:
-            assert proc.returncode is None, "the API exited"
-            try:
-                return (await http.get("/ready")).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        await wait_for(ready, timeout=30)
+        await wait_ready(proc, http)
         admin = await http.get(ADMIN_ALL, headers={"X-API-Key": admin_key})
         assert (admin.status_code, admin.json()["total"]) == (200, 0)
         anon = await http.get(ADMIN_ALL)

@@ -87,8 +87,6 @@ class WorkerSettings:
     """JOBCAST_LLM_API_KEY (or OPENAI_API_KEY)."""
     llm_model: str = field(default_factory=lambda: os.environ.get("JOBCAST_LLM_MODEL", "gpt-4o-mini"))
     """JOBCAST_LLM_MODEL: the chat model of fix_srt."""
-    llm_retry_delay_s: float = field(default_factory=lambda: _env_float("JOBCAST_LLM_RETRY_DELAY_S", 1.0))
-    """JOBCAST_LLM_RETRY_DELAY_S: first backoff step after a 429 or 5xx."""
     inline_text_bytes: int = MAX_INLINE_TEXT_BYTES
     """How much of a transcript's text its result carries inline (JSON bytes, at most
     MAX_INLINE_TEXT_BYTES); the rest is in its .txt output."""

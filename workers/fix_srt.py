@@ -32,7 +32,7 @@ async def fix_srt(ctx: JobContext) -> dict[str, Any]:
             asked, target=llm.endpoint(settings, params.base_url),
             model=params.model or settings.llm_model, sys_msg=params.sys_msg, chunk_size=params.chunk_size,
             max_concurrency=settings.llm_concurrency, slots=ctx.llm_slots,
-            retry_delay=settings.llm_retry_delay_s, progress=ctx.progress, cancelled=ctx.cancelled.is_set,
+            progress=ctx.progress, cancelled=ctx.cancelled.is_set,
         )  # fmt: skip
     except llm.LLMError as exc:
         if exc.retryable:

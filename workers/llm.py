@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import re
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from typing import Any, cast
 import httpx
 import msgspec
 import openai
+import stamina
 
 from streams import AddressPolicy, EgressRefusedError, HostUnresolvedError
 from workers._errors import JobCancelledError
@@ -37,9 +37,9 @@ DEFAULT_SYS_MSG = (
 # A cue's own line breaks would break the one-line-per-cue protocol, so they travel as a marker.
 BREAK = "<br>"
 _NUMBERED = re.compile(r"^\s*(\d+)\s*[:.)]\s?(.*)$")
-# Worth retrying with backoff: the server is overloaded, rate limiting, or briefly unreachable.
+# What the SDK retries (with 5xx and connection errors): the server is overloaded, rate
+# limiting, or briefly unreachable. Past its retries, such an error is worth a later run.
 _TRANSIENT_STATUS = {408, 409, 429}
-_MAX_DELAY = 60.0
 NO_KEY = "none"
 """Sent when no key is configured (local servers take any); the SDK requires one."""
 
@@ -145,8 +145,8 @@ class _SlottedClient(httpx.AsyncClient):
     """An httpx client whose every request holds one of `slots` from send to received body.
 
     Held per HTTP request, not per job or per SDK call, so all clients sharing `slots` (all jobs
-    of a worker) have at most its size in flight, and a request waiting out a retry's backoff holds
-    none, whether fix_cues or the SDK retries it. Waiting for a slot is not timed: the request has
+    of a worker) have at most its size in flight, and a request waiting out the SDK's retry backoff
+    holds none. Waiting for a slot is not timed: the request has
     not started. (A streamed response would hold its slot only until its headers; none is asked for.)
     """
 
@@ -164,10 +164,11 @@ class _SlottedClient(httpx.AsyncClient):
 
 @contextlib.asynccontextmanager
 async def open_client(
-    target: Endpoint, timeout: float = 120.0, slots: asyncio.Semaphore | None = None
+    target: Endpoint, timeout: float = 120.0, slots: asyncio.Semaphore | None = None, max_retries: int = 0
 ) -> AsyncIterator[openai.AsyncOpenAI]:
     """An OpenAI client for `target` that sends the key nowhere else (no redirects followed); each
-    of its HTTP requests holds one of `slots` (the worker's MAX_LLM_CONCURRENCY) while in flight."""
+    of its HTTP requests holds one of `slots` (the worker's MAX_LLM_CONCURRENCY) while in flight,
+    and the SDK retries transient HTTP errors up to `max_retries` times."""
     async with contextlib.AsyncExitStack() as stack:
         transport = None if target.policy is None else _CheckedTransport(target.policy)
         http = await stack.enter_async_context(
@@ -176,7 +177,7 @@ async def open_client(
         # openai 3 annotates `http_client` as its httpx2 client and takes an httpx one too (what
         # openai 1 and 2 take, and this project's HTTP library).
         client = openai.AsyncOpenAI(
-            base_url=target.base_url, api_key=target.api_key, max_retries=0, timeout=timeout,
+            base_url=target.base_url, api_key=target.api_key, max_retries=max_retries, timeout=timeout,
             http_client=cast(Any, http),
         )  # fmt: skip
         async with client:
@@ -205,7 +206,12 @@ def from_lines(answer: str, count: int) -> list[str] | None:
     return texts if len(texts) == count else None
 
 
+class _BrokenAnswer(Exception):  # noqa: N818 - not an error of the job: the answer is asked for again
+    """The model's answer did not number exactly the lines it was sent."""
+
+
 def _transient(exc: Exception) -> bool:
+    """Whether a later run might get past `exc`: what the SDK retries, once it gave up."""
     if isinstance(exc, openai.APIConnectionError):  # includes APITimeoutError
         return True
     return isinstance(exc, openai.APIStatusError) and (
@@ -213,14 +219,15 @@ def _transient(exc: Exception) -> bool:
     )
 
 
-def _backoff(attempt: int, base: float, exc: Exception) -> float:
-    delay: float = base * 2**attempt
-    if isinstance(exc, openai.APIStatusError):
-        # Respect the server's own estimate when it gives one.
-        with contextlib.suppress(ValueError):
-            delay = max(delay, float(exc.response.headers.get("retry-after") or 0))
-    # Jitter keeps concurrent chunks that failed together from retrying in lockstep.
-    return min(_MAX_DELAY, delay * random.uniform(1.0, 1.5))
+def _failure(exc: openai.APIError, label: str, max_retries: int, api_key: str) -> LLMError:
+    """The LLMError for an API error the SDK raised (after its retries, for a transient one)."""
+    if (refused := _refusal(exc)) is not None:  # openai 1 and 2 wrap it
+        return LLMError(f"{label}: {refused}; not sent")
+    if not _transient(exc):
+        return LLMError(f"{label}: the model's API refused the request: {_describe(exc, api_key)}")
+    return LLMError(
+        f"{label}: still failing after {max_retries} retries: {_describe(exc, api_key)}", retryable=True
+    )
 
 
 async def fix_cues(
@@ -233,7 +240,6 @@ async def fix_cues(
     max_concurrency: int = 4,
     slots: asyncio.Semaphore | None = None,
     max_retries: int = 3,
-    retry_delay: float = 1.0,
     timeout: float = 120.0,
     progress: Callable[[float, str], None] | None = None,
     cancelled: Callable[[], bool] | None = None,
@@ -254,40 +260,49 @@ async def fix_cues(
     system = sys_msg or DEFAULT_SYS_MSG
 
     async def ask(client: openai.AsyncOpenAI, texts: list[str], label: str) -> list[str] | None:
-        """One chunk's texts from the model, None when every answer had the wrong shape."""
+        """One chunk's texts from the model, None when every answer had the wrong shape.
+
+        HTTP errors worth retrying (429, 408, 409, 5xx, no connection) are the SDK's to retry, up to
+        `max_retries` times after waiting as its server asks (Retry-After, retry-after-ms) or its
+        own backoff; each try holds a slot (`_SlottedClient`), a wait holds none. An answer with
+        the wrong lines is asked again here, at once, up to `max_retries` times."""
         nonlocal retries
-        prompt = to_lines(texts)
-        attempt = 0
-        while True:
+        messages: list[Any] = [
+            {"role": "system", "content": system},
+            {"role": "user", "content": to_lines(texts)},
+        ]
+
+        async def once() -> list[str]:
+            nonlocal retries
             try:
-                response = await client.chat.completions.create(
-                    model=model,
-                    messages=[{"role": "system", "content": system}, {"role": "user", "content": prompt}],
-                )
+                raw = await client.chat.completions.with_raw_response.create(model=model, messages=messages)
             except EgressRefusedError as exc:  # openai 3 lets what the transport raises through
                 raise LLMError(f"{label}: {exc}; not sent") from None
             except openai.APIError as exc:
-                if (refused := _refusal(exc)) is not None:  # openai 1 and 2 wrap it
-                    raise LLMError(f"{label}: {refused}; not sent") from None
-                if not _transient(exc):
-                    raise LLMError(
-                        f"{label}: the model's API refused the request: {_describe(exc, target.api_key)}"
-                    ) from exc
-                if attempt >= max_retries:
-                    raise LLMError(
-                        f"{label}: still failing after {max_retries} retries: {_describe(exc, target.api_key)}",
-                        retryable=True,
-                    ) from exc
-                await asyncio.sleep(_backoff(attempt, retry_delay, exc))
-            else:
-                content = response.choices[0].message.content if response.choices else None
-                answer = from_lines(content or "", len(texts))
-                if answer is not None:
-                    return answer
-                if attempt >= max_retries:
-                    return None
-            attempt += 1
-            retries += 1
+                raise _failure(exc, label, max_retries, target.api_key) from exc
+            retries += raw.retries_taken
+            response = raw.parse()
+            answer = from_lines(
+                (response.choices[0].message.content if response.choices else None) or "", len(texts)
+            )
+            if answer is None:
+                raise _BrokenAnswer
+            return answer
+
+        with contextlib.suppress(_BrokenAnswer):  # raised again by the last attempt: keep the chunk
+            async for attempt in stamina.retry_context(
+                on=_BrokenAnswer,
+                attempts=max_retries + 1,
+                timeout=None,
+                wait_initial=0,
+                wait_max=0,
+                wait_jitter=0,
+            ):
+                with attempt:
+                    if attempt.num > 1:
+                        retries += 1
+                    return await once()
+        return None
 
     async def run(client: openai.AsyncOpenAI, n: int, chunk: list[Cue]) -> None:
         nonlocal done
@@ -308,7 +323,9 @@ async def fix_cues(
         if progress is not None:
             progress(100.0 * done / len(chunks), f"fixing chunk {done} of {len(chunks)}")
 
-    async with open_client(target, timeout, slots or asyncio.Semaphore(max_concurrency)) as client:
+    async with open_client(
+        target, timeout, slots or asyncio.Semaphore(max_concurrency), max_retries
+    ) as client:
         try:
             async with asyncio.TaskGroup() as group:  # one failure cancels the other chunks
                 for n, chunk in enumerate(chunks):

@@ -7,7 +7,7 @@ from litestar.datastructures import State
 from litestar.response import Response
 
 from app._deps import Service, StatsDep
-from app._metrics import Buffers
+from app._metrics import CONTENT_TYPE, Buffers
 
 
 class MetricsController(Controller):
@@ -15,8 +15,8 @@ class MetricsController(Controller):
 
     tags = ["operations"]
 
-    @get("/metrics", operation_id="metrics", media_type="text/plain; version=0.0.4")
-    async def metrics(self, state: State, service: Service, stats: StatsDep) -> Response[str]:
+    @get("/metrics", operation_id="metrics", media_type=CONTENT_TYPE)
+    async def metrics(self, state: State, service: Service, stats: StatsDep) -> Response[bytes]:
         """Jobs by status and type, run-time and queue-wait histograms, queue depth per pool, events,
         open streams, workers."""
         hub, projection = service.hub, service.projection
@@ -28,4 +28,4 @@ class MetricsController(Controller):
             hub.subscriber_count,
             buffers,
         )
-        return Response(body, media_type="text/plain; version=0.0.4")
+        return Response(body, media_type=CONTENT_TYPE)
