@@ -23,6 +23,10 @@ from streams._config import ensure_stream
 log = logging.getLogger("jobcast.streams")
 T = TypeVar("T")
 
+# Every retry loop logs its own line, naming what it retries. stamina's default hooks would log
+# a second one and count into prometheus_client's global registry, which /metrics does not serve.
+stamina.instrumentation.set_on_retry_hooks([])
+
 DECLARE_TIMEOUT_S = 30.0
 """How long a declaration rides out JetStream not answering before the process gives up."""
 
