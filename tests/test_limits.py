@@ -75,8 +75,8 @@ async def test_one_open_stream_per_key(limited: ApiServer) -> None:
                 assert refusal["status_code"] == 429
                 await asyncio.wait_for(socket.wait_closed(), 5)
                 assert socket.close_code == 4429
-        # the first stream is closed: a new one may open
-        await asyncio.sleep(0.2)
+        # the first stream is closed: once the server has seen it go, a new one may open
+        await limited.idle()
         again = await client.get(f"/api/v1/jobs/{job['id']}/poll", params={"timeout": 1})
         assert again.status_code == 200
         assert again.json()["id"] == job["id"]

@@ -637,10 +637,19 @@ async def test_sse_fanout_pings_only_idle_followers() -> None:
     hub = Hub()
     fanout = SseFanout(hub, ping_s=0.05)
     bodies: dict[str, list[bytes]] = {"idle": [], "busy": []}
+    ticks = 6
+    ticked = asyncio.Event()
 
     def sender(name: str) -> Any:
         async def send(message: Any) -> None:
             bodies[name].append(message["body"])
+            if name == "idle":
+                # The idle follower is pinged at each keep-alive tick, and each tick brings the busy
+                # job its next event: the busy follower writes between any two ticks on however
+                # slow a machine (a fixed sleep between events raced the timer under load).
+                hub.publish(_applied(len(bodies["idle"]) + 1))
+                if len(bodies["idle"]) == ticks:
+                    ticked.set()
 
         return send
 
@@ -650,12 +659,11 @@ async def test_sse_fanout_pings_only_idle_followers() -> None:
     for follower in (idle, busy):
         fanout.attach(follower)
         writers.append(asyncio.create_task(follower.run(StoredEvents([]), None)))
-    for seq in range(1, 8):
-        hub.publish(_applied(seq))
-        await asyncio.sleep(0.02)
-    assert bodies["idle"]
+    hub.publish(_applied(1))  # before the first tick
+    await asyncio.wait_for(ticked.wait(), 10)
     assert set(bodies["idle"]) == {b": ping\r\n\r\n"}
     assert b": ping\r\n\r\n" not in bodies["busy"]
+    assert len(bodies["busy"]) >= ticks
     idle.close()
     busy.close()
     await asyncio.wait_for(asyncio.gather(*writers), 5)
