@@ -8,10 +8,13 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.conftest import MEDIA, ApiServer, WorkerRunner, submit, wait_terminal
 from tests.test_admin import wait_for
 from tests.test_security import put_key
+
+pytestmark = pytest.mark.slow
 
 
 async def jobcast(*args: str, server: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:

@@ -336,6 +336,7 @@ def jobs_srt(job: int, count: int) -> str:
     return subtitles.to_srt(cues)
 
 
+@pytest.mark.slow
 async def test_max_llm_concurrency_bounds_requests_across_all_jobs_of_a_worker(
     client: httpx.AsyncClient, nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

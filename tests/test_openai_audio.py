@@ -114,6 +114,7 @@ async def caller(nats_server: NatsServer, settings: Settings) -> AsyncIterator[C
         yield who
 
 
+@pytest.mark.slow
 async def test_json_and_text(caller: Caller, gpu: WorkerRunner) -> None:
     with JFK.open("rb") as audio:
         answer = await caller.openai.audio.transcriptions.create(model="whisper-1", file=audio)
@@ -140,6 +141,7 @@ async def test_json_and_text(caller: Caller, gpu: WorkerRunner) -> None:
     assert await stored(caller.http, caller.api.settings.nats_url) == ([], [])
 
 
+@pytest.mark.slow
 async def test_json_and_text_answer_the_whole_text_when_the_result_cuts_it(
     caller: Caller, worker_settings: WorkerSettings
 ) -> None:
@@ -162,6 +164,7 @@ async def test_json_and_text_answer_the_whole_text_when_the_result_cuts_it(
         assert answer.text.startswith(job["result"]["text"])
 
 
+@pytest.mark.slow
 async def test_srt_and_vtt(caller: Caller, gpu: WorkerRunner) -> None:
     with JFK.open("rb") as audio:
         srt = await caller.openai.audio.transcriptions.create(
@@ -181,6 +184,7 @@ async def test_srt_and_vtt(caller: Caller, gpu: WorkerRunner) -> None:
     assert [job["status"] for job in await caller.jobs("generate_srt")] == ["completed", "completed"]
 
 
+@pytest.mark.slow
 async def test_verbose_json_with_words_and_segments(caller: Caller, gpu: WorkerRunner) -> None:
     with JFK.open("rb") as audio:
         answer = await caller.openai.audio.transcriptions.create(
@@ -208,6 +212,7 @@ async def test_verbose_json_with_words_and_segments(caller: Caller, gpu: WorkerR
     assert job["params"]["initial_prompt"] == "President Kennedy's inaugural address."
 
 
+@pytest.mark.slow
 async def test_other_model_names_are_passed_through(caller: Caller, gpu: WorkerRunner) -> None:
     with JFK.open("rb") as audio:
         answer = await caller.openai.audio.transcriptions.create(model="tiny.en", file=audio)
@@ -332,6 +337,7 @@ def long_speech(path: Path, times: int, rate: int = 8000) -> Path:
     return path
 
 
+@pytest.mark.slow
 async def test_client_timeout_cancels_a_running_job(
     caller: Caller, gpu: WorkerRunner, tmp_path: Path
 ) -> None:
@@ -349,6 +355,7 @@ async def test_client_timeout_cancels_a_running_job(
     await until_nothing_stored(caller.http, caller.api.settings.nats_url)
 
 
+@pytest.mark.slow
 async def test_text_answers_name_their_charset_once(caller: Caller, gpu: WorkerRunner) -> None:
     """`text/plain; charset=utf-8`, not the doubled charset a hand-written media type gave."""
     for response_format in ("text", "srt"):

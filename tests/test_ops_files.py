@@ -320,6 +320,7 @@ async def test_replay_prints_the_job_history_as_the_api_streams_it(
     assert capsys.readouterr().out == out
 
 
+@pytest.mark.slow
 async def test_replay_follow_prints_until_the_job_ends(
     client: httpx.AsyncClient,
     worker: WorkerRunner,
