@@ -110,6 +110,7 @@ async def test_transient_errors_past_max_retries_fail_retryable(server: FakeLLM)
     assert len(server.requests) == 3
 
 
+@pytest.mark.slow
 async def test_retry_after_is_waited_out_before_the_next_try(server: FakeLLM) -> None:
     """A 429's Retry-After (1 s) sets the wait, not the SDK's own first backoff (0.5 s at most)."""
     server.fail_first, server.retry_after = [429, 503], "1"
