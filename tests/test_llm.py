@@ -94,6 +94,7 @@ async def test_concurrency_is_bounded(server: FakeLLM) -> None:
     assert steps == [(20.0 * n, f"fixing chunk {n} of 5") for n in range(1, 6)]
 
 
+@pytest.mark.slow
 async def test_rate_limit_then_server_error_are_retried(server: FakeLLM) -> None:
     server.fail_first = [429, 500]
     result = await fix(server, make_cues("a", "b"), max_retries=3)
@@ -102,6 +103,7 @@ async def test_rate_limit_then_server_error_are_retried(server: FakeLLM) -> None
     assert len(server.requests) == 3
 
 
+@pytest.mark.slow
 async def test_transient_errors_past_max_retries_fail_retryable(server: FakeLLM) -> None:
     server.fail_first = [503, 503, 503]
     with pytest.raises(LLMError, match=r"still failing after 2 retries: HTTP 503") as info:
