@@ -46,6 +46,7 @@ async def assert_key_nowhere(client: httpx.AsyncClient, job: dict[str, Any], cap
     assert KEY not in caplog.text
 
 
+@pytest.mark.slow
 async def test_unlisted_base_url_is_422_and_nothing_reaches_it(
     client: httpx.AsyncClient, nats_server: NatsServer
 ) -> None:
