@@ -14,6 +14,8 @@ import httpx
 import pytest
 
 from tests.conftest import ApiServer, WorkerRunner, replace, submit, wait_terminal
+from tests.test_admin import wait_for
+from tests.test_buffers import metric
 from workers import WorkerSettings
 
 STATUS_KEYS = {
@@ -185,6 +187,11 @@ def check_status_view(body: dict[str, Any], job_id: str) -> None:
     for key in ("started_at", "completed_at"):
         if body[key] is not None:
             datetime.fromisoformat(body[key])
+
+
+async def long_poll_open(client: httpx.AsyncClient) -> bool:
+    """Whether the API counts one long-poll as open: it is subscribed, so no change is missed."""
+    return await metric(client, "jobcast_open_streams") == 1
 
 
 async def compileo_status(client: httpx.AsyncClient, job_id: str) -> dict[str, Any]:
@@ -372,7 +379,7 @@ async def test_poll_returns_on_change(client: httpx.AsyncClient, worker_settings
     url = f"/api/v1/jobs/status/{job['id']}/poll"
     started = time.monotonic()
     poll = asyncio.create_task(client.get(url, params={"timeout": 20, "current_status": "pending"}))
-    await asyncio.sleep(0.3)
+    await wait_for(lambda: long_poll_open(client))
     assert not poll.done()
     runner = WorkerRunner(worker_settings)
     await runner.start()
@@ -493,7 +500,7 @@ async def test_snippet_wait_for_job_change(
 
     runner = WorkerRunner(worker_settings)
     changing = asyncio.create_task(asyncio.to_thread(wait_for_job_change, job["id"], "pending", 20))
-    await asyncio.sleep(0.2)
+    await wait_for(lambda: long_poll_open(client))  # so the change comes while it waits
     await runner.start()
     try:
         changed = await asyncio.wait_for(changing, 8)
