@@ -87,6 +87,14 @@ class ApiServer:
             self._listener.close()
             self._listener = None
 
+    async def idle(self, timeout: float = 10) -> None:
+        """Until uvicorn handles no request: a stream whose client went away has then released
+        what it held (its quota slot, its subscriptions)."""
+        assert self._server is not None
+        async with asyncio.timeout(timeout):
+            while self._server.server_state.tasks:  # noqa: ASYNC110 - uvicorn signals no end
+                await asyncio.sleep(0.01)
+
 
 class WorkerRunner:
     """A worker of one pool running as a task in this loop."""

@@ -37,6 +37,8 @@ from tests.test_live import StoredEvents as History
 from tests.test_metrics import sample
 from workers import WorkerSettings
 
+pytestmark = pytest.mark.slow
+
 BUFFER = 64 * 1024
 """The client buffer of these tests' API."""
 SEND_BUFFER = 8192

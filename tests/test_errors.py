@@ -133,6 +133,7 @@ async def api_with(request: pytest.FixtureRequest, nats_server: NatsServer, sett
     await server.stop()
 
 
+@pytest.mark.slow
 async def test_nasty_requests_get_a_clear_answer_never_a_500(api_with: tuple[ApiServer, str | None]) -> None:
     api, key = api_with
     cases = nasty_requests(api.settings)
