@@ -13,7 +13,7 @@ from typing import TypeVar
 import msgspec
 from nats.js import JetStreamContext
 from nats.js import api as js_api
-from nats.js.errors import APIError
+from nats.js.errors import APIError, BucketNotFoundError
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
@@ -81,6 +81,15 @@ async def workers_bucket(js: JetStreamContext) -> KeyValue:
             bucket=WORKERS_BUCKET, ttl=worker_ttl(), history=1, storage=js_api.StorageType.MEMORY
         ),
     )
+
+
+async def existing_workers_bucket(js: JetStreamContext) -> KeyValue | None:
+    """The heartbeat bucket if a worker has created it (None before any has), bound as it is: its
+    TTL is the workers' setting, so a reader (the API) must not create it with its own."""
+    try:
+        return await js.key_value(WORKERS_BUCKET)
+    except BucketNotFoundError:
+        return None
 
 
 async def callbacks_bucket(js: JetStreamContext) -> KeyValue:

@@ -17,7 +17,7 @@ import stamina
 from nats.js import JetStreamContext
 from nats.js.errors import ServiceUnavailableError
 
-from streams._buckets import callbacks_bucket, files_store, keys_bucket, workers_bucket
+from streams._buckets import callbacks_bucket, files_store, keys_bucket
 from streams._config import ensure_stream
 
 log = logging.getLogger("jobcast.streams")
@@ -59,12 +59,14 @@ async def riding_out(what: str, declare: Callable[[], Awaitable[T]], timeout: fl
 
 
 async def ensure_jetstream(js: JetStreamContext) -> None:
-    """Create, or bring in line, the JOBS stream, every KV bucket and the files store, as the API
+    """Create, or bring in line, the JOBS stream, the API's KV buckets and the files store, as the API
     does at start, riding out JetStream not being ready (`riding_out`)."""
 
     async def declare() -> None:
         await ensure_stream(js)
-        for bucket in (keys_bucket, callbacks_bucket, workers_bucket, files_store):
+        # Not the heartbeat bucket: its TTL is the workers' setting (JOBCAST_WORKER_TTL_S), so a
+        # worker creates it; declared here with the API's own value, it refused the workers' one.
+        for bucket in (keys_bucket, callbacks_bucket, files_store):
             await bucket(js)
 
     await riding_out("the JOBS stream and the buckets", declare)
