@@ -69,27 +69,22 @@ class Cursor:
 class Replay:
     """A job's stored events after a sequence, a page of HISTORY_PAGE at a time."""
 
-    __slots__ = ("access", "full", "history", "job", "job_id", "last")
+    __slots__ = ("access", "history", "job", "job_id", "last", "more")
 
     def __init__(self, history: History, job_id: str, after: int, access: str | None = None) -> None:
         self.history, self.job_id, self.last, self.access = history, job_id, after, access
         self.job: Job | None = None
         """The job as the last page's snapshot saw it."""
-        self.full = True
-        """The last page was full: there may be more."""
-
-    @property
-    def more(self) -> bool:
+        self.more = True
         """Another page may follow (none was read yet, or the last one was full)."""
-        return self.full
 
     async def page(self) -> list[EventRow] | None:
         """The next page (maybe empty); None when the job is gone or not `access`'s (None: any)."""
         rows, job = await self.history.history(self.job_id, self.last, HISTORY_PAGE)
         if job is None or (self.access is not None and job.owner != self.access):
-            self.full = False
+            self.more = False
             return None
-        self.job, self.full = job, len(rows) == HISTORY_PAGE
+        self.job, self.more = job, len(rows) == HISTORY_PAGE
         if rows:
             self.last = rows[-1].seq
         return rows

@@ -324,7 +324,8 @@ class FollowEvents(ServerSentEvent):
         access: str | None, after: int, headers: dict[str, str],
     ) -> None:  # fmt: skip
         super().__init__((), headers=headers)
-        self._follow = (fanout, history, counter, job_id, owner, access, after)
+        # What the lean ASGI response is built from (ServerSentEvent's own fields stay unused).
+        self.follow_args = (fanout, history, counter, job_id, owner, access, after)
 
     def to_asgi_response(
         self,
@@ -344,7 +345,7 @@ class FollowEvents(ServerSentEvent):
         merged = {**headers, **self.headers} if headers is not None else self.headers
         all_cookies = [*self.cookies, *(cookies or ())]
         return _FollowResponse(
-            *self._follow,
+            *self.follow_args,
             background=self.background or background,
             cookies=all_cookies,
             headers=merged,
