@@ -11,7 +11,9 @@ per job).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Protocol
 
 from app._exceptions import TooSlowError
@@ -133,12 +135,14 @@ async def live(
 async def follow(
     hub: Hub, history: History, job_id: str, after: int, idle_s: float,
     cut_off: asyncio.Future[None] | None = None, *, access: str | None,
+    counted: AbstractContextManager[None],
 ) -> AsyncGenerator[Applied | None, None]:  # fmt: skip
     """The job's events after `after`: history first, then live, ending after the job ends (at
     once unless the job is `access`'s; None: any). Yields None after every `idle_s` without an
     event; raises TooSlowError once cut off (`cut_off` completes at that moment, for a caller
-    busy with a write)."""
-    with hub.subscribe([job_id]) as sub:  # before the history is read, so nothing falls between
+    busy with a write). `counted` is held while it runs (a stream quota's count)."""
+    # Subscribed before the history is read, so that nothing falls between them.
+    with hub.subscribe([job_id]) as sub, counted:
         sub.cut_off = cut_off
         replay = Replay(history, job_id, after, access)
         cursor = Cursor(after)
@@ -152,5 +156,6 @@ async def follow(
                 yield Applied(row.seq, job_id, owner, row.kind, "", False, row.payload)
         if replay.finished(cursor.last):
             return
-        async for item in live(sub, cursor, idle_s):
-            yield item
+        async with contextlib.aclosing(live(sub, cursor, idle_s)) as events:
+            async for item in events:
+                yield item

@@ -47,7 +47,7 @@ class Live:
         finally:
             self.open_streams[owner or "*"] -= 1
 
-    async def follow(
+    def follow(
         self, job_id: str, owner: str, after: int = 0, cut_off: asyncio.Future[None] | None = None,
         *, access: str | None,
     ) -> AsyncGenerator[Applied | None, None]:  # fmt: skip
@@ -59,13 +59,10 @@ class Live:
         the client buffer behind; `cut_off` is completed at the moment it is cut off, for a caller
         busy with a write meanwhile.
         """
-        with self.counted_stream(owner):
-            events = follow(
-                self.hub, self.queries, job_id, after, self.settings.sse_ping_s, cut_off, access=access
-            )
-            async with contextlib.aclosing(events):
-                async for item in events:
-                    yield item
+        return follow(
+            self.hub, self.queries, job_id, after, self.settings.sse_ping_s, cut_off, access=access,
+            counted=self.counted_stream(owner),
+        )  # fmt: skip
 
     async def wait_change(
         self, job_id: str, owner: str, timeout: float, current_status: str | None, since: int | None,

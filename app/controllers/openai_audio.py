@@ -200,13 +200,9 @@ class OpenAIAudioController(Controller):
         responses=ERROR_RESPONSES,
     )
     async def transcriptions(
-        self,
-        request: Request[Any, Any, Any],
-        commands: Commands,
-        live: LiveDep,
-        files: FilesDep,
+        self, request: Request[Any, Any, Any], commands: Commands, live: LiveDep, files: FilesDep,
         owner: Owner,
-    ) -> Response[Any]:
+    ) -> Response[Any]:  # fmt: skip
         """Speech to text in OpenAI's wire format (multipart: `file`, `model`, `language`, `prompt`,
         `response_format`, `timestamp_granularities[]`, `temperature`); `whisper-1` means the
         server's JOBCAST_ASR_MODEL (tiny.en unless configured)."""
