@@ -21,10 +21,11 @@ from nats.js.errors import NotFoundError as NatsNotFoundError
 from sqlalchemy import func, select
 
 from app._db import Database, JobRow
-from app._queue import BATCH_POOL, IN_QUEUE
+from app._queue import IN_QUEUE
 from app._schemas import QueueHealth, QueueStats, QueueSummary, Statistics, TypeStatistics
 from app._settings import Settings
 from streams import (
+    BATCH_POOL,
     PRIORITIES,
     STREAM,
     JobStatus,

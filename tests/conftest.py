@@ -48,7 +48,7 @@ class ApiServer:
         self._task: asyncio.Task[None] | None = None
         self._listener: socket.socket | None = None
         self.app: Litestar | None = None
-        """The app being served (its state holds the JobService and the projection)."""
+        """The app being served (its state holds the job queries, commands, live part and the projection)."""
 
     async def start(self) -> None:
         """Serve until `stop`; returns once the app's lifespan has started."""
