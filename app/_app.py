@@ -50,6 +50,7 @@ from app.controllers.jobs import JobController
 from app.controllers.live import LiveController
 from app.controllers.metrics import MetricsController
 from app.controllers.openai_audio import OpenAIAudioController
+from app.controllers.pipelines import PipelineController
 from app.controllers.queue import QueueController
 from app.controllers.ui import UiController, login_redirect, to_ui
 from app.controllers.whisper_asr import WhisperAsrController
@@ -90,7 +91,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
             app.state.projection = projection
             publisher = Publisher(settings, db, js, projection, hub)
             app.state.queries = queries = JobQueries(db)
-            app.state.commands = JobCommands(publisher, queries)
+            app.state.commands = commands = JobCommands(publisher, queries)
+            commands.pipelines.starter.start(tasks)  # task `pipelines`: each pipeline's next stage
             app.state.live = live = Live(settings, hub, queries)
             app.state.freshness = Freshness(db, js, projection, settings.submit_timeout_s)
             if settings.admin_key:
@@ -128,6 +130,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     app = Litestar(
         route_handlers=[
             JobController,
+            PipelineController,
             LiveController,
             CompileoController,
             QueueController,

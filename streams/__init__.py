@@ -69,6 +69,7 @@ from streams._events import (
 )
 from streams._files import CHUNK, digest, file_url, safe_name
 from streams._keys import key_hash
+from streams._kinds import DOCUMENT_SUFFIXES, MEDIA, file_kind, kinds_text, suffix_kind
 from streams._limits import (
     MAX_ATTEMPTS,
     MAX_DELIVER,
@@ -105,6 +106,8 @@ from streams._subjects import (
     KIND_HEADER,
     MAX_PRIORITY,
     MIN_PRIORITY,
+    PARENT_POOLS,
+    PIPELINE_POOL,
     PRIORITIES,
     STREAM,
     control_subject,
@@ -135,6 +138,7 @@ __all__ = [
     "CHUNK",
     "DECLARE_TIMEOUT_S",
     "DEFAULT_LLM_BASE_URL",
+    "DOCUMENT_SUFFIXES",
     "JOBS_STREAM",
     "JOB_HEADER",
     "KIND_HEADER",
@@ -145,9 +149,12 @@ __all__ = [
     "MAX_PRIORITY",
     "MAX_RESULT_BYTES",
     "MAX_TIMEOUT_S",
+    "MEDIA",
     "MIN_PRIORITY",
     "MIN_TIMEOUT_S",
     "OPERATIONS",
+    "PARENT_POOLS",
+    "PIPELINE_POOL",
     "PRIORITIES",
     "STREAM",
     "STREAM_MAX_BYTES",
@@ -212,6 +219,7 @@ __all__ = [
     "ensure_stream",
     "events_subject",
     "existing_workers_bucket",
+    "file_kind",
     "file_url",
     "files_store",
     "files_subject",
@@ -224,6 +232,7 @@ __all__ = [
     "jobs_stream",
     "key_hash",
     "keys_bucket",
+    "kinds_text",
     "llm_allowlist",
     "machine_id",
     "nats_server_binary",
@@ -243,6 +252,7 @@ __all__ = [
     "stored_secret",
     "stream_replicas",
     "submit_subject",
+    "suffix_kind",
     "usable_cpus",
     "utcnow",
     "validate_params",

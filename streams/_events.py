@@ -77,6 +77,10 @@ class Submitted(_Event, frozen=True, tag="submitted"):
     """POSTed the job when it ends."""
     timeout_s: float | None = None
     """Run-time limit of each attempt in seconds; None: the operation's default."""
+    waiting: bool = False
+    """A pipeline stage recorded before its turn: published to the job's events subject, not to its
+    pool, so it holds no worker; the job is `scheduled` until the same attempt's submission proper
+    (`waiting` false, its input the stage before's main output) goes to the pool."""
 
     status = JobStatus.PENDING
 

@@ -14,6 +14,7 @@ import msgspec
 from streams._config import Pool
 from streams._egress import LlmEndpoints
 from streams._errors import InvalidParamsError, UnknownOperationError
+from streams._kinds import MEDIA
 
 P = TypeVar("P", bound=msgspec.Struct)
 
@@ -253,6 +254,10 @@ class OperationSpec:
     ten-hour recording gets more time than a ten-second clip. Unused when the job sets its own."""
     timeout_transient: bool = False
     """A timed-out attempt is retried (up to `max_attempts`) instead of failing the job."""
+    inputs: tuple[str, ...] = (MEDIA,)
+    """The kinds of input it takes, as a pipeline stage: suffixes (`.srt`), or MEDIA."""
+    main_output: str | None = None
+    """The suffix of the output a next pipeline stage takes as its input; None: no stage can follow."""
 
 
 OPERATIONS: dict[str, OperationSpec] = {
@@ -275,6 +280,7 @@ OPERATIONS: dict[str, OperationSpec] = {
             # the audio's length: a large model on a CPU runs at about real time, tiny.en far faster.
             timeout_s=600.0,
             timeout_per_media_s=4.0,
+            main_output=".json",
         ),
         OperationSpec(
             name="generate_srt",
@@ -284,6 +290,7 @@ OPERATIONS: dict[str, OperationSpec] = {
             needs_file=True,
             timeout_s=600.0,
             timeout_per_media_s=4.0,
+            main_output=".srt",
         ),
         OperationSpec(
             name="detect_language",
@@ -302,6 +309,7 @@ OPERATIONS: dict[str, OperationSpec] = {
             # A remux takes seconds; x264 on a small CPU transcodes HD at about real time.
             timeout_s=600.0,
             timeout_per_media_s=4.0,
+            main_output=".mp4",  # or .m4a (`audio_only`): audio or video either way
         ),
         OperationSpec(
             name="fix_srt",
@@ -314,6 +322,8 @@ OPERATIONS: dict[str, OperationSpec] = {
             # the likely cause of a timeout, and it may be faster on the next attempt.
             timeout_s=3600.0,
             timeout_transient=True,
+            inputs=(".srt",),
+            main_output=".srt",
         ),
     )
 }
