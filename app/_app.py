@@ -79,6 +79,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         projection: Projection | None = None
         webhooks: Webhooks | None = None
         live: Live | None = None
+        commands: JobCommands | None = None
         try:
             js = nc.jetstream()
             await ensure_jetstream(js)
@@ -120,6 +121,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
             await tasks.stop()
             if webhooks is not None:
                 await webhooks.stop()
+            if commands is not None:
+                commands.pipelines.starter.stop()
             if live is not None:
                 await live.sse.close()
             if projection is not None:

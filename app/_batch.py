@@ -355,6 +355,8 @@ def write_batch(
         writes.applied.append(Applied(seq, job.id, job.owner, event.kind, job.status, closes, payload))
         if ends and job.callback_url:
             writes.callbacks.add(job.id)
+        if job.pool == PIPELINE_POOL:
+            writes.pipelines_due.add(job.id)  # e.g. ended by an admin: its waiting stages end too
         if job.parent_id is not None:
             derived = writes.derive_parent(job, seq, event.ts, created=before is None)
             if derived is not None:

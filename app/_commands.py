@@ -193,6 +193,7 @@ class JobCommands:
                 )
             if row.pool == PIPELINE_POOL:
                 return await self.pipelines.retry(row, owner)  # from its first stage that did not complete
+            await self.pipelines.refuse_stage(session, row)
             children = list(
                 await session.scalars(
                     select(JobRow)

@@ -19,6 +19,7 @@ from typing import Any
 
 import msgspec
 from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from app._db import FileRow, JobRow
 from app._exceptions import ConflictError, not_found
@@ -265,6 +266,17 @@ class PipelineCommands:
             waiting = resubmission(stage, file_id=None, file_name=None, waiting=True)
             last = (await self.publisher.publish(waiting)).seq
         return await self._started(row.id, last, owner)
+
+    @staticmethod
+    async def refuse_stage(session: AsyncSession, row: JobRow) -> None:
+        """ConflictError when `row` is a pipeline's stage: only the pipeline is retried, so that its
+        stages keep their order and each its input."""
+        parent = await session.get(JobRow, row.parent_id) if row.parent_id else None
+        if parent is not None and parent.pool == PIPELINE_POOL:
+            raise ConflictError(
+                f"job {row.id} is a stage of pipeline {parent.id}: retry the pipeline"
+                f" (POST /api/v1/jobs/{parent.id}/retry), which reruns it from this stage"
+            )
 
     async def _started(self, pipeline_id: str, last: int, owner: str | None) -> Job:
         """Once `last` is applied, start the stage that is due (the starter would too, from the

@@ -5,15 +5,19 @@ stages. Real NATS, API, workers and whisper; the LLM is the local stand-in."""
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import httpx
 from nats.js import JetStreamContext
 
+from app import Settings
 from streams import KIND_HEADER, STREAM, NatsServer, connect, events_subject, pool_submissions
 from tests.conftest import MEDIA, ApiServer, WorkerRunner, wait_terminal
 from tests.llm_server import FakeLLM
-from tests.test_media_ops import events, llm_settings, lowercase_srt, running, upload
+from tests.test_live import ws_collect, ws_url
+from tests.test_media_ops import download, events, llm_settings, lowercase_srt, running, upload
 from workers import WorkerSettings
 
 SUBTITLES_THEN_FIX = [{"type": "generate_srt"}, {"type": "fix_srt"}]
@@ -160,10 +164,16 @@ async def test_a_stage_that_cannot_take_the_output_before_is_refused_naming_it(
     assert listed.json()["total"] == 0  # nothing was recorded
 
 
-async def test_cancelling_a_queued_pipeline_cancels_every_stage(client: httpx.AsyncClient) -> None:
+async def test_cancelling_a_queued_pipeline_cancels_every_stage(
+    client: httpx.AsyncClient, nats_server: NatsServer
+) -> None:
     media = await jfk(client)  # no gpu worker: the first stage waits in its queue
     pipeline = await submit_pipeline(client, media["id"], SUBTITLES_THEN_FIX)
-    await until_children(client, pipeline["id"], "pending", "scheduled")
+    first, second = await until_children(client, pipeline["id"], "pending", "scheduled")
+    # The waiting stage is in no pool's queue: nothing a worker could take, no slot held.
+    assert await pool_submissions_of(nats_server, "gpu", first["id"]) == 1
+    assert await pool_submissions_of(nats_server, "llm", second["id"]) == 0
+    assert second["queue_position"] is None
     response = await client.post(f"/api/v1/jobs/{pipeline['id']}/cancel")
     assert response.status_code == 200, response.text
     assert response.json()["status"] == "cancelled"
@@ -211,6 +221,12 @@ async def test_a_failed_stage_keeps_the_outputs_before_and_retry_reruns_from_it(
             kept = output_ids(first)
             assert [[o["file_id"] for o in s["outputs"]] for s in failed["result"]["stages"]] == [kept, []]
 
+            srt = await download(client, kept[0])
+            assert srt.text.startswith("1\n00:00:00")  # stage 1's subtitles are still there
+
+            alone = await client.post(f"/api/v1/jobs/{second['id']}/retry")
+            assert alone.status_code == 409, alone.text
+            assert f"a stage of pipeline {pipeline['id']}: retry the pipeline" in alone.json()["detail"]
             response = await client.post(f"/api/v1/jobs/{pipeline['id']}/retry")
             assert response.status_code == 200, response.text
             assert response.json()["status"] in ("pending", "running")
@@ -254,6 +270,39 @@ async def test_a_pipeline_survives_an_api_restart_between_stages(
     assert done["status"] == "completed", done
     assert [s["status"] for s in done["result"]["stages"]] == ["completed", "completed"]
     assert await pool_submissions_of(nats_server, "llm", stages[1]["id"]) == 1
+
+
+async def test_two_api_instances_start_each_stage_once_and_both_follow_it_live(
+    client: httpx.AsyncClient, settings: Settings, nats_server: NatsServer, gpu: WorkerRunner, tmp_path: Path
+) -> None:
+    # Both instances' projections see every stage end, and both publish the next stage's
+    # submission: JetStream keeps one (same message id), so each stage runs once.
+    other = ApiServer(replace(settings, data_dir=tmp_path / "other"))
+    await other.start()
+    try:
+        media = await jfk(client)
+        with FakeLLM() as fake:
+            async with (
+                running(llm_settings(nats_server, fake)),
+                httpx.AsyncClient(base_url=other.url) as there,
+            ):
+                pipeline = await submit_pipeline(client, media["id"], SUBTITLES_THEN_FIX)
+                async with asyncio.timeout(10):
+                    while (await there.get(f"/api/v1/jobs/{pipeline['id']}")).status_code == 404:  # noqa: ASYNC110
+                        await asyncio.sleep(0.05)
+                followed = asyncio.create_task(ws_collect(ws_url(other, f"/api/v1/jobs/{pipeline['id']}/ws")))
+                done = await wait_terminal(client, pipeline["id"], timeout=60)
+                messages, code = await asyncio.wait_for(followed, 30)
+                seen_there = (await there.get(f"/api/v1/jobs/{pipeline['id']}")).json()
+        assert done["status"] == "completed", done
+        assert (messages[-1]["kind"], messages[-1]["job_id"], code) == ("completed", pipeline["id"], 1000)
+        assert (seen_there["status"], seen_there["result"]) == ("completed", done["result"])
+        for stage, pool in zip(await children(client, pipeline["id"]), ("gpu", "llm"), strict=True):
+            assert stage["attempt"] == 1
+            assert await pool_submissions_of(nats_server, pool, stage["id"]) == 1
+        assert len(fake.requests) == 1
+    finally:
+        await other.stop()
 
 
 async def last_kind(js: JetStreamContext, job_id: str) -> str:
