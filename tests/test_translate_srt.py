@@ -108,7 +108,11 @@ async def test_two_languages_each_get_an_srt_and_a_vtt_with_timing_kept(
     assert "<br>" in next(r.user for r in fake.requests if "ask not" in r.user)
 
     # Progress runs over both languages' chunks: one share of 100 per language.
-    steps = [(e["progress"], e["current_step"]) async for kind, e in events(client, done["id"]) if kind == "progress"]
+    steps = [
+        (e["progress"], e["current_step"])
+        async for kind, e in events(client, done["id"])
+        if kind == "progress"
+    ]
     percents = [p for p, _ in steps]
     assert percents == sorted(percents), steps
     assert steps[-1] == (100.0, "fr (2 of 2): translating chunk 3 of 3")
@@ -183,6 +187,8 @@ async def test_cancel_stops_between_chunks(client: httpx.AsyncClient, nats_serve
         ({"languages": ["de", "German"]}, "- at `$.params.languages[1]`"),
         ({"languages": ["de"] * 21}, "Expected `array` of length <= 20 - at `$.params.languages`"),
         ({"languages": ["de"], "chunk_size": 0}, "- at `$.params.chunk_size`"),
+        # The worker's key goes only where the operator pointed it, as for fix_srt.
+        ({"languages": ["de"], "base_url": "http://llm.example/v1"}, "- at `$.params.base_url`"),
     ],
 )
 async def test_bad_params_are_refused_naming_the_field(
