@@ -149,6 +149,28 @@ async def test_a_chunk_the_model_keeps_breaking_stays_in_the_source_language(
     assert len(fake.requests) == 3 + 3 + 3  # de, fr, and fr's broken chunk asked three more times
 
 
+async def test_warnings_are_listed_up_to_a_bound_and_the_others_counted(
+    client: httpx.AsyncClient, nats_server: NatsServer
+) -> None:
+    cues = [subtitles.Cue(n, float(n), n + 0.5, [f"line {n}"]) for n in range(1, 14)]
+
+    def reply(request: ChatRequest) -> str:  # no Spanish answer has the right lines
+        return "1: ?\n2: ?" if target_language(request) == "es" else translate(request)
+
+    with FakeLLM(reply=reply) as fake:
+        async with running(llm_settings(nats_server, fake)):
+            done, files = await translated(
+                client, "talk.srt", subtitles.to_srt(cues), languages=["es", "it"], chunk_size=1
+            )
+    spanish = done["result"]["languages"]["es"]
+    assert (spanish["translated"], spanish["kept"], spanish["retries"]) == (0, 13, 13 * 3)
+    assert len(spanish["warnings"]) == 11
+    assert spanish["warnings"][9].startswith("chunk 10 of 13 (cues 10-10): ")
+    assert spanish["warnings"][10] == "and 3 more chunks like these"
+    assert [c.lines for c in subtitles.validate_srt(files["talk.es.srt"])] == [c.lines for c in cues]
+    assert done["result"]["languages"]["it"] == {"translated": 13, "kept": 0, "warnings": [], "retries": 0}
+
+
 async def test_vtt_input_is_translated_like_srt(client: httpx.AsyncClient, nats_server: NatsServer) -> None:
     before = subtitles.read_subtitles(JFK_VTT)
     with FakeLLM() as fake:

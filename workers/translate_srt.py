@@ -12,6 +12,18 @@ from workers._context import JobContext
 from workers._instructions import translating
 from workers._llm_cues import read_cues, rewrite
 
+MAX_WARNINGS = 10
+"""Warnings listed per language; the rest are counted. Twenty languages of a film whose chunks the
+model keeps breaking would otherwise make a result over the bound of a message (MAX_RESULT_BYTES),
+failing the job after all its work; `kept` still counts every cue."""
+
+
+def _listed(warnings: list[str]) -> list[str]:
+    """The first MAX_WARNINGS warnings, and a line that counts the others."""
+    if len(warnings) <= MAX_WARNINGS:
+        return warnings
+    return [*warnings[:MAX_WARNINGS], f"and {len(warnings) - MAX_WARNINGS} more chunks like these"]
+
 
 def _share(ctx: JobContext, position: int, languages: list[str]) -> Callable[[float, str], None]:
     """Progress of one language's chunks as its share of the whole job (languages run in turn)."""
@@ -48,7 +60,7 @@ async def translate_srt(ctx: JobContext) -> dict[str, Any]:
             await ctx.save_output(vtt_path, f"{stem}.{language}.vtt", "text/vtt"),
         ]
         languages[language] = {
-            "translated": len(out) - done.kept, "kept": done.kept, "warnings": done.warnings,
+            "translated": len(out) - done.kept, "kept": done.kept, "warnings": _listed(done.warnings),
             "retries": done.retries,
         }  # fmt: skip
         chunks, retries = done.chunks, retries + done.retries
