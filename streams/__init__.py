@@ -37,6 +37,7 @@ from streams._egress import (
     llm_allowlist,
     normalized_url,
 )
+from streams._env import env_float, env_int
 from streams._errors import (
     InvalidParamsError,
     JobcastError,
@@ -212,6 +213,8 @@ __all__ = [
     "ensure_consumer",
     "ensure_jetstream",
     "ensure_stream",
+    "env_float",
+    "env_int",
     "events_subject",
     "existing_workers_bucket",
     "file_url",
