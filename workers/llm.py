@@ -21,7 +21,6 @@ from typing import Any, cast
 import httpx
 import msgspec
 import openai
-import stamina
 
 from streams import AddressPolicy, EgressRefusedError, HostUnresolvedError
 from workers._errors import JobCancelledError
@@ -203,10 +202,6 @@ def from_lines(answer: str, count: int) -> list[str] | None:
     return texts if len(texts) == count else None
 
 
-class _BrokenAnswer(Exception):  # noqa: N818 - not an error of the job: the answer is asked for again
-    """The model's answer did not number exactly the lines it was sent."""
-
-
 def _transient(exc: Exception) -> bool:
     """Whether a later run might get past `exc`: what the SDK retries, once it gave up."""
     if isinstance(exc, openai.APIConnectionError):  # includes APITimeoutError
@@ -265,47 +260,38 @@ async def rewrite_cues(
     async def ask(client: openai.AsyncOpenAI, texts: list[str], label: str) -> list[str] | None:
         """One chunk's texts from the model, None when every answer had the wrong shape.
 
-        HTTP errors worth retrying (429, 408, 409, 5xx, no connection) are the SDK's to retry, up to
-        `max_retries` times after waiting as its server asks (Retry-After, retry-after-ms) or its
-        own backoff; each try holds a slot (`_SlottedClient`), a wait holds none. An answer with
-        the wrong lines is asked again here, at once, up to `max_retries` times."""
+        A chunk has one budget of `max_retries` retries, shared as before the SDK took over the
+        HTTP ones: its HTTP errors worth retrying (429, 408, 409, 5xx, no connection) are the SDK's
+        to retry after waiting as its server asks (Retry-After, retry-after-ms) or its own backoff
+        (each try holds a slot, `_SlottedClient`; a wait holds none), and an answer with the wrong
+        lines is asked again here, at once, from what is left."""
         nonlocal retries
         messages: list[Any] = [
             {"role": "system", "content": instruction.system},
             {"role": "user", "content": to_lines(texts)},
         ]
-
-        async def once() -> list[str]:
-            nonlocal retries
+        left = max_retries
+        while True:
             try:
-                raw = await client.chat.completions.with_raw_response.create(model=model, messages=messages)
+                raw = await client.with_options(max_retries=left).chat.completions.with_raw_response.create(
+                    model=model, messages=messages
+                )
             except EgressRefusedError as exc:  # openai 3 lets what the transport raises through
                 raise LLMError(f"{label}: {exc}; not sent") from None
             except openai.APIError as exc:
                 raise _failure(exc, label, max_retries, target.api_key) from exc
             retries += raw.retries_taken
+            left -= raw.retries_taken
             response = raw.parse()
             answer = from_lines(
                 (response.choices[0].message.content if response.choices else None) or "", len(texts)
             )
-            if answer is None:
-                raise _BrokenAnswer
-            return answer
-
-        with contextlib.suppress(_BrokenAnswer):  # raised again by the last attempt: keep the chunk
-            async for attempt in stamina.retry_context(
-                on=_BrokenAnswer,
-                attempts=max_retries + 1,
-                timeout=None,
-                wait_initial=0,
-                wait_max=0,
-                wait_jitter=0,
-            ):
-                with attempt:
-                    if attempt.num > 1:
-                        retries += 1
-                    return await once()
-        return None
+            if answer is not None:
+                return answer
+            if left <= 0:
+                return None  # the chunk is kept as it was
+            left -= 1
+            retries += 1
 
     async def run(client: openai.AsyncOpenAI, n: int, chunk: list[Cue]) -> None:
         nonlocal done, kept
