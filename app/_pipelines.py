@@ -41,6 +41,7 @@ from streams import (
     check_llm_endpoint,
     file_kind,
     kinds_text,
+    stage_inputs,
     suffix_kind,
     validate_params,
 )
@@ -223,9 +224,9 @@ class PipelineCommands:
                     f"{where}: {spec.name} takes no input file, so it cannot be a pipeline stage"
                     f" - at `$.{where}.type`"
                 )
-            if given not in spec.inputs:
+            if given not in stage_inputs(spec):
                 raise InvalidParamsError(
-                    f"{where}: {spec.name} takes {kinds_text(spec.inputs)}, but {source} - at `$.{where}.type`"
+                    f"{where}: {spec.name} takes {kinds_text(stage_inputs(spec))}, but {source} - at `$.{where}.type`"
                 )
             try:
                 params = validate_params(spec, stage.params, self.settings.llm_endpoints)

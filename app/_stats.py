@@ -181,6 +181,7 @@ class Stats:
     async def heartbeats(self) -> list[WorkerInfo] | None:
         """Workers whose heartbeat has not expired; None when NATS did not answer."""
         views: dict[str, WorkerInfo] = {}
+        initial_done = False
         try:
             async with asyncio.timeout(HEARTBEATS_READ_S):
                 kv = await existing_workers_bucket(self.js)
@@ -196,7 +197,7 @@ class Stats:
                 # there are, not one each. Its ephemeral consumer goes once the watch has stopped.
                 watcher = await kv.watchall(inactive_threshold=HEARTBEATS_READ_S)
                 try:
-                    seen, initial_done = 0, False
+                    seen = 0
                     async for entry in watcher:
                         if entry is None:  # the initial values are in, but for one maybe in flight
                             initial_done = True
@@ -213,7 +214,11 @@ class Stats:
                 finally:
                     with contextlib.suppress(nats.errors.Error):
                         await watcher.stop()  # type: ignore[no-untyped-call]  # nats-py leaves it unannotated
-        except (nats.errors.Error, TimeoutError):
+        except TimeoutError:
+            if not initial_done:
+                return None
+            # The newest message expired before the watch delivered it: what came is all there is.
+        except nats.errors.Error:
             return None
         return sorted(views.values(), key=lambda w: (w.pool, w.name))
 

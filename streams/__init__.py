@@ -37,6 +37,7 @@ from streams._egress import (
     llm_allowlist,
     normalized_url,
 )
+from streams._env import env_float, env_int
 from streams._errors import (
     InvalidParamsError,
     JobcastError,
@@ -69,7 +70,7 @@ from streams._events import (
 )
 from streams._files import CHUNK, digest, file_url, safe_name
 from streams._keys import key_hash
-from streams._kinds import DOCUMENT_SUFFIXES, MEDIA, file_kind, kinds_text, suffix_kind
+from streams._kinds import DOCUMENT_SUFFIXES, MEDIA, file_kind, kinds_text, stage_inputs, suffix_kind
 from streams._limits import (
     MAX_ATTEMPTS,
     MAX_DELIVER,
@@ -91,6 +92,7 @@ from streams._operations import (
     NoopParams,
     OperationSpec,
     TranscribeParams,
+    TranslateSrtParams,
     check_llm_endpoint,
     operation,
     parse_params,
@@ -197,6 +199,7 @@ __all__ = [
     "TaskState",
     "TaskSupervisor",
     "TranscribeParams",
+    "TranslateSrtParams",
     "UnknownOperationError",
     "WorkerConsumer",
     "WorkerInfo",
@@ -217,6 +220,8 @@ __all__ = [
     "ensure_consumer",
     "ensure_jetstream",
     "ensure_stream",
+    "env_float",
+    "env_int",
     "events_subject",
     "existing_workers_bucket",
     "file_kind",
@@ -249,6 +254,7 @@ __all__ = [
     "running_subject",
     "safe_name",
     "schedule_subject",
+    "stage_inputs",
     "stored_secret",
     "stream_replicas",
     "submit_subject",

@@ -18,6 +18,7 @@ from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
 from streams._config import STREAM_NAME_IN_USE, raise_replicas, refuse_placement, stream_replicas
+from streams._env import env_float
 from streams._supervisor import TaskState
 
 T = TypeVar("T")
@@ -32,7 +33,7 @@ JOBCAST_WORKER_TTL_S overrides it (every process of a deployment must agree)."""
 
 def worker_ttl() -> float:
     """The heartbeat TTL in force."""
-    return float(os.environ.get("JOBCAST_WORKER_TTL_S") or WORKER_TTL_S)
+    return env_float("JOBCAST_WORKER_TTL_S", WORKER_TTL_S)
 
 
 CALLBACKS_BUCKET = "JOBCAST_CALLBACKS"

@@ -15,7 +15,7 @@ from typing import TypeVar
 import nats.errors
 import stamina
 from nats.js import JetStreamContext
-from nats.js.errors import ServiceUnavailableError
+from nats.js.errors import APIError, ServiceUnavailableError
 
 from streams._buckets import callbacks_bucket, files_store, keys_bucket
 from streams._config import ensure_stream
@@ -32,10 +32,12 @@ DECLARE_TIMEOUT_S = 30.0
 
 
 def is_transient(exc: Exception) -> bool:
-    """Whether `exc` says JetStream cannot answer yet (a timeout, no responders, a 503), not that
-    the request was wrong."""
-    # nats-py raises ServiceUnavailableError both for a 503 answer and for no responders at all.
-    return isinstance(exc, TimeoutError | nats.errors.NoRespondersError | ServiceUnavailableError)
+    """Whether `exc` says JetStream cannot answer yet (a timeout, no responders, a lost or
+    reconnecting connection, a 503), not that it refused the request: any other JetStream answer
+    (a config it will not take, a conflict) comes back the same however often it is asked."""
+    if isinstance(exc, ServiceUnavailableError):  # nats-py raises it for no responders, too
+        return True
+    return isinstance(exc, nats.errors.Error | TimeoutError) and not isinstance(exc, APIError)
 
 
 async def riding_out(what: str, declare: Callable[[], Awaitable[T]], timeout: float = DECLARE_TIMEOUT_S) -> T:

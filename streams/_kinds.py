@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import PurePosixPath
 
+from streams._operations import OperationSpec
+
 MEDIA = "audio or video"
 """The kind of any file that is not a known document: operations on media read it with PyAV."""
 
@@ -29,3 +31,8 @@ def file_kind(name: str) -> str:
 def kinds_text(kinds: tuple[str, ...]) -> str:
     """Kinds for a message: `.srt or .vtt`."""
     return " or ".join(kinds)
+
+
+def stage_inputs(spec: OperationSpec) -> tuple[str, ...]:
+    """The kinds an operation takes as a pipeline stage: its `input_kinds` as suffixes, or MEDIA."""
+    return tuple(f".{kind}" for kind in spec.input_kinds) or (MEDIA,)

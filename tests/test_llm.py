@@ -134,6 +134,18 @@ async def test_wrong_line_count_is_retried_then_accepted(server: FakeLLM) -> Non
     assert len(server.requests) == 2
 
 
+async def test_http_retries_and_reasks_share_one_budget_per_chunk(server: FakeLLM) -> None:
+    """A 503 and answers that keep breaking the count: max_retries + 1 requests for the chunk in
+    all, as when the retries were counted by hand, not the SDK's retries inside each re-ask."""
+    server.fail_first = [503]
+    server.reply = drop_last_line
+    cues = make_cues("a", "b")
+    result = await fix(server, cues, max_retries=3)
+    assert result.cues == cues
+    assert (result.retries, len(result.warnings)) == (3, 1)
+    assert len(server.requests) == 4  # the 503, then three broken answers
+
+
 async def test_always_broken_chunk_is_kept_with_warning(server: FakeLLM) -> None:
     def break_second_chunk(request: ChatRequest) -> str:
         return drop_last_line(request) if "c3" in request.user else tidy(request)

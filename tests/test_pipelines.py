@@ -120,6 +120,30 @@ async def collect(client: httpx.AsyncClient, job_id: str) -> list[str]:
     return [kind async for kind, envelope in events(client, job_id) if envelope["job_id"] == job_id]
 
 
+async def test_subtitles_fixed_then_translated_in_two_languages(
+    client: httpx.AsyncClient, nats_server: NatsServer, gpu: WorkerRunner
+) -> None:
+    media = await jfk(client)
+    stages = [*SUBTITLES_THEN_FIX, {"type": "translate_srt", "params": {"languages": ["de", "fr"]}}]
+    with FakeLLM() as fake:
+        async with running(llm_settings(nats_server, fake)):
+            pipeline = await submit_pipeline(client, media["id"], stages)
+            done = await wait_terminal(client, pipeline["id"], timeout=90)
+    assert done["status"] == "completed", done
+    subtitled, fixed, translated = await children(client, pipeline["id"])
+    assert (fixed["file_name"], translated["file_name"]) == ("jfk.srt", "jfk.fixed.srt")
+    assert translated["file_id"] == output_ids(fixed)[0]
+    names = [o["name"] for o in translated["result"]["outputs"]]
+    assert names == ["jfk.fixed.de.srt", "jfk.fixed.de.vtt", "jfk.fixed.fr.srt", "jfk.fixed.fr.vtt"]
+    german = await download(client, output_ids(translated)[0])
+    assert "[de] " in german.text
+    assert [[o["name"] for o in s["outputs"]] for s in done["result"]["stages"]] == [
+        [o["name"] for o in subtitled["result"]["outputs"]],
+        ["jfk.fixed.srt"],
+        names,
+    ]
+
+
 async def test_a_stage_that_cannot_take_the_output_before_is_refused_naming_it(
     client: httpx.AsyncClient,
 ) -> None:

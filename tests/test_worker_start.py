@@ -90,3 +90,32 @@ async def test_a_stop_ends_the_declare_retries(caplog: pytest.LogCaptureFixture)
             with pytest.raises((nats.errors.Error, TimeoutError)):
                 await task
     assert not worker.ready.is_set()
+
+
+async def test_a_refused_declaration_fails_the_start_at_once(tmp_path: Path) -> None:
+    """JetStream refusing a consumer (here a durable of the same name that delivers otherwise:
+    "deliver policy can not be updated") is no outage: retried, it would fail the same way for
+    ever, so the start fails, at once."""
+    from dataclasses import replace
+
+    import nats
+    from nats.js import api as js_api
+
+    from streams import WorkerConsumer, ensure_stream
+
+    server = NatsServer(tmp_path / "nats", die_with_parent=True)
+    await server.start()
+    try:
+        nc = await nats.connect(server.url)
+        js = nc.jetstream()
+        await ensure_stream(js)
+        taken = WorkerConsumer(pool="cpu", priority=0).config()
+        await js.add_consumer("JOBS", config=replace(taken, deliver_policy=js_api.DeliverPolicy.NEW))
+        await nc.close()
+        worker = Worker(WorkerSettings(pool="cpu", nats_url=server.url, name="refused"))
+        async with asyncio.timeout(10):
+            with pytest.raises(nats.js.errors.APIError, match="deliver policy can not be updated"):
+                await worker.run()
+        assert not worker.ready.is_set()
+    finally:
+        await server.stop()

@@ -30,11 +30,12 @@ from streams import (
     ensure_consumer,
     ensure_stream,
     files_store,
+    is_transient,
     pool_submissions,
 )
 from workers._attempt import AttemptRunner
 from workers._context import Handler
-from workers._events import Events, transient
+from workers._events import Events
 from workers._fetch import Fetcher
 from workers._files import WorkerFiles
 from workers._heartbeat import Heartbeat
@@ -132,7 +133,7 @@ class Worker:
         assert self.js is not None
 
         def retryable(exc: Exception) -> bool:
-            return transient(exc) and not self._stopping.is_set()
+            return is_transient(exc) and not self._stopping.is_set()
 
         async for attempt in stamina.retry_context(
             on=retryable, attempts=None, timeout=None,
@@ -144,7 +145,7 @@ class Worker:
                     for consumer in self.consumers.values():
                         await ensure_consumer(self.js, consumer)
                 except (nats.errors.Error, TimeoutError) as exc:
-                    if not self._stopping.is_set():
+                    if retryable(exc):
                         log.warning(
                             "declaring the stream and consumers failed (%s); retrying in %.1f s",
                             exc, attempt.next_wait,

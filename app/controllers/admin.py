@@ -20,11 +20,11 @@ from app.controllers.jobs import (
     Page,
     PerPage,
     SeedTypeFilter,
+    StatusFilter,
     TypeFilter,
     page_window,
     type_filter,
 )
-from streams import JobStatus
 
 ForceCompleteBody = Annotated[
     dict[str, Any] | None,
@@ -64,9 +64,7 @@ class AdminController(Controller):
     async def all_jobs(
         self,
         queries: Queries,
-        status: Annotated[
-            list[JobStatus] | None, QueryParameter(description="Repeat to match several")
-        ] = None,
+        status: StatusFilter = None,
         job_type: TypeFilter = None,
         seed_job_type: SeedTypeFilter = None,
         of_owner: Annotated[str | None, QueryParameter(name="owner", max_length=128)] = None,

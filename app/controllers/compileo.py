@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Annotated
 
 import msgspec
 from litestar import Controller, get, post
-from litestar.params import FromPath, FromQuery, QueryParameter
+from litestar.params import FromPath, FromQuery
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 from litestar.status_codes import HTTP_200_OK
 
@@ -20,6 +19,7 @@ from app.controllers._compileo_shapes import (
     compileo_status_name,
     compileo_update,
 )
+from app.controllers.jobs import PollTimeout
 from app.controllers.live import SSE_HEADERS, SSE_RESPONSES
 from streams import JobStatus
 
@@ -50,7 +50,7 @@ class CompileoController(Controller):
         live: LiveDep,
         owner: Owner,
         access: Access,
-        timeout: Annotated[float, QueryParameter(ge=1, le=300)] = 30,
+        timeout: PollTimeout = 30,
         current_status: FromQuery[JobStatus | None] = None,
     ) -> JobStatusView:
         """Returns as soon as the status differs from `current_status`, or at the timeout."""

@@ -33,6 +33,8 @@ Limit = Annotated[
 ]
 Offset = Annotated[int | None, QueryParameter(ge=0, le=MAX_INT, description="Jobs to skip (default 0)")]
 TypeFilter = Annotated[str | None, QueryParameter(name="type", max_length=64)]
+StatusFilter = Annotated[list[JobStatus] | None, QueryParameter(description="Repeat to match several")]
+PollTimeout = Annotated[float, QueryParameter(ge=1, le=300, description="Seconds to wait at most")]
 SeedTypeFilter = Annotated[
     str | None, QueryParameter(name="job_type", max_length=64, description="Seed 003's name of `type`")
 ]
@@ -114,9 +116,7 @@ class JobController(Controller):
         self,
         queries: Queries,
         owner: Owner,
-        status: Annotated[
-            list[JobStatus] | None, QueryParameter(description="Repeat to match several")
-        ] = None,
+        status: StatusFilter = None,
         job_type: TypeFilter = None,
         seed_job_type: SeedTypeFilter = None,
         active: FromQuery[bool] = False,

@@ -21,6 +21,7 @@ from app._hub import Subscription
 from app._live import Live
 from app._schemas import MAX_INT, Job, SseMessage, WsCommand
 from app._sse import FollowEvents
+from app.controllers.jobs import PollTimeout
 from streams import JobStatus
 
 log = logging.getLogger("jobcast.api")
@@ -94,7 +95,7 @@ class LiveController(Controller):
         live: LiveDep,
         owner: Owner,
         access: Access,
-        timeout: Annotated[float, QueryParameter(ge=1, le=300)] = 30,
+        timeout: PollTimeout = 30,
         current_status: FromQuery[JobStatus | None] = None,
         since: Annotated[
             int | None,
