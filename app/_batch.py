@@ -68,9 +68,16 @@ _CHILDREN = select(JOBS.c.id, JOBS.c.status, JOBS.c.progress, JOBS.c.submit_seq)
     JOBS.c.parent_id == bindparam("parent_id")
 )
 _STAGES = select(
-    JOBS.c.id, JOBS.c.status, JOBS.c.progress, JOBS.c.submit_seq, JOBS.c.type, JOBS.c.result, JOBS.c.error
+    JOBS.c.id,
+    JOBS.c.status,
+    JOBS.c.progress,
+    JOBS.c.submit_seq,
+    JOBS.c.queue_seq,
+    JOBS.c.type,
+    JOBS.c.result,
+    JOBS.c.error,
 ).where(JOBS.c.parent_id == bindparam("parent_id"))
-"""A pipeline's children: its derivation also needs their types, results and errors."""
+"""A pipeline's children: its derivation also needs their latest submissions, types, results and errors."""
 _INSERT_JOB = insert(JOBS)
 _UPDATE_JOB = update(JOBS).where(JOBS.c.id == bindparam("_id"))
 _INSERT_EVENT = insert(_EVENTS)
@@ -204,6 +211,28 @@ class BatchWrites:
                 family.set(row)
         return family
 
+    def end_waiting_stages(self, pipeline: JobRow, seq: int, ts: datetime, reason: str) -> None:
+        """Cancel a pipeline's waiting stages, in this transaction, as the pipeline ends: derived,
+        like a parent's state, from the event that ended it (no event of their own, no race with a
+        retry); their followers get a last `cancelled` event."""
+        family = self._family(pipeline)
+        waiting = {stage.id for stage in family.stages() if stage.status == WAITING}
+        self.load(waiting)
+        for stage_id in sorted(waiting):
+            stage = self.rows[stage_id]
+            if stage is None:
+                continue
+            stage.status, stage.current_step, stage.error = JobStatus.CANCELLED, "cancelled", reason
+            stage.completed_at, stage.updated_at, stage.last_seq = ts, ts, seq
+            self.save(stage, new=False)
+            family.set(stage)
+            raw = _encoder.encode(
+                {"kind": "cancelled", "job_id": stage_id, "derived": True, "reason": reason}
+            )
+            payload = _envelope(stage, seq, "cancelled", stage.attempt, ts, raw)
+            self.event(seq, stage_id, "cancelled", payload)
+            self.applied.append(Applied(seq, stage_id, stage.owner, "cancelled", stage.status, True, payload))
+
     def derive_parent(self, child: JobRow, seq: int, ts: datetime, created: bool) -> Applied | None:
         """A batch parent's status, progress and result follow its children, derived after each
         child event from the event alone (its time, not the clock), so a database rebuilt from
@@ -221,9 +250,13 @@ class BatchWrites:
         # resets it to pending, lets the children move it again.
         ended = JobStatus(parent.status).terminal
         if family.pipeline:
-            derived = derive_pipeline(family.stages(), family.nonzero_counts())
-            if ended or child.status in (JobStatus.COMPLETED, WAITING) or derived.status in TERMINAL_STATUSES:
-                self.pipelines_due.add(parent_id)  # its next stage may be due, or its waiting ones end
+            derived = derive_pipeline(family.stages(), family.nonzero_counts(), parent.queue_seq)
+            if not ended and derived.status in TERMINAL_STATUSES:
+                # It ends now, so its waiting stages never run: they end with it, here.
+                self.end_waiting_stages(parent, seq, ts, f"the pipeline {derived.status}: {derived.error}")
+                derived = derive_pipeline(family.stages(), family.nonzero_counts(), parent.queue_seq)
+            elif child.status in (JobStatus.COMPLETED, WAITING):
+                self.pipelines_due.add(parent_id)  # its next stage may be due
         else:
             derived = family.derive(ended)
         result = derived.result
@@ -284,7 +317,13 @@ class _Family:
         self._total += weight
         if self.pipeline:
             self._stages[child.id] = Stage(
-                child.id, child.type, child.status, child.submit_seq, child.result, child.error
+                child.id,
+                child.type,
+                child.status,
+                child.submit_seq,
+                child.queue_seq,
+                child.result,
+                child.error,
             )
 
     def progress(self) -> float:
@@ -355,8 +394,10 @@ def write_batch(
         writes.applied.append(Applied(seq, job.id, job.owner, event.kind, job.status, closes, payload))
         if ends and job.callback_url:
             writes.callbacks.add(job.id)
-        if job.pool == PIPELINE_POOL:
-            writes.pipelines_due.add(job.id)  # e.g. ended by an admin: its waiting stages end too
+        if job.pool == PIPELINE_POOL and ends:  # cancelled, or completed by an admin
+            writes.end_waiting_stages(job, seq, event.ts, f"the pipeline {job.status}")
+        elif job.pool == PIPELINE_POOL:
+            writes.pipelines_due.add(job.id)  # submitted (or retried): its first stage may be due
         if job.parent_id is not None:
             derived = writes.derive_parent(job, seq, event.ts, created=before is None)
             if derived is not None:

@@ -31,7 +31,6 @@ from app._stages import WAITING, main_output
 from streams import (
     OPERATIONS,
     PIPELINE_POOL,
-    Cancelled,
     Failed,
     InvalidParamsError,
     JobStatus,
@@ -70,8 +69,7 @@ def stage_id(pipeline_id: str, index: int) -> str:
 
 
 class StageStarter:
-    """Starts each pipeline's next stage once the one before has completed, and ends the waiting
-    stages of a pipeline that has ended (task `pipelines`)."""
+    """Starts each pipeline's next stage once the one before has completed (task `pipelines`)."""
 
     def __init__(self, publisher: Publisher) -> None:
         self.publisher = publisher
@@ -119,8 +117,8 @@ class StageStarter:
 
     async def advance(self, pipeline_id: str) -> int | None:
         """Publish what the pipeline's state in SQLite calls for: the submission proper of its first
-        waiting stage once the stage before has completed (a pipeline that has ended: the end of
-        its waiting stages). Returns the stream sequence of the last event published, if any."""
+        waiting stage once the stage before has completed. Returns the stream sequence of the event
+        published, if any."""
         async with self.db.session() as session:
             parent = await session.get(JobRow, pipeline_id)
             if parent is None or parent.pool != PIPELINE_POOL:
@@ -131,16 +129,7 @@ class StageStarter:
                 )
             )
         if JobStatus(parent.status).terminal:
-            reason = f"the pipeline {parent.status}" + (f": {parent.error}" if parent.error else "")
-            last = None
-            for stage in stages:
-                if stage.status == WAITING:
-                    ended = Cancelled(job_id=stage.id, attempt=stage.attempt, reason=reason)
-                    ack = await self.publisher.publish(
-                        ended, msg_id=f"{stage.id}:{stage.attempt}:cancelled:pipeline"
-                    )
-                    last = ack.seq
-            return last
+            return None  # its waiting stages ended with it (app/_batch.py)
         for index, stage in enumerate(stages):
             if stage.status == JobStatus.COMPLETED:
                 continue

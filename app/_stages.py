@@ -3,7 +3,7 @@ database rebuilt from the stream derives the same parent however its batches fel
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from streams import OPERATIONS, JobStatus, file_kind, suffix_kind
@@ -20,6 +20,8 @@ class Stage:
     type: str
     status: str
     submit_seq: int
+    queue_seq: int | None
+    """The stream sequence of its latest submission."""
     result: dict[str, Any] | None
     error: str | None
 
@@ -53,10 +55,13 @@ def main_output(stage_type: str, result: dict[str, Any] | None) -> dict[str, Any
     return None
 
 
-def derive_pipeline(stages: list[Stage], counts: dict[str, int]) -> Derived:
+def derive_pipeline(stages: list[Stage], counts: dict[str, int], since: int | None) -> Derived:
     """A pipeline parent from its stages in order: failed once a stage failed, cancelled once one
     was cancelled, completed when the last completed, running once any stage left its queue; its
-    result lists every stage's outputs in stage order."""
+    result lists every stage's outputs in stage order.
+
+    `since` is the sequence of the pipeline's latest submission: a stage that failed or was
+    cancelled before it (a retry resubmits the pipeline, then those stages) waits to run again."""
     total = len(stages)
     result: dict[str, Any] = {
         "total": total,
@@ -67,6 +72,7 @@ def derive_pipeline(stages: list[Stage], counts: dict[str, int]) -> Derived:
         ],
     }
     done = sum(1 for s in stages if s.status == JobStatus.COMPLETED)
+    stages = [_current(stage, since) for stage in stages]
     for number, stage in enumerate(stages, 1):
         where = f"stage {number} of {total} ({stage.type})"
         if stage.status == JobStatus.FAILED:
@@ -81,3 +87,10 @@ def derive_pipeline(stages: list[Stage], counts: dict[str, int]) -> Derived:
     step = f"stage {current} of {total} ({stages[current - 1].type})" if stages else "no stages"
     queued = all(s.status in (JobStatus.PENDING, WAITING) for s in stages)
     return Derived(None if queued else JobStatus.RUNNING, result, step)
+
+
+def _current(stage: Stage, since: int | None) -> Stage:
+    """The stage as the pipeline's current run sees it: ended before that run began (and not
+    completed), it waits for its resubmission."""
+    stale = stage.status in (JobStatus.FAILED, JobStatus.CANCELLED) and (stage.queue_seq or 0) < (since or 0)
+    return replace(stage, status=WAITING) if stale else stage

@@ -198,6 +198,8 @@ async def test_cancelling_a_queued_pipeline_cancels_every_stage(
     assert await pool_submissions_of(nats_server, "gpu", first["id"]) == 1
     assert await pool_submissions_of(nats_server, "llm", second["id"]) == 0
     assert second["queue_position"] is None
+    ready = (await client.get("/ready")).json()
+    assert ready["tasks"]["pipelines"]["state"] == "running"  # the stage starter, supervised
     response = await client.post(f"/api/v1/jobs/{pipeline['id']}/cancel")
     assert response.status_code == 200, response.text
     assert response.json()["status"] == "cancelled"
@@ -266,6 +268,47 @@ async def test_a_failed_stage_keeps_the_outputs_before_and_retry_reruns_from_it(
         kept,
         output_ids(second),
     ]
+
+
+async def test_a_pipeline_that_fails_ends_its_waiting_stages_and_retries_them_all(
+    api: ApiServer, client: httpx.AsyncClient, nats_server: NatsServer, settings: Settings
+) -> None:
+    source = await upload(client, "talk.srt", lowercase_srt(3).encode())
+    with FakeLLM(fail_first=[400]) as fake:
+        async with running(llm_settings(nats_server, fake)):
+            pipeline = await submit_pipeline(client, source["id"], [{"type": "fix_srt"}] * 3)
+            failed = await wait_terminal(client, pipeline["id"])
+            assert failed["status"] == "failed", failed
+            # The stages after the failed one can never run now: they end too, so nothing stays active.
+            stages = await until_children(client, pipeline["id"], "failed", "cancelled", "cancelled")
+            reason = "the pipeline failed: stage 1 of 3 (fix_srt) failed: "
+            assert all(s["error"].startswith(reason) for s in stages[1:]), stages
+            response = await client.post(f"/api/v1/jobs/{pipeline['id']}/retry")
+            assert response.status_code == 200, response.text
+            done = await wait_terminal(client, pipeline["id"])
+    assert done["status"] == "completed", done
+    stages = await children(client, pipeline["id"])
+    assert [(s["status"], s["attempt"]) for s in stages] == [("completed", 2)] * 3
+    assert [s["file_name"] for s in stages] == ["talk.srt", "talk.fixed.srt", "talk.fixed.fixed.srt"]
+    assert len(fake.requests) == 4
+    submissions = [await pool_submissions_of(nats_server, "llm", s["id"]) for s in stages]
+    assert submissions == [2, 1, 1]  # the later stages reached their pool only when their turn came
+
+    # The same rows from the stream alone: the derived stage ends and the rerun included.
+    before = [done, *stages]
+    await api.stop()
+    for suffix in ("", "-wal", "-shm"):
+        (settings.data_dir / f"jobcast.db{suffix}").unlink(missing_ok=True)
+    await api.start()
+    await until_children(client, pipeline["id"], "completed", "completed", "completed")
+    after = [(await client.get(f"/api/v1/jobs/{job['id']}")).json() for job in before]
+    assert after == before
+    assert [await pool_submissions_of(nats_server, "llm", s["id"]) for s in stages] == submissions
+
+    deleted = await client.delete(f"/api/v1/jobs/{pipeline['id']}")
+    assert deleted.status_code == 204, deleted.text
+    for job in (pipeline, *stages):
+        assert (await client.get(f"/api/v1/jobs/{job['id']}")).status_code == 404
 
 
 async def test_a_pipeline_survives_an_api_restart_between_stages(
