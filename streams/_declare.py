@@ -17,7 +17,14 @@ import stamina
 from nats.js import JetStreamContext
 from nats.js.errors import ServiceUnavailableError
 
-from streams._buckets import callbacks_bucket, files_store, keys_bucket, workers_bucket
+from streams._buckets import (
+    cache_bucket,
+    cache_files_store,
+    callbacks_bucket,
+    files_store,
+    keys_bucket,
+    workers_bucket,
+)
 from streams._config import ensure_stream
 
 log = logging.getLogger("jobcast.streams")
@@ -59,12 +66,19 @@ async def riding_out(what: str, declare: Callable[[], Awaitable[T]], timeout: fl
 
 
 async def ensure_jetstream(js: JetStreamContext) -> None:
-    """Create, or bring in line, the JOBS stream, every KV bucket and the files store, as the API
+    """Create, or bring in line, the JOBS stream, every KV bucket and object store, as the API
     does at start, riding out JetStream not being ready (`riding_out`)."""
 
     async def declare() -> None:
         await ensure_stream(js)
-        for bucket in (keys_bucket, callbacks_bucket, workers_bucket, files_store):
+        for bucket in (
+            keys_bucket,
+            callbacks_bucket,
+            workers_bucket,
+            files_store,
+            cache_bucket,
+            cache_files_store,
+        ):
             await bucket(js)
 
     await riding_out("the JOBS stream and the buckets", declare)

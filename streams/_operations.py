@@ -253,6 +253,12 @@ class OperationSpec:
     ten-hour recording gets more time than a ten-second clip. Unused when the job sets its own."""
     timeout_transient: bool = False
     """A timed-out attempt is retried (up to `max_attempts`) instead of failing the job."""
+    cacheable: bool = False
+    """Its outputs are kept in the stage cache: the same input bytes with the same params (and the
+    same model and code) are answered from there (streams.cache_key). Only for operations whose
+    outputs follow from those alone: not an LLM's answer, nor a diagnostic."""
+    cache_excluded: frozenset[str] = frozenset()
+    """Params left out of the cache key because they provably do not change the outputs."""
 
 
 OPERATIONS: dict[str, OperationSpec] = {
@@ -267,6 +273,7 @@ OPERATIONS: dict[str, OperationSpec] = {
         ),
         OperationSpec(
             name="transcribe",
+            cacheable=True,
             pool=Pool.GPU,
             params=TranscribeParams,
             description="Speech to text with faster-whisper: text inline, segments in .json, full text in .txt.",
@@ -278,6 +285,7 @@ OPERATIONS: dict[str, OperationSpec] = {
         ),
         OperationSpec(
             name="generate_srt",
+            cacheable=True,
             pool=Pool.GPU,
             params=GenerateSrtParams,
             description="Speech to subtitles with faster-whisper: .srt and .vtt files.",
@@ -287,6 +295,7 @@ OPERATIONS: dict[str, OperationSpec] = {
         ),
         OperationSpec(
             name="detect_language",
+            cacheable=True,
             pool=Pool.GPU,
             params=DetectLanguageParams,
             description="The language spoken in the first 30 s, and the model's confidence, by faster-whisper.",
@@ -295,6 +304,7 @@ OPERATIONS: dict[str, OperationSpec] = {
         ),
         OperationSpec(
             name="convert",
+            cacheable=True,
             pool=Pool.CPU,
             params=ConvertParams,
             description="To MP4 (H.264 + AAC) with PyAV, remuxing when the streams allow it; or M4A.",
