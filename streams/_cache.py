@@ -58,7 +58,7 @@ class CacheEntry(msgspec.Struct, kw_only=True):
     result: dict[str, Any] | None
     outputs: list[CachedOutput]
     size: int
-    """Bytes of its outputs, all together: what it counts against the bound."""
+    """What it counts against the bound: its outputs' bytes, its result's, and about a manifest's."""
     job_id: str
     """The job whose run it is."""
     stored_at: float

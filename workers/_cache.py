@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,8 @@ Identity = Callable[[dict[str, Any]], dict[str, Any] | None]
 """What decides an operation's outputs besides its input and params, from its params (blocking:
 it may look at files); None when that cannot be known yet, and the job is not cached."""
 
+MANIFEST_BYTES = 1024
+"""About what a manifest takes besides its result: counted against the bound with its outputs."""
 ORPHAN_AGE_S = 3600.0
 """Copies no manifest names are swept once this old: a store in progress is younger."""
 CACHE_ERRORS = (nats.errors.Error, TimeoutError, OSError, msgspec.MsgspecError)
@@ -106,15 +108,18 @@ class StageCache:
         try:
             info = await ctx.files.store.get_info(job.file_id)
             decided_by = await asyncio.to_thread(identity, job.params)
+            code = version("jobcast")
         except CACHE_ERRORS:
             return None  # the handler says what is wrong with the input
+        except PackageNotFoundError:  # run from a source tree: no version pins the code that runs
+            return None
         input_sha256 = object_digest_hex(info.digest)
         if input_sha256 is None or decided_by is None:
             return None
         name = Path(safe_name(info.description or "", default=job.file_id))
         key = cache_key(
             job.type, input_sha256, job.params, input_suffix=name.suffix, excluded=excluded,
-            identity={**decided_by, "jobcast": version("jobcast")},
+            identity={**decided_by, "jobcast": code},
         )  # fmt: skip
         return Keyed(key=key, input_sha256=input_sha256, input_stem=name.stem)
 
@@ -163,10 +168,12 @@ class StageCache:
 
     async def _store(self, ctx: JobContext, keyed: Keyed, result: dict[str, Any]) -> None:
         """Keep copies of the job's outputs and the manifest that names them; a failure only logs."""
-        size = sum(int(entry["size"]) for _, entry in ctx.saved)
+        # An entry counts its manifest too: an operation without output files still takes room.
+        size = sum(int(entry["size"]) for _, entry in ctx.saved) + len(msgspec.json.encode(result))
+        size += MANIFEST_BYTES
         if size > self.max_bytes:
             log.info(
-                "stage cache: %d bytes of outputs exceed its %d-byte bound; not kept", size, self.max_bytes
+                "stage cache: an entry of %d bytes exceeds its %d-byte bound; not kept", size, self.max_bytes
             )
             return
         prefix = f"{keyed.key}/{int(time.time())}-{uuid.uuid4().hex[:12]}"
@@ -207,9 +214,10 @@ class StageCache:
 
     async def _make_room(self, incoming: int) -> None:
         """Evict the least recently used entries until `incoming` more bytes fit under the bound."""
-        # The store's bytes (with their framing) bound the entries' bytes from above: cheap to read,
-        # and below the bound nothing needs counting.
-        if (await self.copies.status()).size + incoming <= self.max_bytes:
+        # The buckets' bytes (with their framing) bound the entries' from above: cheap to read, and
+        # below the bound nothing needs counting.
+        held = (await self.copies.status()).size + (await self.manifests.status()).stream_info.state.bytes
+        if held + incoming <= self.max_bytes:
             return
         entries = await self._entries()
         total = sum(entry.size for _, entry in entries)
