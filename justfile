@@ -20,6 +20,11 @@ serve *args:
 test *args:
     {{ venv }}/pytest {{ args }}
 
+# the quick loop: the tests without the chaos, browser and slow ones (under two minutes)
+[group('check')]
+quick *args:
+    {{ venv }}/pytest -m "not chaos and not browser and not slow" {{ args }}
+
 # refresh the UI screenshots in docs/img (the browser tests save them there)
 [group('check')]
 screenshots:

@@ -22,16 +22,19 @@ from app._auth import (
     LoginRequired,
     provision_admin_key,
 )
+from app._commands import JobCommands
 from app._db import Database
 from app._deps import DEPENDENCIES
 from app._exceptions import ERROR_HANDLERS, document_errors, log_unexpected, send_request_id
 from app._files import FileService
 from app._freshness import Freshness, FreshnessMiddleware
 from app._hub import Hub
-from app._jobs import JobService
+from app._live import Live
 from app._metrics import Metrics
 from app._params_doc import OperationParamsSchema
 from app._projection import Projection
+from app._publisher import Publisher
+from app._queries import JobQueries
 from app._query import QueryCheck
 from app._ratelimit import RateLimit
 from app._retention import Retention
@@ -74,7 +77,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         app.state.tasks = tasks = TaskSupervisor()
         projection: Projection | None = None
         webhooks: Webhooks | None = None
-        service: JobService | None = None
+        live: Live | None = None
         try:
             js = nc.jetstream()
             await ensure_jetstream(js)
@@ -84,7 +87,11 @@ def create_app(settings: Settings | None = None) -> Litestar:
             )
             await projection.start(js, tasks)
             app.state.nats = nc
-            app.state.service = service = JobService(settings, db, js, projection, hub)
+            app.state.projection = projection
+            publisher = Publisher(settings, db, js, projection, hub)
+            app.state.queries = queries = JobQueries(db)
+            app.state.commands = JobCommands(publisher, queries)
+            app.state.live = live = Live(settings, hub, queries)
             app.state.freshness = Freshness(db, js, projection, settings.submit_timeout_s)
             if settings.admin_key:
                 await provision_admin_key(js, settings.admin_key)
@@ -98,19 +105,21 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 )
             app.state.stats = stats = Stats(db, js, settings)
             stats.start(tasks)
-            app.state.files = files = FileService(service, await files_store(js), settings.data_dir / "cache")
-            webhooks = Webhooks(service)
+            app.state.files = files = FileService(
+                publisher, await files_store(js), settings.data_dir / "cache"
+            )
+            webhooks = Webhooks(publisher, queries)
             webhooks.local_mode = lambda: keys.empty and is_loopback(settings.host)
             await webhooks.start(tasks)
-            app.state.retention = Retention(service, files)
+            app.state.retention = Retention(publisher, files)
             app.state.retention.start(tasks)
             yield
         finally:
             await tasks.stop()
             if webhooks is not None:
                 await webhooks.stop()
-            if service is not None:
-                await service.sse.close()
+            if live is not None:
+                await live.sse.close()
             if projection is not None:
                 await projection.stop()
             await close_quietly(nc)

@@ -7,17 +7,33 @@ from litestar.di import NamedDependency, Provide
 from litestar.types import Scope
 
 from app._auth import Caller
+from app._commands import JobCommands
 from app._files import FileService
-from app._jobs import JobService
+from app._live import Live
+from app._queries import JobQueries
 from app._retention import Retention
 from app._settings import Settings
 from app._stats import Stats
 
 
-def provide_service(state: State) -> JobService:
-    """The process's JobService (built in the lifespan)."""
-    service: JobService = state.service
-    return service
+def provide_queries(state: State) -> JobQueries:
+    """The process's JobQueries (built in the lifespan)."""
+    queries: JobQueries = state.queries
+    return queries
+
+
+def provide_commands(state: State, queries: Queries) -> JobCommands:
+    """The process's JobCommands."""
+    del queries  # as in provide_owner: resolved after it, in the same batch as owner and access
+    commands: JobCommands = state.commands
+    return commands
+
+
+def provide_live(state: State, queries: Queries) -> Live:
+    """The process's Live part (following jobs, stream quotas)."""
+    del queries  # as in provide_commands
+    live: Live = state.live
+    return live
 
 
 def provide_settings(state: State) -> Settings:
@@ -44,26 +60,32 @@ def provide_retention(state: State) -> Retention:
     return retention
 
 
-def provide_owner(scope: Scope, service: Service) -> str:
+def provide_owner(scope: Scope, queries: Queries) -> str:
     """Whose jobs the caller sees (the authenticated key's name, or the local owner)."""
-    # `service` is unused: depending on it makes Litestar resolve the two one after the other.
+    # `queries` is unused: depending on it makes Litestar resolve the two one after the other.
     # Several dependencies at the same level are resolved in an anyio task group, a task each,
-    # which costs more per request than these two lookups.
-    del service
+    # which costs more per request than these lookups.
+    del queries
     caller: Caller = scope["user"]
     return caller.owner
 
 
-def provide_access(scope: Scope, service: Service) -> str | None:
+def provide_access(scope: Scope, queries: Queries) -> str | None:
     """Whose jobs the caller may read and act on by id: its own, or any owner's (None) for an admin
     (seed 003's "ownership or admin access")."""
-    del service  # as in provide_owner: resolved one after the other
+    del queries  # as in provide_owner: resolved one after the other
     caller: Caller = scope["user"]
     return None if caller.admin else caller.owner
 
 
-Service = NamedDependency[JobService]
-"""A handler parameter receiving the JobService."""
+Queries = NamedDependency[JobQueries]
+"""A handler parameter receiving the JobQueries (reads)."""
+
+Commands = NamedDependency[JobCommands]
+"""A handler parameter receiving the JobCommands (submit, cancel, retry...)."""
+
+LiveDep = NamedDependency[Live]
+"""A handler parameter receiving the Live part (follow, long-poll, SSE, stream quotas)."""
 
 StatsDep = NamedDependency[Stats]
 """A handler parameter receiving the Stats reader."""
@@ -82,7 +104,9 @@ Access = NamedDependency[str | None]
 
 
 DEPENDENCIES = {
-    "service": Provide(provide_service, sync_to_thread=False),
+    "queries": Provide(provide_queries, sync_to_thread=False),
+    "commands": Provide(provide_commands, sync_to_thread=False),
+    "live": Provide(provide_live, sync_to_thread=False),
     "files": Provide(provide_files, sync_to_thread=False),
     "stats": Provide(provide_stats, sync_to_thread=False),
     "retention": Provide(provide_retention, sync_to_thread=False),

@@ -19,7 +19,7 @@ from sqlalchemy import func, select
 
 from app._db import FileRow
 from app._exceptions import NotFoundError, not_found, queue_unavailable
-from app._jobs import JobService
+from app._publisher import Publisher
 from app._schemas import FileInfo, FilePage
 from streams import STREAM, FileDeleted, FileStored, digest, file_url, files_subject, safe_name
 
@@ -48,7 +48,7 @@ def file_view(row: FileRow) -> FileInfo:
 class FileService:
     """Upload, list, read and delete an owner's files."""
 
-    def __init__(self, jobs: JobService, store: ObjectStore, cache_dir: Path) -> None:
+    def __init__(self, jobs: Publisher, store: ObjectStore, cache_dir: Path) -> None:
         self.jobs = jobs
         self.db = jobs.db
         self.store = store

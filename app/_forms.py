@@ -12,7 +12,8 @@ from msgspec import inspect as mi
 
 from streams import OPERATIONS, OperationSpec
 
-FieldKind = Literal["int", "float", "bool", "choice", "text"]
+FieldKind = Literal["int", "float", "bool", "choice", "text", "list"]
+"""`list`: a list of strings, typed as one text separated by commas or spaces."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +75,9 @@ def _field(field: mi.Field) -> FormField | None:
         kind, choices = "choice", tuple(str(v) for v in kind_of.values)
     elif isinstance(kind_of, mi.StrType):
         kind = "text"
+    elif isinstance(kind_of, mi.ListType) and isinstance(_unwrapped(kind_of.item_type)[0], mi.StrType):
+        kind = "list"
+        default = None if default is None else ", ".join(default)
     else:
         return None
     return FormField(field.name, kind, default, help_text, choices, low, high)

@@ -11,10 +11,7 @@ from sqlalchemy.orm import Session
 
 from app._db import JOBS, JobRow
 from app._schemas import QueuePosition
-from streams import JobStatus
-
-BATCH_POOL = "batch"
-"""A batch parent's pool: no worker consumes it; its state follows its children."""
+from streams import BATCH_POOL, JobStatus
 
 WAITING = (JobStatus.PENDING, JobStatus.RETRYING)
 """Waiting in the pool's queue for a worker. A retrying job is redelivered where its submission

@@ -25,7 +25,7 @@ from sqlalchemy.orm import aliased
 from app._db import FileRow, JobRow
 from app._exceptions import ConflictError, UnavailableError, not_found, queue_unavailable
 from app._files import FileService
-from app._jobs import JobService
+from app._publisher import Publisher
 from app._schemas import CleanupReport
 from streams import (
     ACTIVE_STATUSES,
@@ -51,7 +51,7 @@ ENDED_BY_REQUEST = (JobStatus.COMPLETED, JobStatus.CANCELLED)
 class Retention:
     """Deletes jobs (DELETE, admin cleanup) and runs the retention sweep."""
 
-    def __init__(self, service: JobService, files: FileService) -> None:
+    def __init__(self, service: Publisher, files: FileService) -> None:
         self.service = service
         self.files = files
         self.settings = service.settings

@@ -211,33 +211,6 @@ class JobPage(msgspec.Struct, kw_only=True):
         self.page = self.offset // self.limit + 1 if self.limit > 0 else 1
 
 
-class JobStatusView(msgspec.Struct, kw_only=True):
-    """The Compileo status shape (GET /api/v1/jobs/status/{id})."""
-
-    job_id: str
-    status: str
-    progress: float
-    current_step: str
-    result: dict[str, Any] | None
-    error: str | None
-    created_at: datetime
-    started_at: datetime | None
-    completed_at: datetime | None
-    updated_at: datetime
-
-
-class StatusUpdate(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """One message of the Compileo status stream; `error` appears only when there is one."""
-
-    job_id: str
-    status: str
-    progress: float
-    current_step: str
-    timestamp: datetime
-    result: dict[str, Any] | None = None
-    error: str | None = None
-
-
 class EventEnvelope(msgspec.Struct, kw_only=True):
     """An event as SSE, WebSocket and poll clients receive it: the job's state after it, and
     the raw event from the stream."""

@@ -24,10 +24,11 @@ from litestar.datastructures import FormMultiDict, UploadFile
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 from litestar.types import Receive
 
+from app._commands import JobCommands
 from app._exceptions import NotFoundError, StatusError, TooSlowError
 from app._files import FileService
-from app._jobs import JobService
 from app._languages import WHISPER_LANGUAGES
+from app._live import Live
 from app._schemas import Job, SubmitJob
 from streams import JobcastError, JobStatus
 
@@ -79,7 +80,12 @@ async def close_uploads(form: FormMultiDict) -> None:
 
 @contextlib.asynccontextmanager
 async def ended_job(
-    request: Request[Any, Any, Any], service: JobService, files: FileService, body: SubmitJob, owner: str
+    request: Request[Any, Any, Any],
+    commands: JobCommands,
+    live: Live,
+    files: FileService,
+    body: SubmitJob,
+    owner: str,
 ) -> AsyncIterator[Job]:
     """Submit the job on its stored input (`body.file_id`) and give it once it has ended; it is
     cancelled when the client disconnects or this request is cancelled first. When the block is
@@ -88,21 +94,23 @@ async def ended_job(
     job_id: str | None = None
     ended = False
     try:
-        job, _ = await service.submit(body, owner)
+        job, _ = await commands.submit(body, owner)
         job_id = job.id
-        job = await _until_ended(request, service, job_id, owner)
+        job = await _until_ended(request, live, job_id, owner)
         ended = True
         yield job
     finally:
-        cleaning = asyncio.create_task(_clean_up(service, files, owner, body.file_id, job_id, not ended))
+        cleaning = asyncio.create_task(
+            _clean_up(commands, live, files, owner, body.file_id, job_id, not ended)
+        )
         _CLEANING.add(cleaning)
         cleaning.add_done_callback(_CLEANING.discard)
         await asyncio.shield(cleaning)
 
 
-async def _until_ended(request: Request[Any, Any, Any], service: JobService, job_id: str, owner: str) -> Job:
+async def _until_ended(request: Request[Any, Any, Any], live: Live, job_id: str, owner: str) -> Job:
     """The job once it has ended; StatusError when the client disconnects first."""
-    waiting = asyncio.create_task(_ended(service, job_id, owner))
+    waiting = asyncio.create_task(_ended(live, job_id, owner))
     gone = asyncio.create_task(_disconnected(request.receive))
     try:
         await asyncio.wait({waiting, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -115,15 +123,15 @@ async def _until_ended(request: Request[Any, Any, Any], service: JobService, job
         await asyncio.gather(waiting, gone, return_exceptions=True)
 
 
-async def _ended(service: JobService, job_id: str, owner: str) -> Job:
+async def _ended(live: Live, job_id: str, owner: str) -> Job:
     """The job once it has ended, awaited on its events (a retried attempt is followed too)."""
     after = 0
     while True:
         with contextlib.suppress(TooSlowError):  # fell behind (a starved loop): follow again from `after`
-            async for applied in service.follow(job_id, owner, after, access=owner):
+            async for applied in live.follow(job_id, owner, after, access=owner):
                 if applied is not None:
                     after = applied.seq
-        job = await service.get(job_id, owner)
+        job = await live.queries.get(job_id, owner)
         if JobStatus(job.status).terminal:
             return job
 
@@ -135,7 +143,13 @@ async def _disconnected(receive: Receive) -> None:
 
 
 async def _clean_up(
-    service: JobService, files: FileService, owner: str, file_id: str | None, job_id: str | None, cancel: bool
+    commands: JobCommands,
+    live: Live,
+    files: FileService,
+    owner: str,
+    file_id: str | None,
+    job_id: str | None,
+    cancel: bool,
 ) -> None:
     """With `cancel` (the client went away), cancel the job and wait until it has ended, so its
     worker has let go of it; then delete its input and the files it produced. A failure is
@@ -143,12 +157,12 @@ async def _clean_up(
     try:
         if job_id is not None and cancel:
             with contextlib.suppress(JobcastError):  # ended meanwhile: nothing to cancel
-                await service.cancel(
+                await commands.cancel(
                     job_id, owner, reason="the client went away before the transcription ended"
                 )
             try:
                 async with asyncio.timeout(END_WAIT_S):
-                    await _ended(service, job_id, owner)
+                    await _ended(live, job_id, owner)
             except TimeoutError:
                 log.warning(
                     "job %s did not end within %.0f s of its cancel; its files are deleted now",

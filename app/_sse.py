@@ -16,14 +16,15 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, Protocol
 
 from litestar.response import ServerSentEvent
 from litestar.response.base import ASGIResponse
 from litestar.response.streaming import ASGIStreamingResponse
 
+from app._follow import Cursor, History, Replay
 from app._hub import Applied, Hub, sse_frame
-from streams import JobStatus
 
 if TYPE_CHECKING:
     from litestar.app import Litestar
@@ -33,15 +34,9 @@ if TYPE_CHECKING:
     from litestar.enums import MediaType
     from litestar.types import Receive, Send, TypeEncodersMap
 
-    from app._db import EventRow
-    from app._jobs import JobService
-    from app._schemas import Job
-
 log = logging.getLogger("jobcast.api")
 
 PING = b": ping\r\n\r\n"
-HISTORY_PAGE = 500
-"""Stored events read (and sent) at a time when a follower replays a job's history."""
 
 
 def goodbye(last: int) -> bytes:
@@ -49,13 +44,11 @@ def goodbye(last: int) -> bytes:
     return b": too slow, cut off; reconnect with Last-Event-ID: %d\r\n\r\n" % last
 
 
-class History(Protocol):
-    """Where a follower reads the job's stored events (the JobService)."""
+class StreamCount(Protocol):
+    """Counts a stream in its owner's quota while it is open (app/_live.py's Live)."""
 
-    async def history(
-        self, job_id: str, after: int, limit: int | None = None
-    ) -> tuple[list[EventRow], Job | None]:
-        """The job's events after `after` (the first `limit`), and the job."""
+    def counted_stream(self, owner: str | None) -> AbstractContextManager[None]:
+        """Count a stream as open for `owner` while the block runs."""
         ...
 
 
@@ -73,12 +66,12 @@ class SseFollower:
         "_send",
         "_wake",
         "batch",
+        "cursor",
         "cut",
         "done",
         "fanout",
         "frames",
         "job_id",
-        "last",
         "live",
         "ping_due",
         "queued",
@@ -89,8 +82,8 @@ class SseFollower:
         self.fanout = fanout
         self.job_id = job_id
         self._send = send
-        self.last = after
-        """The last sequence written (or being written) to the client."""
+        self.cursor = Cursor(after)
+        """The last sequence written (or being written) to the client, and whether it ended the job."""
         self.frames: list[tuple[int, bytes, bool]] = []
         """(seq, frame, ends the job) handed over by the hub, not yet written (a list: an empty one
         is smaller than a deque, and the writer takes them all at once)."""
@@ -144,17 +137,17 @@ class SseFollower:
         self.fanout.detach(self)
         self._wake_writer()
 
-    async def run(self, service: History, owner: str | None) -> None:
+    async def run(self, history: History, access: str | None) -> None:
         """Write the job's history, then its live events, until the job ends, the client goes
         away, or it falls so far behind that it is cut off."""
         try:
             async with asyncio.timeout(None) as self._deadline:
                 if self.cut:  # cut off before the writer started
                     self._give_grace()
-                if not await self._replay(service, owner):
+                if not await self._replay(history, access):
                     await self._write_live()
                 if not self.done:
-                    await self._write(goodbye(self.last) if self.cut else b"", more_body=False)
+                    await self._write(goodbye(self.cursor.last) if self.cut else b"", more_body=False)
         except TimeoutError:
             if self._deadline is None or not self._deadline.expired():
                 raise
@@ -166,24 +159,23 @@ class SseFollower:
         finally:
             self.close()
 
-    async def _replay(self, service: History, owner: str | None) -> bool:
-        """Send the stored events after `last`, page by page; True when the stream ends after them."""
+    async def _replay(self, history: History, access: str | None) -> bool:
+        """Send the stored events after the cursor, page by page; True when the stream ends after
+        them (the job is gone, not `access`'s, or ended with its last event sent)."""
+        replay = Replay(history, self.job_id, self.cursor.last, access)
         while not (self.done or self.cut):
-            rows, job = await service.history(self.job_id, self.last, HISTORY_PAGE)
-            if job is None or (owner is not None and job.owner != owner):
+            rows = await replay.page()
+            if rows is None:
                 return True
             if rows:
                 body = b"".join(sse_frame(row.seq, row.kind, row.payload) for row in rows)
-                last = rows[-1].seq
-                full = len(rows) == HISTORY_PAGE
                 del rows  # the ORM rows would otherwise live as long as the write
                 await self._write(body, more_body=True)
-                self.last = last
-                if full:
+                self.cursor.last = replay.last  # the page is out: live frames up to here are skipped
+                if replay.more:
                     continue
-            finished = JobStatus(job.status).terminal and job.last_event_id <= self.last
             self.live = True
-            return finished
+            return replay.finished(self.cursor.last)
         return self.done
 
     async def _write_live(self) -> None:
@@ -210,20 +202,18 @@ class SseFollower:
                 self._wake = None
 
     def _take(self) -> tuple[bytes, bool]:
-        """The waiting frames after `last` (those the history had are skipped), up to the job's end."""
+        """The waiting frames the cursor admits (those the history had are skipped), up to the
+        job's end; and whether that end is among them."""
         frames = self.frames
         self._drop_frames()
         parts: list[bytes] = []
-        ends = False
+        cursor = self.cursor
         for seq, frame, ends_job in frames:
-            if seq <= self.last:
-                continue  # already in the history, or an event of an attempt that already ended
-            self.last = seq
-            parts.append(frame)
-            if ends_job:
-                ends = True
-                break  # nothing after the job's end is sent
-        return (parts[0] if len(parts) == 1 else b"".join(parts)), ends
+            if cursor.admit(seq, ends_job):
+                parts.append(frame)
+                if cursor.ended:
+                    break  # nothing after the job's end is sent
+        return (parts[0] if len(parts) == 1 else b"".join(parts)), cursor.ended
 
     async def _write(self, body: bytes, more_body: bool) -> None:
         self.wrote = body is not PING  # a keep-alive does not put off the next one
@@ -299,28 +289,28 @@ class _FollowResponse(ASGIStreamingResponse):
     """The ASGI side of one SSE stream: headers, history, then live frames written by the hub.
 
     A streaming response (public Litestar API) so that no Content-Length is sent; its body is
-    written by `send_body` below, not by an iterator."""
+    written by `send_body` below (a public method of ASGIStreamingResponse), not by an iterator."""
 
-    __slots__ = ("access", "after", "job_id", "owner", "service")
+    __slots__ = ("access", "after", "counter", "fanout", "history", "job_id", "owner")
 
     def __init__(
-        self, service: JobService, job_id: str, owner: str, access: str | None, after: int, **kwargs: Any
-    ) -> None:
+        self, fanout: SseFanout, history: History, counter: StreamCount, job_id: str, owner: str,
+        access: str | None, after: int, **kwargs: Any,
+    ) -> None:  # fmt: skip
         super().__init__(iterator=(), **kwargs)
-        self.service, self.job_id, self.owner, self.after = service, job_id, owner, after
-        self.access = access
+        self.fanout, self.history, self.counter = fanout, history, counter
+        self.job_id, self.owner, self.access, self.after = job_id, owner, access, after
 
     async def send_body(self, send: Send, receive: Receive) -> None:
         """Replay the history, go live, and write until the stream ends or the client leaves."""
         self.headers.headers.clear()  # sent already; not kept for the connection's lifetime
-        service, fanout = self.service, self.service.sse
-        follower = SseFollower(fanout, self.job_id, send, self.after)
-        fanout.attach(follower)  # before the history is read, so nothing falls between them
+        follower = SseFollower(self.fanout, self.job_id, send, self.after)
+        self.fanout.attach(follower)  # before the history is read, so nothing falls between them
         watcher = asyncio.create_task(_until_disconnect(receive))
         watcher.add_done_callback(follower.gone)
         try:
-            with service.counted_stream(self.owner):
-                await follower.run(service, self.access)
+            with self.counter.counted_stream(self.owner):
+                await follower.run(self.history, self.access)
         finally:
             watcher.cancel()
 
@@ -330,11 +320,12 @@ class FollowEvents(ServerSentEvent):
     counted in `owner`'s stream quota, ending at once unless the job is `access`'s (None: any)."""
 
     def __init__(
-        self, service: JobService, job_id: str, owner: str, access: str | None, after: int,
-        headers: dict[str, str],
+        self, fanout: SseFanout, history: History, counter: StreamCount, job_id: str, owner: str,
+        access: str | None, after: int, headers: dict[str, str],
     ) -> None:  # fmt: skip
         super().__init__((), headers=headers)
-        self._follow = (service, job_id, owner, access, after)
+        # What the lean ASGI response is built from (ServerSentEvent's own fields stay unused).
+        self.follow_args = (fanout, history, counter, job_id, owner, access, after)
 
     def to_asgi_response(
         self,
@@ -354,7 +345,7 @@ class FollowEvents(ServerSentEvent):
         merged = {**headers, **self.headers} if headers is not None else self.headers
         all_cookies = [*self.cookies, *(cookies or ())]
         return _FollowResponse(
-            *self._follow,
+            *self.follow_args,
             background=self.background or background,
             cookies=all_cookies,
             headers=merged,

@@ -21,10 +21,11 @@ from nats.js.errors import NotFoundError as NatsNotFoundError
 from sqlalchemy import func, select
 
 from app._db import Database, JobRow
-from app._queue import BATCH_POOL, IN_QUEUE
+from app._queue import IN_QUEUE
 from app._schemas import QueueHealth, QueueStats, QueueSummary, Statistics, TypeStatistics
 from app._settings import Settings
 from streams import (
+    BATCH_POOL,
     PRIORITIES,
     STREAM,
     JobStatus,
@@ -33,10 +34,10 @@ from streams import (
     TaskSupervisor,
     WorkerConsumer,
     WorkerInfo,
+    existing_workers_bucket,
     machine_id,
     rss_mb,
     usable_cpus,
-    workers_bucket,
 )
 
 HEARTBEATS_READ_S = 2.0
@@ -179,25 +180,42 @@ class Stats:
 
     async def heartbeats(self) -> list[WorkerInfo] | None:
         """Workers whose heartbeat has not expired; None when NATS did not answer."""
-        views = []
+        views: dict[str, WorkerInfo] = {}
         try:
             async with asyncio.timeout(HEARTBEATS_READ_S):
-                kv = await workers_bucket(self.js)
+                kv = await existing_workers_bucket(self.js)
+                if kv is None:
+                    return []  # no worker has started yet
+                # nats.py may say its initial values are done while the last of them is still in
+                # flight (it reads its consumer's pending count meanwhile): a heartbeat stored a
+                # moment before would be missing. The bucket's newest message is the newest of its
+                # key, so the watch delivers it: read until it has come.
+                state = (await kv.status()).stream_info.state
+                newest = state.last_seq if state.messages else 0
                 # One watch delivers every key's latest value: a few requests however many workers
                 # there are, not one each. Its ephemeral consumer goes once the watch has stopped.
-                watcher = await kv.watchall(ignore_deletes=True, inactive_threshold=HEARTBEATS_READ_S)
+                watcher = await kv.watchall(inactive_threshold=HEARTBEATS_READ_S)
                 try:
+                    seen, initial_done = 0, False
                     async for entry in watcher:
-                        if entry is None:  # the values there were when the watch began are all in
+                        if entry is None:  # the initial values are in, but for one maybe in flight
+                            initial_done = True
+                        else:
+                            seen = max(seen, entry.revision or 0)
+                            views.pop(entry.key, None)  # a later value of a key replaces the earlier
+                            if entry.operation is None:  # a heartbeat, not a worker's deregistering
+                                with contextlib.suppress(msgspec.DecodeError):  # not a heartbeat
+                                    views[entry.key] = msgspec.json.decode(
+                                        entry.value or b"", type=WorkerInfo
+                                    )
+                        if initial_done and seen >= newest:
                             break
-                        with contextlib.suppress(msgspec.DecodeError):  # not a heartbeat
-                            views.append(msgspec.json.decode(entry.value or b"", type=WorkerInfo))
                 finally:
                     with contextlib.suppress(nats.errors.Error):
                         await watcher.stop()  # type: ignore[no-untyped-call]  # nats-py leaves it unannotated
         except (nats.errors.Error, TimeoutError):
             return None
-        return sorted(views, key=lambda w: (w.pool, w.name))
+        return sorted(views.values(), key=lambda w: (w.pool, w.name))
 
     def own_process(self) -> Process:
         """The API's own process, measured now."""

@@ -28,7 +28,8 @@ from sqlalchemy import select
 from app._db import JobRow
 from app._exceptions import NotFoundError
 from app._hub import Applied
-from app._jobs import JobService
+from app._publisher import Publisher
+from app._queries import JobQueries
 from streams import (
     TERMINAL_STATUSES,
     AddressPolicy,
@@ -70,8 +71,9 @@ def sign(key: bytes, body: bytes) -> str:
 class Webhooks:
     """Sends callbacks for jobs that ended."""
 
-    def __init__(self, service: JobService) -> None:
+    def __init__(self, service: Publisher, queries: JobQueries) -> None:
         self.service = service
+        self.queries = queries
         self.settings = service.settings
         self.instance = uuid.uuid4().hex
         self._key = self.settings.signing_key()
@@ -158,7 +160,7 @@ class Webhooks:
     async def deliver(self, job_id: str) -> None:
         """Send one job's callback if it is due and nobody else is sending it."""
         try:
-            job = await self.service.get(job_id, None)
+            job = await self.queries.get(job_id, None)
         except NotFoundError:
             return  # deleted meanwhile
         if not job.callback_url or job.callback_status != "pending" or job.status not in TERMINAL_STATUSES:

@@ -13,11 +13,12 @@ from typing import TypeVar
 import msgspec
 from nats.js import JetStreamContext
 from nats.js import api as js_api
-from nats.js.errors import APIError
+from nats.js.errors import APIError, BucketNotFoundError
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
 from streams._config import STREAM_NAME_IN_USE, raise_replicas, refuse_placement, stream_replicas
+from streams._env import env_float
 from streams._supervisor import TaskState
 
 T = TypeVar("T")
@@ -32,7 +33,7 @@ JOBCAST_WORKER_TTL_S overrides it (every process of a deployment must agree)."""
 
 def worker_ttl() -> float:
     """The heartbeat TTL in force."""
-    return float(os.environ.get("JOBCAST_WORKER_TTL_S") or WORKER_TTL_S)
+    return env_float("JOBCAST_WORKER_TTL_S", WORKER_TTL_S)
 
 
 CALLBACKS_BUCKET = "JOBCAST_CALLBACKS"
@@ -81,6 +82,15 @@ async def workers_bucket(js: JetStreamContext) -> KeyValue:
             bucket=WORKERS_BUCKET, ttl=worker_ttl(), history=1, storage=js_api.StorageType.MEMORY
         ),
     )
+
+
+async def existing_workers_bucket(js: JetStreamContext) -> KeyValue | None:
+    """The heartbeat bucket if a worker has created it (None before any has), bound as it is: its
+    TTL is the workers' setting, so a reader (the API) must not create it with its own."""
+    try:
+        return await js.key_value(WORKERS_BUCKET)
+    except BucketNotFoundError:
+        return None
 
 
 async def callbacks_bucket(js: JetStreamContext) -> KeyValue:

@@ -19,6 +19,7 @@ from nats.js import JetStreamContext
 from nats.js import api as js_api
 from nats.js.errors import APIError
 
+from streams._env import env_float, env_int
 from streams._errors import ReplicasError
 from streams._limits import MAX_DELIVER
 from streams._subjects import ALL_SUBJECTS, STREAM, pool_submissions, priority_token
@@ -94,8 +95,8 @@ def jobs_stream() -> js_api.StreamConfig:
     """JOBS_STREAM with the settings in force: JOBCAST_STREAM_MAX_BYTES, JOBCAST_DUPLICATE_WINDOW_S and
     JOBCAST_STREAM_REPLICAS (the API brings the stream in line with them as it starts; workers only
     create it if missing)."""
-    max_bytes = int(os.environ.get("JOBCAST_STREAM_MAX_BYTES") or STREAM_MAX_BYTES)
-    window = float(os.environ.get("JOBCAST_DUPLICATE_WINDOW_S") or DUPLICATE_WINDOW_S)
+    max_bytes = env_int("JOBCAST_STREAM_MAX_BYTES", STREAM_MAX_BYTES)
+    window = env_float("JOBCAST_DUPLICATE_WINDOW_S", DUPLICATE_WINDOW_S)
     return replace(
         JOBS_STREAM, max_bytes=max_bytes if max_bytes > 0 else -1, duplicate_window=window,
         num_replicas=stream_replicas(),

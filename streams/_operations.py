@@ -231,6 +231,55 @@ class FixSrtParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     chunk_size: Annotated[int, msgspec.Meta(ge=1, le=200, description="Cues per request.")] = 20
 
 
+LanguageCode = Annotated[
+    str,
+    msgspec.Meta(
+        pattern=r"^[A-Za-z]{2,3}(?:-[A-Za-z0-9]{2,8})*$",
+        max_length=35,
+        description="A BCP 47 language code: ISO 639 (de, fr, yue), optionally with a region or script"
+        " (pt-BR, zh-Hant).",
+    ),
+]
+MAX_TRANSLATE_LANGUAGES = 20
+"""Each language is a full pass over the subtitles, so one job asks for a bounded number."""
+
+
+class TranslateSrtParams(FixSrtParams, kw_only=True, forbid_unknown_fields=True):
+    """Options of `translate_srt`: `fix_srt`'s, plus the target languages."""
+
+    languages: Annotated[
+        list[LanguageCode],
+        msgspec.Meta(
+            min_length=1,
+            max_length=MAX_TRANSLATE_LANGUAGES,
+            description='Target languages as BCP 47 codes, e.g. ["de", "fr"]: one .srt and one .vtt'
+            " each; a code given twice is translated once.",
+        ),
+    ]
+    sys_msg: (
+        Annotated[
+            str,
+            msgspec.Meta(
+                max_length=10_000,
+                description="System message replacing the default instructions; `{language}` in it stands"
+                " for the target language's code (appended when it does not appear).",
+            ),
+        ]
+        | None
+    ) = None
+
+    def __post_init__(self) -> None:
+        # BCP 47 is case-blind: "pt-br" and "PT-BR" are "pt-BR", translated and written once.
+        self.languages = list(dict.fromkeys(_canonical_language(code) for code in self.languages))
+
+
+def _canonical_language(code: str) -> str:
+    """A BCP 47 code in its canonical case: language lower, script title, region upper (pt-BR)."""
+    language, *subtags = code.split("-")
+    cased = [t.upper() if len(t) == 2 else t.title() if len(t) == 4 else t.lower() for t in subtags]
+    return "-".join([language.lower(), *cased])
+
+
 @dataclass(frozen=True, slots=True)
 class OperationSpec:
     """What the API needs to know about an operation."""
@@ -253,6 +302,9 @@ class OperationSpec:
     ten-hour recording gets more time than a ten-second clip. Unused when the job sets its own."""
     timeout_transient: bool = False
     """A timed-out attempt is retried (up to `max_attempts`) instead of failing the job."""
+    input_kinds: tuple[str, ...] = ()
+    """The file kinds (name suffixes without the dot) the operation reads; empty: any, or none
+    needed. Where it is given, a file of another kind cannot be the operation's input."""
     cacheable: bool = False
     """Its outputs are kept in the stage cache: the same input bytes with the same params (and the
     same model and code) are answered from there (streams.cache_key). Only for operations whose
@@ -324,6 +376,20 @@ OPERATIONS: dict[str, OperationSpec] = {
             # the likely cause of a timeout, and it may be faster on the next attempt.
             timeout_s=3600.0,
             timeout_transient=True,
+            input_kinds=("srt",),
+        ),
+        OperationSpec(
+            name="translate_srt",
+            pool=Pool.LLM,
+            params=TranslateSrtParams,
+            description="An SRT or VTT file translated by an OpenAI-compatible chat model into each of"
+            " `languages`: .srt and .vtt per language, timestamps kept.",
+            needs_file=True,
+            calls_llm=True,
+            # fix_srt's hour per language, for a few languages; a job's `timeout_s` gives more.
+            timeout_s=4 * 3600.0,
+            timeout_transient=True,
+            input_kinds=("srt", "vtt"),
         ),
     )
 }

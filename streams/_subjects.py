@@ -17,6 +17,10 @@ MAX_PRIORITY = 10
 PRIORITIES = tuple(range(MAX_PRIORITY, MIN_PRIORITY - 1, -1))
 """Every priority, highest first: the order workers look for jobs in."""
 
+BATCH_POOL = "batch"
+"""A batch parent's pool: no worker consumes it (its submission goes to its events subject); its
+state follows its children."""
+
 ALL_SUBJECTS = "jobs.>"
 ALL_EVENTS = f"{EVENTS_PREFIX}.>"
 ALL_CONTROL = f"{CONTROL_PREFIX}.>"

@@ -48,7 +48,7 @@ class ApiServer:
         self._task: asyncio.Task[None] | None = None
         self._listener: socket.socket | None = None
         self.app: Litestar | None = None
-        """The app being served (its state holds the JobService and the projection)."""
+        """The app being served (its state holds the job queries, commands, live part and the projection)."""
 
     async def start(self) -> None:
         """Serve until `stop`; returns once the app's lifespan has started."""
@@ -86,6 +86,14 @@ class ApiServer:
         if self._listener is not None:
             self._listener.close()
             self._listener = None
+
+    async def idle(self, timeout: float = 10) -> None:
+        """Until uvicorn handles no request: a stream whose client went away has then released
+        what it held (its quota slot, its subscriptions)."""
+        assert self._server is not None
+        async with asyncio.timeout(timeout):
+            while self._server.server_state.tasks:  # noqa: ASYNC110 - uvicorn signals no end
+                await asyncio.sleep(0.01)
 
 
 class WorkerRunner:

@@ -17,6 +17,9 @@ from types import TracebackType
 from typing import Any
 
 NUMBERED = re.compile(r"^(\d+): ?(.*)$")
+# How translate_srt's instructions name the target: the default's wording, or the line appended
+# to an operator's own system message.
+TARGET = re.compile(r"BCP 47 code '([^']+)'|Target language \(BCP 47 code\): (\S+)")
 ERROR_TYPES = {
     400: "invalid_request_error",
     401: "invalid_api_key",
@@ -69,12 +72,28 @@ def drop_last_line(request: ChatRequest) -> str:
     return "\n".join(tidy(request).splitlines()[:-1])
 
 
+def target_language(request: ChatRequest) -> str | None:
+    """The language a translation request asks for (None: not a translation)."""
+    match = TARGET.search(request.system)
+    return None if match is None else match[1] or match[2]
+
+
+def translate(request: ChatRequest) -> str:
+    """A deterministic "translation": each numbered line prefixed with "[<code>] ", or `tidy`'s
+    answer to a request that asks for no language."""
+    language = target_language(request)
+    if language is None:
+        return tidy(request)
+    return "\n".join(f"{n}: [{language}] {text}" for n, text in numbered(request.user))
+
+
 @dataclass
 class FakeLLM:
     """The server's script and record; use as a context manager, then point a client at `base_url`."""
 
-    reply: Callable[[ChatRequest], str] = tidy
-    """The assistant's content for a request that is not failed."""
+    reply: Callable[[ChatRequest], str] = translate
+    """The assistant's content for a request that is not failed (`translate`: `tidy`'s, unless the
+    request asks for a translation)."""
     fail_first: list[int] = field(default_factory=list)
     """HTTP statuses for the first requests, in order (e.g. [429, 500]); later ones are answered."""
     retry_after: str | None = None

@@ -97,6 +97,7 @@ async def test_queue_stats_shape_and_counts(client: httpx.AsyncClient, worker: W
     assert (health["busy_slots"], health["total_slots"]) == (0, 1)
 
 
+@pytest.mark.slow
 async def test_workers_come_and_go(
     client: httpx.AsyncClient, nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -138,6 +139,7 @@ def _cpu_settings(url: str) -> Any:
     return WorkerSettings(pool="cpu", nats_url=url, ack_wait_s=2, grace_s=2, name="second")
 
 
+@pytest.mark.slow
 async def test_queue_status_shows_pending_and_the_running_job(
     client: httpx.AsyncClient, nats_server: NatsServer
 ) -> None:
@@ -190,6 +192,7 @@ async def test_admin_all_statistics_and_exhausted(client: httpx.AsyncClient, wor
     assert noop["avg_queue_wait_s"] >= 0
 
 
+@pytest.mark.slow
 async def test_force_complete_and_cleanup(client: httpx.AsyncClient, worker: WorkerRunner) -> None:
     running = await submit(client, params={"steps": 20, "duration_s": 20})
 
@@ -271,6 +274,7 @@ async def test_webhook_signed_and_retried(
     assert (result.delivered, result.tries, result.error, result.http_status) == (True, 3, "", 200)
 
 
+@pytest.mark.slow
 async def test_webhook_gives_up_after_five_tries(
     client: httpx.AsyncClient, worker: WorkerRunner, nats_server: NatsServer
 ) -> None:
@@ -289,6 +293,7 @@ async def test_webhook_gives_up_after_five_tries(
     assert (result.delivered, result.tries, result.error, result.http_status) == (False, 5, "HTTP 500", 500)
 
 
+@pytest.mark.slow
 async def test_webhook_sent_once_by_two_api_instances(
     nats_server: NatsServer, tmp_path: Path, worker: WorkerRunner
 ) -> None:

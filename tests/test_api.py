@@ -7,6 +7,7 @@ import uuid
 from typing import Any
 
 import httpx
+import pytest
 from httpx_sse import aconnect_sse
 
 from tests.conftest import WorkerRunner, submit, wait_terminal
@@ -226,6 +227,7 @@ async def test_permanent_failure_does_not_retry(client: httpx.AsyncClient, worke
     assert done["completed_at"] is not None
 
 
+@pytest.mark.slow
 async def test_transient_failure_retries_then_completes(
     client: httpx.AsyncClient, worker: WorkerRunner
 ) -> None:

@@ -78,6 +78,7 @@ async def http(api: ApiServer) -> AsyncIterator[httpx.AsyncClient]:
         yield client
 
 
+@pytest.mark.slow
 async def test_bazarr_detects_the_language_and_gets_srt_subtitles(
     api: ApiServer, http: httpx.AsyncClient, gpu: WorkerRunner
 ) -> None:
@@ -157,6 +158,7 @@ async def test_detect_language_stores_only_the_first_30_s_of_raw_pcm(
     assert await stored(http, api.settings.nats_url) == ([], [])
 
 
+@pytest.mark.slow
 async def test_encoded_audio_in_every_output(http: httpx.AsyncClient, gpu: WorkerRunner) -> None:
     audio = {"audio_file": ("jfk.flac", JFK.read_bytes(), "audio/flac")}
     bodies: dict[str, str] = {}

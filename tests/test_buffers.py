@@ -37,6 +37,8 @@ from tests.test_live import StoredEvents as History
 from tests.test_metrics import sample
 from workers import WorkerSettings
 
+pytestmark = pytest.mark.slow
+
 BUFFER = 64 * 1024
 """The client buffer of these tests' API."""
 SEND_BUFFER = 8192
@@ -606,7 +608,7 @@ async def test_projection_queue_is_bounded_and_loses_nothing(
 
         await api.start()  # catches up from the first message, 20 at a time
         assert api.app is not None
-        projection = api.app.state.service.projection
+        projection = api.app.state.projection
         queued: list[int] = []
         projection.hub.listeners.append(lambda _: queued.append(projection.queued))
         async with httpx.AsyncClient(base_url=api.url, timeout=30) as client:

@@ -8,10 +8,13 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.conftest import MEDIA, ApiServer, WorkerRunner, submit, wait_terminal
 from tests.test_admin import wait_for
 from tests.test_security import put_key
+
+pytestmark = pytest.mark.slow
 
 
 async def jobcast(*args: str, server: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
@@ -72,7 +75,11 @@ async def test_cancel_retry_rm_and_errors(
     assert "pending" in stdout or "running" in stdout
     await client.post(f"/api/v1/jobs/{job['id']}/cancel")
     await wait_terminal(client, job["id"])
-    await asyncio.sleep(0.3)  # let the worker let go of it
+
+    async def released() -> bool:  # a job its worker still holds cannot be deleted yet
+        return (await client.get(f"/api/v1/jobs/{job['id']}")).json()["held_by"] is None
+
+    await wait_for(released)
     code, stdout, _ = await jobcast("rm", job["id"], server=api.url)
     assert code == 0, stdout
     assert stdout.strip() == f"{job['id']} deleted"

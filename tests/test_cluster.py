@@ -47,6 +47,8 @@ from tests.conftest import ApiServer, WorkerRunner, submit, wait_terminal
 from tests.test_admin import Receiver, wait_for
 from workers import WorkerSettings
 
+pytestmark = pytest.mark.slow
+
 ADMIN_KEY = "cluster-admin-key-" + "x" * 20
 AUTH = {"Authorization": f"Bearer {ADMIN_KEY}"}
 BUCKETS = ("KV_JOBCAST_KEYS", "KV_JOBCAST_CALLBACKS", "KV_JOBCAST_WORKERS", "OBJ_JOBCAST_FILES")

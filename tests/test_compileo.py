@@ -14,6 +14,8 @@ import httpx
 import pytest
 
 from tests.conftest import ApiServer, WorkerRunner, replace, submit, wait_terminal
+from tests.test_admin import wait_for
+from tests.test_buffers import metric
 from workers import WorkerSettings
 
 STATUS_KEYS = {
@@ -187,6 +189,11 @@ def check_status_view(body: dict[str, Any], job_id: str) -> None:
             datetime.fromisoformat(body[key])
 
 
+async def long_poll_open(client: httpx.AsyncClient) -> bool:
+    """Whether the API counts one long-poll as open: it is subscribed, so no change is missed."""
+    return await metric(client, "jobcast_open_streams") == 1
+
+
 async def compileo_status(client: httpx.AsyncClient, job_id: str) -> dict[str, Any]:
     response = await client.get(f"/api/v1/jobs/status/{job_id}")
     assert response.status_code == 200, response.text
@@ -278,6 +285,7 @@ async def test_unknown_job_is_404_on_every_route(client: httpx.AsyncClient) -> N
         assert response.json() == {"status_code": 404, "detail": f"job {job_id} not found"}
 
 
+@pytest.mark.slow
 async def test_retrying_job_is_running_in_compileo_terms(
     client: httpx.AsyncClient, worker_settings: WorkerSettings
 ) -> None:
@@ -323,6 +331,7 @@ async def test_retrying_job_is_running_in_compileo_terms(
 # --- GET /status/{id}/poll ------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_poll_timeout_must_be_1_to_300(client: httpx.AsyncClient) -> None:
     job = await submit(client, params={"steps": 1})
     url = f"/api/v1/jobs/status/{job['id']}/poll"
@@ -338,6 +347,7 @@ async def test_poll_timeout_must_be_1_to_300(client: httpx.AsyncClient) -> None:
         check_status_view(response.json(), job["id"])
 
 
+@pytest.mark.slow
 async def test_poll_returns_at_timeout_with_status_shape(client: httpx.AsyncClient) -> None:
     job = await submit(client, params={"steps": 1})
     url = f"/api/v1/jobs/status/{job['id']}/poll"
@@ -369,7 +379,7 @@ async def test_poll_returns_on_change(client: httpx.AsyncClient, worker_settings
     url = f"/api/v1/jobs/status/{job['id']}/poll"
     started = time.monotonic()
     poll = asyncio.create_task(client.get(url, params={"timeout": 20, "current_status": "pending"}))
-    await asyncio.sleep(0.3)
+    await wait_for(lambda: long_poll_open(client))
     assert not poll.done()
     runner = WorkerRunner(worker_settings)
     await runner.start()
@@ -389,6 +399,7 @@ async def test_poll_returns_on_change(client: httpx.AsyncClient, worker_settings
 # --- GET /status/{id}/stream ----------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_stream_follows_job_to_completion(client: httpx.AsyncClient, worker: WorkerRunner) -> None:
     job = await submit(client, params={"steps": 4, "duration_s": 0.8})
     updates = await read_stream(client, job["id"])
@@ -433,6 +444,7 @@ async def test_stream_of_finished_job_is_one_message(client: httpx.AsyncClient, 
 # --- the document's Python snippets ---------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_snippet_monitor_job_completion(
     client: httpx.AsyncClient,
     worker: WorkerRunner,
@@ -456,6 +468,7 @@ async def test_snippet_monitor_job_completion(
     assert capsys.readouterr().out.splitlines()[-1] == f"Job {bad['id']}: failed - 100.0% - failed"
 
 
+@pytest.mark.slow
 async def test_snippet_monitor_job_completion_gives_up(
     client: httpx.AsyncClient, compileo: dict[str, Any], capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -467,6 +480,7 @@ async def test_snippet_monitor_job_completion_gives_up(
     assert capsys.readouterr().out.splitlines() == [f"Job {job['id']}: pending - 0.0% - queued"] * 2
 
 
+@pytest.mark.slow
 async def test_snippet_wait_for_job_change(
     client: httpx.AsyncClient, worker_settings: WorkerSettings, compileo: dict[str, Any]
 ) -> None:
@@ -486,7 +500,7 @@ async def test_snippet_wait_for_job_change(
 
     runner = WorkerRunner(worker_settings)
     changing = asyncio.create_task(asyncio.to_thread(wait_for_job_change, job["id"], "pending", 20))
-    await asyncio.sleep(0.2)
+    await wait_for(lambda: long_poll_open(client))  # so the change comes while it waits
     await runner.start()
     try:
         changed = await asyncio.wait_for(changing, 8)
@@ -501,6 +515,7 @@ async def test_snippet_wait_for_job_change(
         await runner.stop()
 
 
+@pytest.mark.slow
 async def test_snippet_stream_job_updates(
     client: httpx.AsyncClient,
     worker: WorkerRunner,
@@ -527,6 +542,7 @@ async def test_snippet_stream_job_updates(
     assert sum(line.startswith("Error: ") for line in lines) == 1
 
 
+@pytest.mark.slow
 async def test_snippet_monitor_job_with_recovery_completed(
     client: httpx.AsyncClient,
     worker: WorkerRunner,
@@ -544,6 +560,7 @@ async def test_snippet_monitor_job_with_recovery_completed(
     assert capsys.readouterr().out == ""
 
 
+@pytest.mark.slow
 async def test_snippet_monitor_job_with_recovery_running(
     client: httpx.AsyncClient,
     worker: WorkerRunner,
@@ -563,6 +580,7 @@ async def test_snippet_monitor_job_with_recovery_running(
     assert lines[-1] == f"Job {job['id']}: completed - 100.0% - completed"
 
 
+@pytest.mark.slow
 async def test_snippet_monitor_job_with_recovery_unknown_job(
     client: httpx.AsyncClient, compileo: dict[str, Any], capsys: pytest.CaptureFixture[str]
 ) -> None:

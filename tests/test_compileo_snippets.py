@@ -277,6 +277,7 @@ async def test_snippet_check_queue_health_without_server(capsys: pytest.CaptureF
     assert "Connection refused" in line
 
 
+@pytest.mark.slow
 async def test_snippet_adaptive_polling(
     client: httpx.AsyncClient,
     worker: WorkerRunner,
@@ -308,6 +309,7 @@ async def test_snippet_adaptive_polling_unknown_job(compileo: dict[str, Any]) ->
         await asyncio.to_thread(compileo["adaptive_polling"], UNKNOWN_JOB, 0.2, 1.0)
 
 
+@pytest.mark.slow
 async def test_snippet_monitor_multiple_jobs(
     api: ApiServer,
     client: httpx.AsyncClient,
@@ -335,6 +337,7 @@ async def test_snippet_monitor_multiple_jobs(
     assert f"Job {bad['id']}: failed - 100.0% - failed" in lines
 
 
+@pytest.mark.slow
 async def test_snippet_submit_and_monitor_job(
     api: ApiServer, client: httpx.AsyncClient, compileo: dict[str, Any], capsys: pytest.CaptureFixture[str]
 ) -> None:

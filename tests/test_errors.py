@@ -20,7 +20,7 @@ from websockets.asyncio.client import connect
 
 from app import Settings, create_app
 from app._auth import Keys
-from app._jobs import JobService
+from app._queries import JobQueries
 from jobcast.logs import configure
 from streams import NatsServer
 from tests.conftest import ApiServer, submit
@@ -133,6 +133,7 @@ async def api_with(request: pytest.FixtureRequest, nats_server: NatsServer, sett
     await server.stop()
 
 
+@pytest.mark.slow
 async def test_nasty_requests_get_a_clear_answer_never_a_500(api_with: tuple[ApiServer, str | None]) -> None:
     api, key = api_with
     cases = nasty_requests(api.settings)
@@ -284,7 +285,7 @@ def internal_error(rid: str) -> dict[str, object]:
 async def test_an_unexpected_error_is_a_500_naming_the_request_id_in_body_header_and_log(
     api: ApiServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    break_method(monkeypatch, JobService, "find", "the database went away")
+    break_method(monkeypatch, JobQueries, "find", "the database went away")
     caplog.set_level(logging.ERROR, logger="jobcast.api")
     async with httpx.AsyncClient(base_url=api.url, timeout=30) as http:
         response = await http.get("/api/v1/jobs", params={"limit": 5})
@@ -332,7 +333,7 @@ async def test_an_unexpected_error_in_the_auth_middleware_is_a_logged_500_too(
 async def test_an_unexpected_error_on_a_websocket_is_logged_with_a_request_id(
     api: ApiServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    break_method(monkeypatch, JobService, "get", "no job table")
+    break_method(monkeypatch, JobQueries, "get", "no job table")
     caplog.set_level(logging.ERROR, logger="jobcast.api")
     async with connect(api.url.replace("http://", "ws://") + "/api/v1/jobs/x/ws") as ws:
         await ws.wait_closed()
@@ -377,7 +378,7 @@ async def test_a_websocket_whose_stream_fails_is_logged_with_a_request_id(
     # The failure happens in a task of the connection, after the handshake: the handler itself
     # returns normally, so only the handler's own logging can say what happened.
     job = await submit(client, params={"steps": 0})
-    break_method(monkeypatch, JobService, "history", "history lost")
+    break_method(monkeypatch, JobQueries, "history", "history lost")
     caplog.set_level(logging.ERROR, logger="jobcast.api")
     path = f"/api/v1/jobs/{job['id']}/ws"
     async with connect(api.url.replace("http://", "ws://") + path) as ws:

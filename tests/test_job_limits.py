@@ -106,6 +106,7 @@ async def test_an_event_the_stream_rejects_fails_the_job(
     await then_next_job_runs(client)
 
 
+@pytest.mark.slow
 async def test_publishing_gives_up_on_a_broker_that_stays_away(
     worker_settings: WorkerSettings, nats_server: NatsServer
 ) -> None:
@@ -168,6 +169,7 @@ async def test_a_forced_result_is_bounded_too(client: httpx.AsyncClient) -> None
 # 2. attempts that agree with MaxDeliver -----------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_highest_max_attempts_that_always_fails_ends_failed(
     client: httpx.AsyncClient, worker: WorkerRunner
 ) -> None:
@@ -211,6 +213,7 @@ async def test_an_existing_consumer_is_brought_in_line_on_start(
 # 3. run-time limits --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_hung_handler_times_out_and_the_worker_takes_the_next_job(
     client: httpx.AsyncClient, worker: WorkerRunner
 ) -> None:
@@ -266,6 +269,7 @@ async def test_timeout_s_survives_a_retry_and_an_older_database(
         assert "timeout_s" in {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
 
 
+@pytest.mark.slow
 async def test_thread_of_a_timed_out_job_holds_its_slot_until_it_stops(
     client: httpx.AsyncClient, worker: WorkerRunner
 ) -> None:
@@ -291,6 +295,7 @@ async def test_thread_of_a_timed_out_job_holds_its_slot_until_it_stops(
     assert at(next_started) >= at(events[-1])
 
 
+@pytest.mark.slow
 async def test_cancel_frees_the_slot_only_once_the_thread_stopped(
     client: httpx.AsyncClient, worker: WorkerRunner
 ) -> None:
@@ -312,6 +317,7 @@ async def test_cancel_frees_the_slot_only_once_the_thread_stopped(
     assert at(next_started) >= at(stopped)
 
 
+@pytest.mark.slow
 async def test_heartbeat_stops_renewing_a_job_that_will_not_stop(
     client: httpx.AsyncClient, worker_settings: WorkerSettings
 ) -> None:

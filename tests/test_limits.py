@@ -58,6 +58,7 @@ async def test_rate_limit_per_key(limited: ApiServer) -> None:
         assert health.json()["status"] == "ok"
 
 
+@pytest.mark.slow
 async def test_one_open_stream_per_key(limited: ApiServer) -> None:
     ws_base = limited.url.replace("http", "ws")
     async with httpx.AsyncClient(base_url=limited.url, timeout=10) as client:
@@ -75,8 +76,8 @@ async def test_one_open_stream_per_key(limited: ApiServer) -> None:
                 assert refusal["status_code"] == 429
                 await asyncio.wait_for(socket.wait_closed(), 5)
                 assert socket.close_code == 4429
-        # the first stream is closed: a new one may open
-        await asyncio.sleep(0.2)
+        # the first stream is closed: once the server has seen it go, a new one may open
+        await limited.idle()
         again = await client.get(f"/api/v1/jobs/{job['id']}/poll", params={"timeout": 1})
         assert again.status_code == 200
         assert again.json()["id"] == job["id"]
@@ -112,6 +113,7 @@ async def test_json_bodies_are_small_uploads_may_be_large(settings: Settings) ->
         await server.stop()
 
 
+@pytest.mark.slow
 async def test_each_admin_key_has_its_own_stream_quota(settings: Settings, nats_server: NatsServer) -> None:
     """An admin following another owner's job counts in its own key's quota, not in one shared by
     every admin key (or by everyone following across owners)."""

@@ -76,6 +76,7 @@ def ws_url(api: ApiServer, path: str) -> str:
 # SSE -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_sse_streams_history_then_live_and_ends(
     client: httpx.AsyncClient, worker: WorkerRunner
 ) -> None:
@@ -148,6 +149,7 @@ async def test_sse_failed_job_ends_after_failed(client: httpx.AsyncClient, worke
     assert [kind for _, kind, _ in messages].count("failed") == 1
 
 
+@pytest.mark.slow
 async def test_sse_resume_with_last_event_id(client: httpx.AsyncClient, worker: WorkerRunner) -> None:
     job = await submit(client, params={"steps": 8, "duration_s": 2})
     head = await read_sse(client, job["id"], limit=3)  # submitted, started, first progress
@@ -169,6 +171,7 @@ async def test_sse_resume_with_last_event_id(client: httpx.AsyncClient, worker: 
     assert await read_sse(client, job["id"], headers={"Last-Event-ID": str(full[-1][0])}) == []
 
 
+@pytest.mark.slow
 async def test_sse_resume_with_after_query(client: httpx.AsyncClient, worker: WorkerRunner) -> None:
     job = await submit(client, params={"steps": 8, "duration_s": 2})
     head = await read_sse(client, job["id"], limit=3)
@@ -185,6 +188,7 @@ async def test_sse_resume_with_after_query(client: httpx.AsyncClient, worker: Wo
     assert by_query == by_header == [m for m in full if m[0] > middle]
 
 
+@pytest.mark.slow
 async def test_sse_sends_keepalive_pings(client: httpx.AsyncClient, worker: WorkerRunner) -> None:
     job = await submit(client, params={"steps": 1, "duration_s": 2})
     lines: list[str] = []
@@ -241,6 +245,7 @@ async def ws_collect(url: str) -> tuple[list[dict[str, Any]], int | None]:
     return messages, code
 
 
+@pytest.mark.slow
 async def test_ws_job_streams_and_closes(
     api: ApiServer, client: httpx.AsyncClient, worker: WorkerRunner
 ) -> None:
@@ -262,6 +267,7 @@ async def test_ws_job_streams_and_closes(
     assert [data for _, _, data in sse] == messages
 
 
+@pytest.mark.slow
 async def test_ws_job_resumes_with_last_event_id(
     api: ApiServer, client: httpx.AsyncClient, worker: WorkerRunner
 ) -> None:
@@ -308,6 +314,7 @@ async def collect_until_done(ws: ClientConnection, job_ids: set[str]) -> dict[st
     return by_job
 
 
+@pytest.mark.slow
 async def test_ws_multi_subscribe_jobs(
     api: ApiServer, client: httpx.AsyncClient, worker: WorkerRunner
 ) -> None:
@@ -333,6 +340,7 @@ async def test_ws_multi_subscribe_jobs(
         assert got == [data for _, _, data in full]  # history + live, nothing missing, nothing twice
 
 
+@pytest.mark.slow
 async def test_ws_multi_subscribers_joining_mid_run_miss_nothing(
     api: ApiServer, client: httpx.AsyncClient, worker: WorkerRunner
 ) -> None:
@@ -353,6 +361,7 @@ async def test_ws_multi_subscribers_joining_mid_run_miss_nothing(
     assert all(got == full for got in results)
 
 
+@pytest.mark.slow
 async def test_sse_and_ws_followers_joining_mid_run_miss_nothing(
     api: ApiServer, client: httpx.AsyncClient, worker: WorkerRunner
 ) -> None:
@@ -434,6 +443,7 @@ async def test_ws_multi_errors(api: ApiServer, client: httpx.AsyncClient, worker
         assert (await ws_json(ws))["status_code"] == 400
 
 
+@pytest.mark.slow
 async def test_ws_multi_unsubscribe(api: ApiServer, client: httpx.AsyncClient, worker: WorkerRunner) -> None:
     job = await submit(client, params={"steps": 6, "duration_s": 1.5})
     async with connect(ws_url(api, "/api/v1/ws")) as ws:
@@ -468,6 +478,7 @@ async def test_ws_multi_unsubscribe(api: ApiServer, client: httpx.AsyncClient, w
 # long-poll -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_poll_returns_on_status_change(client: httpx.AsyncClient, worker: WorkerRunner) -> None:
     job = await submit(client, params={"steps": 2, "duration_s": 0.5})
     started = time.monotonic()
@@ -490,6 +501,7 @@ async def test_poll_returns_on_status_change(client: httpx.AsyncClient, worker: 
     assert time.monotonic() - started < 5
 
 
+@pytest.mark.slow
 async def test_poll_since_returns_on_newer_event(client: httpx.AsyncClient, worker: WorkerRunner) -> None:
     job = await submit(client, params={"steps": 8, "duration_s": 2})
     running = (
@@ -517,6 +529,7 @@ async def test_poll_since_returns_on_newer_event(client: httpx.AsyncClient, work
     assert time.monotonic() - started < 0.5
 
 
+@pytest.mark.slow
 async def test_poll_times_out_with_current_state(client: httpx.AsyncClient, worker: WorkerRunner) -> None:
     job = await submit(client, params={"steps": 1, "duration_s": 3})
     running = (
@@ -550,6 +563,7 @@ async def test_poll_terminal_job_returns_at_once(client: httpx.AsyncClient, work
     assert time.monotonic() - started < 0.5
 
 
+@pytest.mark.slow
 async def test_poll_rejects_bad_timeout(client: httpx.AsyncClient, worker: WorkerRunner) -> None:
     job = await submit(client, params={"steps": 1})
     for timeout in ("0", "301", "soon"):
@@ -637,10 +651,19 @@ async def test_sse_fanout_pings_only_idle_followers() -> None:
     hub = Hub()
     fanout = SseFanout(hub, ping_s=0.05)
     bodies: dict[str, list[bytes]] = {"idle": [], "busy": []}
+    ticks = 6
+    ticked = asyncio.Event()
 
     def sender(name: str) -> Any:
         async def send(message: Any) -> None:
             bodies[name].append(message["body"])
+            if name == "idle":
+                # The idle follower is pinged at each keep-alive tick, and each tick brings the busy
+                # job its next event: the busy follower writes between any two ticks on however
+                # slow a machine (a fixed sleep between events raced the timer under load).
+                hub.publish(_applied(len(bodies["idle"]) + 1))
+                if len(bodies["idle"]) == ticks:
+                    ticked.set()
 
         return send
 
@@ -650,12 +673,11 @@ async def test_sse_fanout_pings_only_idle_followers() -> None:
     for follower in (idle, busy):
         fanout.attach(follower)
         writers.append(asyncio.create_task(follower.run(StoredEvents([]), None)))
-    for seq in range(1, 8):
-        hub.publish(_applied(seq))
-        await asyncio.sleep(0.02)
-    assert bodies["idle"]
+    hub.publish(_applied(1))  # before the first tick
+    await asyncio.wait_for(ticked.wait(), 10)
     assert set(bodies["idle"]) == {b": ping\r\n\r\n"}
     assert b": ping\r\n\r\n" not in bodies["busy"]
+    assert len(bodies["busy"]) >= ticks
     idle.close()
     busy.close()
     await asyncio.wait_for(asyncio.gather(*writers), 5)

@@ -94,6 +94,7 @@ async def test_concurrency_is_bounded(server: FakeLLM) -> None:
     assert steps == [(20.0 * n, f"fixing chunk {n} of 5") for n in range(1, 6)]
 
 
+@pytest.mark.slow
 async def test_rate_limit_then_server_error_are_retried(server: FakeLLM) -> None:
     server.fail_first = [429, 500]
     result = await fix(server, make_cues("a", "b"), max_retries=3)
@@ -102,6 +103,7 @@ async def test_rate_limit_then_server_error_are_retried(server: FakeLLM) -> None
     assert len(server.requests) == 3
 
 
+@pytest.mark.slow
 async def test_transient_errors_past_max_retries_fail_retryable(server: FakeLLM) -> None:
     server.fail_first = [503, 503, 503]
     with pytest.raises(LLMError, match=r"still failing after 2 retries: HTTP 503") as info:
@@ -110,6 +112,7 @@ async def test_transient_errors_past_max_retries_fail_retryable(server: FakeLLM)
     assert len(server.requests) == 3
 
 
+@pytest.mark.slow
 async def test_retry_after_is_waited_out_before_the_next_try(server: FakeLLM) -> None:
     """A 429's Retry-After (1 s) sets the wait, not the SDK's own first backoff (0.5 s at most)."""
     server.fail_first, server.retry_after = [429, 503], "1"
@@ -336,6 +339,7 @@ def jobs_srt(job: int, count: int) -> str:
     return subtitles.to_srt(cues)
 
 
+@pytest.mark.slow
 async def test_max_llm_concurrency_bounds_requests_across_all_jobs_of_a_worker(
     client: httpx.AsyncClient, nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

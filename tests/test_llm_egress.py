@@ -46,6 +46,7 @@ async def assert_key_nowhere(client: httpx.AsyncClient, job: dict[str, Any], cap
     assert KEY not in caplog.text
 
 
+@pytest.mark.slow
 async def test_unlisted_base_url_is_422_and_nothing_reaches_it(
     client: httpx.AsyncClient, nats_server: NatsServer
 ) -> None:
@@ -84,6 +85,7 @@ async def test_unlisted_base_url_is_422_and_nothing_reaches_it(
     assert [job["id"] for job in listed.json()["items"]] == [fine["id"]]
 
 
+@pytest.mark.slow
 async def test_listed_base_url_is_called_with_the_key(settings: Settings, nats_server: NatsServer) -> None:
     with FakeLLM(api_key=KEY) as operator, FakeLLM(api_key=KEY) as other:
         api = ApiServer(replace(settings, llm_allowed_base_urls=(other.base_url,)))
@@ -151,6 +153,7 @@ async def test_job_published_straight_to_nats_fails_without_sending_the_key(
     await assert_key_nowhere(client, done, caplog)
 
 
+@pytest.mark.slow
 async def test_listed_base_url_on_loopback_fails_the_job_without_the_key(
     settings: Settings, nats_server: NatsServer, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -155,6 +155,7 @@ async def test_files_upload_list_get_range_delete(client: httpx.AsyncClient) -> 
     assert unknown.json() == {"status_code": 404, "detail": "file no-such-file not found"}
 
 
+@pytest.mark.slow
 async def test_upload_over_the_limit_is_413(settings: Settings) -> None:
     server = ApiServer(replace(settings, max_upload_bytes=1000))
     await server.start()
@@ -173,6 +174,7 @@ async def test_upload_over_the_limit_is_413(settings: Settings) -> None:
 # whisper ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_transcribe_jfk(client: httpx.AsyncClient, gpu: WorkerRunner) -> None:
     source = await upload(client, "jfk.flac", JFK.read_bytes())
     job = await submit(client, type="transcribe", file_id=source["id"], params=FAST)
@@ -210,6 +212,7 @@ async def test_transcribe_jfk(client: httpx.AsyncClient, gpu: WorkerRunner) -> N
     assert all(f["job_id"] == job["id"] for f in produced["items"])
 
 
+@pytest.mark.slow
 async def test_generate_srt_gives_valid_srt_and_vtt(client: httpx.AsyncClient, gpu: WorkerRunner) -> None:
     source = await upload(client, "jfk.flac", JFK.read_bytes())
     job = await submit(client, type="generate_srt", file_id=source["id"], params=FAST)
@@ -232,6 +235,7 @@ async def test_generate_srt_gives_valid_srt_and_vtt(client: httpx.AsyncClient, g
     assert srt_cues[-1].end <= 11.1
 
 
+@pytest.mark.slow
 async def test_a_long_text_is_cut_in_the_result_and_whole_in_the_txt(
     client: httpx.AsyncClient, nats_server: NatsServer
 ) -> None:
@@ -260,6 +264,7 @@ async def test_a_long_text_is_cut_in_the_result_and_whole_in_the_txt(
         assert sorted(outputs) == [".srt", ".txt", ".vtt"]  # generate_srt adds a .txt only when cut
 
 
+@pytest.mark.slow
 async def test_progress_over_sse(client: httpx.AsyncClient, gpu: WorkerRunner) -> None:
     source = await upload(client, "speech60.mp3", SPEECH60.read_bytes())
     job = await submit(client, type="transcribe", file_id=source["id"], params=FAST)
@@ -289,6 +294,7 @@ async def test_progress_over_sse(client: httpx.AsyncClient, gpu: WorkerRunner) -
 # convert --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_convert_remux_transcode_and_audio_only(
     client: httpx.AsyncClient, cpu: WorkerRunner, clips: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -393,6 +399,7 @@ async def test_fix_srt_keeps_a_chunk_the_model_keeps_breaking(
     assert len(fake.requests) == 2 + 4
 
 
+@pytest.mark.slow
 async def test_fix_srt_bounds_llm_concurrency(client: httpx.AsyncClient, nats_server: NatsServer) -> None:
     srt = lowercase_srt(30)
     with FakeLLM(delay=0.2) as fake:
@@ -427,12 +434,14 @@ async def cancel_when(client: httpx.AsyncClient, job_id: str, min_progress: floa
     return elapsed
 
 
+@pytest.mark.slow
 async def test_cancel_running_transcription(client: httpx.AsyncClient, gpu: WorkerRunner) -> None:
     source = await upload(client, "speech60.mp3", SPEECH60.read_bytes())
     job = await submit(client, type="transcribe", file_id=source["id"], params=FAST)
     assert await cancel_when(client, job["id"], 0.0) < 2.0
 
 
+@pytest.mark.slow
 async def test_transcription_past_its_limit_stops_and_the_worker_carries_on(
     client: httpx.AsyncClient, gpu: WorkerRunner
 ) -> None:
@@ -458,6 +467,7 @@ async def test_transcription_past_its_limit_stops_and_the_worker_carries_on(
     assert (await wait_terminal(client, again["id"]))["status"] == "completed"
 
 
+@pytest.mark.slow
 async def test_cancel_running_conversion(
     client: httpx.AsyncClient, cpu: WorkerRunner, clips: dict[str, Path]
 ) -> None:
@@ -474,6 +484,7 @@ async def test_cancel_running_conversion(
 # bad input and batches -------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_text_file_fails_clearly_and_worker_carries_on(
     client: httpx.AsyncClient, gpu: WorkerRunner
 ) -> None:
@@ -493,6 +504,7 @@ async def test_text_file_fails_clearly_and_worker_carries_on(
     assert done["status"] == "completed", done["error"]
 
 
+@pytest.mark.slow
 async def test_delete_job_keeps_or_removes_its_files(
     api: ApiServer, client: httpx.AsyncClient, gpu: WorkerRunner, nats_server: NatsServer, settings: Settings
 ) -> None:
@@ -544,6 +556,7 @@ async def test_delete_job_keeps_or_removes_its_files(
     assert sorted(f["id"] for f in kept_after["items"]) == sorted(outputs[True])
 
 
+@pytest.mark.slow
 async def test_batch_transcribe(client: httpx.AsyncClient, gpu: WorkerRunner) -> None:
     a = await upload(client, "jfk.flac", JFK.read_bytes())
     b = await upload(client, "jfk-again.flac", JFK.read_bytes())

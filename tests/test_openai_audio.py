@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
+import wave
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import faster_whisper
 import httpx
 import msgspec
+import numpy as np
 import openai
 import pytest
 from nats.js.errors import NotFoundError
@@ -111,6 +114,7 @@ async def caller(nats_server: NatsServer, settings: Settings) -> AsyncIterator[C
         yield who
 
 
+@pytest.mark.slow
 async def test_json_and_text(caller: Caller, gpu: WorkerRunner) -> None:
     with JFK.open("rb") as audio:
         answer = await caller.openai.audio.transcriptions.create(model="whisper-1", file=audio)
@@ -137,6 +141,7 @@ async def test_json_and_text(caller: Caller, gpu: WorkerRunner) -> None:
     assert await stored(caller.http, caller.api.settings.nats_url) == ([], [])
 
 
+@pytest.mark.slow
 async def test_json_and_text_answer_the_whole_text_when_the_result_cuts_it(
     caller: Caller, worker_settings: WorkerSettings
 ) -> None:
@@ -159,6 +164,7 @@ async def test_json_and_text_answer_the_whole_text_when_the_result_cuts_it(
         assert answer.text.startswith(job["result"]["text"])
 
 
+@pytest.mark.slow
 async def test_srt_and_vtt(caller: Caller, gpu: WorkerRunner) -> None:
     with JFK.open("rb") as audio:
         srt = await caller.openai.audio.transcriptions.create(
@@ -178,6 +184,7 @@ async def test_srt_and_vtt(caller: Caller, gpu: WorkerRunner) -> None:
     assert [job["status"] for job in await caller.jobs("generate_srt")] == ["completed", "completed"]
 
 
+@pytest.mark.slow
 async def test_verbose_json_with_words_and_segments(caller: Caller, gpu: WorkerRunner) -> None:
     with JFK.open("rb") as audio:
         answer = await caller.openai.audio.transcriptions.create(
@@ -205,6 +212,7 @@ async def test_verbose_json_with_words_and_segments(caller: Caller, gpu: WorkerR
     assert job["params"]["initial_prompt"] == "President Kennedy's inaugural address."
 
 
+@pytest.mark.slow
 async def test_other_model_names_are_passed_through(caller: Caller, gpu: WorkerRunner) -> None:
     with JFK.open("rb") as audio:
         answer = await caller.openai.audio.transcriptions.create(model="tiny.en", file=audio)
@@ -318,9 +326,28 @@ async def test_disconnect_cancels_a_queued_job(caller: Caller) -> None:
     await until_nothing_stored(caller.http, caller.api.settings.nats_url)
 
 
-async def test_client_timeout_cancels_a_running_job(caller: Caller, gpu: WorkerRunner) -> None:
-    quick = caller.openai.with_options(timeout=1.0)
-    with SPEECH60.open("rb") as audio, pytest.raises(openai.APITimeoutError):
+def long_speech(path: Path, times: int, rate: int = 8000) -> Path:
+    """speech60.mp3 `times` over in one mono WAV (8 kHz: half the bytes whisper's 16 kHz takes)."""
+    samples = np.tile(faster_whisper.decode_audio(str(SPEECH60), sampling_rate=rate), times)
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes((samples * 32767).astype("<i2").tobytes())
+    return path
+
+
+@pytest.mark.slow
+async def test_client_timeout_cancels_a_running_job(
+    caller: Caller, gpu: WorkerRunner, tmp_path: Path
+) -> None:
+    # 20 minutes of speech (19 MB) outlast a 1 s timeout on any machine, a GPU's too (60 s did
+    # not on a fast one); no retry, whose second try would find the model warm.
+    quick = caller.openai.with_options(timeout=1.0, max_retries=0)
+    with (
+        long_speech(tmp_path / "speech20m.wav", 20).open("rb") as audio,
+        pytest.raises(openai.APITimeoutError),
+    ):
         await quick.audio.transcriptions.create(model="whisper-1", file=audio)
     job = await caller.first_job("transcribe")
     done = await wait_terminal(caller.http, job["id"])
@@ -328,6 +355,7 @@ async def test_client_timeout_cancels_a_running_job(caller: Caller, gpu: WorkerR
     await until_nothing_stored(caller.http, caller.api.settings.nats_url)
 
 
+@pytest.mark.slow
 async def test_text_answers_name_their_charset_once(caller: Caller, gpu: WorkerRunner) -> None:
     """`text/plain; charset=utf-8`, not the doubled charset a hand-written media type gave."""
     for response_format in ("text", "srt"):

@@ -209,6 +209,7 @@ def test_cluster_compose_is_three_nodes_two_apis_and_the_workers(cluster_compose
     assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
 
 
+@pytest.mark.slow
 async def test_cluster_compose_nodes_form_a_jetstream_cluster(
     cluster_compose: dict[str, Any], tmp_path: Path
 ) -> None:
@@ -320,6 +321,7 @@ async def test_replay_prints_the_job_history_as_the_api_streams_it(
     assert capsys.readouterr().out == out
 
 
+@pytest.mark.slow
 async def test_replay_follow_prints_until_the_job_ends(
     client: httpx.AsyncClient,
     worker: WorkerRunner,

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import nats
+import pytest
 
 from jobcast.lifeline import PARENT_GONE_EXIT_S
 from streams import NatsServer
@@ -149,6 +150,7 @@ async def test_serve_public_bind_without_key_exits_2_at_once(tmp_path: Path) -> 
     assert nats_servers_on(data / "nats") == []
 
 
+@pytest.mark.slow
 async def test_api_public_bind_without_key_exits_2_in_one_line(
     nats_server: NatsServer, tmp_path: Path
 ) -> None:
@@ -169,6 +171,7 @@ async def test_api_public_bind_without_key_exits_2_in_one_line(
     assert "Traceback" not in err
 
 
+@pytest.mark.slow
 async def test_keys_fail_fast_without_nats(tmp_path: Path) -> None:
     url = f"nats://127.0.0.1:{free_port()}"  # nothing listens there
     env = clean_env(JOBCAST_NATS_URL=url)
@@ -180,6 +183,7 @@ async def test_keys_fail_fast_without_nats(tmp_path: Path) -> None:
         assert err.startswith(f"cannot reach NATS at {url} ("), err
 
 
+@pytest.mark.slow
 async def test_nothing_outlives_a_killed_serve(tmp_path: Path) -> None:
     port = free_port()
     # a long grace must not matter: nobody waits for these workers any more
@@ -213,6 +217,7 @@ async def test_nothing_outlives_a_killed_serve(tmp_path: Path) -> None:
     assert took < ORPHAN_DEADLINE_S, took
 
 
+@pytest.mark.slow
 async def test_second_serve_on_a_data_dir_refuses(tmp_path: Path) -> None:
     data = tmp_path / "d"
     port = free_port()
@@ -251,6 +256,7 @@ async def test_serve_stops_on_a_child_configuration_error(tmp_path: Path) -> Non
     assert took < 45, took
 
 
+@pytest.mark.slow
 async def test_a_worker_started_by_hand_outlives_its_shell(nats_server: NatsServer, tmp_path: Path) -> None:
     """Only serve's children watch their parent: `jobcast worker &` from a shell keeps running."""
     argv, env = worker_process(nats_server.url, "cpu", JOBCAST_LOG_LEVEL="INFO")
@@ -274,6 +280,7 @@ async def test_a_worker_started_by_hand_outlives_its_shell(nats_server: NatsServ
             os.kill(worker, signal.SIGKILL)  # sh without job control: it shares the shell's group
 
 
+@pytest.mark.slow
 async def test_the_embedded_nats_server_wants_the_data_dirs_token(tmp_path: Path) -> None:
     """Whoever reaches the NATS port could write an admin key: serve's server takes only its token."""
     data = tmp_path / "d"

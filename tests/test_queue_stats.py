@@ -92,6 +92,7 @@ async def gpu_worker_process(nats_server: NatsServer) -> AsyncIterator[asyncio.s
         yield proc
 
 
+@pytest.mark.slow
 async def test_stats_count_a_worker_process_its_cpu_memory_and_model(
     client: httpx.AsyncClient, gpu_worker_process: asyncio.subprocess.Process, worker_settings: WorkerSettings
 ) -> None:
@@ -107,7 +108,8 @@ async def test_stats_count_a_worker_process_its_cpu_memory_and_model(
     speech = await upload(client, "jfk.flac")
 
     async def transcribe() -> dict[str, Any]:
-        return await submit(client, type="transcribe", file_id=speech, params={"beam_size": 1})
+        # Not from the stage cache: the worker must stay busy transcribing the same file.
+        return await submit(client, type="transcribe", file_id=speech, params={"beam_size": 1}, cache=False)
 
     jobs = [await transcribe()]
     await wait_stats(client, lambda s: s["running_jobs"] == 1)
@@ -182,6 +184,7 @@ async def test_two_readings_in_a_row_agree(settings: Settings, monkeypatch: pyte
         await api.stop()
 
 
+@pytest.mark.slow
 async def test_busy_slots_make_utilization_high(client: httpx.AsyncClient, worker: WorkerRunner) -> None:
     """One cpu worker of one slot: while it runs a job that sleeps, no capacity is left."""
     idle = await wait_stats(client, lambda s: s["active_workers"] == 1)
@@ -214,6 +217,7 @@ async def test_a_pool_with_work_and_no_worker_is_degraded(
     assert body["queue_health"]["status"] == "healthy"
 
 
+@pytest.mark.slow
 async def test_nothing_able_to_run_is_unhealthy(client: httpx.AsyncClient, nats_server: NatsServer) -> None:
     """No worker anywhere with work waiting, or no NATS: nothing can run."""
     idle = await stats(client)

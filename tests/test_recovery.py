@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from httpx_sse import aconnect_sse
 
 from app import Settings
@@ -29,6 +30,8 @@ from tests.conftest import (
     worker_process,
 )
 from workers import WorkerSettings
+
+pytestmark = pytest.mark.slow
 
 JOB_FIELDS = ("id", "status", "result", "error", "attempt", "progress", "created_at", "completed_at",
               "last_event_id")  # fmt: skip

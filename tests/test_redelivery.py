@@ -32,6 +32,8 @@ from tests.test_admin import Receiver, wait_for
 from tests.test_retention import publish
 from workers import WorkerSettings
 
+pytestmark = pytest.mark.slow
+
 ACK_WAIT_S = 1.0
 FREEZE_S = 4.0
 """Long past AckWait: the server has surely put the message up for redelivery by then."""

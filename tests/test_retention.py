@@ -125,6 +125,7 @@ async def finished_jobs(client: httpx.AsyncClient) -> dict[str, dict[str, Any]]:
     return jobs | {f"child{i}": child for i, child in enumerate(children)}
 
 
+@pytest.mark.slow
 async def test_delete_purges_every_message_of_the_job(
     client: httpx.AsyncClient, worker: WorkerRunner, js: JetStreamContext
 ) -> None:
@@ -161,6 +162,7 @@ async def test_delete_purges_every_message_of_the_job(
     assert (await ok(client.get(f"/api/v1/jobs/{kept['id']}")))["status"] == "completed"
 
 
+@pytest.mark.slow
 async def test_rebuild_after_purges_equals_the_database_before(
     api: ApiServer, client: httpx.AsyncClient, worker: WorkerRunner, settings: Settings, js: JetStreamContext
 ) -> None:
@@ -211,6 +213,7 @@ async def publish(js: JetStreamContext, subject: str, event: Event) -> int:
     return (await js.publish(subject, encode_event(event), headers=headers)).seq
 
 
+@pytest.mark.slow
 async def test_late_events_of_a_deleted_job_do_not_bring_it_back(
     api: ApiServer, client: httpx.AsyncClient, worker: WorkerRunner, settings: Settings, js: JetStreamContext
 ) -> None:
@@ -246,6 +249,7 @@ async def test_late_events_of_a_deleted_job_do_not_bring_it_back(
     assert (await client.get(f"/api/v1/jobs/{job_id}")).status_code == 404
 
 
+@pytest.mark.slow
 async def test_full_stream_refuses_new_jobs_with_503_and_loses_none(
     nats_server: NatsServer, settings: Settings, js: JetStreamContext, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -392,6 +396,7 @@ async def test_a_keyed_request_is_validated_before_it_names_its_job(client: http
     assert (same.status_code, same.json()["id"]) == (200, job["id"])
 
 
+@pytest.mark.slow
 async def test_key_reused_after_delete_past_the_duplicate_window(
     nats_server: NatsServer, settings: Settings, js: JetStreamContext, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -414,6 +419,7 @@ async def test_key_reused_after_delete_past_the_duplicate_window(
 # the retention sweep ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_retention_sweep_of_two_instances(
     nats_server: NatsServer,
     tmp_path: Path,

@@ -23,6 +23,8 @@ from streams import NatsServer
 from tests.conftest import ApiServer, WorkerRunner, submit, wait_terminal
 from tests.test_security import put_key
 
+pytestmark = pytest.mark.slow
+
 EXCLUDED_CHECKS = "positive_data_acceptance,allow_header_conformance"
 """Every check but two that fail on Litestar 2's schema and OPTIONS handling, not on jobcast's answers:
 `Allow` of the automatic OPTIONS lists one handler's methods when a path has several (litestar#4169,

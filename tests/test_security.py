@@ -140,6 +140,7 @@ async def test_no_key_or_wrong_key_is_401_and_probes_stay_open(tenants: Tenants)
 # 2. tenants see only their own --------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_cross_tenant_matrix(tenants: Tenants, worker: WorkerRunner) -> None:
     alice, bob = tenants.alice, tenants.bob
     mine = await submit(alice, params={"steps": 1})
@@ -231,6 +232,7 @@ async def test_cross_tenant_matrix(tenants: Tenants, worker: WorkerRunner) -> No
     assert content.content == b"bob's secret bytes"
 
 
+@pytest.mark.slow
 async def test_ws_all_and_subscribe_show_only_own_jobs(tenants: Tenants, worker: WorkerRunner) -> None:
     alice, bob = tenants.alice, tenants.bob
     old = await submit(bob, params={"steps": 1})

@@ -110,6 +110,7 @@ async def two_workers(worker_settings: WorkerSettings) -> Any:
 # batches ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_batch_children_run_in_parallel_and_parent_follows(
     client: httpx.AsyncClient, two_workers: list[WorkerRunner]
 ) -> None:
@@ -161,6 +162,7 @@ async def test_batch_children_run_in_parallel_and_parent_follows(
     assert await listed(client, parent_id=parent["id"]) == ids[::-1]  # newest first
 
 
+@pytest.mark.slow
 async def test_batch_with_a_failed_child_fails(client: httpx.AsyncClient, worker: WorkerRunner) -> None:
     items = [{"params": {}}, {"params": {"fail": True, "error": "bad"}}, {"params": {}}]
     response = await post_batch(client, items=items, params={"steps": 2, "duration_s": 0.3})
@@ -229,6 +231,7 @@ async def test_cancel_pending_job_never_runs(
         assert kinds(events)[-1] == "cancelled"
 
 
+@pytest.mark.slow
 async def test_cancel_running_job_and_terminal_conflict(
     client: httpx.AsyncClient, worker: WorkerRunner
 ) -> None:
@@ -366,6 +369,7 @@ async def test_compileo_recovery_snippet_restarts_failed_job(
 # automatic retries ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_automatic_retries(client: httpx.AsyncClient, worker: WorkerRunner) -> None:
     flaky = await submit(client, params={"steps": 1, "fail_times": 2, "error": "flaky"}, max_attempts=3)
     hopeless = await submit(client, params={"steps": 1, "fail_times": 5}, max_attempts=2)
@@ -478,6 +482,7 @@ async def test_idempotent_submissions(client: httpx.AsyncClient) -> None:
 # queue position and priority ------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_queue_position(client: httpx.AsyncClient, worker_settings: WorkerSettings) -> None:
     jobs = [await submit(client, params={"steps": 0}) for _ in range(5)]
     for ahead, job in enumerate(jobs):
@@ -587,6 +592,7 @@ async def test_higher_priority_runs_first(client: httpx.AsyncClient, worker_sett
 # scheduling ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_scheduled_jobs(
     api: ApiServer, client: httpx.AsyncClient, worker_settings: WorkerSettings, settings: Settings
 ) -> None:
@@ -628,6 +634,7 @@ async def test_scheduled_jobs(
 # a worker that dies -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_job_of_killed_worker_fails_when_attempts_are_used_up(
     client: httpx.AsyncClient, nats_server: NatsServer, worker_settings: WorkerSettings
 ) -> None:

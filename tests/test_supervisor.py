@@ -64,6 +64,7 @@ async def test_a_failing_task_is_logged_and_restarted(caplog: pytest.LogCaptureF
     assert tasks.status()["flaky"].state == TaskPhase.FINISHED
 
 
+@pytest.mark.slow
 async def test_backoff_doubles_to_its_cap_with_jitter_and_resets_after_a_healthy_run() -> None:
     loop = asyncio.get_running_loop()
     starts: list[float] = []

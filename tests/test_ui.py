@@ -19,6 +19,8 @@ from tests.conftest import MEDIA, ApiServer, WorkerRunner, submit, wait_terminal
 from tests.test_recovery import wait_ready
 from tests.test_security import put_key
 
+pytestmark = pytest.mark.browser
+
 CHROMIUM = os.environ.get("JOBCAST_CHROMIUM", "/usr/bin/chromium")
 HAVE_CHROMIUM = Path(CHROMIUM).exists()
 CHROMIUM_ARGS = [

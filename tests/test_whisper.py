@@ -38,6 +38,7 @@ def cache() -> ModelCache:
     return ModelCache(cpu_threads=2)
 
 
+@pytest.mark.slow
 def test_jfk_transcript(cache: ModelCache) -> None:
     result = fast(JFK, cache)
     assert "ask not what your country can do for you" in result.text.lower()
@@ -49,6 +50,7 @@ def test_jfk_transcript(cache: ModelCache) -> None:
     assert all(seg.words is None for seg in result.segments)
 
 
+@pytest.mark.slow
 def test_word_timestamps(cache: ModelCache) -> None:
     result = fast(JFK, cache, word_timestamps=True)
     words = [w for seg in result.segments for w in seg.words or []]
@@ -60,6 +62,7 @@ def test_word_timestamps(cache: ModelCache) -> None:
     assert words[-1].end <= 11.1
 
 
+@pytest.mark.slow
 def test_progress_is_increasing(cache: ModelCache) -> None:
     calls: list[tuple[float, str]] = []
     result = fast(SPEECH60, cache, progress=lambda p, s: calls.append((p, s)))

@@ -54,6 +54,7 @@ async def wait_pauses(caplog: pytest.LogCaptureFixture, count: int, timeout: flo
     return retry_pauses(caplog)
 
 
+@pytest.mark.slow
 async def test_worker_declares_once_jetstream_is_up(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="jobcast.worker")
     port = free_port()

@@ -14,6 +14,7 @@ from workers.detect_language import detect_language
 from workers.fix_srt import fix_srt
 from workers.noop import noop
 from workers.transcribe import generate_srt, transcribe
+from workers.translate_srt import translate_srt
 from workers.whisper import DEFAULT_MODEL, MODEL_CACHE, model_identity
 
 HANDLERS: dict[str, Handler] = {
@@ -23,6 +24,7 @@ HANDLERS: dict[str, Handler] = {
     "detect_language": detect_language,
     "convert": convert,
     "fix_srt": fix_srt,
+    "translate_srt": translate_srt,
 }
 
 _missing = set(OPERATIONS) - set(HANDLERS)

@@ -12,20 +12,12 @@ from streams import (
     AddressPolicy,
     LlmEndpoints,
     cache_max_bytes,
+    env_float,
+    env_int,
     llm_allowlist,
     nats_servers,
     stream_replicas,
 )
-
-
-def _env_float(name: str, default: float) -> float:
-    value = os.environ.get(name)
-    return float(value) if value else default
-
-
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name)
-    return int(value) if value else default
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,27 +31,27 @@ class WorkerSettings:
     between them."""
     concurrency: int = 0
     """Jobs run at once; 0 means the pool's default (1 for gpu/cpu, MAX_LLM_CONCURRENCY for llm)."""
-    ack_wait_s: float = field(default_factory=lambda: _env_float("JOBCAST_ACK_WAIT_S", 30.0))
+    ack_wait_s: float = field(default_factory=lambda: env_float("JOBCAST_ACK_WAIT_S", 30.0))
     """JOBCAST_ACK_WAIT_S: how long a dead worker's job waits before it is redelivered."""
-    grace_s: float = field(default_factory=lambda: _env_float("JOBCAST_WORKER_GRACE_S", 30.0))
+    grace_s: float = field(default_factory=lambda: env_float("JOBCAST_WORKER_GRACE_S", 30.0))
     """JOBCAST_WORKER_GRACE_S: on SIGTERM, how long running jobs may finish before they are requeued."""
     cancel_grace_s: float = 1.0
     """After a cancel request or the run-time limit, how long a handler may take to notice before
     its task is cancelled."""
-    stop_wait_s: float = field(default_factory=lambda: _env_float("JOBCAST_STOP_WAIT_S", 30.0))
+    stop_wait_s: float = field(default_factory=lambda: env_float("JOBCAST_STOP_WAIT_S", 30.0))
     """JOBCAST_STOP_WAIT_S: how long a stopped job's thread (whisper, PyAV) may take to reach its
     next cancel check before the job's end is published anyway; its slot stays taken until then."""
-    publish_retry_s: float = field(default_factory=lambda: _env_float("JOBCAST_PUBLISH_RETRY_S", 60.0))
+    publish_retry_s: float = field(default_factory=lambda: env_float("JOBCAST_PUBLISH_RETRY_S", 60.0))
     """JOBCAST_PUBLISH_RETRY_S: how long publishing an event rides out transient errors (a broker
     restart) before the attempt is given up and its message left to JetStream to redeliver."""
     llm_concurrency: int = field(
-        default_factory=lambda: _env_int("MAX_LLM_CONCURRENCY", _env_int("JOBCAST_LLM_CONCURRENCY", 4))
+        default_factory=lambda: env_int("MAX_LLM_CONCURRENCY", env_int("JOBCAST_LLM_CONCURRENCY", 4))
     )
     """MAX_LLM_CONCURRENCY (or JOBCAST_LLM_CONCURRENCY): HTTP requests to the LLM in flight at once
     per worker process, across all its jobs; a request waiting out a retry's backoff holds none.
     Also the llm pool's default number of jobs at once (`slots`), and each job's chunks under way
     at once, so that concurrent jobs take the requests in turn rather than one job queueing all."""
-    retry_base_s: float = field(default_factory=lambda: _env_float("JOBCAST_RETRY_BASE_S", 2.0))
+    retry_base_s: float = field(default_factory=lambda: env_float("JOBCAST_RETRY_BASE_S", 2.0))
     """JOBCAST_RETRY_BASE_S: first backoff step for transient failures (doubles, with jitter)."""
     retry_max_s: float = 300.0
     """Longest backoff between two attempts."""

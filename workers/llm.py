@@ -1,4 +1,5 @@
-"""The async core of `fix_srt`: send subtitle text to an OpenAI-compatible chat model in chunks.
+"""The async core of `fix_srt` and `translate_srt`: send subtitle text to an OpenAI-compatible chat
+model in chunks, with an `Instruction` that says what to do with it (fix, or translate).
 
 Only the text of each cue goes to the model, as numbered lines ("1: text"); indices and timestamps
 stay here, so the cue count and every timestamp survive whatever the model answers.
@@ -24,16 +25,10 @@ import stamina
 
 from streams import AddressPolicy, EgressRefusedError, HostUnresolvedError
 from workers._errors import JobCancelledError
+from workers._instructions import DEFAULT_SYS_MSG as DEFAULT_SYS_MSG  # where callers and tests look for it
+from workers._instructions import Instruction, fixing
 from workers._settings import WorkerSettings
 
-DEFAULT_SYS_MSG = (
-    "You correct subtitles produced by automatic speech recognition. "
-    "Fix transcription errors (misheard words, wrong homophones, misspelled names), punctuation and casing. "
-    "Do not translate, summarise, merge, split or reorder lines, and do not add commentary. "
-    "The input is numbered lines of the form 'N: text'. Answer with exactly one line per input line, "
-    "with the same numbers in the same order, in the form 'N: corrected text'. "
-    "Keep every <br> marker: it stands for a line break inside one subtitle."
-)
 # A cue's own line breaks would break the one-line-per-cue protocol, so they travel as a marker.
 BREAK = "<br>"
 _NUMBERED = re.compile(r"^\s*(\d+)\s*[:.)]\s?(.*)$")
@@ -54,7 +49,7 @@ class Cue(msgspec.Struct, frozen=True):
 
 
 class FixResult(msgspec.Struct, kw_only=True):
-    """What `fix_cues` did: the fixed cues and how it went."""
+    """What `rewrite_cues` did: the rewritten cues and how it went."""
 
     cues: list[Cue]
     changed: int
@@ -63,6 +58,8 @@ class FixResult(msgspec.Struct, kw_only=True):
     warnings: list[str]
     retries: int
     """Requests sent again, after a transient error or an unusable answer."""
+    kept: int = 0
+    """Cues left as they were sent, because no answer for their chunk had the right lines."""
 
 
 class LLMError(RuntimeError):
@@ -230,12 +227,17 @@ def _failure(exc: openai.APIError, label: str, max_retries: int, api_key: str) -
     )
 
 
-async def fix_cues(
+async def fix_cues(cues: list[Cue], *, sys_msg: str | None = None, **options: Any) -> FixResult:
+    """Fix the text of `cues` with the model: `rewrite_cues` with the `fixing` instruction."""
+    return await rewrite_cues(cues, fixing(sys_msg), **options)
+
+
+async def rewrite_cues(
     cues: list[Cue],
+    instruction: Instruction,
     *,
     target: Endpoint,
     model: str,
-    sys_msg: str | None = None,
     chunk_size: int = 20,
     max_concurrency: int = 4,
     slots: asyncio.Semaphore | None = None,
@@ -244,7 +246,8 @@ async def fix_cues(
     progress: Callable[[float, str], None] | None = None,
     cancelled: Callable[[], bool] | None = None,
 ) -> FixResult:
-    """Fix the text of `cues` with the model, chunk by chunk; timestamps and cue count are kept.
+    """Rewrite the text of `cues` as `instruction` says, chunk by chunk; timestamps and cue count
+    are kept, and a chunk without a usable answer is kept as it was sent, with a warning.
 
     Up to `max_concurrency` chunks are under way at once, and each HTTP request holds one of
     `slots` (shared by the worker's jobs; None: this call's own `max_concurrency`) while in flight.
@@ -256,8 +259,8 @@ async def fix_cues(
     warnings: dict[int, str] = {}  # by chunk, since chunks finish in any order
     retries = 0
     done = 0
+    kept = 0
     semaphore = asyncio.Semaphore(max_concurrency)
-    system = sys_msg or DEFAULT_SYS_MSG
 
     async def ask(client: openai.AsyncOpenAI, texts: list[str], label: str) -> list[str] | None:
         """One chunk's texts from the model, None when every answer had the wrong shape.
@@ -268,7 +271,7 @@ async def fix_cues(
         the wrong lines is asked again here, at once, up to `max_retries` times."""
         nonlocal retries
         messages: list[Any] = [
-            {"role": "system", "content": system},
+            {"role": "system", "content": instruction.system},
             {"role": "user", "content": to_lines(texts)},
         ]
 
@@ -305,15 +308,16 @@ async def fix_cues(
         return None
 
     async def run(client: openai.AsyncOpenAI, n: int, chunk: list[Cue]) -> None:
-        nonlocal done
+        nonlocal done, kept
         label = f"chunk {n + 1} of {len(chunks)} (cues {chunk[0].index}-{chunk[-1].index})"
         async with semaphore:
             # Checked once a slot is free, so a cancel stops chunks that were only queued.
             if cancelled is not None and cancelled():
-                raise FixCancelled("fixing subtitles was cancelled")
+                raise FixCancelled(f"{instruction.doing} subtitles was cancelled")
             answer = await ask(client, [cue.text for cue in chunk], label)
         if answer is None:
-            warnings[n] = f"{label}: no answer with {len(chunk)} numbered lines; kept unchanged"
+            warnings[n] = f"{label}: no answer with {len(chunk)} numbered lines; {instruction.kept}"
+            kept += len(chunk)
         else:
             # An emptied cue would leave a blank subtitle on screen: keep the original text instead.
             fixed[n] = [
@@ -321,7 +325,7 @@ async def fix_cues(
             ]
         done += 1
         if progress is not None:
-            progress(100.0 * done / len(chunks), f"fixing chunk {done} of {len(chunks)}")
+            progress(100.0 * done / len(chunks), f"{instruction.doing} chunk {done} of {len(chunks)}")
 
     async with open_client(
         target, timeout, slots or asyncio.Semaphore(max_concurrency), max_retries
@@ -340,6 +344,7 @@ async def fix_cues(
         chunks=len(chunks),
         warnings=[warnings[n] for n in sorted(warnings)],
         retries=retries,
+        kept=kept,
     )
 
 

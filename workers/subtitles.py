@@ -281,6 +281,15 @@ def validate_vtt(text: str) -> list[Cue]:
     return _check(parse_vtt(text))
 
 
+def read_subtitles(text: str) -> list[Cue]:
+    """Parse and check SubRip or WebVTT text, told apart by the WEBVTT header. WebVTT cue
+    identifiers are free text, so its cues are numbered 1..n by position; SubRip's must be already."""
+    first = next(_split_blocks(text), None)
+    if first is not None and _VTT_HEADER.fullmatch(first[1][0]):
+        return _check(renumber(parse_vtt(text)))
+    return validate_srt(text)
+
+
 def chunk_cues(cues: Sequence[Cue], size: int) -> list[list[Cue]]:
     """Split cues into consecutive chunks of at most `size`, e.g. one per LLM request."""
     if size < 1:

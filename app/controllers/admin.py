@@ -11,8 +11,8 @@ from litestar.params import Body, FromPath, FromQuery, QueryParameter
 from litestar.status_codes import HTTP_200_OK
 
 from app._auth import admin_only
-from app._deps import RetentionDep, Service, StatsDep
-from app._jobs import JobFilter
+from app._deps import Commands, Queries, RetentionDep, StatsDep
+from app._queries import JobFilter
 from app._schemas import CleanupReport, Job, JobPage, Statistics
 from app.controllers.jobs import (
     Limit,
@@ -20,11 +20,11 @@ from app.controllers.jobs import (
     Page,
     PerPage,
     SeedTypeFilter,
+    StatusFilter,
     TypeFilter,
     page_window,
     type_filter,
 )
-from streams import JobStatus
 
 ForceCompleteBody = Annotated[
     dict[str, Any] | None,
@@ -63,10 +63,8 @@ class AdminController(Controller):
     @get("/all", operation_id="adminListJobs")
     async def all_jobs(
         self,
-        service: Service,
-        status: Annotated[
-            list[JobStatus] | None, QueryParameter(description="Repeat to match several")
-        ] = None,
+        queries: Queries,
+        status: StatusFilter = None,
         job_type: TypeFilter = None,
         seed_job_type: SeedTypeFilter = None,
         of_owner: Annotated[str | None, QueryParameter(name="owner", max_length=128)] = None,
@@ -86,7 +84,7 @@ class AdminController(Controller):
             exhausted=exhausted, include_children=include_children,
         )  # fmt: skip
         limit, offset = page_window(page, per_page, limit, offset, ADMIN_PAGE_SIZE)
-        return await service.find(where, limit=limit, offset=offset)
+        return await queries.find(where, limit=limit, offset=offset)
 
     @get("/statistics", operation_id="adminStatistics")
     async def statistics(self, stats: StatsDep) -> Statistics:
@@ -96,10 +94,10 @@ class AdminController(Controller):
 
     @post("/{job_id:str}/force-complete", status_code=HTTP_200_OK, operation_id="adminForceComplete")
     async def force_complete(
-        self, job_id: FromPath[str], service: Service, data: ForceCompleteBody = None
+        self, job_id: FromPath[str], commands: Commands, data: ForceCompleteBody = None
     ) -> Job:
         """Mark an active job completed with the given result."""
-        return await service.force_complete(job_id, forced_result(data))
+        return await commands.force_complete(job_id, forced_result(data))
 
     @delete("/cleanup", status_code=HTTP_200_OK, operation_id="adminCleanup")
     async def cleanup(

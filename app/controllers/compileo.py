@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Annotated
 
 import msgspec
 from litestar import Controller, get, post
-from litestar.params import FromPath, FromQuery, QueryParameter
+from litestar.params import FromPath, FromQuery
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 from litestar.status_codes import HTTP_200_OK
 
-from app._deps import Access, Owner, Service
+from app._deps import Access, Commands, LiveDep, Owner, Queries
 from app._exceptions import TooSlowError
-from app._jobs import compileo_status, compileo_status_name, compileo_update
-from app._schemas import JobStatusView, StatusUpdate
+from app.controllers._compileo_shapes import (
+    JobStatusView,
+    StatusUpdate,
+    compileo_status,
+    compileo_status_name,
+    compileo_update,
+)
+from app.controllers.jobs import PollTimeout
 from app.controllers.live import SSE_HEADERS, SSE_RESPONSES
 from streams import JobStatus
 
@@ -34,23 +39,23 @@ class CompileoController(Controller):
     tags = ["compileo"]
 
     @get("/status/{job_id:str}", operation_id="getJobStatus")
-    async def status(self, job_id: FromPath[str], service: Service, access: Access) -> JobStatusView:
+    async def status(self, job_id: FromPath[str], queries: Queries, access: Access) -> JobStatusView:
         """The job's current status."""
-        return compileo_status(await service.get(job_id, access, positioned=False))
+        return compileo_status(await queries.get(job_id, access, positioned=False))
 
     @get("/status/{job_id:str}/poll", operation_id="pollJobStatus")
     async def poll(
         self,
         job_id: FromPath[str],
-        service: Service,
+        live: LiveDep,
         owner: Owner,
         access: Access,
-        timeout: Annotated[float, QueryParameter(ge=1, le=300)] = 30,
+        timeout: PollTimeout = 30,
         current_status: FromQuery[JobStatus | None] = None,
     ) -> JobStatusView:
         """Returns as soon as the status differs from `current_status`, or at the timeout."""
         return compileo_status(
-            await service.wait_change(
+            await live.wait_change(
                 job_id,
                 owner,
                 timeout,
@@ -64,11 +69,11 @@ class CompileoController(Controller):
 
     @get("/status/{job_id:str}/stream", operation_id="streamJobStatus", responses=SSE_RESPONSES)
     async def stream(
-        self, job_id: FromPath[str], service: Service, owner: Owner, access: Access
+        self, job_id: FromPath[str], live: LiveDep, owner: Owner, access: Access
     ) -> ServerSentEvent:
         """SSE of status snapshots (`data:` lines only), from now until the job ends."""
-        job = await service.get(job_id, access, positioned=False)
-        service.check_stream_quota(owner)
+        job = await live.queries.get(job_id, access, positioned=False)
+        live.check_stream_quota(owner)
 
         async def updates() -> AsyncIterator[ServerSentEventMessage]:
             current = compileo_status(job)
@@ -79,11 +84,11 @@ class CompileoController(Controller):
             )  # fmt: skip
             yield ServerSentEventMessage(data=_encoder.encode(first).decode())
             try:
-                async for item in service.follow(job_id, owner, job.last_event_id, access=access):
+                async for item in live.follow(job_id, owner, job.last_event_id, access=access):
                     if item is None:
                         yield ServerSentEventMessage(comment="ping", data=None)
                         continue
-                    final = await service.get(job_id, access, positioned=False) if item.ends else job
+                    final = await live.queries.get(job_id, access, positioned=False) if item.ends else job
                     yield ServerSentEventMessage(
                         data=_encoder.encode(compileo_update(item.payload, final)).decode()
                     )
@@ -93,13 +98,13 @@ class CompileoController(Controller):
         return ServerSentEvent(updates(), headers=SSE_HEADERS)
 
     @post("/cancel/{job_id:str}", status_code=HTTP_200_OK, operation_id="cancelJobCompileo")
-    async def cancel(self, job_id: FromPath[str], service: Service, access: Access) -> Message:
+    async def cancel(self, job_id: FromPath[str], commands: Commands, access: Access) -> Message:
         """Cancel a running or pending job."""
-        await service.cancel(job_id, access)
+        await commands.cancel(job_id, access)
         return Message(f"Job {job_id} cancelled successfully")
 
     @post("/restart/{job_id:str}", status_code=HTTP_200_OK, operation_id="restartJobCompileo")
-    async def restart(self, job_id: FromPath[str], service: Service, access: Access) -> Message:
+    async def restart(self, job_id: FromPath[str], commands: Commands, access: Access) -> Message:
         """Restart a failed or cancelled job."""
-        await service.retry(job_id, access)
+        await commands.retry(job_id, access)
         return Message(f"Job {job_id} restarted successfully")

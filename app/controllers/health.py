@@ -48,7 +48,7 @@ class HealthController(Controller):
     async def ready(self, state: State) -> Response[Health]:
         """NATS is connected, the projection has caught up with the stream, and every supervised
         task runs; otherwise 503, with `status` naming what is not."""
-        projection = state.service.projection
+        projection = state.projection
         supervisor: TaskSupervisor = state.tasks
         connected = bool(state.nats.is_connected)
         caught_up = projection.caught_up.is_set()

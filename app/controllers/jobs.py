@@ -10,9 +10,9 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath, FromQuery, HeaderParameter, JSONBody, QueryParameter
 from litestar.status_codes import HTTP_200_OK, HTTP_202_ACCEPTED, HTTP_204_NO_CONTENT
 
-from app._deps import Access, Owner, RetentionDep, Service
+from app._deps import Access, Commands, Owner, Queries, RetentionDep
 from app._exceptions import StatusError
-from app._jobs import JobFilter
+from app._queries import JobFilter
 from app._schemas import MAX_INT, Job, JobPage, SubmitBatch, SubmitJob
 from streams import JobStatus
 
@@ -33,6 +33,8 @@ Limit = Annotated[
 ]
 Offset = Annotated[int | None, QueryParameter(ge=0, le=MAX_INT, description="Jobs to skip (default 0)")]
 TypeFilter = Annotated[str | None, QueryParameter(name="type", max_length=64)]
+StatusFilter = Annotated[list[JobStatus] | None, QueryParameter(description="Repeat to match several")]
+PollTimeout = Annotated[float, QueryParameter(ge=1, le=300, description="Seconds to wait at most")]
 SeedTypeFilter = Annotated[
     str | None, QueryParameter(name="job_type", max_length=64, description="Seed 003's name of `type`")
 ]
@@ -90,33 +92,31 @@ class JobController(Controller):
     async def submit(
         self,
         data: JSONBody[SubmitJob],
-        service: Service,
+        commands: Commands,
         owner: Owner,
         idempotency_key: IdempotencyKey = None,
     ) -> Response[Job]:
         """Queue a job; answers once the job is visible to GET. Seed 003's `JobCreate` body works as it
         is (`job_type`, `parameters`), and the job carries its `JobResponse` fields."""
-        return _accepted(*await service.submit(data, owner, idempotency_key))
+        return _accepted(*await commands.submit(data, owner, idempotency_key))
 
     @post("/batch", status_code=HTTP_202_ACCEPTED, operation_id="submitBatch", responses=EXISTING)
     async def submit_batch(
         self,
         data: JSONBody[SubmitBatch],
-        service: Service,
+        commands: Commands,
         owner: Owner,
         idempotency_key: IdempotencyKey = None,
     ) -> Response[Job]:
         """Queue a batch: a parent job and one child per file or item; answers with the parent."""
-        return _accepted(*await service.submit_batch(data, owner, idempotency_key))
+        return _accepted(*await commands.submit_batch(data, owner, idempotency_key))
 
     @get("/", operation_id="listJobs")
     async def list_jobs(
         self,
-        service: Service,
+        queries: Queries,
         owner: Owner,
-        status: Annotated[
-            list[JobStatus] | None, QueryParameter(description="Repeat to match several")
-        ] = None,
+        status: StatusFilter = None,
         job_type: TypeFilter = None,
         seed_job_type: SeedTypeFilter = None,
         active: FromQuery[bool] = False,
@@ -135,29 +135,29 @@ class JobController(Controller):
             active=active, parent_id=parent_id, include_children=include_children,
         )  # fmt: skip
         limit, offset = page_window(page, per_page, limit, offset, USER_PAGE_SIZE)
-        return await service.find(where, limit=limit, offset=offset)
+        return await queries.find(where, limit=limit, offset=offset)
 
     # By id, an admin reaches every owner's job; anyone else only their own (404 for the others').
 
     @get("/{job_id:str}", operation_id="getJob")
-    async def get_job(self, job_id: FromPath[str], service: Service, access: Access) -> Job:
+    async def get_job(self, job_id: FromPath[str], queries: Queries, access: Access) -> Job:
         """One job; a pending one with its queue position."""
-        return await service.get(job_id, access)
+        return await queries.get(job_id, access)
 
     @get("/{job_id:str}/children", operation_id="listChildren")
-    async def children(self, job_id: FromPath[str], service: Service, access: Access) -> list[Job]:
+    async def children(self, job_id: FromPath[str], queries: Queries, access: Access) -> list[Job]:
         """A batch's child jobs in submit order (empty for a single job)."""
-        return await service.children(job_id, access)
+        return await queries.children(job_id, access)
 
     @post("/{job_id:str}/cancel", status_code=HTTP_200_OK, operation_id="cancelJob")
-    async def cancel(self, job_id: FromPath[str], service: Service, access: Access) -> Job:
+    async def cancel(self, job_id: FromPath[str], commands: Commands, access: Access) -> Job:
         """Cancel a pending or running job (409 once it has ended)."""
-        return await service.cancel(job_id, access)
+        return await commands.cancel(job_id, access)
 
     @post("/{job_id:str}/retry", status_code=HTTP_200_OK, operation_id="retryJob")
-    async def retry(self, job_id: FromPath[str], service: Service, access: Access) -> Job:
+    async def retry(self, job_id: FromPath[str], commands: Commands, access: Access) -> Job:
         """Run a failed or cancelled job again as a new attempt (409 otherwise)."""
-        return await service.retry(job_id, access)
+        return await commands.retry(job_id, access)
 
     @delete("/{job_id:str}", status_code=HTTP_204_NO_CONTENT, operation_id="deleteJob")
     async def delete_job(

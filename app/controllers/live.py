@@ -14,12 +14,14 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath, FromQuery, HeaderParameter, QueryParameter
 from litestar.response import ServerSentEvent
 
-from app._deps import Access, Owner, Service
+from app._deps import Access, LiveDep, Owner
 from app._exceptions import NotFoundError, TooManyError, TooSlowError, log_unexpected
+from app._follow import Cursor, Replay, owner_pages
 from app._hub import Subscription
-from app._jobs import JobService
+from app._live import Live
 from app._schemas import MAX_INT, Job, SseMessage, WsCommand
-from app._sse import HISTORY_PAGE, FollowEvents
+from app._sse import FollowEvents
+from app.controllers.jobs import PollTimeout
 from streams import JobStatus
 
 log = logging.getLogger("jobcast.api")
@@ -46,9 +48,9 @@ LastEventId = Annotated[
 ]
 
 
-async def _within_quota(socket: WebSocket[Any, Any, Any], service: JobService, owner: str) -> bool:
+async def _within_quota(socket: WebSocket[Any, Any, Any], live: Live, owner: str) -> bool:
     try:
-        service.check_stream_quota(owner)
+        live.check_stream_quota(owner)
     except TooManyError as exc:
         await socket.send_json({"type": "error", "status_code": 429, "detail": str(exc)})
         await socket.close(code=4429, reason="too many streams")
@@ -72,7 +74,7 @@ class LiveController(Controller):
     async def events(
         self,
         job_id: FromPath[str],
-        service: Service,
+        live: LiveDep,
         owner: Owner,
         access: Access,
         last_event_id: LastEventId = None,
@@ -81,19 +83,19 @@ class LiveController(Controller):
         ] = None,
     ) -> ServerSentEvent:
         """SSE: the job's history after Last-Event-ID, then live events, ending after the last."""
-        await service.check_visible(job_id, access)
+        await live.queries.check_visible(job_id, access)
         start = last_event_id if last_event_id is not None else (after or 0)
-        service.check_stream_quota(owner)
-        return FollowEvents(service, job_id, owner, access, start, headers=SSE_HEADERS)
+        live.check_stream_quota(owner)
+        return FollowEvents(live.sse, live.queries, live, job_id, owner, access, start, headers=SSE_HEADERS)
 
     @get("/jobs/{job_id:str}/poll", operation_id="pollJob")
     async def poll(
         self,
         job_id: FromPath[str],
-        service: Service,
+        live: LiveDep,
         owner: Owner,
         access: Access,
-        timeout: Annotated[float, QueryParameter(ge=1, le=300)] = 30,
+        timeout: PollTimeout = 30,
         current_status: FromQuery[JobStatus | None] = None,
         since: Annotated[
             int | None,
@@ -102,21 +104,21 @@ class LiveController(Controller):
     ) -> Job:
         """Long-poll: returns when the status differs from `current_status` (or a newer event than
         `since` exists), else at the timeout with the current state."""
-        return await service.wait_change(job_id, owner, timeout, current_status, since, access=access)
+        return await live.wait_change(job_id, owner, timeout, current_status, since, access=access)
 
     @websocket("/jobs/{job_id:str}/ws")
     async def job_socket(
-        self, socket: WebSocket[Any, Any, Any], job_id: FromPath[str], service: Service, owner: Owner,
+        self, socket: WebSocket[Any, Any, Any], job_id: FromPath[str], live: LiveDep, owner: Owner,
         access: Access, last_event_id: Annotated[int | None, QueryParameter(ge=0, le=MAX_INT)] = None,
     ) -> None:  # fmt: skip
         """WebSocket: the same events as SSE, as JSON text frames; closes after the job ends (1000),
         or with 4008 when the client falls too far behind (the reason names the last_event_id to
         reconnect with)."""
         await socket.accept()
-        if not await _within_quota(socket, service, owner):
+        if not await _within_quota(socket, live, owner):
             return
         try:
-            await service.get(job_id, access)
+            await live.queries.get(job_id, access)
         except NotFoundError as exc:
             await socket.send_json({"type": "error", "status_code": 404, "detail": str(exc)})
             await socket.close(code=4404, reason="job not found")
@@ -124,7 +126,7 @@ class LiveController(Controller):
         cut_off: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
         async def send_all() -> None:
-            async for item in service.follow(job_id, owner, last_event_id or 0, cut_off, access=access):
+            async for item in live.follow(job_id, owner, last_event_id or 0, cut_off, access=access):
                 if item is not None:
                     await socket.send_data(item.payload.decode())
 
@@ -133,7 +135,7 @@ class LiveController(Controller):
         try:
             await asyncio.wait({send_task, watch_task, cut_off}, return_when=asyncio.FIRST_COMPLETED)
             if cut_off.done():
-                await _close_cut_off(socket, [send_task], {watch_task}, service.settings.slow_client_grace_s)
+                await _close_cut_off(socket, [send_task], {watch_task}, live.settings.slow_client_grace_s)
             elif send_task.done() and send_task.exception() is None:
                 with contextlib.suppress(Exception):
                     await socket.close(code=1000)
@@ -143,7 +145,7 @@ class LiveController(Controller):
 
     @websocket("/ws", operation_id="eventsSocket")
     async def multi_socket(
-        self, socket: WebSocket[Any, Any, Any], service: Service, owner: Owner, access: Access
+        self, socket: WebSocket[Any, Any, Any], live: LiveDep, owner: Owner, access: Access
     ) -> None:
         """WebSocket: subscribe by message to job ids (an admin's: any owner's), or to all of the
         caller's jobs.
@@ -155,11 +157,11 @@ class LiveController(Controller):
         to subscribe again with.
         """
         await socket.accept()
-        if not await _within_quota(socket, service, owner):
+        if not await _within_quota(socket, live, owner):
             return
-        with service.hub.subscribe() as sub, service.counted_stream(owner):
+        with live.hub.subscribe() as sub, live.counted_stream(owner):
             sub.cut_off = asyncio.get_running_loop().create_future()
-            feed = _Feed(socket, service, owner, sub, access)
+            feed = _Feed(socket, live, owner, sub, access)
             tasks = [asyncio.create_task(feed.read_commands()), asyncio.create_task(feed.write_live())]
             try:
                 await asyncio.wait([*tasks, sub.cut_off], return_when=asyncio.FIRST_COMPLETED)
@@ -167,7 +169,7 @@ class LiveController(Controller):
                     reader, writer = tasks
                     await _cancel(reader)  # no more commands, nor the rest of a replay
                     await _close_cut_off(
-                        socket, [writer], set(), service.settings.slow_client_grace_s, feed.replay_floor
+                        socket, [writer], set(), live.settings.slow_client_grace_s, feed.replay_floor
                     )
             finally:
                 await _cancel(*tasks)
@@ -178,14 +180,15 @@ class _Feed:
     """One /api/v1/ws connection: its subscription commands, replays and live events."""
 
     def __init__(
-        self, socket: WebSocket[Any, Any, Any], service: JobService, owner: str, sub: Subscription,
+        self, socket: WebSocket[Any, Any, Any], live: Live, owner: str, sub: Subscription,
         access: str | None,
     ) -> None:  # fmt: skip
-        self.socket, self.service, self.owner, self.sub = socket, service, owner, sub
+        self.socket, self.live, self.owner, self.sub = socket, live, owner, sub
         self.access = access
         """Whose jobs it may follow by id: the caller's, or any owner's (None) for an admin."""
-        self.sent: dict[str, int] = {}
-        """The last sequence sent of each job subscribed by id (the keys are `sub.job_ids`)."""
+        self.cursors: dict[str, Cursor] = {}
+        """What was sent of each job subscribed by id (the keys are `sub.job_ids`); a job that ended
+        stays followed, for a retry's events."""
         self.owner_replayed = 0
         """The all-jobs feed's last replay covered the events up to this sequence."""
         self.replay_floor: int | None = None
@@ -212,7 +215,7 @@ class _Feed:
             if cmd.action == "unsubscribe":
                 sub.remove_jobs(cmd.job_ids)
                 for job_id in cmd.job_ids:
-                    self.sent.pop(job_id, None)
+                    self.cursors.pop(job_id, None)
                 if cmd.all:
                     sub.follow_owner(None)
                 await socket.send_json({"type": "unsubscribed", "job_ids": cmd.job_ids, "all": cmd.all})
@@ -220,15 +223,15 @@ class _Feed:
             await self._subscribe(cmd)
 
     async def _subscribe(self, cmd: WsCommand) -> None:
-        socket, sub, service = self.socket, self.sub, self.service
-        limit = service.settings.ws_max_jobs
+        socket, sub, live = self.socket, self.sub, self.live
+        limit = live.settings.ws_max_jobs
         if len(sub.job_ids | set(cmd.job_ids)) > limit:
             await self._error(429, f"a socket may follow at most {limit} job ids; subscribe to all instead")
             return
         known: list[str] = []
         for job_id in cmd.job_ids:
             try:
-                await service.get(job_id, self.access)
+                await live.queries.get(job_id, self.access)
             except NotFoundError as exc:
                 await socket.send_json({"type": "error", "status_code": 404, "detail": str(exc),
                                         "job_id": job_id})  # fmt: skip
@@ -239,7 +242,7 @@ class _Feed:
             if cmd.all:
                 sub.follow_owner(self.owner)
             for job_id in known:
-                self.sent.setdefault(job_id, 0)
+                self.cursors.setdefault(job_id, Cursor(0, until_end=False))
             sub.add_jobs(known)
             await socket.send_json({"type": "subscribed", "job_ids": known, "all": cmd.all})
             if cmd.last_event_id is None and not known:
@@ -253,31 +256,20 @@ class _Feed:
 
     async def _replay_owner(self, after: int) -> None:
         """Every event of the caller's jobs after `after`, in stream order, a page at a time."""
-        while True:
-            rows = await self.service.owner_history(self.owner, after, HISTORY_PAGE)
-            full = len(rows) == HISTORY_PAGE
-            if full and rows[0].seq != (cut := rows[-1].seq):
-                # A child's event and its batch parent's share a sequence: a page ends between
-                # sequences, so that resuming after a page's last one loses neither.
-                rows = [row for row in rows if row.seq != cut]
+        async for rows in owner_pages(self.live.queries, self.owner, after):
             for row in rows:
                 await self._send(row.job_id, row.seq, row.payload)
                 self.replay_floor = row.seq - 1
             if rows:
                 after = rows[-1].seq
             self.replay_floor = self.owner_replayed = after
-            if not full:
-                return
 
     async def _replay_job(self, job_id: str, after: int) -> None:
         """The stored events of one job after `after`, a page at a time."""
-        while True:
-            rows, _ = await self.service.history(job_id, after, HISTORY_PAGE)
-            for row in rows:
+        replay = Replay(self.live.queries, job_id, after)
+        while replay.more:
+            for row in await replay.page() or ():
                 await self._send(job_id, row.seq, row.payload)
-            if len(rows) < HISTORY_PAGE:
-                return
-            after = rows[-1].seq
 
     async def write_live(self) -> None:
         """Send the live events of what is subscribed; raises TooSlowError once cut off."""
@@ -285,17 +277,16 @@ class _Feed:
         while True:
             item = await sub.get()
             async with self.replaying:
-                if item.job_id in self.sent:
+                if item.job_id in self.cursors:
                     await self._send(item.job_id, item.seq, item.payload)
                 elif item.owner == sub.owner and item.seq > self.owner_replayed:
                     await self.socket.send_data(item.payload.decode())
 
     async def _send(self, job_id: str, seq: int, payload: bytes) -> None:
         """Send an event once: a job subscribed by id skips what it was sent already."""
-        if job_id in self.sent:
-            if seq <= self.sent[job_id]:
-                return
-            self.sent[job_id] = seq
+        cursor = self.cursors.get(job_id)
+        if cursor is not None and not cursor.admit(seq, ends=False):
+            return
         await self.socket.send_data(payload.decode())
 
     async def _error(self, status: int, detail: str) -> None:

@@ -6,7 +6,7 @@ from litestar import Controller, get
 from litestar.datastructures import State
 from litestar.response import Response
 
-from app._deps import Service, StatsDep
+from app._deps import LiveDep, StatsDep
 from app._metrics import CONTENT_TYPE, Buffers
 
 
@@ -16,15 +16,15 @@ class MetricsController(Controller):
     tags = ["operations"]
 
     @get("/metrics", operation_id="metrics", media_type=CONTENT_TYPE)
-    async def metrics(self, state: State, service: Service, stats: StatsDep) -> Response[bytes]:
+    async def metrics(self, state: State, live: LiveDep, stats: StatsDep) -> Response[bytes]:
         """Jobs by status and type, run-time and queue-wait histograms, queue depth per pool, events,
         open streams, workers."""
-        hub, projection = service.hub, service.projection
+        hub, projection = live.hub, state.projection
         buffers = Buffers(hub.buffered, hub.cut_offs, projection.queued, projection.resubscribes)
         body = await state.metrics.render(
-            service.db,
+            live.queries.db,
             len(await stats.workers()),
-            sum(service.open_streams.values()),
+            sum(live.open_streams.values()),
             hub.subscriber_count,
             buffers,
         )

@@ -17,7 +17,7 @@ from litestar.exceptions import HTTPException
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.status_codes import HTTP_400_BAD_REQUEST, HTTP_500_INTERNAL_SERVER_ERROR
 
-from app._deps import FilesDep, Owner, Service
+from app._deps import Commands, FilesDep, LiveDep, Owner
 from app._exceptions import StatusError, error_body
 from app._files import FileService
 from app._schemas import Job, SubmitJob
@@ -200,8 +200,9 @@ class OpenAIAudioController(Controller):
         responses=ERROR_RESPONSES,
     )
     async def transcriptions(
-        self, request: Request[Any, Any, Any], service: Service, files: FilesDep, owner: Owner
-    ) -> Response[Any]:
+        self, request: Request[Any, Any, Any], commands: Commands, live: LiveDep, files: FilesDep,
+        owner: Owner,
+    ) -> Response[Any]:  # fmt: skip
         """Speech to text in OpenAI's wire format (multipart: `file`, `model`, `language`, `prompt`,
         `response_format`, `timestamp_granularities[]`, `temperature`); `whisper-1` means the
         server's JOBCAST_ASR_MODEL (tiny.en unless configured)."""
@@ -210,12 +211,12 @@ class OpenAIAudioController(Controller):
         try:
             if not isinstance(upload, UploadFile):
                 raise OpenAIRequestError("a file is required in the multipart field `file`", param="file")
-            job_type, params, response_format, words, segments = _params(form, service.settings.asr_model)
+            job_type, params, response_format, words, segments = _params(form, commands.settings.asr_model)
             stored = await files.upload(upload, owner)
         finally:
             await close_uploads(form)
         submitted = SubmitJob(type=job_type, params=params, file_id=stored.id)
-        async with ended_job(request, service, files, submitted, owner) as job:
+        async with ended_job(request, commands, live, files, submitted, owner) as job:
             return await _answer(files, job, owner, response_format, words, segments)
 
 

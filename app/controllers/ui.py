@@ -15,10 +15,10 @@ from litestar.response import Redirect, Template
 from litestar.status_codes import HTTP_303_SEE_OTHER, HTTP_401_UNAUTHORIZED, HTTP_500_INTERNAL_SERVER_ERROR
 
 from app._auth import SESSION_COOKIE, UI_PREFIX, Caller, Keys, LoginRequired, session_cookie
-from app._deps import Access, FilesDep, Owner, Service, StatsDep
+from app._deps import Access, FilesDep, Owner, Queries, StatsDep
 from app._exceptions import error_body
 from app._forms import operation_forms
-from app._jobs import JobFilter
+from app._queries import JobFilter
 from app._schemas import MAX_INT, Job
 from streams import ACTIVE_STATUSES, OPERATIONS, TERMINAL_STATUSES, Event, JobcastError, JobStatus
 
@@ -88,7 +88,7 @@ class UiController(Controller):
     async def jobs(
         self,
         request: Request[Any, Any, Any],
-        service: Service,
+        queries: Queries,
         files: FilesDep,
         owner: Owner,
         access: Access,
@@ -104,7 +104,7 @@ class UiController(Controller):
             raise PermissionDeniedException("only an admin key may list the jobs of other owners")
         chosen, of_owner = frozenset(status or ()), of_owner or None
         where = JobFilter(owner=of_owner if admin else owner, statuses=chosen, type=job_type or None)
-        found = await service.find(where, limit=PAGE_SIZE, offset=(page - 1) * PAGE_SIZE)
+        found = await queries.find(where, limit=PAGE_SIZE, offset=(page - 1) * PAGE_SIZE)
         unnamed = {job.file_id for job in found.items if job.file_id and not job.file_name}  # older jobs
         names = await files.names(unnamed, access)
         query = [("status", s) for s in sorted(chosen)] + ([("type", job_type)] if job_type else [])
@@ -124,15 +124,15 @@ class UiController(Controller):
 
     @get("/jobs/{job_id:str}", name="ui:job")
     async def job(
-        self, request: Request[Any, Any, Any], job_id: FromPath[str], service: Service, files: FilesDep,
+        self, request: Request[Any, Any, Any], job_id: FromPath[str], queries: Queries, files: FilesDep,
         access: Access, part: Annotated[Literal["summary"] | None, QueryParameter(
             description="Only the result panel (the page fetches it once when the job ends)")] = None,
     ) -> Template:  # fmt: skip
         """One job, live: progress, step, events, result and actions; a batch's children too."""
-        job = await service.get(job_id, access)  # admins open any owner's job from their list
+        job = await queries.get(job_id, access)  # admins open any owner's job from their list
         if part == "summary":
             return _page("_summary.html", request, **await self._view(job, [], files, access))
-        children = await service.children(job_id, access)
+        children = await queries.children(job_id, access)
         return _page("job.html", request, kinds=EVENT_KINDS, **await self._view(job, children, files, access))
 
     @staticmethod

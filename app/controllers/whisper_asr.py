@@ -22,7 +22,7 @@ from litestar.exceptions import ClientException
 from litestar.params import FromQuery, QueryParameter
 from litestar.status_codes import HTTP_400_BAD_REQUEST, HTTP_413_REQUEST_ENTITY_TOO_LARGE
 
-from app._deps import FilesDep, Owner, Service
+from app._deps import Commands, FilesDep, LiveDep, Owner
 from app._exceptions import StatusError
 from app._files import FileService
 from app._languages import WHISPER_LANGUAGES
@@ -139,7 +139,8 @@ class WhisperAsrController(Controller):
     async def asr(
         self,
         request: Request[Any, Any, Any],
-        service: Service,
+        commands: Commands,
+        live: LiveDep,
         files: FilesDep,
         owner: Owner,
         encode: Encode = True,
@@ -162,7 +163,7 @@ class WhisperAsrController(Controller):
             raise StatusError(
                 "diarize is not supported: jobcast's faster-whisper does no speaker diarization"
             )
-        model = service.settings.asr_model
+        model = commands.settings.asr_model
         if (refusal := speech_refusal(model, language, task == "translate", REMEDY)) is not None:
             raise StatusError(refusal)
         params: dict[str, Any] = {"model": model, "task": task, "vad_filter": vad_filter}
@@ -177,7 +178,7 @@ class WhisperAsrController(Controller):
         submitted = SubmitJob(
             type="generate_srt" if subtitles else "transcribe", params=params, file_id=stored.id
         )
-        async with ended_job(request, service, files, submitted, owner) as ended:
+        async with ended_job(request, commands, live, files, submitted, owner) as ended:
             job = _completed(ended)
             if subtitles:
                 body = await output_text(files, job, owner, f".{output}")
@@ -194,7 +195,8 @@ class WhisperAsrController(Controller):
     async def detect_language(
         self,
         request: Request[Any, Any, Any],
-        service: Service,
+        commands: Commands,
+        live: LiveDep,
         files: FilesDep,
         owner: Owner,
         encode: Encode = True,
@@ -203,9 +205,9 @@ class WhisperAsrController(Controller):
         """The language spoken in the first 30 s of the multipart `audio_file`:
         `{detected_language, language_code, confidence}` (an English-only model answers english)."""
         stored, _ = await _store(request, files, owner, encode, video_file, DETECTION_S)
-        params = {"model": service.settings.asr_model}
+        params = {"model": commands.settings.asr_model}
         submitted = SubmitJob(type="detect_language", params=params, file_id=stored.id)
-        async with ended_job(request, service, files, submitted, owner) as ended:
+        async with ended_job(request, commands, live, files, submitted, owner) as ended:
             job = _completed(ended)
         result = job.result or {}
         code = str(result.get("language"))

@@ -71,6 +71,7 @@ function initSubmit() {
       if (kind === "bool") out[input.name] = input.checked;
       else if (input.value === "") continue;
       else if (kind === "int" || kind === "float") out[input.name] = Number(input.value);
+      else if (kind === "list") out[input.name] = input.value.split(/[\s,]+/).filter(Boolean);
       else out[input.name] = input.value;
     }
     return out;

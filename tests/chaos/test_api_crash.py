@@ -9,11 +9,14 @@ import sqlite3
 from pathlib import Path
 
 import httpx
+import pytest
 from httpx_sse import aconnect_sse
 
 from streams import STREAM, NatsServer, connect
 from tests.chaos._procs import Event, api_process, sse_history, worker_processes
 from tests.conftest import submit, wait_terminal
+
+pytestmark = pytest.mark.chaos
 
 JOBS = 5
 

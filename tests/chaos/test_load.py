@@ -9,10 +9,13 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
+import pytest
 from httpx_sse import aconnect_sse
 
 from streams import NatsServer
 from tests.chaos._procs import all_jobs, api_process, wait_all_completed, worker_processes
+
+pytestmark = pytest.mark.chaos
 
 SUBMITTERS = 50
 FOLLOWERS = 20

@@ -7,9 +7,12 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
+import pytest
 
 from streams import NatsServer
 from tests.chaos._procs import all_jobs, api_process, wait_all_completed, worker_processes
+
+pytestmark = pytest.mark.chaos
 
 JOBS = 500
 CLIENTS = 5

@@ -8,11 +8,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from httpx_sse import aconnect_sse
 
 from streams import NatsServer
 from tests.chaos._procs import WorkerProcess, api_process, sse_history, wait_all_completed
 from tests.conftest import submit, wait_terminal
+
+pytestmark = pytest.mark.chaos
 
 OTHERS = 10
 
