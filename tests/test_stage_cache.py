@@ -99,6 +99,7 @@ async def test_the_same_generate_srt_again_is_served_from_the_cache(
     # The same bytes under another name: the outputs are named after this job's input.
     second = await run(client, await upload(client, "talk.flac"), params=FAST)
     assert second["result"]["cached"] is True
+    print(f"generate_srt on jfk.flac: run {run_time(first):.3f} s, from the cache {run_time(second):.3f} s")
     assert run_time(second) < 1.0, run_time(second)
     assert (MODEL_CACHE.loads, len(MODEL_CACHE)) == (loads, 0)
     assert second["progress"] == 100
