@@ -17,7 +17,7 @@ import stamina
 from nats.js import JetStreamContext
 from nats.js.errors import ServiceUnavailableError
 
-from streams._buckets import cache_bucket, cache_files_store, callbacks_bucket, files_store, keys_bucket
+from streams._buckets import callbacks_bucket, files_store, keys_bucket
 from streams._config import ensure_stream
 
 log = logging.getLogger("jobcast.streams")
@@ -59,15 +59,16 @@ async def riding_out(what: str, declare: Callable[[], Awaitable[T]], timeout: fl
 
 
 async def ensure_jetstream(js: JetStreamContext) -> None:
-    """Create, or bring in line, the JOBS stream, the API's KV buckets, the files store and the stage
-    cache's bucket and store, as the API does at start, riding out JetStream not being ready
-    (`riding_out`)."""
+    """Create, or bring in line, the JOBS stream, the API's KV buckets and the files store, as the API
+    does at start, riding out JetStream not being ready (`riding_out`)."""
 
     async def declare() -> None:
         await ensure_stream(js)
         # Not the heartbeat bucket: its TTL is the workers' setting (JOBCAST_WORKER_TTL_S), so a
         # worker creates it; declared here with the API's own value, it refused the workers' one.
-        for bucket in (keys_bucket, callbacks_bucket, files_store, cache_bucket, cache_files_store):
+        # Nor the stage cache's bucket and store: only workers use them, and each creates them (on a
+        # cluster, raising two more streams' replicas here kept the API from serving for seconds).
+        for bucket in (keys_bucket, callbacks_bucket, files_store):
             await bucket(js)
 
     await riding_out("the JOBS stream and the buckets", declare)

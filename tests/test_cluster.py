@@ -300,7 +300,8 @@ async def test_two_apis_on_two_nodes_and_a_worker_on_the_third(
             httpx.AsyncClient(base_url=api_b.url, headers=AUTH, timeout=30) as b,
         ):
             assert [connected_port(s) for s in (api_a, api_b, worker)] == [n.port for n in (n0, n1, n2)]
-            # The APIs raised the stream, the buckets and the files store to three replicas.
+            # The APIs raised the stream, the buckets and the files store to three replicas, the
+            # worker the stage cache's bucket and store.
             for name in (STREAM, *BUCKETS):
                 info = await js.stream_info(name)
                 assert info.config.num_replicas == 3, name
