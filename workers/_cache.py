@@ -153,7 +153,7 @@ class StageCache:
         saved: dict[str, dict[str, Any]] = {}
         for output, path in fetched:
             name = output.name
-            if entry.input_stem and name.startswith(entry.input_stem):
+            if entry.input_stem and name.startswith(f"{entry.input_stem}."):
                 name = keyed.input_stem + name[len(entry.input_stem) :]
             saved[output.file_id] = await ctx.save_output(path, name, output.content_type)
         entry.last_used = time.time()
