@@ -63,7 +63,7 @@ class JobCommands:
                 description=body.description or "", file_id=body.file_id, priority=body.priority,
                 max_attempts=body.max_attempts or spec.max_attempts, client_request_id=key,
                 scheduled_for=scheduled_for, callback_url=body.callback_url,
-                timeout_s=body.timeout_s, file_name=file_name,
+                timeout_s=body.timeout_s, file_name=file_name, cache=body.cache,
             )  # fmt: skip
             with self.publisher.projection.expecting(job_id):
                 try:
@@ -142,6 +142,7 @@ class JobCommands:
                 file_name=name,
                 parent_id=parent_id,
                 timeout_s=body.timeout_s,
+                cache=body.cache,
                 **common,
             )
             for index, (item, params, name) in enumerate(zip(items, children_params, names, strict=True))
@@ -291,5 +292,5 @@ def _resubmission(row: JobRow) -> Submitted:
         params=row.params, title=row.title, description=row.description, file_id=row.file_id,
         parent_id=row.parent_id, max_attempts=row.max_attempts, priority=row.priority,
         created_at=row.created_at, client_request_id=row.client_request_id, callback_url=row.callback_url,
-        timeout_s=row.timeout_s, file_name=row.file_name,
+        timeout_s=row.timeout_s, file_name=row.file_name, cache=row.cache is not False,
     )  # fmt: skip

@@ -77,6 +77,9 @@ class Submitted(_Event, frozen=True, tag="submitted"):
     """POSTed the job when it ends."""
     timeout_s: float | None = None
     """Run-time limit of each attempt in seconds; None: the operation's default."""
+    cache: bool = True
+    """A cacheable operation may be answered from the stage cache, and stores its outputs there;
+    False runs it anew and stores nothing."""
 
     status = JobStatus.PENDING
 

@@ -305,6 +305,12 @@ class OperationSpec:
     input_kinds: tuple[str, ...] = ()
     """The file kinds (name suffixes without the dot) the operation reads; empty: any, or none
     needed. Where it is given, a file of another kind cannot be the operation's input."""
+    cacheable: bool = False
+    """Its outputs are kept in the stage cache: the same input bytes with the same params (and the
+    same model and code) are answered from there (streams.cache_key). Only for operations whose
+    outputs follow from those alone: not an LLM's answer, nor a diagnostic."""
+    cache_excluded: frozenset[str] = frozenset()
+    """Params left out of the cache key because they provably do not change the outputs."""
 
 
 OPERATIONS: dict[str, OperationSpec] = {
@@ -319,6 +325,7 @@ OPERATIONS: dict[str, OperationSpec] = {
         ),
         OperationSpec(
             name="transcribe",
+            cacheable=True,
             pool=Pool.GPU,
             params=TranscribeParams,
             description="Speech to text with faster-whisper: text inline, segments in .json, full text in .txt.",
@@ -330,6 +337,7 @@ OPERATIONS: dict[str, OperationSpec] = {
         ),
         OperationSpec(
             name="generate_srt",
+            cacheable=True,
             pool=Pool.GPU,
             params=GenerateSrtParams,
             description="Speech to subtitles with faster-whisper: .srt and .vtt files.",
@@ -339,6 +347,7 @@ OPERATIONS: dict[str, OperationSpec] = {
         ),
         OperationSpec(
             name="detect_language",
+            cacheable=True,
             pool=Pool.GPU,
             params=DetectLanguageParams,
             description="The language spoken in the first 30 s, and the model's confidence, by faster-whisper.",
@@ -347,6 +356,7 @@ OPERATIONS: dict[str, OperationSpec] = {
         ),
         OperationSpec(
             name="convert",
+            cacheable=True,
             pool=Pool.CPU,
             params=ConvertParams,
             description="To MP4 (H.264 + AAC) with PyAV, remuxing when the streams allow it; or M4A.",
