@@ -98,18 +98,20 @@ from streams._limits import (
 )
 from streams._operations import (
     OPERATIONS,
+    OperationSpec,
+    check_llm_endpoint,
+    operation,
+    parse_params,
+    validate_params,
+)
+from streams._params import (
     ConvertParams,
     DetectLanguageParams,
     FixSrtParams,
     GenerateSrtParams,
     NoopParams,
-    OperationSpec,
     TranscribeParams,
     TranslateSrtParams,
-    check_llm_endpoint,
-    operation,
-    parse_params,
-    validate_params,
 )
 from streams._server import NatsServer, durable_mode, nats_server_binary, stored_secret, write_private
 from streams._subjects import (
