@@ -67,7 +67,7 @@ class JobCommands:
                 description=body.description or "", file_id=body.file_id, priority=body.priority,
                 max_attempts=body.max_attempts or spec.max_attempts, client_request_id=key,
                 scheduled_for=scheduled_for, callback_url=body.callback_url,
-                timeout_s=body.timeout_s, file_name=file_name,
+                timeout_s=body.timeout_s, file_name=file_name, cache=body.cache,
             )  # fmt: skip
             with self.publisher.projection.expecting(job_id):
                 try:
@@ -146,6 +146,7 @@ class JobCommands:
                 file_name=name,
                 parent_id=parent_id,
                 timeout_s=body.timeout_s,
+                cache=body.cache,
                 **common,
             )
             for index, (item, params, name) in enumerate(zip(items, children_params, names, strict=True))

@@ -78,6 +78,8 @@ class JobRow(Base):
     max_attempts: Mapped[int] = mapped_column(Integer, default=3)
     timeout_s: Mapped[float | None] = mapped_column(Float)
     """The job's own run-time limit per attempt; None: its operation's default."""
+    cache: Mapped[bool | None] = mapped_column(Boolean)
+    """Whether it may use the stage cache (its submission's `cache`); None in an older database."""
     priority: Mapped[int] = mapped_column(Integer, default=0)
     worker: Mapped[str | None] = mapped_column(String(256))
     held_by: Mapped[str | None] = mapped_column(String(256))

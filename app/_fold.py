@@ -99,6 +99,7 @@ def _submitted(job: JobRow | None, event: Submitted, seq: int) -> JobRow | None:
             priority=event.priority, submit_seq=seq, created_at=event.created_at, result=None, error=None,
             worker=None, held_by=None, exhausted=False, client_request_id=event.client_request_id,
             scheduled_for=event.scheduled_for, callback_url=event.callback_url, file_name=event.file_name,
+            cache=event.cache,
             callback_status="pending" if event.callback_url else None, started_at=None, completed_at=None,
         )  # fmt: skip
     elif event.attempt < job.attempt or (event.attempt == job.attempt and job.status != JobStatus.SCHEDULED):

@@ -20,7 +20,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
 from app._db import Database, JobRow
-from streams import Event, JobStatus, Started, is_terminal
+from streams import Completed, Event, JobStatus, Started, is_terminal
 
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0, 7200.0)
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
@@ -126,6 +126,17 @@ class Metrics:
             "jobcast_job_queue_wait_seconds", "Time from submission to start.", ["type"],
             buckets=BUCKETS, registry=self.registry,
         )  # fmt: skip
+        # From the completions this API applies, as `jobcast_events`: every instance applies the
+        # whole stream, so each counts every worker's jobs once, whichever worker ran them.
+        self.cache_hits = Counter(
+            "jobcast_cache_hits", "Jobs completed from the stage cache, by operation.", ["operation"],
+            registry=self.registry,
+        )  # fmt: skip
+        self.cache_misses = Counter(
+            "jobcast_cache_misses",
+            "Jobs of cacheable operations that ran their handler (nothing cached, or `cache: false`), by operation.",
+            ["operation"], registry=self.registry,
+        )  # fmt: skip
 
     def observe(self, job: JobTimes, event: Event) -> None:
         """Called by the projection for every applied event, once its batch is committed."""
@@ -135,6 +146,12 @@ class Metrics:
             self.queue_wait.labels(job.type).observe(wait)
         elif is_terminal(event) and job.started_at is not None:
             self.run_time.labels(job.type).observe(max(0.0, (event.ts - job.started_at).total_seconds()))
+        if isinstance(event, Completed) and event.result is not None:
+            cached = event.result.get("cached")
+            if cached is True:
+                self.cache_hits.labels(job.type).inc()
+            elif cached is False:
+                self.cache_misses.labels(job.type).inc()
 
     async def render(
         self, db: Database, workers: int, streams: int, subscriptions: int, buffers: Buffers | None = None

@@ -58,7 +58,7 @@ def resubmission(row: JobRow, **changes: Any) -> Submitted:
         params=row.params, title=row.title, description=row.description, file_id=row.file_id,
         parent_id=row.parent_id, max_attempts=row.max_attempts, priority=row.priority,
         created_at=row.created_at, client_request_id=row.client_request_id, callback_url=row.callback_url,
-        timeout_s=row.timeout_s, file_name=row.file_name,
+        timeout_s=row.timeout_s, file_name=row.file_name, cache=row.cache is not False,
     )  # fmt: skip
     return msgspec.structs.replace(event, **changes) if changes else event
 
@@ -190,7 +190,7 @@ class PipelineCommands:
                 job_id=stage_id(pipeline_id, index), type=spec.name, pool=spec.pool, owner=owner,
                 params=params, title=f"{body.title or PIPELINE_TYPE} · stage {index + 1}: {spec.name}",
                 parent_id=pipeline_id, priority=body.priority, max_attempts=spec.max_attempts,
-                waiting=True,
+                cache=body.cache, waiting=True,
             )  # fmt: skip
             last = (await self.publisher.publish(stage)).seq
         return await self._started(pipeline_id, last, owner)

@@ -69,6 +69,9 @@ class SubmitJob(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Run no earlier than this time (UTC unless it says otherwise)."""
     callback_url: CallbackUrl | None = None
     """POSTed the job, signed, when it ends."""
+    cache: bool = True
+    """Answer from the stage cache when the same input and params ran before, and keep the outputs
+    there (cacheable operations only); false runs it anew and stores nothing."""
 
     def __post_init__(self) -> None:
         """Fold seed 003's names into jobcast's (a ValueError here is a 400 naming the problem)."""
@@ -110,6 +113,8 @@ class SubmitBatch(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     client_request_id: RequestId | None = None
     scheduled_for: ClientTime | None = None
     callback_url: CallbackUrl | None = None
+    cache: bool = True
+    """As for one job: false runs every child anew and stores nothing in the stage cache."""
 
 
 MAX_STAGES = 10
@@ -144,6 +149,8 @@ class SubmitPipeline(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Higher runs first among the pending jobs of a pool (-10 to 10), for every stage."""
     callback_url: CallbackUrl | None = None
     """POSTed the pipeline, signed, when it ends."""
+    cache: bool = True
+    """As for one job: false runs every stage anew and stores nothing in the stage cache."""
 
 
 class QueuePosition(msgspec.Struct, kw_only=True):

@@ -1,5 +1,5 @@
-"""The KV buckets and the files object store: names, what their values hold, and how each is
-created with JOBCAST_STREAM_REPLICAS replicas on first use."""
+"""The KV buckets and the object stores (files, the stage cache): names, what their values hold,
+and how each is created with JOBCAST_STREAM_REPLICAS replicas on first use."""
 
 from __future__ import annotations
 
@@ -163,17 +163,42 @@ inputs and writes outputs here, no shared disk needed."""
 
 async def files_store(js: JetStreamContext) -> ObjectStore:
     """The files bucket, created on first use."""
+    return await _object_store(js, FILES_BUCKET, "jobcast files")
+
+
+CACHE_BUCKET = "JOBCAST_CACHE"
+"""KV bucket of the stage cache: one manifest (streams.CacheEntry) per key (streams.cache_key)."""
+CACHE_FILES_BUCKET = "JOBCAST_CACHE_FILES"
+"""Object store bucket of the stage cache's output copies. Its own, not the files bucket: a job
+served from the cache gets copies of its own, so deleting a job or a file never touches what the
+cache holds, and evicting an entry never touches a job's files."""
+
+
+async def cache_bucket(js: JetStreamContext) -> KeyValue:
+    """The stage cache's manifests, created on first use (history 1: a hit rewrites `last_used`)."""
+    return await _key_value(
+        js, js_api.KeyValueConfig(bucket=CACHE_BUCKET, history=1, storage=js_api.StorageType.FILE)
+    )
+
+
+async def cache_files_store(js: JetStreamContext) -> ObjectStore:
+    """The stage cache's output copies, created on first use."""
+    return await _object_store(js, CACHE_FILES_BUCKET, "jobcast stage cache outputs")
+
+
+async def _object_store(js: JetStreamContext, bucket: str, description: str) -> ObjectStore:
+    """An object store with JOBCAST_STREAM_REPLICAS replicas (see `_replicated`)."""
 
     async def create(replicas: int) -> ObjectStore:
         config = js_api.ObjectStoreConfig(
-            description="jobcast files", storage=js_api.StorageType.FILE, replicas=replicas
+            description=description, storage=js_api.StorageType.FILE, replicas=replicas
         )
-        return await js.create_object_store(FILES_BUCKET, config=config)
+        return await js.create_object_store(bucket, config=config)
 
     async def held() -> js_api.StreamInfo:
-        return (await (await js.object_store(FILES_BUCKET)).status()).stream_info
+        return (await (await js.object_store(bucket)).status()).stream_info
 
-    return await _replicated(js, f"object store {FILES_BUCKET}", create, held)
+    return await _replicated(js, f"object store {bucket}", create, held)
 
 
 async def _key_value(js: JetStreamContext, config: js_api.KeyValueConfig) -> KeyValue:

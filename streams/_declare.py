@@ -68,6 +68,8 @@ async def ensure_jetstream(js: JetStreamContext) -> None:
         await ensure_stream(js)
         # Not the heartbeat bucket: its TTL is the workers' setting (JOBCAST_WORKER_TTL_S), so a
         # worker creates it; declared here with the API's own value, it refused the workers' one.
+        # Nor the stage cache's bucket and store: only workers use them, and each creates them (on a
+        # cluster, raising two more streams' replicas here kept the API from serving for seconds).
         for bucket in (keys_bucket, callbacks_bucket, files_store):
             await bucket(js)
 

@@ -77,6 +77,9 @@ class Submitted(_Event, frozen=True, tag="submitted"):
     """POSTed the job when it ends."""
     timeout_s: float | None = None
     """Run-time limit of each attempt in seconds; None: the operation's default."""
+    cache: bool = True
+    """A cacheable operation may be answered from the stage cache, and stores its outputs there;
+    False runs it anew and stores nothing."""
     waiting: bool = False
     """A pipeline stage recorded before its turn: published to the job's events subject, not to its
     pool, so it holds no worker; the job is `scheduled` until the same attempt's submission proper

@@ -68,14 +68,16 @@ class ApiServer:
             self._listener = listener
             sockets = [listener]
         self._task = asyncio.create_task(self._server.serve(sockets))
-        for _ in range(500):
+        # Generous: a start on a cluster raises replicas and may ride out JetStream for a while.
+        deadline = asyncio.get_running_loop().time() + 30
+        while asyncio.get_running_loop().time() < deadline:
             if self._server.started:
                 return
             if self._task.done():
                 self._task.result()
                 raise RuntimeError("uvicorn exited during start-up")
             await asyncio.sleep(0.01)
-        raise RuntimeError("API did not start")
+        raise RuntimeError("API did not start in 30 s")
 
     async def stop(self) -> None:
         """Graceful stop, as SIGTERM would do."""

@@ -31,6 +31,8 @@ from streams import (
     ApiKeyRecord,
     NatsServer,
     ReplicasError,
+    cache_bucket,
+    cache_files_store,
     callbacks_bucket,
     close_quietly,
     connect,
@@ -51,7 +53,10 @@ pytestmark = pytest.mark.slow
 
 ADMIN_KEY = "cluster-admin-key-" + "x" * 20
 AUTH = {"Authorization": f"Bearer {ADMIN_KEY}"}
-BUCKETS = ("KV_JOBCAST_KEYS", "KV_JOBCAST_CALLBACKS", "KV_JOBCAST_WORKERS", "OBJ_JOBCAST_FILES")
+BUCKETS = (
+    "KV_JOBCAST_KEYS", "KV_JOBCAST_CALLBACKS", "KV_JOBCAST_WORKERS", "OBJ_JOBCAST_FILES", "KV_JOBCAST_CACHE",
+    "OBJ_JOBCAST_CACHE_FILES",
+)  # fmt: skip
 """The streams under jobcast's KV buckets and object store (named as NATS names them)."""
 Seen = list[tuple[int, str]]
 
@@ -272,7 +277,14 @@ async def test_two_apis_on_two_nodes_and_a_worker_on_the_third(
     async with nats_client(nats_cluster.url) as (_, js):
         # A deployment that began on one replica: everything exists with R1 before the APIs start.
         await ensure_stream(js)
-        for make in (keys_bucket, callbacks_bucket, workers_bucket, files_store):
+        for make in (
+            keys_bucket,
+            callbacks_bucket,
+            workers_bucket,
+            files_store,
+            cache_bucket,
+            cache_files_store,
+        ):
             await make(js)
         assert {(await js.stream_info(name)).config.num_replicas for name in (STREAM, *BUCKETS)} == {1}
         monkeypatch.setenv("JOBCAST_STREAM_REPLICAS", "3")
@@ -288,7 +300,8 @@ async def test_two_apis_on_two_nodes_and_a_worker_on_the_third(
             httpx.AsyncClient(base_url=api_b.url, headers=AUTH, timeout=30) as b,
         ):
             assert [connected_port(s) for s in (api_a, api_b, worker)] == [n.port for n in (n0, n1, n2)]
-            # The APIs raised the stream, the buckets and the files store to three replicas.
+            # The APIs raised the stream, the buckets and the files store to three replicas, the
+            # worker the stage cache's bucket and store.
             for name in (STREAM, *BUCKETS):
                 info = await js.stream_info(name)
                 assert info.config.num_replicas == 3, name

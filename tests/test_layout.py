@@ -119,3 +119,13 @@ def test_a_cycle_is_found() -> None:
     """The search itself: a cycle through a TYPE_CHECKING import, as app/_jobs.py and app/_sse.py had."""
     graph = {"app._a": {"app._b"}, "app._b": {"app._a", "streams"}, "streams": set()}
     assert cycles(graph) == [["app._a", "app._b", "app._a"]]
+
+
+MAX_MODULE_LINES = 450
+
+
+def test_no_module_is_over_450_lines() -> None:
+    """A module past that has more than one concept in it: split it by role."""
+    sizes = {name: len(path.read_text().splitlines()) for name, path in modules().items()}
+    assert sizes, "no module was read"
+    assert {name: n for name, n in sizes.items() if n > MAX_MODULE_LINES} == {}

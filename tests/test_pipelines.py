@@ -19,6 +19,7 @@ from tests.llm_server import FakeLLM
 from tests.test_live import ws_collect, ws_url
 from tests.test_media_ops import download, events, llm_settings, lowercase_srt, running, upload
 from workers import WorkerSettings
+from workers.whisper import MODEL_CACHE
 
 SUBTITLES_THEN_FIX = [{"type": "generate_srt"}, {"type": "fix_srt"}]
 
@@ -142,6 +143,36 @@ async def test_subtitles_fixed_then_translated_in_two_languages(
         ["jfk.fixed.srt"],
         names,
     ]
+
+
+async def test_a_cached_first_stage_runs_only_the_later_stages(
+    client: httpx.AsyncClient, nats_server: NatsServer, gpu: WorkerRunner
+) -> None:
+    media = await jfk(client)
+    alone = await client.post("/api/v1/jobs", json={"type": "generate_srt", "file_id": media["id"]})
+    assert (await wait_terminal(client, alone.json()["id"], timeout=60))["result"]["cached"] is False
+    MODEL_CACHE.clear()  # a stage that ran whisper again would load the model again
+    loads = MODEL_CACHE.loads
+    with FakeLLM() as fake:
+        async with running(llm_settings(nats_server, fake)):
+            cached = await submit_pipeline(client, media["id"], SUBTITLES_THEN_FIX)
+            done = await wait_terminal(client, cached["id"], timeout=60)
+            assert (MODEL_CACHE.loads, len(fake.requests)) == (loads, 1)
+            response = await client.post(
+                "/api/v1/pipelines",
+                json={"file_id": media["id"], "stages": SUBTITLES_THEN_FIX, "cache": False},
+            )
+            assert response.status_code == 202, response.text
+            anew = await wait_terminal(client, response.json()["id"], timeout=60)
+    assert (done["status"], anew["status"]) == ("completed", "completed")
+    first, second = await children(client, cached["id"])
+    assert (first["result"]["cached"], second["status"], second["file_id"]) == (
+        True,
+        "completed",
+        output_ids(first)[0],
+    )
+    assert (await children(client, anew["id"]))[0]["result"]["cached"] is False
+    assert MODEL_CACHE.loads == loads + 1  # `cache: false` ran whisper
 
 
 async def test_a_stage_that_cannot_take_the_output_before_is_refused_naming_it(

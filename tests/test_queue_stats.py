@@ -108,7 +108,8 @@ async def test_stats_count_a_worker_process_its_cpu_memory_and_model(
     speech = await upload(client, "jfk.flac")
 
     async def transcribe() -> dict[str, Any]:
-        return await submit(client, type="transcribe", file_id=speech, params={"beam_size": 1})
+        # Not from the stage cache: the worker must stay busy transcribing the same file.
+        return await submit(client, type="transcribe", file_id=speech, params={"beam_size": 1}, cache=False)
 
     jobs = [await transcribe()]
     await wait_stats(client, lambda s: s["running_jobs"] == 1)

@@ -36,6 +36,7 @@ from streams import (
     job_id_of,
     utcnow,
 )
+from workers._cache import StageCache
 from workers._context import Handler, JobContext, Reporter
 from workers._errors import PublishGaveUpError
 from workers._events import Events
@@ -66,6 +67,7 @@ class AttemptRunner:
         llm_slots: asyncio.Semaphore,
         announce: Callable[[], None],
         slot_free: asyncio.Event,
+        cache: StageCache | None = None,
     ) -> None:
         self.nc = nc
         self.settings = settings
@@ -79,6 +81,8 @@ class AttemptRunner:
         """Called when `running` changes: the heartbeat says which jobs run here."""
         self.slot_free = slot_free
         """Set when a run ends: the fetch loop may take the next job."""
+        self.cache = cache
+        """The stage cache: a cacheable job is looked up before its handler and stored after it."""
 
     async def process(self, msg: Msg) -> None:
         """Run one delivery of a job message and settle it (ack, nak or term)."""
@@ -158,7 +162,8 @@ class AttemptRunner:
             if running.cancel_reason is not None:
                 outcome: Event = Cancelled(**ids, reason=running.cancel_reason)
             else:
-                running.start(self.handlers[job.type])
+                handler = self.handlers[job.type]
+                running.start(handler if self.cache is None else self.cache.around(job, handler))
                 await running.finish(self.settings.cancel_grace_s)
                 outcome = outcome_of(running, ids, delivery, self.settings)
         finally:

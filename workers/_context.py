@@ -128,6 +128,9 @@ class JobContext:
         self._workdir_lock = threading.Lock()
         self.scratch: Path | None = None
         """The folder `workdir` made, if a handler asked for it; the runtime removes it."""
+        self.saved: list[tuple[Path, dict[str, Any]]] = []
+        """Each output stored so far: the local file it was read from, and its result entry (what
+        the stage cache keeps of a run)."""
         self.attempt = attempt
         """Run number of this job, counting every delivery and manual retry."""
         self.delivery = delivery
@@ -204,7 +207,9 @@ class JobContext:
         """
         assert self.files is not None, "the runtime provides file access"
         self.check_cancelled()
-        return await self.files.save(path, name, content_type, self.job.owner, self.job.job_id)
+        entry = await self.files.save(path, name, content_type, self.job.owner, self.job.job_id)
+        self.saved.append((path, entry))
+        return entry
 
     def media_duration(self, seconds: float) -> None:
         """Say how long the input media is: an operation's default run-time limit grows with it."""

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import av
+
 from streams import OPERATIONS
+from workers._cache import Identity
 from workers._context import Handler
 from workers.convert import convert
 from workers.detect_language import detect_language
@@ -10,7 +15,7 @@ from workers.fix_srt import fix_srt
 from workers.noop import noop
 from workers.transcribe import generate_srt, transcribe
 from workers.translate_srt import translate_srt
-from workers.whisper import MODEL_CACHE
+from workers.whisper import DEFAULT_MODEL, MODEL_CACHE, model_identity
 
 HANDLERS: dict[str, Handler] = {
     "noop": noop,
@@ -24,6 +29,29 @@ HANDLERS: dict[str, Handler] = {
 
 _missing = set(OPERATIONS) - set(HANDLERS)
 assert not _missing, f"operations without a handler: {_missing}"
+
+
+def _whisper_identity(params: dict[str, Any]) -> dict[str, Any] | None:
+    return model_identity(
+        params.get("model", DEFAULT_MODEL), params.get("device"), params.get("compute_type")
+    )
+
+
+def _pyav_identity(params: dict[str, Any]) -> dict[str, Any]:
+    libraries = {name: ".".join(map(str, numbers)) for name, numbers in av.library_versions.items()}
+    return {"av": av.__version__, "libav": libraries}
+
+
+CACHE_IDENTITY: dict[str, Identity] = {
+    "transcribe": _whisper_identity,
+    "generate_srt": _whisper_identity,
+    "detect_language": _whisper_identity,
+    "convert": _pyav_identity,
+}
+"""What decides a cacheable operation's outputs besides its input and params (streams.cache_key)."""
+
+_unkeyed = {name for name, spec in OPERATIONS.items() if spec.cacheable} - set(CACHE_IDENTITY)
+assert not _unkeyed, f"cacheable operations without a cache identity: {_unkeyed}"
 
 
 def handlers_for_pool(pool: str) -> dict[str, Handler]:

@@ -25,6 +25,8 @@ from streams import (
     PRIORITIES,
     TaskSupervisor,
     WorkerConsumer,
+    cache_bucket,
+    cache_files_store,
     close_quietly,
     connect,
     ensure_consumer,
@@ -34,12 +36,13 @@ from streams import (
     pool_submissions,
 )
 from workers._attempt import AttemptRunner
+from workers._cache import StageCache
 from workers._context import Handler
 from workers._events import Events
 from workers._fetch import Fetcher
 from workers._files import WorkerFiles
 from workers._heartbeat import Heartbeat
-from workers._registry import handlers_for_pool, models_loaded
+from workers._registry import CACHE_IDENTITY, handlers_for_pool, models_loaded
 from workers._running import RunningJob
 from workers._settings import WorkerSettings
 
@@ -97,9 +100,13 @@ class Worker:
             await self._declare()
             events = Events(self.js, self.settings)
             self.files = WorkerFiles(await files_store(self.js), events.publish_reliably)
+            cache = StageCache(
+                await cache_bucket(self.js), await cache_files_store(self.js), self.settings.cache_max_bytes,
+                CACHE_IDENTITY,
+            )  # fmt: skip
             attempts = AttemptRunner(
                 self.nc, self.settings, self.handlers, events, self.files, running=self._running,
-                llm_slots=self.llm_slots, announce=self._announce, slot_free=self._slot_free,
+                llm_slots=self.llm_slots, announce=self._announce, slot_free=self._slot_free, cache=cache,
             )  # fmt: skip
             await self.nc.subscribe(ALL_CONTROL, cb=attempts.on_control)
             await self.nc.subscribe(pool_submissions(self.settings.pool), cb=self.fetcher.on_submission)

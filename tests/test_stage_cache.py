@@ -1,0 +1,217 @@
+"""The stage cache: the same job on the same bytes is answered from NATS, without the model."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from datetime import datetime
+from typing import Any
+
+import httpx
+import pytest
+from nats.js import JetStreamContext
+from nats.js.errors import NoKeysError, NotFoundError
+
+from streams import (
+    NatsServer,
+    cache_bucket,
+    cache_files_store,
+    cache_key,
+    close_quietly,
+    connect,
+    decode_entry,
+)
+from tests.conftest import MEDIA, WorkerRunner, replace, submit, wait_terminal
+from workers import WorkerSettings
+from workers.whisper import MODEL_CACHE
+
+JFK = MEDIA / "jfk.flac"
+FAST = {"beam_size": 1}
+"""Greedy decoding keeps whisper quick on a small CPU."""
+
+
+async def upload(client: httpx.AsyncClient, name: str) -> str:
+    response = await client.post("/api/v1/files", files={"file": (name, JFK.read_bytes(), "audio/flac")})
+    assert response.status_code == 201, response.text
+    file_id: str = response.json()["id"]
+    return file_id
+
+
+async def run(client: httpx.AsyncClient, file_id: str, **body: Any) -> dict[str, Any]:
+    job = await submit(client, type="generate_srt", file_id=file_id, **body)
+    done = await wait_terminal(client, job["id"], timeout=60)
+    assert done["status"] == "completed", done["error"]
+    return done
+
+
+def run_time(job: dict[str, Any]) -> float:
+    started, ended = datetime.fromisoformat(job["started_at"]), datetime.fromisoformat(job["completed_at"])
+    return (ended - started).total_seconds()
+
+
+async def contents(client: httpx.AsyncClient, job: dict[str, Any]) -> dict[str, bytes]:
+    """Each output's name and bytes, downloaded through the API."""
+    found = {}
+    for output in job["result"]["outputs"]:
+        response = await client.get(output["url"])
+        assert response.status_code == 200, response.text
+        found[output["name"]] = response.content
+    return found
+
+
+@pytest.fixture
+async def js(nats_server: NatsServer) -> AsyncIterator[JetStreamContext]:
+    nc = await connect(nats_server.url, name="test-stage-cache")
+    yield nc.jetstream()
+    await close_quietly(nc)
+
+
+async def entries(js: JetStreamContext) -> dict[str, Any]:
+    """The cache's manifests by key."""
+    kv = await cache_bucket(js)
+    try:
+        keys = await kv.keys()
+    except NoKeysError:
+        return {}
+    return {key: decode_entry((await kv.get(key)).value or b"") for key in keys}
+
+
+async def copies(js: JetStreamContext) -> set[str]:
+    """The names of the output copies in the cache's object store."""
+    try:
+        return {info.name for info in await (await cache_files_store(js)).list(ignore_deletes=True)}
+    except NotFoundError:
+        return set()
+
+
+def counter(metrics: str, name: str, operation: str) -> float:
+    match = re.search(rf'^{name}{{operation="{operation}"}} (\S+)$', metrics, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
+async def test_the_same_generate_srt_again_is_served_from_the_cache(
+    client: httpx.AsyncClient, gpu: WorkerRunner
+) -> None:
+    first = await run(client, await upload(client, "jfk.flac"), params=FAST)
+    assert first["result"]["cached"] is False
+    MODEL_CACHE.clear()  # a second run that loaded the model would show in the cache
+    loads = MODEL_CACHE.loads
+    # The same bytes under another name: the outputs are named after this job's input.
+    second = await run(client, await upload(client, "talk.flac"), params=FAST)
+    assert second["result"]["cached"] is True
+    print(f"generate_srt on jfk.flac: run {run_time(first):.3f} s, from the cache {run_time(second):.3f} s")
+    assert run_time(second) < 1.0, run_time(second)
+    assert (MODEL_CACHE.loads, len(MODEL_CACHE)) == (loads, 0)
+    assert second["progress"] == 100
+    same = {k: v for k, v in first["result"].items() if k not in ("outputs", "cached")}
+    assert {k: v for k, v in second["result"].items() if k not in ("outputs", "cached")} == same
+    first_files, second_files = await contents(client, first), await contents(client, second)
+    assert sorted(first_files) == ["jfk.srt", "jfk.vtt"]
+    assert second_files == {"talk.srt": first_files["jfk.srt"], "talk.vtt": first_files["jfk.vtt"]}
+    # The outputs are the job's own files: new ids, listed as its, kept when the first job and its
+    # files are deleted.
+    first_ids = {o["file_id"] for o in first["result"]["outputs"]}
+    second_ids = {o["file_id"] for o in second["result"]["outputs"]}
+    assert not first_ids & second_ids
+    listed = (await client.get("/api/v1/files", params={"job_id": second["id"]})).json()
+    assert {f["id"] for f in listed["items"]} == second_ids
+    assert all(f["job_id"] == second["id"] for f in listed["items"])
+    response = await client.delete(f"/api/v1/jobs/{first['id']}", params={"files": "true"})
+    assert response.status_code == 204
+    assert await contents(client, second) == second_files
+    metrics = (await client.get("/metrics")).text
+    assert counter(metrics, "jobcast_cache_hits_total", "generate_srt") == 1
+    assert counter(metrics, "jobcast_cache_misses_total", "generate_srt") == 1
+    # Served again after the first job is gone: the cache keeps copies of its own.
+    third = await run(client, await upload(client, "jfk.flac"), params=FAST)
+    assert third["result"]["cached"] is True
+    assert await contents(client, third) == first_files
+
+
+async def test_a_different_beam_size_misses(
+    client: httpx.AsyncClient, gpu: WorkerRunner, js: JetStreamContext
+) -> None:
+    file_id = await upload(client, "jfk.flac")
+    assert (await run(client, file_id, params=FAST))["result"]["cached"] is False
+    assert (await run(client, file_id, params={"beam_size": 2}))["result"]["cached"] is False
+    assert len(await entries(js)) == 2
+    assert (await run(client, file_id, params={"beam_size": 2}))["result"]["cached"] is True
+    metrics = (await client.get("/metrics")).text
+    assert counter(metrics, "jobcast_cache_misses_total", "generate_srt") == 2
+    assert counter(metrics, "jobcast_cache_hits_total", "generate_srt") == 1
+
+
+async def test_cache_false_runs_anew_and_stores_nothing(
+    client: httpx.AsyncClient, gpu: WorkerRunner, js: JetStreamContext
+) -> None:
+    file_id = await upload(client, "jfk.flac")
+    opted_out = await run(client, file_id, params=FAST, cache=False)
+    assert opted_out["result"]["cached"] is False
+    assert (await entries(js), await copies(js)) == ({}, set())
+    assert (await run(client, file_id, params=FAST))["result"]["cached"] is False  # stored now
+    held = await entries(js), await copies(js)
+    assert len(held[0]) == 1
+    again = await run(client, file_id, params=FAST, cache=False)
+    assert again["result"]["cached"] is False  # ran, though the cache holds it
+    assert (await entries(js), await copies(js)) == held
+    assert (await client.get(f"/api/v1/jobs/{again['id']}")).json()["status"] == "completed"
+
+
+@pytest.mark.slow
+async def test_a_new_worker_serves_the_cache_and_evicts_the_least_recently_used(
+    client: httpx.AsyncClient, worker_settings: WorkerSettings, js: JetStreamContext
+) -> None:
+    gpu_settings = replace(worker_settings, pool="gpu", ack_wait_s=5, name="gpu")
+    file_id = await upload(client, "jfk.flac")
+    first = WorkerRunner(gpu_settings)
+    await first.start()
+    a_params = FAST | {"max_line_length": 42}
+    await run(client, file_id, params=a_params)
+    await first.stop()
+    [(a_key, a_entry)] = (await entries(js)).items()
+    # A new worker process's cache is empty; the stage cache lives in NATS. Its bound holds two
+    # entries of this size, not three.
+    MODEL_CACHE.clear()
+    second = WorkerRunner(replace(gpu_settings, cache_max_bytes=a_entry.size * 5 // 2))
+    await second.start()
+    try:
+        assert (await run(client, file_id, params=a_params))["result"]["cached"] is True
+        assert len(MODEL_CACHE) == 0
+        await run(client, file_id, params=FAST | {"max_line_length": 40})  # B
+        assert (await run(client, file_id, params=a_params))["result"]["cached"] is True  # A used last
+        await run(client, file_id, params=FAST | {"max_line_length": 38})  # C: B is evicted
+    finally:
+        await second.stop()
+    held = await entries(js)
+    assert len(held) == 2
+    assert a_key in held
+    assert sum(entry.size for entry in held.values()) <= a_entry.size * 5 // 2
+    # No copy of B is left behind: the store holds exactly what the manifests name.
+    assert await copies(js) == {o.object_name for entry in held.values() for o in entry.outputs}
+
+
+def test_the_key_covers_params_and_identity_but_not_their_order() -> None:
+    base = cache_key("generate_srt", "ab" * 32, {"beam_size": 1, "model": "tiny.en"}, identity={"v": 1})
+    assert base == cache_key(
+        "generate_srt", "ab" * 32, {"model": "tiny.en", "beam_size": 1}, identity={"v": 1}
+    )
+    others = {
+        cache_key("generate_srt", "ab" * 32, {"beam_size": 2, "model": "tiny.en"}, identity={"v": 1}),
+        cache_key("transcribe", "ab" * 32, {"beam_size": 1, "model": "tiny.en"}, identity={"v": 1}),
+        cache_key("generate_srt", "cd" * 32, {"beam_size": 1, "model": "tiny.en"}, identity={"v": 1}),
+        cache_key("generate_srt", "ab" * 32, {"beam_size": 1, "model": "tiny.en"}, identity={"v": 2}),
+        cache_key(
+            "generate_srt",
+            "ab" * 32,
+            {"beam_size": 1, "model": "tiny.en"},
+            identity={"v": 1},
+            input_suffix=".mp3",
+        ),
+    }
+    assert base not in others
+    assert len(others) == 5
+    excluded = cache_key(
+        "generate_srt", "ab" * 32, {"beam_size": 1, "model": "tiny.en", "x": 3}, identity={"v": 1},
+        excluded=frozenset({"x"}),
+    )  # fmt: skip
+    assert excluded == base
