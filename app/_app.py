@@ -50,6 +50,7 @@ from app.controllers.jobs import JobController
 from app.controllers.live import LiveController
 from app.controllers.metrics import MetricsController
 from app.controllers.openai_audio import OpenAIAudioController
+from app.controllers.pipelines import PipelineController
 from app.controllers.queue import QueueController
 from app.controllers.ui import UiController, login_redirect, to_ui
 from app.controllers.whisper_asr import WhisperAsrController
@@ -78,6 +79,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         projection: Projection | None = None
         webhooks: Webhooks | None = None
         live: Live | None = None
+        commands: JobCommands | None = None
         try:
             js = nc.jetstream()
             await ensure_jetstream(js)
@@ -90,7 +92,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
             app.state.projection = projection
             publisher = Publisher(settings, db, js, projection, hub)
             app.state.queries = queries = JobQueries(db)
-            app.state.commands = JobCommands(publisher, queries)
+            app.state.commands = commands = JobCommands(publisher, queries)
+            commands.pipelines.starter.start(tasks)  # task `pipelines`: each pipeline's next stage
             app.state.live = live = Live(settings, hub, queries)
             app.state.freshness = Freshness(db, js, projection, settings.submit_timeout_s)
             if settings.admin_key:
@@ -118,6 +121,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
             await tasks.stop()
             if webhooks is not None:
                 await webhooks.stop()
+            if commands is not None:
+                commands.pipelines.starter.stop()
             if live is not None:
                 await live.sse.close()
             if projection is not None:
@@ -128,6 +133,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     app = Litestar(
         route_handlers=[
             JobController,
+            PipelineController,
             LiveController,
             CompileoController,
             QueueController,

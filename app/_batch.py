@@ -21,7 +21,9 @@ from app._fold import fold
 from app._hub import Applied
 from app._queue import queue_position
 from app._schemas import EventEnvelope, QueuePosition
+from app._stages import WAITING, Derived, Stage, derive_pipeline
 from streams import (
+    PIPELINE_POOL,
     TERMINAL_STATUSES,
     Deleted,
     Event,
@@ -57,12 +59,25 @@ BOOKMARKS = cast(Table, BookmarkRow.__table__)
 _JOB_COLUMNS = tuple(column.name for column in JOBS.columns)
 _MUTABLE = (
     "status", "attempt", "progress", "current_step", "result", "error", "worker", "held_by", "exhausted",
-    "callback_status", "queue_seq", "last_seq", "started_at", "completed_at", "updated_at",
+    "callback_status", "queue_seq", "last_seq", "started_at", "completed_at", "updated_at", "file_id",
+    "file_name",
 )  # fmt: skip
-"""The columns `fold` and the parent derivation change; a job's spec never changes."""
+"""The columns `fold` and the parent derivation change; a job's spec never changes, but for the input
+of a pipeline's stage, known once the stage before has completed."""
 _CHILDREN = select(JOBS.c.id, JOBS.c.status, JOBS.c.progress, JOBS.c.submit_seq).where(
     JOBS.c.parent_id == bindparam("parent_id")
 )
+_STAGES = select(
+    JOBS.c.id,
+    JOBS.c.status,
+    JOBS.c.progress,
+    JOBS.c.submit_seq,
+    JOBS.c.queue_seq,
+    JOBS.c.type,
+    JOBS.c.result,
+    JOBS.c.error,
+).where(JOBS.c.parent_id == bindparam("parent_id"))
+"""A pipeline's children: its derivation also needs their latest submissions, types, results and errors."""
 _INSERT_JOB = insert(JOBS)
 _UPDATE_JOB = update(JOBS).where(JOBS.c.id == bindparam("_id"))
 _INSERT_EVENT = insert(_EVENTS)
@@ -121,6 +136,8 @@ class BatchWrites:
         self.handoffs: dict[str, Handoff] = {}
         self.callbacks: set[str] = set()
         """Jobs whose attempt the batch ended and that have a callback URL."""
+        self.pipelines_due: set[str] = set()
+        """Pipelines whose next step may be due: a stage completed or waits, or the pipeline ended."""
         self._new: dict[str, JobRow] = {}
         self._dirty: dict[str, JobRow] = {}
         self._families: dict[str, _Family] = {}
@@ -183,15 +200,38 @@ class BatchWrites:
             Applied(seq, job_id, job.owner, "deleted", job.status, True, payload) for job_id in ids
         ]
 
-    def _family(self, parent_id: str) -> _Family:
-        """A batch parent's children, read once per batch (after writing what the batch changed)."""
-        family = self._families.get(parent_id)
+    def _family(self, parent: JobRow) -> _Family:
+        """A parent's children, read once per batch (after writing what the batch changed)."""
+        family = self._families.get(parent.id)
         if family is None:
             self.flush()  # so that children this batch created are read with the others
-            family = self._families[parent_id] = _Family()
-            for row in self.conn.execute(_CHILDREN, {"parent_id": parent_id}):
-                family.set(row.id, row.status, row.progress, row.submit_seq)
+            pipeline = parent.pool == PIPELINE_POOL
+            family = self._families[parent.id] = _Family(pipeline)
+            for row in self.conn.execute(_STAGES if pipeline else _CHILDREN, {"parent_id": parent.id}):
+                family.set(row)
         return family
+
+    def end_waiting_stages(self, pipeline: JobRow, seq: int, ts: datetime, reason: str) -> None:
+        """Cancel a pipeline's waiting stages, in this transaction, as the pipeline ends: derived,
+        like a parent's state, from the event that ended it (no event of their own, no race with a
+        retry); their followers get a last `cancelled` event."""
+        family = self._family(pipeline)
+        waiting = {stage.id for stage in family.stages() if stage.status == WAITING}
+        self.load(waiting)
+        for stage_id in sorted(waiting):
+            stage = self.rows[stage_id]
+            if stage is None:
+                continue
+            stage.status, stage.current_step, stage.error = JobStatus.CANCELLED, "cancelled", reason
+            stage.completed_at, stage.updated_at, stage.last_seq = ts, ts, seq
+            self.save(stage, new=False)
+            family.set(stage)
+            raw = _encoder.encode(
+                {"kind": "cancelled", "job_id": stage_id, "derived": True, "reason": reason}
+            )
+            payload = _envelope(stage, seq, "cancelled", stage.attempt, ts, raw)
+            self.event(seq, stage_id, "cancelled", payload)
+            self.applied.append(Applied(seq, stage_id, stage.owner, "cancelled", stage.status, True, payload))
 
     def derive_parent(self, child: JobRow, seq: int, ts: datetime, created: bool) -> Applied | None:
         """A batch parent's status, progress and result follow its children, derived after each
@@ -204,38 +244,37 @@ class BatchWrites:
         parent = self.rows[parent_id]
         if parent is None:
             return None
-        family = self._family(parent_id)
-        family.set(child.id, child.status, child.progress, child.submit_seq)
-        counts, total = family.counts, len(family.children)
-        done = sum(counts[s] for s in TERMINAL_STATUSES)
-        result: dict[str, object] = {"total": total, "counts": {s: n for s, n in sorted(counts.items()) if n}}
-        if JobStatus(parent.status).terminal:
-            # Ended by its children, or explicitly (cancelled, force-completed): only a retry,
-            # which resets it to pending, lets the children move it again.
-            status = JobStatus(parent.status)
-        elif done == total:
-            status = JobStatus.COMPLETED if counts[JobStatus.COMPLETED] == total else JobStatus.FAILED
-            ordered = family.in_submit_order()
-            for outcome in sorted(TERMINAL_STATUSES):
-                result[str(outcome)] = [cid for cid, s in ordered if s == outcome]
-        elif counts[JobStatus.PENDING] + counts[JobStatus.SCHEDULED] == total:
-            status = JobStatus(parent.status)
+        family = self._family(parent)
+        family.set(child)
+        # Ended by its children, or explicitly (cancelled, force-completed): only a retry, which
+        # resets it to pending, lets the children move it again.
+        ended = JobStatus(parent.status).terminal
+        if family.pipeline:
+            derived = derive_pipeline(family.stages(), family.nonzero_counts(), parent.queue_seq)
+            if not ended and derived.status in TERMINAL_STATUSES:
+                # It ends now, so its waiting stages never run: they end with it, here.
+                self.end_waiting_stages(parent, seq, ts, f"the pipeline {derived.status}: {derived.error}")
+                derived = derive_pipeline(family.stages(), family.nonzero_counts(), parent.queue_seq)
+            elif child.status in (JobStatus.COMPLETED, WAITING):
+                self.pipelines_due.add(parent_id)  # its next stage may be due
         else:
-            status = JobStatus.RUNNING
+            derived = family.derive(ended)
+        result = derived.result
+        status = JobStatus(parent.status) if ended or derived.status is None else derived.status
         before = (parent.status, parent.progress, parent.result)
         progress = family.progress()
         if status == parent.status and result == parent.result and abs(progress - parent.progress) < 1.0:
             progress = parent.progress  # a child's small step: the parent moves by whole points
         parent.result, parent.progress = result, progress
-        parent.current_step = f"{done} of {total} done"
+        parent.current_step = derived.step
         if status != parent.status:
             parent.status = status
             if status == JobStatus.RUNNING and parent.started_at is None:
                 parent.started_at = ts
             if status.terminal and parent.completed_at is None:
                 parent.completed_at = ts
-            if status == JobStatus.FAILED:
-                parent.error = f"{total - counts[JobStatus.COMPLETED]} of {total} children did not complete"
+            if status in (JobStatus.FAILED, JobStatus.CANCELLED) and derived.error is not None:
+                parent.error = derived.error
         self.save(parent, new=False)
         unchanged = (parent.status, parent.progress, parent.result) == before
         if created or unchanged or JobStatus(before[0]).terminal:
@@ -253,26 +292,39 @@ class BatchWrites:
 
 
 class _Family:
-    """A batch parent's children as far as its derivation needs them, with the status counts and
+    """A parent's children as far as its derivation needs them, with the status counts and
     the progress total kept up to date child by child; the total is exact (a Fraction), so the
-    parent's progress never depends on the order its children were added in."""
+    parent's progress never depends on the order its children were added in. A pipeline's also
+    keeps each stage's type, result and error."""
 
-    def __init__(self) -> None:
+    def __init__(self, pipeline: bool = False) -> None:
+        self.pipeline = pipeline
         self.children: dict[str, tuple[str, int]] = {}
         """Each child's status and submit sequence."""
         self.counts: Counter[str] = Counter()
+        self._stages: dict[str, Stage] = {}
         self._progress: dict[str, Fraction] = {}
         self._total = Fraction(0)
 
-    def set(self, child_id: str, status: str, progress: float, submit_seq: int) -> None:
-        """Record a child's state, replacing what was known of it."""
-        if (old := self.children.get(child_id)) is not None:
+    def set(self, child: Any) -> None:
+        """Record a child's state (a row of `_CHILDREN`, `_STAGES` or a JobRow), replacing what was known of it."""
+        if (old := self.children.get(child.id)) is not None:
             self.counts[old[0]] -= 1
-            self._total -= self._progress[child_id]
-        weight = Fraction(100) if JobStatus(status).terminal else Fraction(progress)
-        self.children[child_id], self._progress[child_id] = (status, submit_seq), weight
-        self.counts[status] += 1
+            self._total -= self._progress[child.id]
+        weight = Fraction(100) if JobStatus(child.status).terminal else Fraction(child.progress)
+        self.children[child.id], self._progress[child.id] = (child.status, child.submit_seq), weight
+        self.counts[child.status] += 1
         self._total += weight
+        if self.pipeline:
+            self._stages[child.id] = Stage(
+                child.id,
+                child.type,
+                child.status,
+                child.submit_seq,
+                child.queue_seq,
+                child.result,
+                child.error,
+            )
 
     def progress(self) -> float:
         """The mean of the children's progress, a finished child counting 100."""
@@ -281,6 +333,34 @@ class _Family:
     def in_submit_order(self) -> list[tuple[str, str]]:
         """(child id, status) in the order the children were submitted."""
         return [(cid, status) for cid, (status, _) in sorted(self.children.items(), key=lambda i: i[1][1])]
+
+    def stages(self) -> list[Stage]:
+        """A pipeline's stages in order."""
+        return sorted(self._stages.values(), key=lambda stage: stage.submit_seq)
+
+    def nonzero_counts(self) -> dict[str, int]:
+        """The children by status, the statuses none has left out."""
+        return {s: n for s, n in sorted(self.counts.items()) if n}
+
+    def derive(self, ended: bool) -> Derived:
+        """A batch parent: completed once every child completed, failed once all ended and some did
+        not complete, running while any child has left its queue (else as it is); one that has
+        `ended` already keeps its status, and its result only counts."""
+        counts, total = self.counts, len(self.children)
+        done = sum(counts[s] for s in TERMINAL_STATUSES)
+        result: dict[str, object] = {"total": total, "counts": self.nonzero_counts()}
+        status: JobStatus | None = JobStatus.RUNNING
+        if ended:
+            status = None
+        elif done == total:
+            status = JobStatus.COMPLETED if counts[JobStatus.COMPLETED] == total else JobStatus.FAILED
+            ordered = self.in_submit_order()
+            for outcome in sorted(TERMINAL_STATUSES):
+                result[str(outcome)] = [cid for cid, s in ordered if s == outcome]
+        elif counts[JobStatus.PENDING] + counts[JobStatus.SCHEDULED] == total:
+            status = None
+        error = f"{total - counts[JobStatus.COMPLETED]} of {total} children did not complete"
+        return Derived(status, result, f"{done} of {total} done", error)
 
 
 def write_batch(
@@ -314,6 +394,10 @@ def write_batch(
         writes.applied.append(Applied(seq, job.id, job.owner, event.kind, job.status, closes, payload))
         if ends and job.callback_url:
             writes.callbacks.add(job.id)
+        if job.pool == PIPELINE_POOL and ends:  # cancelled, or completed by an admin
+            writes.end_waiting_stages(job, seq, event.ts, f"the pipeline {job.status}")
+        elif job.pool == PIPELINE_POOL:
+            writes.pipelines_due.add(job.id)  # submitted (or retried): its first stage may be due
         if job.parent_id is not None:
             derived = writes.derive_parent(job, seq, event.ts, created=before is None)
             if derived is not None:

@@ -14,6 +14,7 @@ from sqlalchemy import select
 
 from app._db import FileRow, JobRow
 from app._exceptions import ConflictError, not_found
+from app._pipelines import PipelineCommands, resubmission
 from app._publisher import Publisher, TombstonedError
 from app._queries import JobQueries, job_view
 from app._schemas import BatchItem, Job, SubmitBatch, SubmitJob
@@ -22,6 +23,8 @@ from streams import (
     BATCH_POOL,
     MAX_RESULT_BYTES,
     OPERATIONS,
+    PARENT_POOLS,
+    PIPELINE_POOL,
     Cancelled,
     CancelRequested,
     Completed,
@@ -43,6 +46,7 @@ class JobCommands:
         self.publisher = publisher
         self.queries = queries
         self.settings = publisher.settings
+        self.pipelines = PipelineCommands(publisher, queries)
 
     async def submit(
         self, body: SubmitJob, owner: str, idempotency_key: str | None = None
@@ -175,7 +179,7 @@ class JobCommands:
 
     async def _cancel_one(self, row: JobRow, reason: str) -> int:
         ack = await self.publisher.publish(CancelRequested(job_id=row.id, attempt=row.attempt, reason=reason))
-        if row.status == JobStatus.RUNNING and row.pool != BATCH_POOL:
+        if row.status == JobStatus.RUNNING and row.pool not in PARENT_POOLS:
             return ack.seq  # its worker stops it and says so
         ended = Cancelled(job_id=row.id, attempt=row.attempt, reason=reason)
         return (await self.publisher.publish(ended, msg_id=f"{row.id}:{row.attempt}:cancelled:api")).seq
@@ -188,6 +192,9 @@ class JobCommands:
                 raise ConflictError(
                     f"job {job_id} is {row.status}; only failed or cancelled jobs can be retried"
                 )
+            if row.pool == PIPELINE_POOL:
+                return await self.pipelines.retry(row, owner)  # from its first stage that did not complete
+            await self.pipelines.refuse_stage(session, row)
             children = list(
                 await session.scalars(
                     select(JobRow)
@@ -201,8 +208,8 @@ class JobCommands:
             if (spec := OPERATIONS.get(each.type)) is not None:
                 check_llm_endpoint(spec, each.params, self.settings.llm_endpoints)
         await self.publisher.check_storage()
-        acks = [await self.publisher.publish(_resubmission(row))]
-        acks += await asyncio.gather(*(self.publisher.publish(_resubmission(child)) for child in children))
+        acks = [await self.publisher.publish(resubmission(row))]
+        acks += await asyncio.gather(*(self.publisher.publish(resubmission(child)) for child in children))
         await self.publisher.applied(max(a.seq for a in acks), job_id)
         return await self.queries.get(job_id, owner)
 
@@ -283,14 +290,3 @@ def _utc(given: str | None) -> datetime | None:
     except msgspec.ValidationError as exc:
         raise InvalidParamsError(f"{exc}: {given!r} - at `$.scheduled_for`") from None
     return moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)
-
-
-def _resubmission(row: JobRow) -> Submitted:
-    """The job's spec again, as its next attempt."""
-    return Submitted(
-        job_id=row.id, attempt=row.attempt + 1, type=row.type, pool=row.pool, owner=row.owner,
-        params=row.params, title=row.title, description=row.description, file_id=row.file_id,
-        parent_id=row.parent_id, max_attempts=row.max_attempts, priority=row.priority,
-        created_at=row.created_at, client_request_id=row.client_request_id, callback_url=row.callback_url,
-        timeout_s=row.timeout_s, file_name=row.file_name, cache=row.cache is not False,
-    )  # fmt: skip

@@ -85,7 +85,8 @@ def fold(job: JobRow | None, event: Event, seq: int) -> tuple[JobRow | None, boo
 
 
 def _submitted(job: JobRow | None, event: Submitted, seq: int) -> JobRow | None:
-    scheduled = event.scheduled_for is not None and event.scheduled_for > event.ts
+    waits = event.scheduled_for is not None and event.scheduled_for > event.ts
+    scheduled = waits or event.waiting
     if job is None and event.attempt > 1:
         # A retry of a job this projection does not have: it was deleted (its first submission
         # purged) after whoever retried it last looked. A job comes into being only by its first.
@@ -106,12 +107,21 @@ def _submitted(job: JobRow | None, event: Submitted, seq: int) -> JobRow | None:
         # attempt that already ended (e.g. cancelled while it waited).
         job.last_seq = seq
         return job
-    if job.status == JobStatus.SCHEDULED and event.attempt == job.attempt:
-        scheduled = False  # the stream released it: it is due now
+    if job.status == JobStatus.SCHEDULED and event.attempt == job.attempt and not event.waiting:
+        scheduled = (
+            False  # the stream (or the stage before, for a pipeline's stage) released it: it is due now
+        )
     job.status = JobStatus.SCHEDULED if scheduled else JobStatus.PENDING
     job.attempt = event.attempt
     job.progress = 0.0
-    job.current_step = f"scheduled for {event.scheduled_for:%Y-%m-%d %H:%M:%S} UTC" if scheduled else "queued"
+    if not scheduled:
+        job.current_step = "queued"
+    elif event.waiting:
+        job.current_step = "waiting for the stage before"
+    else:
+        job.current_step = f"scheduled for {event.scheduled_for:%Y-%m-%d %H:%M:%S} UTC"
+    # A stage's input is known once the stage before has completed: its submission proper names it.
+    job.file_id, job.file_name = event.file_id, event.file_name
     job.result = job.error = job.completed_at = None
     job.exhausted = False
     job.queue_seq = seq

@@ -101,6 +101,9 @@ class Projection:
         self.callbacks_due: set[str] = set()
         """Jobs with a callback URL whose attempt has just ended; filled before their terminal
         event is published, taken by the webhooks (the others need no look at the job)."""
+        self.pipelines_due: set[str] = set()
+        """Pipelines whose next step may be due (a stage completed or waits, or the pipeline
+        ended); filled before the events are published, taken by the stage starter."""
 
     @property
     def queued(self) -> int:
@@ -249,6 +252,7 @@ class Projection:
                 # logs it, reports it on /ready and resumes from the bookmark after a backoff.
                 writes = await self._apply(batch)
                 self.callbacks_due |= writes.callbacks
+                self.pipelines_due |= writes.pipelines_due
                 self.hub.publish_all(writes.applied)
                 for job_id, handoff in writes.handoffs.items():
                     if job_id in self._expected:

@@ -17,9 +17,9 @@ from app._projection import Handoff, Projection
 from app._settings import Settings
 from streams import (
     ADMISSION_SHARE,
-    BATCH_POOL,
     JOB_HEADER,
     KIND_HEADER,
+    PARENT_POOLS,
     STREAM,
     CancelRequested,
     Deleted,
@@ -85,7 +85,7 @@ class Publisher:
 
     async def publish(self, event: Event, msg_id: str | None = None, fresh: bool = False) -> PubAck:
         """Publish an event where it belongs: submissions to their pool (or, when scheduled,
-        to the stream's scheduler), tombstones to jobs.deleted, everything else to the job's
+        to the stream's scheduler; a parent's or a waiting stage's to its events subject), tombstones to jobs.deleted, everything else to the job's
         events or control subject. `fresh`: refuse a submission whose job id has a tombstone
         (raises TombstonedError; checked by the server, atomically with the publish)."""
         headers: dict[str, str] = {KIND_HEADER: event.kind, JOB_HEADER: event.job_id}
@@ -94,8 +94,10 @@ class Publisher:
             if fresh:
                 headers["Nats-Expected-Last-Subject-Sequence"] = "0"
                 headers["Nats-Expected-Last-Subject-Sequence-Subject"] = deleted_subject(event.job_id)
-            if event.pool == BATCH_POOL:
-                subject = events_subject(event.job_id)
+            if event.pool in PARENT_POOLS or event.waiting:
+                subject = events_subject(event.job_id)  # recorded, queued for no worker
+                if event.waiting:
+                    headers["Nats-Msg-Id"] += ":waiting"  # its submission proper is `<id>:<attempt>`
             else:
                 subject = submit_subject(event.pool, event.priority, event.job_id)
             if event.scheduled_for is not None and event.scheduled_for > utcnow():

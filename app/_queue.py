@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from app._db import JOBS, JobRow
 from app._schemas import QueuePosition
-from streams import BATCH_POOL, JobStatus
+from streams import PARENT_POOLS, JobStatus
 
 WAITING = (JobStatus.PENDING, JobStatus.RETRYING)
 """Waiting in the pool's queue for a worker. A retrying job is redelivered where its submission
@@ -37,13 +37,13 @@ _COUNTS = select(func.count(), func.sum(_RUNNING), func.sum(case((_TAKEN_FIRST, 
 
 
 def _counted(row: JobRow) -> bool:
-    return row.pool != BATCH_POOL and row.status in IN_QUEUE
+    return row.pool not in PARENT_POOLS and row.status in IN_QUEUE
 
 
 def _uncounted(row: JobRow) -> QueuePosition | None:
     """The position of a job in no queue: FINISHED once it has ended; None for a batch parent
     (its children have places) and for a scheduled job (it has one once it is due)."""
-    return FINISHED if row.pool != BATCH_POOL and JobStatus(row.status).terminal else None
+    return FINISHED if row.pool not in PARENT_POOLS and JobStatus(row.status).terminal else None
 
 
 def queue_position(conn: Connection, row: JobRow) -> QueuePosition | None:

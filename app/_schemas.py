@@ -117,6 +117,42 @@ class SubmitBatch(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """As for one job: false runs every child anew and stores nothing in the stage cache."""
 
 
+MAX_STAGES = 10
+"""Stages of one pipeline, at most."""
+
+
+class PipelineStage(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """One stage of a pipeline: an operation and its params."""
+
+    type: OperationName
+    """The operation, e.g. `generate_srt`; its input is the stage before's main output."""
+    params: Annotated[Params, OPERATION_PARAMS] = {}
+    """The operation's params, validated against its schema."""
+
+
+class SubmitPipeline(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Body of POST /api/v1/pipelines: stages run in order on one input file, each taking the stage
+    before's main output (`generate_srt` its .srt, `transcribe` its .json, `convert` its .mp4)."""
+
+    file_id: Annotated[str, msgspec.Meta(max_length=64)]
+    """The first stage's input file."""
+    stages: Annotated[
+        list[PipelineStage],
+        msgspec.Meta(
+            min_length=1,
+            max_length=MAX_STAGES,
+            examples=[[{"type": "generate_srt", "params": {}}, {"type": "fix_srt", "params": {}}]],
+        ),
+    ]
+    title: Title = ""
+    priority: Priority = 0
+    """Higher runs first among the pending jobs of a pool (-10 to 10), for every stage."""
+    callback_url: CallbackUrl | None = None
+    """POSTed the pipeline, signed, when it ends."""
+    cache: bool = True
+    """As for one job: false runs every stage anew and stores nothing in the stage cache."""
+
+
 class QueuePosition(msgspec.Struct, kw_only=True):
     """Where a job stands in its pool's queue, as seed 001 counts it (app/_queue.py).
 

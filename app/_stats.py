@@ -25,7 +25,7 @@ from app._queue import IN_QUEUE
 from app._schemas import QueueHealth, QueueStats, QueueSummary, Statistics, TypeStatistics
 from app._settings import Settings
 from streams import (
-    BATCH_POOL,
+    PARENT_POOLS,
     PRIORITIES,
     STREAM,
     JobStatus,
@@ -232,7 +232,11 @@ class Stats:
 
     async def counts(self, owner: str | None) -> Counter[str]:
         """Jobs by status; a batch counts as its children (its parent row is not a job to run)."""
-        query = select(JobRow.status, func.count()).where(JobRow.pool != BATCH_POOL).group_by(JobRow.status)
+        query = (
+            select(JobRow.status, func.count())
+            .where(JobRow.pool.not_in(sorted(PARENT_POOLS)))
+            .group_by(JobRow.status)
+        )
         if owner is not None:
             query = query.where(JobRow.owner == owner)
         async with self.db.session() as session:
@@ -244,7 +248,7 @@ class Stats:
         a running job whose worker is gone waits for its redelivery)."""
         query = (
             select(JobRow.pool, func.count())
-            .where(JobRow.status.in_(IN_QUEUE), JobRow.pool != BATCH_POOL)
+            .where(JobRow.status.in_(IN_QUEUE), JobRow.pool.not_in(sorted(PARENT_POOLS)))
             .group_by(JobRow.pool)
         )
         async with self.db.session() as session:
@@ -279,7 +283,7 @@ class Stats:
         by_type: defaultdict[str, list[Any]] = defaultdict(list)
         for row in rows:
             by_type[row.type].append(row)
-        work = [row for row in rows if row.pool != BATCH_POOL]
+        work = [row for row in rows if row.pool not in PARENT_POOLS]
         workers = await self.workers() if workers is None else workers
         queue = QueueSummary(
             pending=sum(row.status == JobStatus.PENDING for row in work),

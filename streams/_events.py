@@ -80,6 +80,10 @@ class Submitted(_Event, frozen=True, tag="submitted"):
     cache: bool = True
     """A cacheable operation may be answered from the stage cache, and stores its outputs there;
     False runs it anew and stores nothing."""
+    waiting: bool = False
+    """A pipeline stage recorded before its turn: published to the job's events subject, not to its
+    pool, so it holds no worker; the job is `scheduled` until the same attempt's submission proper
+    (`waiting` false, its input the stage before's main output) goes to the pool."""
 
     status = JobStatus.PENDING
 

@@ -50,8 +50,11 @@ class OperationSpec:
     timeout_transient: bool = False
     """A timed-out attempt is retried (up to `max_attempts`) instead of failing the job."""
     input_kinds: tuple[str, ...] = ()
-    """The file kinds (name suffixes without the dot) the operation reads; empty: any, or none
-    needed. Where it is given, a file of another kind cannot be the operation's input."""
+    """The file kinds (name suffixes without the dot) the operation reads; empty: audio or video
+    (streams.MEDIA: any file but the documents operations write), or none needed. Where it is
+    given, a file of another kind cannot be the operation's input."""
+    main_output: str | None = None
+    """The suffix of the output a next pipeline stage takes as its input; None: no stage can follow."""
     cacheable: bool = False
     """Its outputs are kept in the stage cache: the same input bytes with the same params (and the
     same model and code) are answered from there (streams.cache_key). Only for operations whose
@@ -81,6 +84,7 @@ OPERATIONS: dict[str, OperationSpec] = {
             # the audio's length: a large model on a CPU runs at about real time, tiny.en far faster.
             timeout_s=600.0,
             timeout_per_media_s=4.0,
+            main_output=".json",
         ),
         OperationSpec(
             name="generate_srt",
@@ -91,6 +95,7 @@ OPERATIONS: dict[str, OperationSpec] = {
             needs_file=True,
             timeout_s=600.0,
             timeout_per_media_s=4.0,
+            main_output=".srt",
         ),
         OperationSpec(
             name="detect_language",
@@ -111,6 +116,7 @@ OPERATIONS: dict[str, OperationSpec] = {
             # A remux takes seconds; x264 on a small CPU transcodes HD at about real time.
             timeout_s=600.0,
             timeout_per_media_s=4.0,
+            main_output=".mp4",  # or .m4a (`audio_only`): audio or video either way
         ),
         OperationSpec(
             name="fix_srt",
@@ -124,6 +130,7 @@ OPERATIONS: dict[str, OperationSpec] = {
             timeout_s=3600.0,
             timeout_transient=True,
             input_kinds=("srt",),
+            main_output=".srt",
         ),
         OperationSpec(
             name="translate_srt",
@@ -137,6 +144,7 @@ OPERATIONS: dict[str, OperationSpec] = {
             timeout_s=4 * 3600.0,
             timeout_transient=True,
             input_kinds=("srt", "vtt"),
+            main_output=".srt",  # the first language's
         ),
     )
 }

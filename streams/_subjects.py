@@ -21,6 +21,12 @@ BATCH_POOL = "batch"
 """A batch parent's pool: no worker consumes it (its submission goes to its events subject); its
 state follows its children."""
 
+PIPELINE_POOL = "pipeline"
+"""A pipeline parent's pool: like a batch's, consumed by no worker; its children are its stages."""
+
+PARENT_POOLS = frozenset({BATCH_POOL, PIPELINE_POOL})
+"""The pools of jobs that only follow their children: in no queue, run by no worker."""
+
 ALL_SUBJECTS = "jobs.>"
 ALL_EVENTS = f"{EVENTS_PREFIX}.>"
 ALL_CONTROL = f"{CONTROL_PREFIX}.>"
