@@ -133,6 +133,13 @@ async def test_pipeline_with_a_bar_per_stage_downloads_every_output(
     for name in ("jfk.srt", "jfk.vtt", "jfk.fixed.srt"):
         assert f"saved {out / name}" in stderr.replace("\n", "")
 
+    # `jobcast watch` on the pipeline shows its stages the same way, and downloads them all again
+    again = tmp_path / "again"
+    code, _, stderr = await jobcast("watch", pipeline_id, "--out", str(again), server=api.url)
+    assert code == 0, stderr
+    assert sorted(p.name for p in again.iterdir()) == ["jfk.fixed.srt", "jfk.srt", "jfk.vtt"]
+    assert all(stage["title"] in stderr for stage in stages)
+
 
 async def test_a_failed_stage_fails_the_command_and_the_stages_after_it_end(
     api: ApiServer, nats_server: NatsServer, gpu: WorkerRunner, tmp_path: Path

@@ -20,7 +20,15 @@ from app._exceptions import error_body
 from app._forms import operation_forms
 from app._queries import JobFilter
 from app._schemas import MAX_INT, Job
-from streams import ACTIVE_STATUSES, OPERATIONS, PIPELINE_POOL, TERMINAL_STATUSES, Event, JobcastError, JobStatus
+from streams import (
+    ACTIVE_STATUSES,
+    OPERATIONS,
+    PIPELINE_POOL,
+    TERMINAL_STATUSES,
+    Event,
+    JobcastError,
+    JobStatus,
+)
 
 PAGE_SIZE = 20
 EVENT_KINDS = tuple(str(kind.__struct_config__.tag) for kind in get_args(Event))
