@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from jobcast.logs import configure
+from jobcast.stages import add_stage_arguments
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -125,6 +126,7 @@ def _keys(args: argparse.Namespace) -> int:
 
 def _client_command(args: argparse.Namespace) -> int:
     from jobcast import client as c
+    from jobcast.stages import resolve
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise in a terminal
 
@@ -132,8 +134,8 @@ def _client_command(args: argparse.Namespace) -> int:
         api = c.Client(*c.connection(args.server, args.key))
         match args.command:
             case "submit":
-                params = c.parse_params(args.param)
-                return c.submit(api, [Path(f) for f in args.files], args.op, params, args.watch, args.out)
+                stages = resolve(args.stages)  # before any upload: an unknown op or param is one line
+                return c.submit(api, [Path(f) for f in args.files], stages, args.watch, args.out)
             case "jobs":
                 return c.list_jobs(api, args.status, args.type, args.limit)
             case "watch":
@@ -189,11 +191,11 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument("--server", help="server URL (JOBCAST_SERVER, or `server` in the config file)")
     client.add_argument("--key", help="API key (JOBCAST_KEY, or `key` in the config file)")
     submit = sub.add_parser(
-        "submit", parents=[client], help="upload files and submit a job (a batch for several)"
-    )
+        "submit", parents=[client],
+        help="upload files and submit a job (a batch for several; a pipeline per file with --then)",
+    )  # fmt: skip
     submit.add_argument("files", nargs="+")
-    submit.add_argument("--op", required=True, choices=["transcribe", "generate_srt", "convert", "fix_srt"])
-    submit.add_argument("--param", action="append", default=[], help="key=value, repeatable")
+    add_stage_arguments(submit)
     submit.add_argument("--watch", action="store_true", help="show live progress until the job ends")
     submit.add_argument("--out", type=Path, help="download the outputs into this folder (with --watch)")
     jobs = sub.add_parser("jobs", parents=[client], help="list recent jobs")

@@ -77,33 +77,46 @@ class Client:
 
 
 def submit(
-    client: Client, files: list[Path], op: str, params: dict[str, Any], watch: bool, out: Path | None
+    client: Client, files: list[Path], stages: list[tuple[str, dict[str, Any]]], watch: bool, out: Path | None
 ) -> int:
-    """Upload, submit (a batch for several files), optionally follow and download."""
+    """Upload, submit (one operation: a job, a batch for several files; several operations: a
+    pipeline per file), optionally follow and download."""
     ids = []
     for path in files:
         with path.open("rb") as handle:
             ids.append(client.call("POST", "/api/v1/files", files={"file": (path.name, handle)})["id"])
-    if len(ids) == 1:
-        job = client.call("POST", "/api/v1/jobs", json={"type": op, "file_id": ids[0], "params": params})
-        jobs = [job]
+    if len(stages) > 1:
+        body = [{"type": op, "params": params} for op, params in stages]
+        jobs = [client.call("POST", "/api/v1/pipelines", json={"file_id": i, "stages": body}) for i in ids]
+    elif len(ids) == 1:
+        ((op, params),) = stages
+        jobs = [client.call("POST", "/api/v1/jobs", json={"type": op, "file_id": ids[0], "params": params})]
     else:
-        job = client.call("POST", "/api/v1/jobs/batch", json={"type": op, "file_ids": ids, "params": params})
-        jobs = client.call("GET", f"/api/v1/jobs/{job['id']}/children")
-    print(job["id"])
+        ((op, params),) = stages
+        jobs = [
+            client.call("POST", "/api/v1/jobs/batch", json={"type": op, "file_ids": ids, "params": params})
+        ]
+    for job in jobs:
+        print(job["id"])
     if not watch:
         return 0
     return follow(client, jobs, out)
 
 
 def follow(client: Client, jobs: list[dict[str, Any]], out: Path | None) -> int:
-    """A progress bar per job, fed by SSE; downloads outputs to `out` when given."""
+    """A progress bar per job (per child of a batch, per stage of a pipeline, in their order),
+    fed by SSE; downloads every output to `out` when given. 1 unless every one completed."""
     failed = 0
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>5.1f}%"),
                TextColumn("{task.fields[step]}"), TimeElapsedColumn())  # fmt: skip
+    shown = [
+        child for job in jobs for child in client.call("GET", f"/api/v1/jobs/{job['id']}/children") or [job]
+    ]
     with Progress(*columns, console=console) as bars:
-        for job in jobs:
-            task: TaskID = bars.add_task(job.get("title") or job["id"][:8], total=100, step="")
+        tasks: list[TaskID] = [
+            bars.add_task(job.get("title") or job["id"][:8], total=100, step=job["status"]) for job in shown
+        ]
+        for job, task in zip(shown, tasks, strict=True):
             status = job["status"]
             for event in client.events(job["id"]):
                 status = event["status"]
@@ -137,17 +150,3 @@ def list_jobs(client: Client, statuses: list[str], job_type: str | None, limit: 
     Console().print(table)
     Console().print(f"Showing {len(page['items'])} of {page['total']}")
     return 0
-
-
-def parse_params(pairs: list[str]) -> dict[str, Any]:
-    """k=v pairs; values are JSON when they parse as JSON (numbers, true, null), else strings."""
-    params: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise ClientError(f"--param expects key=value, got {pair!r}")
-        try:
-            params[key] = json.loads(value)
-        except ValueError:
-            params[key] = value
-    return params

@@ -10,8 +10,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from streams import NatsServer
 from tests.conftest import MEDIA, ApiServer, WorkerRunner, submit, wait_terminal
+from tests.llm_server import FakeLLM
 from tests.test_admin import wait_for
+from tests.test_media_ops import llm_settings, running
 from tests.test_security import put_key
 
 pytestmark = pytest.mark.slow
@@ -97,3 +100,58 @@ async def test_cancel_retry_rm_and_errors(
     code, _, stderr = await jobcast("jobs", server=api.url, env={"JOBCAST_KEY": "wrong"})
     assert code == 1
     assert "401" in stderr
+
+
+async def test_pipeline_with_a_bar_per_stage_downloads_every_output(
+    api: ApiServer, nats_server: NatsServer, gpu: WorkerRunner, tmp_path: Path
+) -> None:
+    out = tmp_path / "subs"
+    with FakeLLM() as fake:
+        async with running(llm_settings(nats_server, fake)):
+            code, stdout, stderr = await jobcast(
+                "submit", str(MEDIA / "jfk.flac"), "--op", "generate_srt", "--param", "beam_size=1",
+                "--then", "fix_srt", "--param", "chunk_size=20", "--watch", "--out", str(out), server=api.url,
+            )  # fmt: skip
+    assert code == 0, stderr
+    pipeline_id = stdout.strip()
+    async with httpx.AsyncClient(base_url=api.url) as client:
+        pipeline = (await client.get(f"/api/v1/jobs/{pipeline_id}")).json()
+        stages = (await client.get(f"/api/v1/jobs/{pipeline_id}/children")).json()
+    assert (pipeline["type"], pipeline["status"]) == ("pipeline", "completed")
+    assert [(s["type"], s["status"], s["params"]) for s in stages] == [
+        ("generate_srt", "completed", {**stages[0]["params"], "beam_size": 1}),
+        ("fix_srt", "completed", {**stages[1]["params"], "chunk_size": 20}),
+    ]
+    assert sorted(p.name for p in out.iterdir()) == ["jfk.fixed.srt", "jfk.srt", "jfk.vtt"]
+    fixed = (out / "jfk.fixed.srt").read_text()
+    assert "-->" in fixed
+    assert "country" in fixed.lower()
+    assert "ask not" in fake.requests[0].user.lower()  # the second stage got the first's subtitles
+    for stage in stages:  # one bar each, titled by its stage, ended by its status
+        assert stage["title"] in stderr
+    assert stderr.count("completed") >= 2
+    for name in ("jfk.srt", "jfk.vtt", "jfk.fixed.srt"):
+        assert f"saved {out / name}" in stderr.replace("\n", "")
+
+    # `jobcast watch` on the pipeline shows its stages the same way, and downloads them all again
+    again = tmp_path / "again"
+    code, _, stderr = await jobcast("watch", pipeline_id, "--out", str(again), server=api.url)
+    assert code == 0, stderr
+    assert sorted(p.name for p in again.iterdir()) == ["jfk.fixed.srt", "jfk.srt", "jfk.vtt"]
+    assert all(stage["title"] in stderr for stage in stages)
+
+
+async def test_a_failed_stage_fails_the_command_and_the_stages_after_it_end(
+    api: ApiServer, nats_server: NatsServer, gpu: WorkerRunner, tmp_path: Path
+) -> None:
+    with FakeLLM(fail_first=[400] * 50) as fake:  # a permanent refusal: fix_srt fails at once
+        async with running(llm_settings(nats_server, fake)):
+            code, stdout, stderr = await jobcast(
+                "submit", str(MEDIA / "jfk.flac"), "--op", "generate_srt", "--param", "beam_size=1",
+                "--then", "fix_srt", "--then", "fix_srt", "--watch", server=api.url,
+            )  # fmt: skip
+    assert code == 1, stderr
+    async with httpx.AsyncClient(base_url=api.url) as client:
+        stages = (await client.get(f"/api/v1/jobs/{stdout.strip()}/children")).json()
+    assert [s["status"] for s in stages] == ["completed", "failed", "cancelled"]
+    assert "failed:" in stderr

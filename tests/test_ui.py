@@ -16,6 +16,8 @@ from playwright.async_api import Browser, Page, async_playwright, expect
 from app import Settings
 from streams import NatsServer
 from tests.conftest import MEDIA, ApiServer, WorkerRunner, submit, wait_terminal
+from tests.llm_server import FakeLLM
+from tests.test_media_ops import llm_settings, running
 from tests.test_recovery import wait_ready
 from tests.test_security import put_key
 
@@ -292,6 +294,67 @@ async def test_batch_of_files_with_children_live_and_downloads(
     assert "-->" in body
     assert "country" in body.lower()
     await expect(page.locator("dl.meta")).to_contain_text(names[0].split(".")[0] + ".flac")
+
+
+async def test_a_pipeline_of_two_stages_from_the_form(
+    page: Page, client: httpx.AsyncClient, nats_server: NatsServer, gpu: WorkerRunner, tmp_path: Path,
+    shots: Path,
+) -> None:  # fmt: skip
+    await page.goto("/ui")
+    await page.select_option("#operation", "generate_srt")
+    await page.locator("#submit-form > fieldset[data-op=generate_srt] input[name=beam_size]").fill("1")
+    await page.click("#add-stage")
+    await page.click("#add-stage")
+    stages = page.locator("#stages > li")
+    await expect(stages).to_have_count(2)
+    await stages.nth(1).locator("[data-role=stage-op]").select_option("convert")
+    await stages.nth(1).locator("[data-role=remove-stage]").click()
+    await expect(stages).to_have_count(1)
+    stage = stages.first
+    await stage.locator("[data-role=stage-op]").select_option("fix_srt")
+    assert await stage.locator("fieldset[data-op=fix_srt]").is_visible()
+    assert not await stage.locator("fieldset[data-op=transcribe]").is_visible()
+    await stage.locator("fieldset[data-op=fix_srt] input[name=chunk_size]").fill("20")
+    await page.fill("#title", "talk")
+
+    second = tmp_path / "second.flac"
+    second.write_bytes((MEDIA / "jfk.flac").read_bytes())
+    await page.set_input_files("#files", [str(MEDIA / "jfk.flac"), str(second)])
+    await page.click("#submit-button")
+    await expect(page.locator("#form-error")).to_contain_text("A pipeline runs on one file")
+    await page.set_input_files("#files", str(MEDIA / "jfk.flac"))
+    await shot(page, shots, "submit-pipeline")
+    with FakeLLM() as fake:
+        async with running(llm_settings(nats_server, fake)):
+            await page.click("#submit-button")
+            await page.wait_for_url(re.compile(r"/ui/jobs/[0-9a-f-]{36}$"))
+            await expect(page.locator("section h2", has_text="Stages")).to_be_visible()
+            rows = page.locator("tr[data-child-id]")
+            await expect(rows).to_have_count(2)
+            await expect(rows.locator("td:first-child a")).to_have_text(
+                ["talk · stage 1: generate_srt", "talk · stage 2: fix_srt"]
+            )
+            await expect(page.locator("tr[data-child-id] [data-role=status]")).to_have_text(
+                ["completed", "completed"], timeout=90_000
+            )
+            await expect(page.locator("#job")).to_have_attribute("data-status", "completed", timeout=10_000)
+    await expect(page.locator("#step")).to_have_text("2 of 2 stages done")
+    downloads = page.locator(".downloads a")
+    await expect(downloads).to_have_count(3)
+    assert sorted(await downloads.all_inner_texts()) == ["jfk.fixed.srt", "jfk.srt", "jfk.vtt"]
+    fixed = page.locator(".downloads a", has_text="fixed")
+    body = await (await page.request.get(await fixed.get_attribute("href") or "")).text()
+    assert "-->" in body
+    assert "country" in body.lower()
+    await shot(page, shots, "pipeline")
+
+    pipeline = (await client.get(f"/api/v1/jobs/{page.url.rsplit('/', 1)[1]}")).json()
+    assert (pipeline["type"], pipeline["title"], pipeline["status"]) == ("pipeline", "talk", "completed")
+    assert [(s["type"], s["params"]) for s in pipeline["params"]["stages"]] == [
+        ("generate_srt", {**pipeline["params"]["stages"][0]["params"], "beam_size": 1}),
+        ("fix_srt", {**pipeline["params"]["stages"][1]["params"], "chunk_size": 20}),
+    ]
+    assert "ask not" in fake.requests[0].user.lower()
 
 
 async def test_batch_of_identical_jobs_children_move_live(

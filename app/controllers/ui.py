@@ -20,7 +20,15 @@ from app._exceptions import error_body
 from app._forms import operation_forms
 from app._queries import JobFilter
 from app._schemas import MAX_INT, Job
-from streams import ACTIVE_STATUSES, OPERATIONS, TERMINAL_STATUSES, Event, JobcastError, JobStatus
+from streams import (
+    ACTIVE_STATUSES,
+    OPERATIONS,
+    PIPELINE_POOL,
+    TERMINAL_STATUSES,
+    Event,
+    JobcastError,
+    JobStatus,
+)
 
 PAGE_SIZE = 20
 EVENT_KINDS = tuple(str(kind.__struct_config__.tag) for kind in get_args(Event))
@@ -128,7 +136,8 @@ class UiController(Controller):
         access: Access, part: Annotated[Literal["summary"] | None, QueryParameter(
             description="Only the result panel (the page fetches it once when the job ends)")] = None,
     ) -> Template:  # fmt: skip
-        """One job, live: progress, step, events, result and actions; a batch's children too."""
+        """One job, live: progress, step, events, result and actions; a batch's children, a
+        pipeline's stages too."""
         job = await queries.get(job_id, access)  # admins open any owner's job from their list
         if part == "summary":
             return _page("_summary.html", request, **await self._view(job, [], files, access))
@@ -139,11 +148,13 @@ class UiController(Controller):
     async def _view(job: Job, children: list[Job], files: FilesDep, owner: str | None) -> dict[str, Any]:
         ids = {j.file_id for j in (job, *children) if j.file_id}
         result = job.result or {}
-        outputs = [o for o in result.get("outputs", ()) if isinstance(o, dict)]
+        # A pipeline's result lists each stage's outputs: every one is a download of the pipeline.
+        staged = [o for s in result.get("stages", ()) if isinstance(s, dict) for o in s.get("outputs", ())]
+        outputs = [o for o in (*result.get("outputs", ()), *staged) if isinstance(o, dict)]
         text_keys = ("text", "text_truncated", "text_file_id", "text_url")
-        details = {k: v for k, v in result.items() if k not in ("outputs", "segments", *text_keys)}
+        details = {k: v for k, v in result.items() if k not in ("outputs", "stages", "segments", *text_keys)}
         return {
-            "job": job, "children": children, "names": await files.names(ids, owner), "outputs": outputs,
+            "job": job, "children": children, "pipeline": job.pool == PIPELINE_POOL, "names": await files.names(ids, owner), "outputs": outputs,
             "text": result.get("text") if isinstance(result.get("text"), str) else None,
             "text_cut_url": result.get("text_url") if result.get("text_truncated") else None,
             "details": msgspec.json.format(msgspec.json.encode(details)).decode() if details else "",

@@ -50,22 +50,27 @@ function initSubmit() {
   const error = document.getElementById("form-error");
   const button = document.getElementById("submit-button");
 
+  const stageList = document.getElementById("stages");
+  // The options of an added stage are copies of the first stage's, taken before anyone types in them.
+  const pristine = [...form.querySelectorAll(":scope > fieldset.options")].map((f) => f.cloneNode(true));
+  const fileOps = [...operation.options].filter((o) => o.dataset.needsFile === "true").map((o) => o.value);
+
   const needsFile = () => operation.selectedOptions[0].dataset.needsFile === "true";
   function choose() {
-    for (const el of form.querySelectorAll("[data-op]")) {
+    for (const el of form.querySelectorAll(":scope > [data-op]")) {
       const active = el.dataset.op === operation.value;
       el.hidden = !active;
       if (el.tagName === "FIELDSET") el.disabled = !active;
     }
     document.getElementById("files-row").hidden = !needsFile();
     document.getElementById("count-row").hidden = needsFile();
+    document.getElementById("stages-row").hidden = !needsFile();
   }
   operation.addEventListener("change", choose);
   choose();
 
-  function params() {
+  function params(fieldset = form.querySelector(`:scope > fieldset[data-op="${operation.value}"]`)) {
     const out = {};
-    const fieldset = form.querySelector(`fieldset[data-op="${operation.value}"]`);
     for (const input of fieldset.querySelectorAll("[data-kind]")) {
       const kind = input.dataset.kind;
       if (kind === "bool") out[input.name] = input.checked;
@@ -75,6 +80,43 @@ function initSubmit() {
       else out[input.name] = input.value;
     }
     return out;
+  }
+
+  function addStage() {
+    const item = document.createElement("li");
+    item.className = "stage";
+    const select = document.createElement("select");
+    select.dataset.role = "stage-op";
+    for (const name of fileOps) select.add(new Option(name, name));
+    const label = document.createElement("label");
+    label.append("Then ", select);
+    const remove = document.createElement("button");
+    remove.type = "button";
+    remove.dataset.role = "remove-stage";
+    remove.textContent = "Remove stage";
+    remove.addEventListener("click", () => item.remove());
+    const row = document.createElement("div");
+    row.className = "row";
+    row.append(label, remove);
+    item.append(row, ...pristine.map((f) => f.cloneNode(true)));
+    const chooseOp = () => {
+      for (const fieldset of item.querySelectorAll("fieldset[data-op]")) {
+        fieldset.hidden = fieldset.disabled = fieldset.dataset.op !== select.value;
+      }
+    };
+    select.addEventListener("change", chooseOp);
+    chooseOp();
+    stageList.append(item);
+  }
+  document.getElementById("add-stage").addEventListener("click", addStage);
+
+  // The stages added after the first, as POST /api/v1/pipelines takes them.
+  function laterStages() {
+    if (!needsFile()) return [];
+    return [...stageList.children].map((item) => {
+      const type = item.querySelector("[data-role=stage-op]").value;
+      return { type, params: params(item.querySelector(`fieldset[data-op="${type}"]`)) };
+    });
   }
 
   function upload(file, index, total) {
@@ -109,6 +151,11 @@ function initSubmit() {
       show(error, `Choose a file: ${operation.value} works on one (several make a batch).`);
       return;
     }
+    const later = laterStages();
+    if (later.length && chosen.length !== 1) {
+      show(error, "A pipeline runs on one file: choose one, or remove the stages added.");
+      return;
+    }
     button.disabled = true;
     try {
       const common = { type: operation.value, params: params(),
@@ -118,7 +165,10 @@ function initSubmit() {
       for (const [i, file] of chosen.entries()) ids.push((await upload(file, i, chosen.length)).id);
       const count = Number(document.getElementById("count").value || 1);
       let job;
-      if (ids.length > 1) job = await api("POST", "/jobs/batch", { ...common, file_ids: ids });
+      if (later.length) {
+        const stages = [{ type: common.type, params: common.params }, ...later];
+        job = await api("POST", "/pipelines", { file_id: ids[0], stages, title: common.title, priority: common.priority });
+      } else if (ids.length > 1) job = await api("POST", "/jobs/batch", { ...common, file_ids: ids });
       else if (ids.length === 1) job = await api("POST", "/jobs", { ...common, file_id: ids[0] });
       else if (count > 1) job = await api("POST", "/jobs/batch", { ...common, items: Array.from({ length: count }, () => ({})) });
       else job = await api("POST", "/jobs", common);
