@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 from litestar.openapi.spec import OpenAPIFormat
@@ -38,6 +38,11 @@ Params = Annotated[dict[str, Any], msgspec.Meta(examples=[{"steps": 3, "duration
 SEED_JOB_TYPE = "Seed 003's name of `type` (the operation)"
 
 
+StrictBool = Literal[True, False]
+"""A JSON true or false, nothing else: Litestar decodes bodies laxly, and a plain `bool` would
+take 0, 1, "true" or "0" too."""
+
+
 class SubmitJob(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Body of POST /api/v1/jobs. Seed 003's `JobCreate` is accepted as it is: `job_type` for
     `type` and `parameters` for `params` (exactly one of `type` / `job_type`, at most one of
@@ -69,7 +74,7 @@ class SubmitJob(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Run no earlier than this time (UTC unless it says otherwise)."""
     callback_url: CallbackUrl | None = None
     """POSTed the job, signed, when it ends."""
-    cache: bool = True
+    cache: StrictBool = True
     """Answer from the stage cache when the same input and params ran before, and keep the outputs
     there (cacheable operations only); false runs it anew and stores nothing."""
 
@@ -113,7 +118,7 @@ class SubmitBatch(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     client_request_id: RequestId | None = None
     scheduled_for: ClientTime | None = None
     callback_url: CallbackUrl | None = None
-    cache: bool = True
+    cache: StrictBool = True
     """As for one job: false runs every child anew and stores nothing in the stage cache."""
 
 
@@ -149,7 +154,7 @@ class SubmitPipeline(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Higher runs first among the pending jobs of a pool (-10 to 10), for every stage."""
     callback_url: CallbackUrl | None = None
     """POSTed the pipeline, signed, when it ends."""
-    cache: bool = True
+    cache: StrictBool = True
     """As for one job: false runs every stage anew and stores nothing in the stage cache."""
 
 

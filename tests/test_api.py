@@ -101,6 +101,23 @@ async def test_missing_type_is_400(client: httpx.AsyncClient) -> None:
     assert "type" in json.dumps(body)
 
 
+@pytest.mark.parametrize(
+    ("path", "extra"),
+    [("/api/v1/jobs", {}), ("/api/v1/jobs/batch", {"items": [{}]})],
+)
+async def test_a_flag_takes_only_true_or_false(
+    client: httpx.AsyncClient, path: str, extra: dict[str, Any]
+) -> None:
+    """`cache: 0` or `"true"` is refused, as the schema says (Litestar's lax decoding took them)."""
+    for value in (0, 1, "true", "0"):
+        response = await client.post(path, json={"type": "noop", "cache": value, **extra})
+        assert response.status_code == 400, (value, response.text)
+        assert "cache" in json.dumps(response.json()), response.text
+    response = await client.post(path, json={"type": "noop", "cache": False, **extra})
+    assert response.status_code == 202, response.text
+    assert response.json()["type"] in {"noop", "batch_noop"}
+
+
 async def test_non_json_body_is_400(client: httpx.AsyncClient) -> None:
     response = await client.post(
         "/api/v1/jobs", content=b"this is not json", headers={"Content-Type": "application/json"}
