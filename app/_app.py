@@ -11,7 +11,6 @@ from litestar import Litestar
 from litestar.datastructures import State
 from litestar.middleware import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
-from litestar.plugins.jinja import JinjaTemplateEngine
 from litestar.static_files import create_static_files_router
 from litestar.template.config import TemplateConfig
 
@@ -40,6 +39,7 @@ from app._ratelimit import RateLimit
 from app._retention import Retention
 from app._settings import Settings, get_settings
 from app._stats import Stats
+from app._templates import LazyJinjaEngine
 from app._webhooks import Webhooks
 from app.controllers.admin import AdminController
 from app.controllers.auth import AuthController
@@ -153,7 +153,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 opt={"exclude_from_auth": True},
             ),
         ],
-        template_config=TemplateConfig(directory=UI_FILES / "templates", engine=JinjaTemplateEngine),
+        template_config=TemplateConfig(directory=UI_FILES / "templates", engine=LazyJinjaEngine),
         lifespan=[lifespan],
         state=State({"settings": settings, "token_secret": settings.session_key(), "metrics": Metrics()}),
         middleware=[
