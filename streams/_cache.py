@@ -13,11 +13,12 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import os
 from collections.abc import Mapping
 from typing import Any
 
 import msgspec
+
+from streams._env import env_int
 
 CACHE_KEY_VERSION = 1
 """Part of every key: raised when the key's material changes meaning, so old entries miss."""
@@ -27,10 +28,9 @@ CACHE_MAX_BYTES = 2 << 30
 
 def cache_max_bytes() -> int:
     """JOBCAST_CACHE_MAX_BYTES, the bound of the cached outputs' bytes; 0 turns the cache off."""
-    value = os.environ.get("JOBCAST_CACHE_MAX_BYTES", "").strip()
-    bound = int(value) if value else CACHE_MAX_BYTES
+    bound = env_int("JOBCAST_CACHE_MAX_BYTES", CACHE_MAX_BYTES)
     if bound < 0:
-        raise ValueError(f"JOBCAST_CACHE_MAX_BYTES={value}: give a byte count, 0 to turn the cache off")
+        raise ValueError(f"JOBCAST_CACHE_MAX_BYTES={bound}: give a byte count, 0 to turn the cache off")
     return bound
 
 
@@ -66,7 +66,22 @@ class CacheEntry(msgspec.Struct, kw_only=True):
     """Unix time of its last hit (or its store): the least recently used is evicted first."""
 
 
+class CopyName(msgspec.Struct):
+    """An output copy's name, all eviction needs of a CachedOutput."""
+
+    object_name: str
+
+
+class EntryUsage(msgspec.Struct):
+    """What eviction reads of a manifest: the rest (its result) is skipped, not decoded."""
+
+    size: int
+    last_used: float
+    outputs: list[CopyName]
+
+
 _manifest_decoder = msgspec.json.Decoder(CacheEntry)
+_usage_decoder = msgspec.json.Decoder(EntryUsage)
 
 
 def encode_entry(entry: CacheEntry) -> bytes:
@@ -77,6 +92,11 @@ def encode_entry(entry: CacheEntry) -> bytes:
 def decode_entry(data: bytes) -> CacheEntry:
     """A stored manifest; raises msgspec.DecodeError / ValidationError on a foreign value."""
     return _manifest_decoder.decode(data)
+
+
+def decode_usage(data: bytes) -> EntryUsage:
+    """A stored manifest's size, last use and copies; raises as `decode_entry` does."""
+    return _usage_decoder.decode(data)
 
 
 def cache_key(
