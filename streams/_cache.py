@@ -23,11 +23,11 @@ from streams._env import env_int
 CACHE_KEY_VERSION = 1
 """Part of every key: raised when the key's material changes meaning, so old entries miss."""
 CACHE_MAX_BYTES = 2 << 30
-"""Default bound of the cache's output bytes (2 GiB); JOBCAST_CACHE_MAX_BYTES overrides it."""
+"""Default bound of the cache buckets' bytes (2 GiB); JOBCAST_CACHE_MAX_BYTES overrides it."""
 
 
 def cache_max_bytes() -> int:
-    """JOBCAST_CACHE_MAX_BYTES, the bound of the cached outputs' bytes; 0 turns the cache off."""
+    """JOBCAST_CACHE_MAX_BYTES, the bound of the cache buckets' bytes; 0 turns the cache off."""
     bound = env_int("JOBCAST_CACHE_MAX_BYTES", CACHE_MAX_BYTES)
     if bound < 0:
         raise ValueError(f"JOBCAST_CACHE_MAX_BYTES={bound}: give a byte count, 0 to turn the cache off")
@@ -58,7 +58,8 @@ class CacheEntry(msgspec.Struct, kw_only=True):
     result: dict[str, Any] | None
     outputs: list[CachedOutput]
     size: int
-    """What it counts against the bound: its outputs' bytes, its result's, and about a manifest's."""
+    """About what it adds to the buckets' bytes (its outputs', its result's, about a manifest's):
+    a store makes room for it, and eviction scales it by what the buckets hold per byte counted."""
     job_id: str
     """The job whose run it is."""
     stored_at: float

@@ -92,7 +92,7 @@ class StageCache:
         self.manifests = manifests
         self.copies = copies
         self.max_bytes = max_bytes
-        """The bound of the cached outputs' bytes (JOBCAST_CACHE_MAX_BYTES); 0: no lookups, no stores."""
+        """The bound of the cache buckets' bytes (JOBCAST_CACHE_MAX_BYTES); 0: no lookups, no stores."""
         self.identities = identities
         self.scans = 0
         """How many times a store has read every manifest to choose what to evict."""
