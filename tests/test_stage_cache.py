@@ -244,6 +244,10 @@ async def test_an_entry_missing_a_copy_is_stored_afresh_by_the_next_run(
     [stored] = (await entries(js)).values()
     assert stored.outputs != entry.outputs  # the broken manifest was replaced, not kept
     assert await copies(js) == {o.object_name for o in stored.outputs}
+    # Nothing of the broken entry is left, not even its deleted copy's record.
+    assert (await (await cache_files_store(js)).status()).stream_info.state.messages == 2 * len(
+        stored.outputs
+    )
     assert (await run(client, file_id, params=FAST))["result"]["cached"] is True
 
 

@@ -311,6 +311,7 @@ class StageCache:
         for name in names:
             with contextlib.suppress(*CACHE_ERRORS):
                 await self.copies.delete(name)
+            with contextlib.suppress(*CACHE_ERRORS):  # also the record of a copy deleted before
                 await drop_cache_copy_meta(self.js, name)
 
 
