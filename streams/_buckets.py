@@ -3,6 +3,7 @@ and how each is created with JOBCAST_STREAM_REPLICAS replicas on first use."""
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import os
 from collections.abc import Awaitable, Callable, Mapping
@@ -13,7 +14,7 @@ from typing import TypeVar
 import msgspec
 from nats.js import JetStreamContext
 from nats.js import api as js_api
-from nats.js.errors import APIError, BucketNotFoundError
+from nats.js.errors import APIError, BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
@@ -184,6 +185,26 @@ async def cache_bucket(js: JetStreamContext) -> KeyValue:
 async def cache_files_store(js: JetStreamContext) -> ObjectStore:
     """The stage cache's output copies, created on first use."""
     return await _object_store(js, CACHE_FILES_BUCKET, "jobcast stage cache outputs")
+
+
+async def drop_cache_marker(js: JetStreamContext, key: str) -> None:
+    """Remove the marker a deleted manifest leaves (history 1 keeps one per key for good, and every
+    scan of the bucket reads it), unless the key holds a value again: only messages up to the
+    marker go. The subject and stream are the KV bucket's as NATS lays them out (ADR-8)."""
+    stream, subject = f"KV_{CACHE_BUCKET}", f"$KV.{CACHE_BUCKET}.{key}"
+    try:
+        last = await js.get_last_msg(stream, subject)
+    except NotFoundError:
+        return
+    if (last.headers or {}).get("KV-Operation") in ("DEL", "PURGE") and last.seq is not None:
+        await js.purge_stream(stream, subject=subject, seq=last.seq + 1)
+
+
+async def drop_cache_copy_meta(js: JetStreamContext, name: str) -> None:
+    """Remove the record a deleted copy leaves in the object store (its chunks are gone already;
+    names are never reused, so the record only grows every later listing). Subject layout: ADR-20."""
+    encoded = base64.urlsafe_b64encode(name.encode()).decode()
+    await js.purge_stream(f"OBJ_{CACHE_FILES_BUCKET}", subject=f"$O.{CACHE_FILES_BUCKET}.M.{encoded}")
 
 
 async def _object_store(js: JetStreamContext, bucket: str, description: str) -> ObjectStore:

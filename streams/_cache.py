@@ -13,24 +13,24 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import os
 from collections.abc import Mapping
 from typing import Any
 
 import msgspec
 
+from streams._env import env_int
+
 CACHE_KEY_VERSION = 1
 """Part of every key: raised when the key's material changes meaning, so old entries miss."""
 CACHE_MAX_BYTES = 2 << 30
-"""Default bound of the cache's output bytes (2 GiB); JOBCAST_CACHE_MAX_BYTES overrides it."""
+"""Default bound of the cache buckets' bytes (2 GiB); JOBCAST_CACHE_MAX_BYTES overrides it."""
 
 
 def cache_max_bytes() -> int:
-    """JOBCAST_CACHE_MAX_BYTES, the bound of the cached outputs' bytes; 0 turns the cache off."""
-    value = os.environ.get("JOBCAST_CACHE_MAX_BYTES", "").strip()
-    bound = int(value) if value else CACHE_MAX_BYTES
+    """JOBCAST_CACHE_MAX_BYTES, the bound of the cache buckets' bytes; 0 turns the cache off."""
+    bound = env_int("JOBCAST_CACHE_MAX_BYTES", CACHE_MAX_BYTES)
     if bound < 0:
-        raise ValueError(f"JOBCAST_CACHE_MAX_BYTES={value}: give a byte count, 0 to turn the cache off")
+        raise ValueError(f"JOBCAST_CACHE_MAX_BYTES={bound}: give a byte count, 0 to turn the cache off")
     return bound
 
 
@@ -58,7 +58,8 @@ class CacheEntry(msgspec.Struct, kw_only=True):
     result: dict[str, Any] | None
     outputs: list[CachedOutput]
     size: int
-    """What it counts against the bound: its outputs' bytes, its result's, and about a manifest's."""
+    """About what it adds to the buckets' bytes (its outputs', its result's, about a manifest's):
+    a store makes room for it, and eviction scales it by what the buckets hold per byte counted."""
     job_id: str
     """The job whose run it is."""
     stored_at: float
@@ -66,7 +67,22 @@ class CacheEntry(msgspec.Struct, kw_only=True):
     """Unix time of its last hit (or its store): the least recently used is evicted first."""
 
 
+class CopyName(msgspec.Struct):
+    """An output copy's name, all eviction needs of a CachedOutput."""
+
+    object_name: str
+
+
+class EntryUsage(msgspec.Struct):
+    """What eviction reads of a manifest: the rest (its result) is skipped, not decoded."""
+
+    size: int
+    last_used: float
+    outputs: list[CopyName]
+
+
 _manifest_decoder = msgspec.json.Decoder(CacheEntry)
+_usage_decoder = msgspec.json.Decoder(EntryUsage)
 
 
 def encode_entry(entry: CacheEntry) -> bytes:
@@ -77,6 +93,11 @@ def encode_entry(entry: CacheEntry) -> bytes:
 def decode_entry(data: bytes) -> CacheEntry:
     """A stored manifest; raises msgspec.DecodeError / ValidationError on a foreign value."""
     return _manifest_decoder.decode(data)
+
+
+def decode_usage(data: bytes) -> EntryUsage:
+    """A stored manifest's size, last use and copies; raises as `decode_entry` does."""
+    return _usage_decoder.decode(data)
 
 
 def cache_key(

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import re
 from collections.abc import AsyncIterator
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -13,7 +16,9 @@ from nats.js import JetStreamContext
 from nats.js.errors import NoKeysError, NotFoundError
 
 from streams import (
+    MAX_INLINE_TEXT_BYTES,
     NatsServer,
+    Submitted,
     cache_bucket,
     cache_files_store,
     cache_key,
@@ -23,6 +28,9 @@ from streams import (
 )
 from tests.conftest import MEDIA, WorkerRunner, replace, submit, wait_terminal
 from workers import WorkerSettings
+from workers._cache import Keyed, StageCache
+from workers._context import JobContext, Reporter
+from workers._registry import CACHE_IDENTITY
 from workers.whisper import MODEL_CACHE
 
 JFK = MEDIA / "jfk.flac"
@@ -82,6 +90,12 @@ async def copies(js: JetStreamContext) -> set[str]:
         return {info.name for info in await (await cache_files_store(js)).list(ignore_deletes=True)}
     except NotFoundError:
         return set()
+
+
+async def bucket_bytes(js: JetStreamContext) -> int:
+    """What the cache's bound counts: the bytes of its KV bucket and object store."""
+    manifests, store = await cache_bucket(js), await cache_files_store(js)
+    return int((await manifests.status()).stream_info.state.bytes + (await store.status()).size)
 
 
 def counter(metrics: str, name: str, operation: str) -> float:
@@ -168,11 +182,12 @@ async def test_a_new_worker_serves_the_cache_and_evicts_the_least_recently_used(
     a_params = FAST | {"max_line_length": 42}
     await run(client, file_id, params=a_params)
     await first.stop()
-    [(a_key, a_entry)] = (await entries(js)).items()
-    # A new worker process's cache is empty; the stage cache lives in NATS. Its bound holds two
-    # entries of this size, not three.
+    [a_key] = await entries(js)
+    # A new worker process's cache is empty; the stage cache lives in NATS. Its bound (the
+    # buckets' bytes) holds two entries of this size, not three.
+    one_entry = await bucket_bytes(js)
     MODEL_CACHE.clear()
-    second = WorkerRunner(replace(gpu_settings, cache_max_bytes=a_entry.size * 5 // 2))
+    second = WorkerRunner(replace(gpu_settings, cache_max_bytes=one_entry * 5 // 2))
     await second.start()
     try:
         assert (await run(client, file_id, params=a_params))["result"]["cached"] is True
@@ -185,7 +200,7 @@ async def test_a_new_worker_serves_the_cache_and_evicts_the_least_recently_used(
     held = await entries(js)
     assert len(held) == 2
     assert a_key in held
-    assert sum(entry.size for entry in held.values()) <= a_entry.size * 5 // 2
+    assert await bucket_bytes(js) <= one_entry * 5 // 2
     # No copy of B is left behind: the store holds exactly what the manifests name.
     assert await copies(js) == {o.object_name for entry in held.values() for o in entry.outputs}
 
@@ -215,3 +230,73 @@ def test_the_key_covers_params_and_identity_but_not_their_order() -> None:
         excluded=frozenset({"x"}),
     )  # fmt: skip
     assert excluded == base
+
+
+async def test_an_entry_missing_a_copy_is_stored_afresh_by_the_next_run(
+    client: httpx.AsyncClient, gpu: WorkerRunner, js: JetStreamContext
+) -> None:
+    file_id = await upload(client, "jfk.flac")
+    assert (await run(client, file_id, params=FAST))["result"]["cached"] is False
+    [entry] = (await entries(js)).values()
+    # What an eviction racing a hit leaves: a manifest naming a copy that is gone.
+    await (await cache_files_store(js)).delete(entry.outputs[0].object_name)
+    assert (await run(client, file_id, params=FAST))["result"]["cached"] is False  # a miss: it runs
+    [stored] = (await entries(js)).values()
+    assert stored.outputs != entry.outputs  # the broken manifest was replaced, not kept
+    assert await copies(js) == {o.object_name for o in stored.outputs}
+    # Nothing of the broken entry is left, not even its deleted copy's record.
+    assert (await (await cache_files_store(js)).status()).stream_info.state.messages == 2 * len(
+        stored.outputs
+    )
+    assert (await run(client, file_id, params=FAST))["result"]["cached"] is True
+
+
+async def store_one(cache: StageCache, workdir: Path, index: int) -> None:
+    """What a worker stores after a run: one small output and its manifest, under key `index`."""
+    loop = asyncio.get_running_loop()
+
+    async def publish(percent: float, step: str) -> None:
+        return None
+
+    job = Submitted(job_id=f"job-{index}", type="convert", pool="cpu", owner="test", file_id="input")
+    ctx = JobContext(job, 1, 1, Reporter(publish, loop), workdir=workdir)
+    path = workdir / f"out-{index}.m4a"
+    data = f"output {index} ".encode() * 10
+    path.write_bytes(data)
+    ctx.saved.append((path, {
+        "file_id": f"file-{index}", "name": path.name, "content_type": "audio/mp4", "size": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }))  # fmt: skip
+    await cache._store(ctx, Keyed(key=f"key{index}", input_sha256="ab" * 32, input_stem="in"), {"n": index})
+
+
+async def test_eviction_scans_rarely_and_leaves_no_markers(js: JetStreamContext, tmp_path: Path) -> None:
+    manifests, store = await cache_bucket(js), await cache_files_store(js)
+    bound, inserts = 40_000, 120
+    cache = StageCache(js, manifests, store, bound, {})
+    for index in range(inserts):
+        await store_one(cache, tmp_path, index)
+    held = await entries(js)
+    print(f"{inserts} stores under a {bound}-byte bound: {cache.scans} scans, {len(held)} entries kept")
+    assert 0 < cache.scans < inserts // 4  # each scan frees room for several stores
+    assert f"key{inserts - 1}" in held
+    assert "key0" not in held  # the least recently used went
+    kv_state = (await manifests.status()).stream_info.state
+    copies_state = (await store.status()).stream_info.state
+    assert kv_state.messages == len(held)  # no delete markers
+    assert copies_state.messages == 2 * len(held)  # a record and one chunk per copy, none deleted
+    assert await bucket_bytes(js) <= bound
+    assert await copies(js) == {o.object_name for entry in held.values() for o in entry.outputs}
+
+
+def test_the_inline_text_cut_is_part_of_a_transcript_key() -> None:
+    params = {"model": "tiny.en", "beam_size": 1}
+    wide, narrow = WorkerSettings(), WorkerSettings(inline_text_bytes=100)
+    assert wide.inline_text_bytes == MAX_INLINE_TEXT_BYTES
+    for operation in ("transcribe", "generate_srt"):
+        identities = [CACHE_IDENTITY[operation](params, settings) for settings in (wide, narrow)]
+        keys = {cache_key(operation, "ab" * 32, params, identity=identity) for identity in identities}
+        assert len(keys) == 2, operation
+    # A setting past the bound cuts at the bound: the same text, the same key.
+    wider = WorkerSettings(inline_text_bytes=2 * MAX_INLINE_TEXT_BYTES)
+    assert CACHE_IDENTITY["transcribe"](params, wider) == CACHE_IDENTITY["transcribe"](params, wide)

@@ -101,8 +101,8 @@ class Worker:
             events = Events(self.js, self.settings)
             self.files = WorkerFiles(await files_store(self.js), events.publish_reliably)
             cache = StageCache(
-                await cache_bucket(self.js), await cache_files_store(self.js), self.settings.cache_max_bytes,
-                CACHE_IDENTITY,
+                self.js, await cache_bucket(self.js), await cache_files_store(self.js),
+                self.settings.cache_max_bytes, CACHE_IDENTITY,
             )  # fmt: skip
             attempts = AttemptRunner(
                 self.nc, self.settings, self.handlers, events, self.files, running=self._running,

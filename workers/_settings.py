@@ -84,8 +84,9 @@ class WorkerSettings:
     """How much of a transcript's text its result carries inline (JSON bytes, at most
     MAX_INLINE_TEXT_BYTES); the rest is in its .txt output."""
     cache_max_bytes: int = field(default_factory=cache_max_bytes)
-    """JOBCAST_CACHE_MAX_BYTES: the bound of the stage cache's output bytes, past which a worker
-    storing an entry evicts the least recently used (default 2 GiB; 0: no lookups, no stores).
+    """JOBCAST_CACHE_MAX_BYTES: the bound of the stage cache's bytes in NATS (its KV bucket and
+    object store), past which a worker storing an entry evicts the least recently used down to 90%
+    of it (default 2 GiB; 0: no lookups, no stores).
     Every worker of a deployment should agree."""
     idle_poll_s: float = 0.5
     """With nothing to do, how often to look for redeliveries and retries (which ring no bell)."""
