@@ -21,7 +21,7 @@ from app._fold import fold
 from app._hub import Applied
 from app._queue import queue_position
 from app._schemas import EventEnvelope, QueuePosition
-from app._stages import WAITING, Derived, Stage, derive_pipeline
+from app._stages import WAITING, Derived, Stage, derive_pipeline, in_plan, planned_types
 from streams import (
     PIPELINE_POOL,
     TERMINAL_STATUSES,
@@ -250,11 +250,14 @@ class BatchWrites:
         # resets it to pending, lets the children move it again.
         ended = JobStatus(parent.status).terminal
         if family.pipeline:
-            derived = derive_pipeline(family.stages(), family.nonzero_counts(), parent.queue_seq)
+            planned = planned_types(parent.params)
+            stages = in_plan(parent.id, planned, family.stages())
+            derived = derive_pipeline(stages, family.nonzero_counts(), parent.queue_seq)
             if not ended and derived.status in TERMINAL_STATUSES:
                 # It ends now, so its waiting stages never run: they end with it, here.
                 self.end_waiting_stages(parent, seq, ts, f"the pipeline {derived.status}: {derived.error}")
-                derived = derive_pipeline(family.stages(), family.nonzero_counts(), parent.queue_seq)
+                stages = in_plan(parent.id, planned, family.stages())
+                derived = derive_pipeline(stages, family.nonzero_counts(), parent.queue_seq)
             elif child.status in (JobStatus.COMPLETED, WAITING):
                 self.pipelines_due.add(parent_id)  # its next stage may be due
         else:
