@@ -5,6 +5,8 @@ stages. Real NATS, API, workers and whisper; the LLM is the local stand-in."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -254,19 +256,28 @@ async def test_cancelling_a_queued_pipeline_cancels_every_stage(
     assert again.status_code == 409, again.text
 
 
-async def test_cancelling_a_running_pipeline_stops_its_stage_and_ends_the_next(
+@asynccontextmanager
+async def first_stage_running(
     client: httpx.AsyncClient, nats_server: NatsServer
-) -> None:
+) -> AsyncIterator[tuple[dict[str, Any], FakeLLM]]:
+    """A pipeline of two fix_srt stages whose first runs, slowly: 40 chunks of 0.2 s each."""
     source = await upload(client, "talk.srt", lowercase_srt(40).encode())
     with FakeLLM(delay=0.2) as fake:
         async with running(llm_settings(nats_server, fake)):
             stages = [{"type": "fix_srt", "params": {"chunk_size": 1}}, {"type": "fix_srt"}]
             pipeline = await submit_pipeline(client, source["id"], stages)
             await until_children(client, pipeline["id"], "running", "scheduled")
-            response = await client.post(f"/api/v1/jobs/{pipeline['id']}/cancel")
-            assert response.status_code == 200, response.text
-            assert response.json()["status"] == "cancelled"
-            first, second = await until_children(client, pipeline["id"], "cancelled", "cancelled")
+            yield pipeline, fake
+
+
+async def test_cancelling_a_running_pipeline_stops_its_stage_and_ends_the_next(
+    client: httpx.AsyncClient, nats_server: NatsServer
+) -> None:
+    async with first_stage_running(client, nats_server) as (pipeline, fake):
+        response = await client.post(f"/api/v1/jobs/{pipeline['id']}/cancel")
+        assert response.status_code == 200, response.text
+        assert response.json()["status"] == "cancelled"
+        first, second = await until_children(client, pipeline["id"], "cancelled", "cancelled")
     assert first["worker"] is not None  # its worker stopped it
     assert len(fake.requests) < 40  # between chunks, long before the last
     assert second["file_id"] is None
@@ -539,18 +550,13 @@ async def test_a_stage_cannot_be_deleted_alone_but_goes_with_its_pipeline(
 async def test_force_completing_a_pipeline_stops_its_running_stage(
     client: httpx.AsyncClient, nats_server: NatsServer
 ) -> None:
-    source = await upload(client, "talk.srt", lowercase_srt(40).encode())
-    with FakeLLM(delay=0.2) as fake:
-        async with running(llm_settings(nats_server, fake)):
-            stages = [{"type": "fix_srt", "params": {"chunk_size": 1}}, {"type": "fix_srt"}]
-            pipeline = await submit_pipeline(client, source["id"], stages)
-            await until_children(client, pipeline["id"], "running", "scheduled")
-            forced = await client.post(
-                f"/api/v1/jobs/admin/{pipeline['id']}/force-complete", json={"result": {"by": "admin"}}
-            )
-            assert forced.status_code == 200, forced.text
-            assert forced.json()["status"] == "completed", forced.json()
-            first, _ = await until_children(client, pipeline["id"], "cancelled", "cancelled", timeout=20)
+    async with first_stage_running(client, nats_server) as (pipeline, fake):
+        forced = await client.post(
+            f"/api/v1/jobs/admin/{pipeline['id']}/force-complete", json={"result": {"by": "admin"}}
+        )
+        assert forced.status_code == 200, forced.text
+        assert forced.json()["status"] == "completed", forced.json()
+        first, _ = await until_children(client, pipeline["id"], "cancelled", "cancelled", timeout=20)
     assert first["worker"] is not None  # its worker stopped it
     assert len(fake.requests) < 40  # between chunks, long before the last
     assert "force-completed by an admin" in (first["error"] or "")
