@@ -249,6 +249,7 @@ class BatchWrites:
         # Ended by its children, or explicitly (cancelled, force-completed): only a retry, which
         # resets it to pending, lets the children move it again.
         ended = JobStatus(parent.status).terminal
+        count = len(family.children)
         if family.pipeline:
             planned = planned_types(parent.params)
             stages = in_plan(parent.id, planned, family.stages())
@@ -260,12 +261,13 @@ class BatchWrites:
                 derived = derive_pipeline(stages, family.nonzero_counts(), parent.queue_seq)
             elif child.status in (JobStatus.COMPLETED, WAITING):
                 self.pipelines_due.add(parent_id)  # its next stage may be due
+            count = len(stages)  # a stage not recorded yet counts, at 0: the plan says how many
         else:
             derived = family.derive(ended)
         result = derived.result
         status = JobStatus(parent.status) if ended or derived.status is None else derived.status
         before = (parent.status, parent.progress, parent.result)
-        progress = family.progress()
+        progress = family.progress(count)
         if status == parent.status and result == parent.result and abs(progress - parent.progress) < 1.0:
             progress = parent.progress  # a child's small step: the parent moves by whole points
         parent.result, parent.progress = result, progress
@@ -329,9 +331,9 @@ class _Family:
                 child.error,
             )
 
-    def progress(self) -> float:
-        """The mean of the children's progress, a finished child counting 100."""
-        return round(float(self._total / len(self.children)), 2) if self.children else 0.0
+    def progress(self, count: int) -> float:
+        """The mean progress of `count` children, a finished child counting 100 (one not known, 0)."""
+        return round(float(self._total / count), 2) if count else 0.0
 
     def in_submit_order(self) -> list[tuple[str, str]]:
         """(child id, status) in the order the children were submitted."""

@@ -145,6 +145,8 @@ class StageStarter:
             )
         if JobStatus(parent.status).terminal:
             return None  # its waiting stages ended with it (app/_batch.py)
+        planned = {stage_id(pipeline_id, index): index for index in range(len(planned_types(parent.params)))}
+        stages.sort(key=lambda stage: planned.get(stage.id, len(planned)))  # in their planned places
         if (recorded := await self._record_missing(parent, stages)) is not None:
             return recorded  # once applied, the pipeline is due again
         for index, stage in enumerate(stages):
@@ -191,8 +193,10 @@ class StageStarter:
                 event = resubmission(stage, file_id=None, file_name=None, waiting=True)
             else:
                 continue
-            log.info("pipeline %s: recording stage %d (%s) again", parent.id, index + 1, event.type)
-            last = (await self.publisher.publish(event)).seq
+            ack = await self.publisher.publish(event)
+            if not ack.duplicate:  # else the submit or retry it raced got there first
+                log.info("pipeline %s: recorded stage %d (%s) in its place", parent.id, index + 1, event.type)
+            last = ack.seq
         return last
 
 

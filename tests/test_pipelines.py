@@ -564,6 +564,7 @@ async def test_force_completing_a_pipeline_stops_its_running_stage(
     assert (done["status"], done["result"]["counts"]) == ("completed", {"cancelled": 2})
 
 
+@pytest.mark.slow  # about 1 s, but the llm worker's stop right after a job can take 4 s more
 async def test_a_long_poll_returns_as_the_pipeline_moves(
     client: httpx.AsyncClient, nats_server: NatsServer
 ) -> None:
