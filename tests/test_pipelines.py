@@ -456,8 +456,10 @@ class CutShort:
 
 
 async def only_pipeline(client: httpx.AsyncClient) -> dict[str, Any]:
-    """The one pipeline the API lists."""
-    listed = (await client.get("/api/v1/jobs")).json()
+    """The one pipeline the API lists, once its projection has it."""
+    async with asyncio.timeout(10):
+        while not (listed := (await client.get("/api/v1/jobs")).json())["items"]:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
     assert [job["type"] for job in listed["items"]] == ["pipeline"], listed
     found: dict[str, Any] = listed["items"][0]
     return found
@@ -480,7 +482,9 @@ async def test_a_submit_cut_short_after_the_parent_runs_every_stage_once_the_api
     assert "the job queue is unavailable" in response.json()["detail"]
     pipeline = await only_pipeline(client)  # the parent was recorded, with its stages' list
     assert len(pipeline["params"]["stages"]) == 3
-    assert len(await children(client, pipeline["id"])) == keep
+    async with asyncio.timeout(10):
+        while len(await children(client, pipeline["id"])) != keep:  # noqa: ASYNC110 - the ones published
+            await asyncio.sleep(0.05)
     # The API goes away with the rest unpublished; the one that comes back finds the pipeline.
     await api.stop()
     cut.armed = False
@@ -510,8 +514,11 @@ async def test_a_retry_cut_short_after_the_parent_reruns_its_stages_once_the_api
             response = await client.post(f"/api/v1/jobs/{pipeline['id']}/retry")
             assert response.status_code == 503, response.text
             # The parent was resubmitted, its stages not: they still show how the last run ended.
+            async with asyncio.timeout(10):
+                while (await client.get(f"/api/v1/jobs/{pipeline['id']}")).json()["attempt"] != 2:  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
             again = (await client.get(f"/api/v1/jobs/{pipeline['id']}")).json()
-            assert (again["status"], again["attempt"]) == ("pending", 2)
+            assert again["status"] == "pending", again
             assert [s["status"] for s in await children(client, pipeline["id"])] == ["failed", "cancelled"]
             await api.stop()
             cut.armed = False
