@@ -21,7 +21,7 @@ from app._fold import fold
 from app._hub import Applied
 from app._queue import queue_position
 from app._schemas import EventEnvelope, QueuePosition
-from app._stages import WAITING, Derived, Stage, derive_pipeline
+from app._stages import WAITING, Derived, Stage, derive_pipeline, in_plan, planned_types
 from streams import (
     PIPELINE_POOL,
     TERMINAL_STATUSES,
@@ -249,20 +249,25 @@ class BatchWrites:
         # Ended by its children, or explicitly (cancelled, force-completed): only a retry, which
         # resets it to pending, lets the children move it again.
         ended = JobStatus(parent.status).terminal
+        count = len(family.children)
         if family.pipeline:
-            derived = derive_pipeline(family.stages(), family.nonzero_counts(), parent.queue_seq)
+            planned = planned_types(parent.params)
+            stages = in_plan(parent.id, planned, family.stages())
+            derived = derive_pipeline(stages, family.nonzero_counts(), parent.queue_seq)
             if not ended and derived.status in TERMINAL_STATUSES:
                 # It ends now, so its waiting stages never run: they end with it, here.
                 self.end_waiting_stages(parent, seq, ts, f"the pipeline {derived.status}: {derived.error}")
-                derived = derive_pipeline(family.stages(), family.nonzero_counts(), parent.queue_seq)
+                stages = in_plan(parent.id, planned, family.stages())
+                derived = derive_pipeline(stages, family.nonzero_counts(), parent.queue_seq)
             elif child.status in (JobStatus.COMPLETED, WAITING):
                 self.pipelines_due.add(parent_id)  # its next stage may be due
+            count = len(stages)  # a stage not recorded yet counts, at 0: the plan says how many
         else:
             derived = family.derive(ended)
         result = derived.result
         status = JobStatus(parent.status) if ended or derived.status is None else derived.status
         before = (parent.status, parent.progress, parent.result)
-        progress = family.progress()
+        progress = family.progress(count)
         if status == parent.status and result == parent.result and abs(progress - parent.progress) < 1.0:
             progress = parent.progress  # a child's small step: the parent moves by whole points
         parent.result, parent.progress = result, progress
@@ -326,9 +331,9 @@ class _Family:
                 child.error,
             )
 
-    def progress(self) -> float:
-        """The mean of the children's progress, a finished child counting 100."""
-        return round(float(self._total / len(self.children)), 2) if self.children else 0.0
+    def progress(self, count: int) -> float:
+        """The mean progress of `count` children, a finished child counting 100 (one not known, 0)."""
+        return round(float(self._total / count), 2) if count else 0.0
 
     def in_submit_order(self) -> list[tuple[str, str]]:
         """(child id, status) in the order the children were submitted."""

@@ -11,6 +11,7 @@ from typing import Any
 
 import msgspec
 from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from app._db import FileRow, JobRow
 from app._exceptions import ConflictError, not_found
@@ -164,13 +165,7 @@ class JobCommands:
                 raise ConflictError(
                     f"job {job_id} is already {row.status}; only active jobs can be cancelled"
                 )
-            children = list(
-                await session.scalars(
-                    select(JobRow).where(
-                        JobRow.parent_id == job_id, JobRow.status.in_(sorted(ACTIVE_STATUSES))
-                    )
-                )
-            )
+            children = await self._active_children(session, job_id)
         # The parent first: once it is cancelled, its children's cancels cannot make it `failed`.
         first = await self._cancel_one(row, reason)
         seqs = await asyncio.gather(*(self._cancel_one(child, reason) for child in children))
@@ -221,15 +216,28 @@ class JobCommands:
             )
         async with self.queries.db.session() as session:
             row = await self.queries.row(session, job_id, None)
+            children = await self._active_children(session, job_id)
         if JobStatus(row.status).terminal:
             raise ConflictError(f"job {job_id} is already {row.status}")
         done = Completed(job_id=job_id, attempt=row.attempt, result=result)
         ack = await self.publisher.publish(done, msg_id=f"{job_id}:{row.attempt}:completed:admin")
         # Then stop a worker that runs it: its `cancelled` comes after `completed` and changes nothing.
-        stop = CancelRequested(job_id=job_id, attempt=row.attempt, reason="force-completed by an admin")
-        await self.publisher.publish(stop)
-        await self.publisher.applied(ack.seq, job_id)
+        reason = "force-completed by an admin"
+        await self.publisher.publish(CancelRequested(job_id=job_id, attempt=row.attempt, reason=reason))
+        # A parent's (batch, pipeline) active children are work nobody waits for any more: they end
+        # as a cancel ends them, after the parent's `completed`, so they cannot move it.
+        seqs = await asyncio.gather(*(self._cancel_one(child, reason) for child in children))
+        await self.publisher.applied(max([ack.seq, *seqs]), job_id)
         return await self.queries.get(job_id, None)
+
+    @staticmethod
+    async def _active_children(session: AsyncSession, job_id: str) -> list[JobRow]:
+        """A parent's children that have not ended (none for a job that is no parent)."""
+        return list(
+            await session.scalars(
+                select(JobRow).where(JobRow.parent_id == job_id, JobRow.status.in_(sorted(ACTIVE_STATUSES)))
+            )
+        )
 
     async def _check_input(
         self, spec: OperationSpec, file_id: str | None, owner: str, where: str

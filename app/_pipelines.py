@@ -7,7 +7,11 @@ all from the start. A stage's submission proper goes to its pool only once the s
 has completed; the `StageStarter` publishes it, reading SQLite (the projection, the one writer
 of it) and writing only to the stream. Its message id is `<stage id>:<attempt>`, the same from
 every API instance and after every restart, so JetStream drops the duplicates; a restarted
-starter looks at every pipeline with a waiting stage once the projection has caught up.
+starter looks at every pipeline that has not ended once the projection has caught up.
+
+The parent's submission lists the stages, so it is the one record of how many there are: a
+submit or retry cut short after it (a crash, a failed publish) leaves stages unrecorded, or not
+yet resubmitted, and the starter records them (the same ids and message ids) before it starts one.
 """
 
 from __future__ import annotations
@@ -27,8 +31,9 @@ from app._hub import Applied
 from app._publisher import Publisher
 from app._queries import JobQueries
 from app._schemas import Job, SubmitPipeline
-from app._stages import WAITING, main_output
+from app._stages import WAITING, is_stale, main_output, planned_types, stage_id
 from streams import (
+    ACTIVE_STATUSES,
     OPERATIONS,
     PIPELINE_POOL,
     Failed,
@@ -40,6 +45,7 @@ from streams import (
     check_llm_endpoint,
     file_kind,
     kinds_text,
+    operation,
     stage_inputs,
     suffix_kind,
     validate_params,
@@ -63,9 +69,18 @@ def resubmission(row: JobRow, **changes: Any) -> Submitted:
     return msgspec.structs.replace(event, **changes) if changes else event
 
 
-def stage_id(pipeline_id: str, index: int) -> str:
-    """A stage's job id, derived from its pipeline's and its place (as a batch's children are)."""
-    return str(uuid.uuid5(uuid.UUID(pipeline_id), str(index)))
+def stage_record(parent: Submitted | JobRow, index: int) -> Submitted:
+    """Stage `index` of a pipeline as recorded at submit, waiting, from the parent's submission
+    (or its row): the same event, so the same message id, whoever publishes it."""
+    pipeline_id = parent.job_id if isinstance(parent, Submitted) else parent.id
+    planned = (parent.params or {})["stages"][index]
+    spec = operation(planned["type"])
+    return Submitted(
+        job_id=stage_id(pipeline_id, index), type=spec.name, pool=spec.pool, owner=parent.owner,
+        params=planned.get("params") or {}, title=f"{parent.title or PIPELINE_TYPE} · stage {index + 1}: {spec.name}",
+        parent_id=pipeline_id, priority=parent.priority, max_attempts=spec.max_attempts,
+        cache=parent.cache is not False, waiting=True,
+    )  # fmt: skip
 
 
 class StageStarter:
@@ -94,16 +109,16 @@ class StageStarter:
     async def _run(self) -> None:
         # What the projection marks while it catches up may already have been acted on by an
         # instance that ran before: only a caught-up projection says what is due, and every
-        # pipeline with a waiting stage is looked at once then (a crash between a stage's end and
-        # the next one's submission, however long ago, is covered here).
+        # pipeline that has not ended is looked at once then (a crash between a stage's end and
+        # the next one's submission, or in the middle of a submit or a retry, however long ago,
+        # is covered here).
         await self.projection.caught_up.wait()
         self.projection.pipelines_due.clear()
         async with self.db.session() as session:
             due: set[str] = set(
                 await session.scalars(
                     select(JobRow.id).where(
-                        JobRow.pool == PIPELINE_POOL,
-                        JobRow.id.in_(select(JobRow.parent_id).where(JobRow.status == WAITING)),
+                        JobRow.pool == PIPELINE_POOL, JobRow.status.in_(sorted(ACTIVE_STATUSES))
                     )
                 )
             )
@@ -130,6 +145,10 @@ class StageStarter:
             )
         if JobStatus(parent.status).terminal:
             return None  # its waiting stages ended with it (app/_batch.py)
+        planned = {stage_id(pipeline_id, index): index for index in range(len(planned_types(parent.params)))}
+        stages.sort(key=lambda stage: planned.get(stage.id, len(planned)))  # in their planned places
+        if (recorded := await self._record_missing(parent, stages)) is not None:
+            return recorded  # once applied, the pipeline is due again
         for index, stage in enumerate(stages):
             if stage.status == JobStatus.COMPLETED:
                 continue
@@ -159,6 +178,27 @@ class StageStarter:
             return (await self.publisher.publish(proper)).seq
         return None
 
+    async def _record_missing(self, parent: JobRow, stages: list[JobRow]) -> int | None:
+        """Record what a submit or retry cut short left out: each planned stage with no row, and
+        each stage that ended before the pipeline's latest submission (a retry's) and was not
+        resubmitted; the same events as theirs, so duplicates are dropped. Returns the last
+        sequence published, None when nothing was missing."""
+        by_id = {stage.id: stage for stage in stages}
+        last = None
+        for index in range(len(planned_types(parent.params))):
+            stage = by_id.get(stage_id(parent.id, index))
+            if stage is None:
+                event = stage_record(parent, index)
+            elif is_stale(stage.status, stage.queue_seq, parent.queue_seq):
+                event = resubmission(stage, file_id=None, file_name=None, waiting=True)
+            else:
+                continue
+            ack = await self.publisher.publish(event)
+            if not ack.duplicate:  # else the submit or retry it raced got there first
+                log.info("pipeline %s: recorded stage %d (%s) in its place", parent.id, index + 1, event.type)
+            last = ack.seq
+        return last
+
 
 class PipelineCommands:
     """Submit and retry pipelines; cancel is a batch's (app/_commands.py cascades to the children)."""
@@ -182,17 +222,12 @@ class PipelineCommands:
             job_id=pipeline_id, type=PIPELINE_TYPE, pool=PIPELINE_POOL, owner=owner, title=body.title,
             params={"stages": [{"type": spec.name, "params": params} for spec, params in stages]},
             file_id=body.file_id, file_name=file.name, priority=body.priority,
-            callback_url=body.callback_url, max_attempts=1,
+            callback_url=body.callback_url, max_attempts=1, cache=body.cache,
         )  # fmt: skip
         last = (await self.publisher.publish(parent)).seq
-        for index, (spec, params) in enumerate(stages):  # one by one: the stream's order is theirs
-            stage = Submitted(
-                job_id=stage_id(pipeline_id, index), type=spec.name, pool=spec.pool, owner=owner,
-                params=params, title=f"{body.title or PIPELINE_TYPE} · stage {index + 1}: {spec.name}",
-                parent_id=pipeline_id, priority=body.priority, max_attempts=spec.max_attempts,
-                cache=body.cache, waiting=True,
-            )  # fmt: skip
-            last = (await self.publisher.publish(stage)).seq
+        # One by one: the stream's order is theirs. Cut short, the starter records the rest.
+        for index in range(len(stages)):
+            last = (await self.publisher.publish(stage_record(parent, index))).seq
         return await self._started(pipeline_id, last, owner)
 
     def _checked(self, body: SubmitPipeline, file_name: str) -> list[tuple[OperationSpec, dict[str, Any]]]:
@@ -272,6 +307,8 @@ class PipelineCommands:
         """Once `last` is applied, start the stage that is due (the starter would too, from the
         stream: same message id), and answer with the pipeline as the projection has it then."""
         await self.publisher.applied(last, pipeline_id)
-        if (started := await self.starter.advance(pipeline_id)) is not None:
+        for _ in range(2):  # a stage recorded again (the starter's doing) is started the next time
+            if (started := await self.starter.advance(pipeline_id)) is None:
+                break
             await self.publisher.applied(started, pipeline_id)
         return await self.queries.get(pipeline_id, owner)

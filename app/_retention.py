@@ -29,6 +29,7 @@ from app._publisher import Publisher
 from app._schemas import CleanupReport
 from streams import (
     ACTIVE_STATUSES,
+    PIPELINE_POOL,
     STREAM,
     Deleted,
     FileStored,
@@ -65,12 +66,20 @@ class Retention:
     # one job --------------------------------------------------------------------------------
 
     async def delete(self, job_id: str, owner: str | None, files: bool = False) -> list[str]:
-        """Delete a finished job (a batch: with its children) and with `files` the files they
-        produced; 409 while it is active or a worker still holds it. Returns the ids deleted."""
+        """Delete a finished job (a batch or pipeline: with its children) and with `files` the files
+        they produced; 409 while it is active, a worker still holds it, or it is a pipeline's stage.
+        Returns the ids deleted."""
         async with self.service.db.session() as session:
             row = await session.get(JobRow, job_id)
             if row is None or (owner is not None and row.owner != owner):
                 raise not_found("job", job_id)
+            parent = await session.get(JobRow, row.parent_id) if row.parent_id else None
+            if parent is not None and parent.pool == PIPELINE_POOL:
+                # Its place and its outputs are the next stage's input: a pipeline loses no stage.
+                raise ConflictError(
+                    f"job {job_id} is a stage of pipeline {parent.id}: delete the pipeline"
+                    f" (DELETE /api/v1/jobs/{parent.id}), which deletes its stages with it"
+                )
             rows = [row, *(await session.scalars(select(JobRow).where(JobRow.parent_id == job_id)))]
         for each in rows:
             if not JobStatus(each.status).terminal:

@@ -3,6 +3,7 @@ database rebuilt from the stream derives the same parent however its batches fel
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -10,6 +11,26 @@ from streams import OPERATIONS, JobStatus, file_kind, suffix_kind
 
 WAITING = JobStatus.SCHEDULED
 """A stage recorded before its turn is `scheduled`: its submission proper waits for the stage before."""
+
+
+def stage_id(pipeline_id: str, index: int) -> str:
+    """A stage's job id, derived from its pipeline's and its place (as a batch's children are)."""
+    return str(uuid.uuid5(uuid.UUID(pipeline_id), str(index)))
+
+
+def planned_types(params: dict[str, Any] | None) -> list[str]:
+    """The stage types a pipeline's submission lists, in order: the one record of how many stages
+    it has (a stage whose own submission is not recorded yet still counts, as waiting)."""
+    stages = (params or {}).get("stages")
+    if not isinstance(stages, list):
+        return []
+    return [str(s.get("type", "")) if isinstance(s, dict) else "" for s in stages]
+
+
+def is_stale(status: str, queue_seq: int | None, since: int | None) -> bool:
+    """Whether a stage ended (not completed) before the pipeline's latest submission `since`:
+    a retry resubmitted the pipeline, so the stage waits to run again."""
+    return status in (JobStatus.FAILED, JobStatus.CANCELLED) and (queue_seq or 0) < (since or 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,10 +76,21 @@ def main_output(stage_type: str, result: dict[str, Any] | None) -> dict[str, Any
     return None
 
 
+def in_plan(pipeline_id: str, planned: list[str], rows: list[Stage]) -> list[Stage]:
+    """The pipeline's stages in their planned order, one per stage its submission lists: a stage
+    not recorded yet (its submission was cut short) waits; rows the plan does not name follow."""
+    by_id = {row.id: row for row in rows}
+    ordered = []
+    for index, stage_type in enumerate(planned):
+        found = by_id.pop(stage_id(pipeline_id, index), None)
+        ordered.append(found or Stage(stage_id(pipeline_id, index), stage_type, WAITING, 0, None, None, None))
+    return ordered + sorted(by_id.values(), key=lambda stage: stage.submit_seq)
+
+
 def derive_pipeline(stages: list[Stage], counts: dict[str, int], since: int | None) -> Derived:
-    """A pipeline parent from its stages in order: failed once a stage failed, cancelled once one
-    was cancelled, completed when the last completed, running once any stage left its queue; its
-    result lists every stage's outputs in stage order.
+    """A pipeline parent from its stages in order (`in_plan`): failed once a stage failed, cancelled
+    once one was cancelled, completed when the last completed, running once any stage left its
+    queue; its result lists every stage's outputs in stage order.
 
     `since` is the sequence of the pipeline's latest submission: a stage that failed or was
     cancelled before it (a retry resubmits the pipeline, then those stages) waits to run again."""
@@ -92,5 +124,4 @@ def derive_pipeline(stages: list[Stage], counts: dict[str, int], since: int | No
 def _current(stage: Stage, since: int | None) -> Stage:
     """The stage as the pipeline's current run sees it: ended before that run began (and not
     completed), it waits for its resubmission."""
-    stale = stage.status in (JobStatus.FAILED, JobStatus.CANCELLED) and (stage.queue_seq or 0) < (since or 0)
-    return replace(stage, status=WAITING) if stale else stage
+    return replace(stage, status=WAITING) if is_stale(stage.status, stage.queue_seq, since) else stage

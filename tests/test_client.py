@@ -6,6 +6,7 @@ import asyncio
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -102,21 +103,32 @@ async def test_cancel_retry_rm_and_errors(
     assert "401" in stderr
 
 
+async def pipeline_by_cli(
+    api: ApiServer, nats_server: NatsServer, *args: str
+) -> tuple[str, FakeLLM, dict[str, Any], list[dict[str, Any]]]:
+    """`jobcast submit jfk.flac ARGS --watch` while an llm worker serves with the stand-in LLM,
+    which must succeed; its stderr, the stand-in, and the pipeline and its stages as the API has them."""
+    with FakeLLM() as fake:
+        async with running(llm_settings(nats_server, fake)):
+            code, stdout, stderr = await jobcast(
+                "submit", str(MEDIA / "jfk.flac"), *args, "--watch", server=api.url
+            )
+    assert code == 0, stderr
+    async with httpx.AsyncClient(base_url=api.url) as client:
+        pipeline = (await client.get(f"/api/v1/jobs/{stdout.strip()}")).json()
+        stages = (await client.get(f"/api/v1/jobs/{stdout.strip()}/children")).json()
+    return stderr, fake, pipeline, stages
+
+
 async def test_pipeline_with_a_bar_per_stage_downloads_every_output(
     api: ApiServer, nats_server: NatsServer, gpu: WorkerRunner, tmp_path: Path
 ) -> None:
     out = tmp_path / "subs"
-    with FakeLLM() as fake:
-        async with running(llm_settings(nats_server, fake)):
-            code, stdout, stderr = await jobcast(
-                "submit", str(MEDIA / "jfk.flac"), "--op", "generate_srt", "--param", "beam_size=1",
-                "--then", "fix_srt", "--param", "chunk_size=20", "--watch", "--out", str(out), server=api.url,
-            )  # fmt: skip
-    assert code == 0, stderr
-    pipeline_id = stdout.strip()
-    async with httpx.AsyncClient(base_url=api.url) as client:
-        pipeline = (await client.get(f"/api/v1/jobs/{pipeline_id}")).json()
-        stages = (await client.get(f"/api/v1/jobs/{pipeline_id}/children")).json()
+    stderr, fake, pipeline, stages = await pipeline_by_cli(
+        api, nats_server, "--op", "generate_srt", "--param", "beam_size=1", "--then", "fix_srt",
+        "--param", "chunk_size=20", "--out", str(out),
+    )  # fmt: skip
+    pipeline_id = pipeline["id"]
     assert (pipeline["type"], pipeline["status"]) == ("pipeline", "completed")
     assert [(s["type"], s["status"], s["params"]) for s in stages] == [
         ("generate_srt", "completed", {**stages[0]["params"], "beam_size": 1}),
@@ -155,3 +167,30 @@ async def test_a_failed_stage_fails_the_command_and_the_stages_after_it_end(
         stages = (await client.get(f"/api/v1/jobs/{stdout.strip()}/children")).json()
     assert [s["status"] for s in stages] == ["completed", "failed", "cancelled"]
     assert "failed:" in stderr
+
+
+async def test_the_issue_pipeline_subtitles_fixed_and_translated_downloads_every_output(
+    api: ApiServer, nats_server: NatsServer, gpu: WorkerRunner, tmp_path: Path
+) -> None:
+    out = tmp_path / "subs"
+    stderr, _, pipeline, stages = await pipeline_by_cli(
+        api, nats_server, "--op", "generate_srt", "--then", "fix_srt", "--then", "translate_srt",
+        "--param", "languages=de,fr", "--out", str(out),
+    )  # fmt: skip
+    assert (pipeline["type"], pipeline["status"]) == ("pipeline", "completed")
+    assert [(s["type"], s["status"]) for s in stages] == [
+        ("generate_srt", "completed"),
+        ("fix_srt", "completed"),
+        ("translate_srt", "completed"),
+    ]
+    assert stages[2]["params"]["languages"] == ["de", "fr"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "jfk.fixed.de.srt", "jfk.fixed.de.vtt", "jfk.fixed.fr.srt", "jfk.fixed.fr.vtt",
+        "jfk.fixed.srt", "jfk.srt", "jfk.vtt",
+    ]  # fmt: skip
+    for language in ("de", "fr"):
+        translated = (out / f"jfk.fixed.{language}.srt").read_text()
+        assert "-->" in translated
+        assert f"[{language}] " in translated  # the stand-in's translation, of the fixed subtitles
+        assert (out / f"jfk.fixed.{language}.vtt").read_text().startswith("WEBVTT")
+    assert all(stage["title"] in stderr for stage in stages)  # a bar per stage

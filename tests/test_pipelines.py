@@ -5,15 +5,30 @@ stages. Real NATS, API, workers and whisper; the LLM is the local stand-in."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from nats.js import JetStreamContext
 
 from app import Settings
-from streams import KIND_HEADER, STREAM, NatsServer, connect, events_subject, pool_submissions
+from app._exceptions import queue_unavailable
+from app._pipelines import stage_id
+from app._publisher import Publisher
+from streams import (
+    KIND_HEADER,
+    STREAM,
+    Event,
+    NatsServer,
+    Submitted,
+    connect,
+    events_subject,
+    pool_submissions,
+)
 from tests.conftest import MEDIA, ApiServer, WorkerRunner, wait_terminal
 from tests.llm_server import FakeLLM
 from tests.test_live import ws_collect, ws_url
@@ -241,19 +256,28 @@ async def test_cancelling_a_queued_pipeline_cancels_every_stage(
     assert again.status_code == 409, again.text
 
 
-async def test_cancelling_a_running_pipeline_stops_its_stage_and_ends_the_next(
+@asynccontextmanager
+async def first_stage_running(
     client: httpx.AsyncClient, nats_server: NatsServer
-) -> None:
+) -> AsyncIterator[tuple[dict[str, Any], FakeLLM]]:
+    """A pipeline of two fix_srt stages whose first runs, slowly: 40 chunks of 0.2 s each."""
     source = await upload(client, "talk.srt", lowercase_srt(40).encode())
     with FakeLLM(delay=0.2) as fake:
         async with running(llm_settings(nats_server, fake)):
             stages = [{"type": "fix_srt", "params": {"chunk_size": 1}}, {"type": "fix_srt"}]
             pipeline = await submit_pipeline(client, source["id"], stages)
             await until_children(client, pipeline["id"], "running", "scheduled")
-            response = await client.post(f"/api/v1/jobs/{pipeline['id']}/cancel")
-            assert response.status_code == 200, response.text
-            assert response.json()["status"] == "cancelled"
-            first, second = await until_children(client, pipeline["id"], "cancelled", "cancelled")
+            yield pipeline, fake
+
+
+async def test_cancelling_a_running_pipeline_stops_its_stage_and_ends_the_next(
+    client: httpx.AsyncClient, nats_server: NatsServer
+) -> None:
+    async with first_stage_running(client, nats_server) as (pipeline, fake):
+        response = await client.post(f"/api/v1/jobs/{pipeline['id']}/cancel")
+        assert response.status_code == 200, response.text
+        assert response.json()["status"] == "cancelled"
+        first, second = await until_children(client, pipeline["id"], "cancelled", "cancelled")
     assert first["worker"] is not None  # its worker stopped it
     assert len(fake.requests) < 40  # between chunks, long before the last
     assert second["file_id"] is None
@@ -407,3 +431,164 @@ async def last_kind(js: JetStreamContext, job_id: str) -> str:
     """The kind of the job's latest event in the stream."""
     last = await js.get_last_msg(STREAM, events_subject(job_id))
     return (last.headers or {}).get(KIND_HEADER, "")
+
+
+class CutShort:
+    """The API's publisher refusing every stage record (a waiting stage's submission) but the first
+    `keep` of each pipeline, as a crash or a lost NATS between two publishes leaves them; `armed`
+    False lets everything through again."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, keep: int = 0) -> None:
+        self.armed = True
+        self.refused = 0
+        real = Publisher.publish
+
+        async def publish(
+            publisher: Publisher, event: Event, msg_id: str | None = None, fresh: bool = False
+        ) -> Any:
+            kept = {stage_id(event.parent_id, index) for index in range(keep)} if event.parent_id else set()
+            if self.armed and isinstance(event, Submitted) and event.waiting and event.job_id not in kept:
+                self.refused += 1
+                raise queue_unavailable(TimeoutError())
+            return await real(publisher, event, msg_id, fresh)
+
+        monkeypatch.setattr(Publisher, "publish", publish)
+
+
+async def only_pipeline(client: httpx.AsyncClient) -> dict[str, Any]:
+    """The one pipeline the API lists, once its projection has it."""
+    async with asyncio.timeout(10):
+        while not (listed := (await client.get("/api/v1/jobs")).json())["items"]:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+    assert [job["type"] for job in listed["items"]] == ["pipeline"], listed
+    found: dict[str, Any] = listed["items"][0]
+    return found
+
+
+@pytest.mark.parametrize("keep", [0, 1])
+async def test_a_submit_cut_short_after_the_parent_runs_every_stage_once_the_api_is_back(
+    api: ApiServer,
+    client: httpx.AsyncClient,
+    nats_server: NatsServer,
+    monkeypatch: pytest.MonkeyPatch,
+    keep: int,
+) -> None:
+    source = await upload(client, "talk.srt", lowercase_srt(3).encode())
+    cut = CutShort(monkeypatch, keep)
+    response = await client.post(
+        "/api/v1/pipelines", json={"file_id": source["id"], "stages": [{"type": "fix_srt"}] * 3}
+    )
+    assert response.status_code == 503, response.text
+    assert "the job queue is unavailable" in response.json()["detail"]
+    pipeline = await only_pipeline(client)  # the parent was recorded, with its stages' list
+    assert len(pipeline["params"]["stages"]) == 3
+    async with asyncio.timeout(10):
+        while len(await children(client, pipeline["id"])) != keep:  # noqa: ASYNC110 - the ones published
+            await asyncio.sleep(0.05)
+    # The API goes away with the rest unpublished; the one that comes back finds the pipeline.
+    await api.stop()
+    cut.armed = False
+    await api.start()
+    with FakeLLM() as fake:
+        async with running(llm_settings(nats_server, fake)):
+            done = await wait_terminal(client, pipeline["id"], timeout=60)
+    assert done["status"] == "completed", done
+    assert done["current_step"] == "3 of 3 stages done"
+    stages = await children(client, pipeline["id"])
+    assert [s["id"] for s in stages] == [stage_id(pipeline["id"], index) for index in range(3)]
+    assert [(s["status"], s["attempt"]) for s in stages] == [("completed", 1)] * 3
+    assert [s["file_name"] for s in stages] == ["talk.srt", "talk.fixed.srt", "talk.fixed.fixed.srt"]
+    assert len(fake.requests) == 3
+    assert [await pool_submissions_of(nats_server, "llm", s["id"]) for s in stages] == [1, 1, 1]
+
+
+async def test_a_retry_cut_short_after_the_parent_reruns_its_stages_once_the_api_is_back(
+    api: ApiServer, client: httpx.AsyncClient, nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = await upload(client, "talk.srt", lowercase_srt(3).encode())
+    with FakeLLM(fail_first=[400]) as fake:
+        async with running(llm_settings(nats_server, fake)):
+            pipeline = await submit_pipeline(client, source["id"], [{"type": "fix_srt"}] * 2)
+            assert (await wait_terminal(client, pipeline["id"]))["status"] == "failed"
+            cut = CutShort(monkeypatch)
+            response = await client.post(f"/api/v1/jobs/{pipeline['id']}/retry")
+            assert response.status_code == 503, response.text
+            # The parent was resubmitted, its stages not: they still show how the last run ended.
+            async with asyncio.timeout(10):
+                while (await client.get(f"/api/v1/jobs/{pipeline['id']}")).json()["attempt"] != 2:  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
+            again = (await client.get(f"/api/v1/jobs/{pipeline['id']}")).json()
+            assert again["status"] == "pending", again
+            assert [s["status"] for s in await children(client, pipeline["id"])] == ["failed", "cancelled"]
+            await api.stop()
+            cut.armed = False
+            await api.start()
+            done = await wait_terminal(client, pipeline["id"], timeout=60)
+    assert cut.refused >= 1
+    assert (done["status"], done["attempt"]) == ("completed", 2), done
+    stages = await children(client, pipeline["id"])
+    assert [(s["status"], s["attempt"]) for s in stages] == [("completed", 2)] * 2
+    assert len(fake.requests) == 3
+
+
+async def test_a_stage_cannot_be_deleted_alone_but_goes_with_its_pipeline(
+    client: httpx.AsyncClient, nats_server: NatsServer
+) -> None:
+    source = await upload(client, "talk.srt", lowercase_srt(3).encode())
+    with FakeLLM() as fake:
+        async with running(llm_settings(nats_server, fake)):
+            pipeline = await submit_pipeline(client, source["id"], [{"type": "fix_srt"}] * 2)
+            assert (await wait_terminal(client, pipeline["id"]))["status"] == "completed"
+    first, second = await children(client, pipeline["id"])
+    for stage in (first, second):
+        response = await client.delete(f"/api/v1/jobs/{stage['id']}")
+        assert response.status_code == 409, response.text
+        assert response.json()["detail"] == (
+            f"job {stage['id']} is a stage of pipeline {pipeline['id']}: delete the pipeline"
+            f" (DELETE /api/v1/jobs/{pipeline['id']}), which deletes its stages with it"
+        )
+    assert [s["id"] for s in await children(client, pipeline["id"])] == [first["id"], second["id"]]
+    deleted = await client.delete(f"/api/v1/jobs/{pipeline['id']}")
+    assert deleted.status_code == 204, deleted.text
+    for job in (pipeline, first, second):
+        assert (await client.get(f"/api/v1/jobs/{job['id']}")).status_code == 404
+
+
+async def test_force_completing_a_pipeline_stops_its_running_stage(
+    client: httpx.AsyncClient, nats_server: NatsServer
+) -> None:
+    async with first_stage_running(client, nats_server) as (pipeline, fake):
+        forced = await client.post(
+            f"/api/v1/jobs/admin/{pipeline['id']}/force-complete", json={"result": {"by": "admin"}}
+        )
+        assert forced.status_code == 200, forced.text
+        assert forced.json()["status"] == "completed", forced.json()
+        first, _ = await until_children(client, pipeline["id"], "cancelled", "cancelled", timeout=20)
+    assert first["worker"] is not None  # its worker stopped it
+    assert len(fake.requests) < 40  # between chunks, long before the last
+    assert "force-completed by an admin" in (first["error"] or "")
+    done = (await client.get(f"/api/v1/jobs/{pipeline['id']}")).json()
+    assert (done["status"], done["result"]["counts"]) == ("completed", {"cancelled": 2})
+
+
+@pytest.mark.slow  # about 1 s, but the llm worker's stop right after a job can take 4 s more
+async def test_a_long_poll_returns_as_the_pipeline_moves(
+    client: httpx.AsyncClient, nats_server: NatsServer
+) -> None:
+    source = await upload(client, "talk.srt", lowercase_srt(3).encode())
+    pipeline = await submit_pipeline(client, source["id"], [{"type": "fix_srt"}] * 2)  # no worker yet
+    url = f"/api/v1/jobs/{pipeline['id']}/poll"
+    polled = asyncio.create_task(client.get(url, params={"current_status": "pending", "timeout": 20}))
+    await asyncio.sleep(0.3)
+    assert not polled.done()  # nothing moved: it waits
+    with FakeLLM(delay=0.3) as fake:
+        async with running(llm_settings(nats_server, fake)):
+            moved = await asyncio.wait_for(polled, 20)
+            assert moved.status_code == 200, moved.text
+            assert (moved.json()["id"], moved.json()["status"]) == (pipeline["id"], "running")
+            assert moved.json()["current_step"].startswith("stage ")
+            ended = await client.get(url, params={"current_status": "running", "timeout": 20})
+    assert ended.status_code == 200, ended.text
+    assert ended.json()["status"] == "completed", ended.json()
+    assert [s["status"] for s in ended.json()["result"]["stages"]] == ["completed", "completed"]
+    assert len(fake.requests) == 2
