@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 
 from litestar.datastructures import MutableScopeHeaders
 from litestar.enums import ScopeType
@@ -90,12 +90,14 @@ class RateLimit(ASGIMiddleware):
         }
 
     def _send_with_headers(self, send: Send, count: int, reset: int) -> Send:
-        async def send_with_headers(message: Message) -> None:
+        # A plain function handing back `send`'s own awaitable: no coroutine of its own per message,
+        # which an SSE stream to thousands of followers would pay on every frame.
+        def send_with_headers(message: Message) -> Awaitable[None]:
             if message["type"] == "http.response.start":
                 message.setdefault("headers", [])
                 headers = MutableScopeHeaders(message)
                 for name, value in self._headers(count, reset).items():
                     headers[name] = value
-            await send(message)
+            return send(message)
 
         return send_with_headers
