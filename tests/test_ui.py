@@ -296,7 +296,7 @@ async def test_batch_of_files_with_children_live_and_downloads(
     await expect(page.locator("dl.meta")).to_contain_text(names[0].split(".")[0] + ".flac")
 
 
-async def test_a_pipeline_of_two_stages_from_the_form(
+async def test_a_pipeline_of_three_stages_from_the_form(
     page: Page, client: httpx.AsyncClient, nats_server: NatsServer, gpu: WorkerRunner, tmp_path: Path,
     shots: Path,
 ) -> None:  # fmt: skip
@@ -315,6 +315,11 @@ async def test_a_pipeline_of_two_stages_from_the_form(
     assert await stage.locator("fieldset[data-op=fix_srt]").is_visible()
     assert not await stage.locator("fieldset[data-op=transcribe]").is_visible()
     await stage.locator("fieldset[data-op=fix_srt] input[name=chunk_size]").fill("20")
+    await page.click("#add-stage")
+    await expect(stages).to_have_count(2)
+    third = stages.nth(1)
+    await third.locator("[data-role=stage-op]").select_option("translate_srt")
+    await third.locator("fieldset[data-op=translate_srt] input[name=languages]").fill("de, fr")
     await page.fill("#title", "talk")
 
     second = tmp_path / "second.flac"
@@ -330,19 +335,25 @@ async def test_a_pipeline_of_two_stages_from_the_form(
             await page.wait_for_url(re.compile(r"/ui/jobs/[0-9a-f-]{36}$"))
             await expect(page.locator("section h2", has_text="Stages")).to_be_visible()
             rows = page.locator("tr[data-child-id]")
-            await expect(rows).to_have_count(2)
+            await expect(rows).to_have_count(3)
             await expect(rows.locator("td:first-child a")).to_have_text(
-                ["talk · stage 1: generate_srt", "talk · stage 2: fix_srt"]
+                ["talk · stage 1: generate_srt", "talk · stage 2: fix_srt", "talk · stage 3: translate_srt"]
             )
             await expect(page.locator("tr[data-child-id] [data-role=status]")).to_have_text(
-                ["completed", "completed"], timeout=90_000
+                ["completed", "completed", "completed"], timeout=90_000
             )
             await expect(page.locator("#job")).to_have_attribute("data-status", "completed", timeout=10_000)
-    await expect(page.locator("#step")).to_have_text("2 of 2 stages done")
+    await expect(page.locator("#step")).to_have_text("3 of 3 stages done")
     downloads = page.locator(".downloads a")
-    await expect(downloads).to_have_count(3)
-    assert sorted(await downloads.all_inner_texts()) == ["jfk.fixed.srt", "jfk.srt", "jfk.vtt"]
-    fixed = page.locator(".downloads a", has_text="fixed")
+    await expect(downloads).to_have_count(7)
+    assert sorted(await downloads.all_inner_texts()) == [
+        "jfk.fixed.de.srt", "jfk.fixed.de.vtt", "jfk.fixed.fr.srt", "jfk.fixed.fr.vtt",
+        "jfk.fixed.srt", "jfk.srt", "jfk.vtt",
+    ]  # fmt: skip
+    german = page.locator(".downloads a", has_text="fixed.de.srt")
+    translated = await (await page.request.get(await german.get_attribute("href") or "")).text()
+    assert "[de]" in translated
+    fixed = page.locator(".downloads a", has_text="jfk.fixed.srt")
     body = await (await page.request.get(await fixed.get_attribute("href") or "")).text()
     assert "-->" in body
     assert "country" in body.lower()
@@ -353,6 +364,7 @@ async def test_a_pipeline_of_two_stages_from_the_form(
     assert [(s["type"], s["params"]) for s in pipeline["params"]["stages"]] == [
         ("generate_srt", {**pipeline["params"]["stages"][0]["params"], "beam_size": 1}),
         ("fix_srt", {**pipeline["params"]["stages"][1]["params"], "chunk_size": 20}),
+        ("translate_srt", {**pipeline["params"]["stages"][2]["params"], "languages": ["de", "fr"]}),
     ]
     assert "ask not" in fake.requests[0].user.lower()
 
