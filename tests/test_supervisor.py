@@ -122,7 +122,14 @@ async def test_ready_lists_every_supervised_task(client: httpx.AsyncClient) -> N
     assert body["status"] == "ready"
     assert {name: (t["state"], t["restarts"], t["last_error"]) for name, t in body["tasks"].items()} == {
         name: ("running", 0, None)
-        for name in ("projection", "key-watch", "webhook-sweep", "retention-sweep", "cpu-sampler")
+        for name in (
+            "projection",
+            "key-watch",
+            "webhook-sweep",
+            "retention-sweep",
+            "cpu-sampler",
+            "pipelines",
+        )
     }
 
 
