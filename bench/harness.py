@@ -388,7 +388,12 @@ async def run_job(conn: Http, job: dict[str, Any]) -> tuple[float, bytes]:
     status, body = await conn.request("POST", "/api/v1/jobs", msgspec.json.encode(job))
     if status != 202:
         raise RuntimeError(f"submit answered {status}: {body[:300]!r}")
-    job_id = msgspec.json.decode(body)["id"]
+    return await follow_to_end(conn, msgspec.json.decode(body)["id"], began)
+
+
+async def follow_to_end(conn: Http, job_id: str, began: float) -> tuple[float, bytes]:
+    """Follow a job's SSE stream to its end: seconds from `began` to the terminal event, and the
+    chunk that carried it; RuntimeError unless it completed."""
     conn.send("GET", f"/api/v1/jobs/{job_id}/events")
     _, head = await conn.head()
     elapsed, last = None, b""

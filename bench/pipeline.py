@@ -11,7 +11,6 @@ started_at -> completed_at.
 from __future__ import annotations
 
 import asyncio
-import re
 import tempfile
 import time
 from datetime import datetime
@@ -21,6 +20,7 @@ from typing import Any
 from bench.harness import (
     MEDIA,
     Http,
+    follow_to_end,
     median,
     nats_server,
     scaled,
@@ -50,15 +50,8 @@ async def run_pipeline(conn: Http, file_id: str) -> tuple[float, str]:
     status, answer = await conn.request("POST", "/api/v1/pipelines", body)
     if status != 202:
         raise RuntimeError(f"submit answered {status}: {answer[:300]!r}")
-    job_id = msgspec.json.decode(answer)["id"]
-    conn.send("GET", f"/api/v1/jobs/{job_id}/events")
-    _, head = await conn.head()
-    elapsed, last = None, b""
-    async for chunk in conn.chunks(head):
-        if elapsed is None and re.search(rb"event: (completed|failed|cancelled)", chunk):
-            elapsed, last = time.perf_counter() - began, chunk
-    if elapsed is None or b"event: completed" not in last:
-        raise RuntimeError(f"pipeline {job_id} did not complete: {last[:500]!r}")
+    job_id: str = msgspec.json.decode(answer)["id"]
+    elapsed, _ = await follow_to_end(conn, job_id, began)
     return elapsed, job_id
 
 
