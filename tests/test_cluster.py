@@ -41,6 +41,7 @@ from streams import (
     files_store,
     keys_bucket,
     nats_servers,
+    riding_out,
     workers_bucket,
 )
 from tests.chaos._procs import sse_history
@@ -368,7 +369,8 @@ async def test_two_apis_on_two_nodes_and_a_worker_on_the_third(
         # Replicas are never lowered by a process that asks for fewer.
         monkeypatch.setenv("JOBCAST_STREAM_REPLICAS", "1")
         with caplog.at_level(logging.WARNING, logger="jobcast.streams"):
-            await ensure_stream(js)
+            # As an API's start does it: riding out a cluster too busy to answer in time.
+            await riding_out("the JOBS stream", lambda: ensure_stream(js))
         assert (await js.stream_info(STREAM)).config.num_replicas == 3
         assert "JOBCAST_STREAM_REPLICAS=1 is below the 3 replicas of the JOBS stream" in caplog.text
         assert (await js.stream_info("KV_JOBCAST_KEYS")).config.num_replicas == 3
