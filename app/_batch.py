@@ -16,7 +16,7 @@ from nats.aio.msg import Msg
 from sqlalchemy import Table, bindparam, delete, insert, select, update
 from sqlalchemy.engine import Connection
 
-from app._db import JOBS, BookmarkRow, EventRow, FileRow, JobRow
+from app._db import EVENTS, JOBS, BookmarkRow, FileRow, JobRow
 from app._fold import fold
 from app._hub import Applied
 from app._queue import queue_position
@@ -53,7 +53,6 @@ def _chunks(items: list[str], size: int) -> list[list[str]]:
     return [items[start : start + size] for start in range(0, len(items), size)]
 
 
-_EVENTS = cast(Table, EventRow.__table__)
 _FILES = cast(Table, FileRow.__table__)
 BOOKMARKS = cast(Table, BookmarkRow.__table__)
 _JOB_COLUMNS = tuple(column.name for column in JOBS.columns)
@@ -80,7 +79,7 @@ _STAGES = select(
 """A pipeline's children: its derivation also needs their latest submissions, types, results and errors."""
 _INSERT_JOB = insert(JOBS)
 _UPDATE_JOB = update(JOBS).where(JOBS.c.id == bindparam("_id"))
-_INSERT_EVENT = insert(_EVENTS)
+_INSERT_EVENT = insert(EVENTS)
 _UPDATE_BOOKMARK = update(BOOKMARKS).where(BOOKMARKS.c.name == bindparam("_name"))
 
 
@@ -190,7 +189,7 @@ class BatchWrites:
         self.flush()  # so that the deletes below also cover what this batch wrote
         children = self.conn.execute(select(JOBS.c.id).where(JOBS.c.parent_id == job.id)).scalars()
         ids = [job.id, *children]
-        self.conn.execute(delete(_EVENTS).where(_EVENTS.c.job_id.in_(ids)))
+        self.conn.execute(delete(EVENTS).where(EVENTS.c.job_id.in_(ids)))
         self.conn.execute(delete(JOBS).where(JOBS.c.id.in_(ids)))
         for job_id in ids:
             self.rows[job_id] = None

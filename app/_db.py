@@ -139,6 +139,9 @@ class EventRow(Base):
     __table_args__ = (Index("ix_job_events_job_seq", "job_id", "seq", unique=True),)
 
 
+EVENTS = cast(Table, EventRow.__table__)
+
+
 class FileRow(Base):
     """A file's metadata; its bytes are in the object store under its id."""
 

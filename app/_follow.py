@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from app._exceptions import TooSlowError
 from app._hub import Applied, Hub, Subscription
+from app._queries import QUICK_PAGE
 from streams import JobStatus
 
 if TYPE_CHECKING:
@@ -82,11 +83,13 @@ class Replay:
 
     async def page(self) -> list[EventRow] | None:
         """The next page (maybe empty); None when the job is gone or not `access`'s (None: any)."""
-        rows, job = await self.history.history(self.job_id, self.last, HISTORY_PAGE)
+        # The first page is short (most jobs have fewer events): it is read without a thread hop.
+        limit = HISTORY_PAGE if self.job is not None else QUICK_PAGE
+        rows, job = await self.history.history(self.job_id, self.last, limit)
         if job is None or (self.access is not None and job.owner != self.access):
             self.more = False
             return None
-        self.job, self.more = job, len(rows) == HISTORY_PAGE
+        self.job, self.more = job, len(rows) == limit
         if rows:
             self.last = rows[-1].seq
         return rows

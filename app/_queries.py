@@ -7,11 +7,17 @@ from dataclasses import dataclass
 from sqlalchemy import Connection, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app._db import JOBS, Database, EventRow, JobRow
+from app._db import EVENTS, JOBS, Database, EventRow, JobRow
 from app._exceptions import NotFoundError, not_found
 from app._queue import page_positions, queue_position
 from app._schemas import Job, JobPage, QueuePosition
 from streams import ACTIVE_STATUSES
+
+QUICK_PAGE = 50
+"""A history page this short (a follower's first: most jobs have fewer events) is read on the
+synchronous reader, as a job by id is. Thousands of followers connecting at once each waited for
+one of the async pool's 15 connections and its thread hop; past the pool's 30 s wait, their streams
+failed (P3, 10k clients each on its own job). Longer pages stay on the pool, off the event loop."""
 
 
 def job_view(row: JobRow, queue_position: QueuePosition | None = None) -> Job:
@@ -125,11 +131,26 @@ class JobQueries:
     ) -> tuple[list[EventRow], Job | None]:
         """The job's recorded events after `after` (the first `limit` of them), and the job, read in
         one snapshot."""
+        if limit is not None and limit <= QUICK_PAGE:
+            return self._history_now(job_id, after, limit)
         query = select(EventRow).where(EventRow.job_id == job_id, EventRow.seq > after).order_by(EventRow.seq)
         async with self.db.session() as session, session.begin():
             rows = list(await session.scalars(query.limit(limit) if limit is not None else query))
             job = await session.get(JobRow, job_id)
         return rows, (job_view(job) if job else None)
+
+    def _history_now(self, job_id: str, after: int, limit: int) -> tuple[list[EventRow], Job | None]:
+        """`history` for a short page, on the synchronous reader, in one read transaction."""
+        with self.db.reader.connect() as conn, conn.begin():
+            rows = conn.execute(
+                select(EVENTS)
+                .where(EVENTS.c.job_id == job_id, EVENTS.c.seq > after)
+                .order_by(EVENTS.c.seq)
+                .limit(limit)
+            ).all()
+            job = conn.execute(select(JOBS).where(JOBS.c.id == job_id)).first()
+        events = [EventRow(**row._mapping) for row in rows]
+        return events, (job_view(JobRow(**job._mapping)) if job is not None else None)
 
     async def owner_history(self, owner: str, after: int, limit: int) -> list[EventRow]:
         """The first `limit` recorded events after `after` of all of `owner`'s jobs, in stream order."""

@@ -139,6 +139,36 @@ async def test_sse_on_finished_job_replays_history_and_ends(
     assert first[-1][0] == done["last_event_id"]
 
 
+async def test_sse_replays_a_short_history_while_every_pooled_connection_is_taken(
+    api: ApiServer, client: httpx.AsyncClient, worker: WorkerRunner
+) -> None:
+    """Thousands of followers connecting at once each waited for one of the async pool's
+    connections to read the history; past the pool's 30 s wait their streams failed (P3, 10k
+    clients each on its own job). A follower's first, short page needs no pooled connection."""
+    job = await submit(client, params={"steps": 2})
+    done = await wait_terminal(client, job["id"])
+    assert api.app is not None
+    engine = api.app.state.queries.db.engine
+    held = []
+    try:
+        while True:  # take every connection the pool will give, overflow included
+            try:
+                held.append(await asyncio.wait_for(engine.connect(), 0.5))
+            except TimeoutError:
+                break
+        assert len(held) >= 5
+
+        async with asyncio.timeout(5):
+            messages = await read_sse(client, job["id"])
+    finally:
+        for conn in held:
+            await conn.close()
+    check_envelopes(messages, job["id"])
+    assert messages[0][1] == "submitted"
+    assert messages[-1][1] == "completed"
+    assert messages[-1][0] == done["last_event_id"]
+
+
 async def test_sse_failed_job_ends_after_failed(client: httpx.AsyncClient, worker: WorkerRunner) -> None:
     job = await submit(client, params={"steps": 1, "fail": True, "error": "boom"})
     messages = await read_sse(client, job["id"])
