@@ -277,9 +277,10 @@ def _extended(piece: _Piece, earliest: float, latest: float | None, limits: Limi
 def fix_timing(
     cues: Sequence[Cue], limits: Limits, media_end: float | None = None
 ) -> tuple[list[Cue], list[Flag]]:
-    """Fix what needs no model: drop empty cues, split too-long ones, and merge a too-fast or too-short
-    cue with a neighbour when the result passes every limit, or else extend it into the gaps around
-    it (up to `media_end` after the last). Returns the cues, numbered 1..n, and the flags fixed."""
+    """Fix what needs no model: drop empty cues, split too-long ones, show a too-fast or too-short cue
+    longer, into the gaps around it (up to `media_end` after the last), or where the gaps are too
+    short merge it with a neighbour if the result passes every limit. Returns the cues, numbered
+    1..n, and the flags fixed."""
     fixed: list[Flag] = []
     pieces: list[_Piece] = []
     for cue in cues:
@@ -306,6 +307,16 @@ def fix_timing(
             i += 1
             continue
         previous, following = (pieces[i - 1] if i else None), (pieces[i + 1] if i + 1 < len(pieces) else None)
+        earliest = previous.end if previous is not None else 0.0
+        latest = following.start if following is not None else media_end
+        # Showing it longer keeps the text where it is spoken; a merge only when the gaps are too short.
+        extended = _extended(piece, earliest, latest, limits)
+        if not flags(extended):
+            how = f"shown longer: {extended.start:.3f}-{extended.end:.3f} s, into the gaps around it"
+            fixed.extend(msgspec.structs.replace(f, how=how) for f in problems)
+            pieces[i] = extended
+            i += 1
+            continue
         if following is not None:
             merged = _Piece(piece.start, following.end, f"{piece.text} {following.text}")
             if _fits(merged, limits):
@@ -319,12 +330,7 @@ def fix_timing(
                 fixed.extend(msgspec.structs.replace(f, how="merged with the previous cue") for f in problems)
                 pieces[i - 1 : i + 1] = [merged]
                 continue
-        earliest = previous.end if previous is not None else 0.0
-        latest = following.start if following is not None else media_end
-        pieces[i] = _extended(piece, earliest, latest, limits)
-        if not flags(pieces[i]):
-            how = f"shown longer: {pieces[i].start:.3f}-{pieces[i].end:.3f} s, into the gaps around it"
-            fixed.extend(msgspec.structs.replace(f, how=how) for f in problems)
+        pieces[i] = extended  # as readable as the gaps allow, and still flagged
         i += 1
     out = [
         Cue(n, p.start, p.end, subtitles.wrap_text(p.text, limits.max_line_length))
