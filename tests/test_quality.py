@@ -222,3 +222,8 @@ async def test_generate_srt_and_transcribe_report_quality_unless_it_is_off(
     assert transcript["checks"] == list(quality.TRANSCRIPT_CHECKS)
     assert_counts_match(transcript)
     assert "ask not what your country can do for you" in done[2]["result"]["text"].lower()
+    page = (await client.get(f"/ui/jobs/{on['id']}")).text
+    assert '<section class="card quality" id="quality">' in page
+    found, fixed, left = (section[n]["count"] for n in ("found", "fixed", "left"))
+    assert f"Found {found}, fixed {fixed}, left {left}" in " ".join(page.split())
+    assert "quality gate was off" in (await client.get(f"/ui/jobs/{off['id']}")).text
