@@ -145,10 +145,12 @@ def test_the_subtitle_gate_reports_bounded_lists_whose_counts_match() -> None:
     ]
     repair = quality.Repair(found=[], fixed=[])
     cues, report = quality.subtitle_gate(segments, repair, LIMITS, media_end=61.0)
-    assert report["enabled"] is True and report["checks"] == list(quality.SUBTITLE_CHECKS)
+    assert report["enabled"] is True
+    assert report["checks"] == list(quality.SUBTITLE_CHECKS)
     assert report["found"]["count"] == 60  # each cue too fast and too short
     assert len(report["found"]["flags"]) == quality.MAX_LISTED_FLAGS
-    assert report["fixed"]["count"] == 60 and report["left"] == {"count": 0, "flags": []}
+    assert report["fixed"]["count"] == 60
+    assert report["left"] == {"count": 0, "flags": []}
     assert report["limits"] == msgspec.to_builtins(LIMITS)
     assert len(msgspec.json.encode(report)) < 16_000
     subtitles.validate_srt(subtitles.to_srt(cues))
@@ -191,8 +193,10 @@ def assert_counts_match(section: dict[str, Any]) -> None:
         listed = section[name]
         assert len(listed["flags"]) == min(listed["count"], quality.MAX_LISTED_FLAGS), name
         for flag in listed["flags"]:
-            assert flag["check"] in section["checks"] and flag["start"] <= flag["end"], flag
-            assert flag["why"] and (flag["how"] is not None) == (name == "fixed"), flag
+            assert flag["check"] in section["checks"], flag
+            assert flag["start"] <= flag["end"], flag
+            assert flag["why"], flag
+            assert (flag["how"] is not None) == (name == "fixed"), flag
 
 
 @pytest.mark.slow
@@ -216,7 +220,8 @@ async def test_generate_srt_and_transcribe_report_quality_unless_it_is_off(
     assert section["left"]["count"] == 0, section  # JFK's speech is clean, or fixed in place
     srt = next(o for o in done[0]["result"]["outputs"] if o["name"].endswith(".srt"))
     cues = subtitles.validate_srt((await download(client, srt["file_id"])).text)
-    assert len(cues) == done[0]["result"]["cues"] and quality.cue_flags(cues, LIMITS) == []
+    assert len(cues) == done[0]["result"]["cues"]
+    assert quality.cue_flags(cues, LIMITS) == []
     assert done[1]["result"]["quality"] == {"enabled": False}
     transcript = done[2]["result"]["quality"]
     assert transcript["checks"] == list(quality.TRANSCRIPT_CHECKS)
