@@ -119,6 +119,30 @@ class TranscribeParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True)
     ) = None
     device: WhisperDevice = None
     compute_type: WhisperComputeType = None
+    quality_gate: Annotated[
+        bool,
+        msgspec.Meta(
+            description="Check the segments (and cues) for loops, empty or filler-only text, reading speed and"
+            " time on screen; transcribe flagged ranges again with safer decoding, fix cue timing, and report"
+            " it all in the result's `quality`.",
+        ),
+    ] = True
+    max_cps: Annotated[
+        float,
+        msgspec.Meta(
+            ge=5,
+            le=100,
+            description="Characters per second a viewer can read: faster cues are flagged and fixed.",
+        ),
+    ] = 20.0
+    min_cue_duration: Annotated[
+        float,
+        msgspec.Meta(
+            ge=0,
+            le=10,
+            description="Seconds a cue stays on screen at least: shorter ones are flagged and fixed.",
+        ),
+    ] = 0.7
 
 
 class GenerateSrtParams(TranscribeParams, kw_only=True, forbid_unknown_fields=True):
@@ -137,6 +161,10 @@ class GenerateSrtParams(TranscribeParams, kw_only=True, forbid_unknown_fields=Tr
     max_cue_duration: Annotated[
         float, msgspec.Meta(ge=0.5, le=60, description="Seconds a cue stays on screen at most.")
     ] = 7.0
+
+    def __post_init__(self) -> None:
+        if self.min_cue_duration >= self.max_cue_duration:
+            raise ValueError("min_cue_duration must be below max_cue_duration")
 
 
 class DetectLanguageParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

@@ -8,11 +8,18 @@ from typing import Any
 import msgspec
 
 from streams import MAX_INLINE_TEXT_BYTES, GenerateSrtParams, TranscribeParams, clip_text, parse_params
-from workers import subtitles
+from workers import quality, subtitles
 from workers._context import JobContext
 from workers._errors import JobCancelledError, PermanentError
 from workers.media import MediaError, probe
-from workers.whisper import AudioError, ModelError, Transcript, TranscriptionCancelled
+from workers.whisper import (
+    AudioError,
+    ModelError,
+    Transcript,
+    TranscriptionCancelled,
+    TranscriptSegment,
+    transcribe_ranges,
+)
 from workers.whisper import transcribe as run_whisper
 
 
@@ -45,6 +52,31 @@ async def _transcript(ctx: JobContext, params: TranscribeParams) -> tuple[Path, 
     return source, transcript
 
 
+async def _repaired(
+    ctx: JobContext, params: TranscribeParams, source: Path, transcript: Transcript
+) -> tuple[Transcript, quality.Repair]:
+    """The transcript with its loops and empty or filler-only ranges transcribed again with safer
+    decoding, where that came out better (see workers/quality.py)."""
+
+    def rerun(ranges: list[tuple[float, float]]) -> list[list[TranscriptSegment]]:
+        ctx.progress(100.0, f"quality gate: transcribing {len(ranges)} flagged ranges again")
+        return transcribe_ranges(
+            source, ranges, model=params.model, language=transcript.language, task=params.task,
+            beam_size=params.beam_size, word_timestamps=params.word_timestamps,
+            initial_prompt=params.initial_prompt, device=params.device, compute_type=params.compute_type,
+            cancelled=ctx.cancelled.is_set,
+        )  # fmt: skip
+
+    try:
+        segments, repair = await ctx.run_blocking(quality.repair_segments, transcript.segments, rerun)
+    except TranscriptionCancelled as exc:
+        raise JobCancelledError(str(exc)) from None
+    if not repair.kept:
+        return transcript, repair
+    text = " ".join(s.text for s in segments if s.text)
+    return msgspec.structs.replace(transcript, text=text, segments=segments), repair
+
+
 async def _text_file(ctx: JobContext, text: str, stem: str) -> dict[str, Any]:
     """The full text stored as the job's .txt output."""
     path = ctx.workdir / "transcript.txt"
@@ -66,7 +98,12 @@ async def transcribe(ctx: JobContext) -> dict[str, Any]:
     """Speech to text: the text (cut past the bound of a result), language and duration; the
     segments (and words) only in the .json output, the full text in the .txt."""
     params = parse_params(ctx.params, TranscribeParams)
-    source, transcript = await _transcript(ctx, params)
+    source, first = await _transcript(ctx, params)
+    transcript, report = first, quality.OFF
+    if params.quality_gate:
+        transcript, repair = await _repaired(ctx, params, source, first)
+        limits = quality.Limits(max_cps=params.max_cps, min_cue_duration=params.min_cue_duration)
+        report = quality.transcript_gate(first.segments, transcript.segments, repair, limits)
     json_path = ctx.workdir / "transcript.json"
     json_path.write_bytes(msgspec.json.encode(transcript))
     outputs = [
@@ -75,7 +112,7 @@ async def transcribe(ctx: JobContext) -> dict[str, Any]:
     ]
     return {
         **_inline_text(ctx, transcript.text, outputs[1]), "language": transcript.language,
-        "duration_s": transcript.duration_s, "outputs": outputs,
+        "duration_s": transcript.duration_s, "quality": report, "outputs": outputs,
     }  # fmt: skip
 
 
@@ -83,6 +120,9 @@ async def generate_srt(ctx: JobContext) -> dict[str, Any]:
     """Speech to subtitles: validated .srt and .vtt files."""
     params = parse_params(ctx.params, GenerateSrtParams)
     source, transcript = await _transcript(ctx, params)
+    repair = None
+    if params.quality_gate:
+        transcript, repair = await _repaired(ctx, params, source, transcript)
     segments = [
         subtitles.Segment(
             start=s.start,
@@ -92,10 +132,14 @@ async def generate_srt(ctx: JobContext) -> dict[str, Any]:
         )
         for s in transcript.segments
     ]
-    cues = subtitles.build_cues(
-        segments, max_line_length=params.max_line_length, max_lines_per_cue=params.max_lines_per_cue,
-        max_cue_duration=params.max_cue_duration,
+    limits = quality.Limits(
+        max_cps=params.max_cps, min_cue_duration=params.min_cue_duration, max_cue_duration=params.max_cue_duration,
+        max_line_length=params.max_line_length, max_lines_per_cue=params.max_lines_per_cue,
     )  # fmt: skip
+    if repair is not None:
+        cues, report = quality.subtitle_gate(segments, repair, limits, media_end=transcript.duration_s)
+    else:
+        cues, report = quality.build_cues(segments, limits), quality.OFF
     srt, vtt = subtitles.to_srt(cues), subtitles.to_vtt(cues)
     subtitles.validate_srt(srt)
     subtitles.validate_vtt(vtt)
@@ -112,5 +156,5 @@ async def generate_srt(ctx: JobContext) -> dict[str, Any]:
         text = _inline_text(ctx, transcript.text, outputs[-1])
     return {
         "language": transcript.language, "duration": transcript.duration_s, "cues": len(cues), **text,
-        "outputs": outputs,
+        "quality": report, "outputs": outputs,
     }  # fmt: skip

@@ -20,6 +20,7 @@ import msgspec
 import numpy as np
 from faster_whisper import WhisperModel
 from faster_whisper.audio import decode_audio
+from faster_whisper.transcribe import Segment as WhisperSegment
 from faster_whisper.utils import download_model
 
 DEFAULT_MODEL = "tiny.en"
@@ -221,6 +222,23 @@ def _load_head(path: str | os.PathLike[str], sampling_rate: int, seconds: float)
     return np.concatenate(chunks)[:wanted].astype(np.float32) / 32768.0
 
 
+def _segment(
+    seg: WhisperSegment, word_timestamps: bool, offset: float = 0.0, until: float | None = None
+) -> TranscriptSegment:
+    """A faster-whisper segment as a TranscriptSegment, its times moved by `offset` (a clip's start)."""
+    words = None
+    if word_timestamps:
+        # word times come back as numpy floats, which msgspec will not encode
+        words = [
+            TranscriptWord(float(w.start) + offset, float(w.end) + offset, w.word, float(w.probability))
+            for w in seg.words or []
+        ]
+    end = float(seg.end) + offset
+    return TranscriptSegment(
+        float(seg.start) + offset, end if until is None else min(end, until), seg.text.strip(), words
+    )
+
+
 def detect_language(
     path: str | os.PathLike[str],
     *,
@@ -279,14 +297,7 @@ def transcribe(
     # The generator decodes lazily: each next() is one window of work, so this loop is where
     # progress is real and where cancellation can take effect.
     for seg in segments_iter:
-        words = None
-        if word_timestamps:
-            # word times come back as numpy floats, which msgspec will not encode
-            words = [
-                TranscriptWord(float(w.start), float(w.end), w.word, float(w.probability))
-                for w in seg.words or []
-            ]
-        segments.append(TranscriptSegment(float(seg.start), float(seg.end), seg.text.strip(), words))
+        segments.append(_segment(seg, word_timestamps))
         if progress is not None:
             # 100 is reserved for "done": the last segment often ends before the audio does.
             percent = min(seg.end / duration * 100.0, 99.9) if duration else 99.9
@@ -299,3 +310,48 @@ def transcribe(
         progress(100.0, f"transcribed {total}")
     text = " ".join(s.text for s in segments if s.text)
     return Transcript(text=text, language=info.language, duration_s=duration, segments=segments)
+
+
+SAFER_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+"""Temperature fallback: a window that decodes into a loop (high compression ratio) or with low
+confidence is decoded again, warmer, instead of kept."""
+
+
+def transcribe_ranges(
+    path: str | os.PathLike[str],
+    ranges: list[tuple[float, float]],
+    *,
+    model: str = DEFAULT_MODEL,
+    language: str | None = None,
+    task: str = "transcribe",
+    beam_size: int = 5,
+    word_timestamps: bool = False,
+    initial_prompt: str | None = None,
+    device: str | None = None,
+    compute_type: str | None = None,
+    cancelled: CancelledFn | None = None,
+    cache: ModelCache | None = None,
+) -> list[list[TranscriptSegment]]:
+    """Transcribe each (start, end) range of a file again with safer decoding (no conditioning on
+    the previous text, voice activity detection, temperature fallback); segments in the file's times."""
+    whisper = (cache or MODEL_CACHE).get(model, device, compute_type)
+    rate = whisper.feature_extractor.sampling_rate
+    audio = _load_audio(path, rate)
+    results: list[list[TranscriptSegment]] = []
+    for start, end in ranges:
+        # The range is cut here rather than given as clip_timestamps: faster-whisper ignores
+        # vad_filter when clip_timestamps are set.
+        clip = audio[int(start * rate) : int(end * rate)]
+        segments_iter, _ = whisper.transcribe(
+            clip, language=language, task=task, beam_size=beam_size, vad_filter=True,
+            condition_on_previous_text=False, temperature=SAFER_TEMPERATURES,
+            word_timestamps=word_timestamps, initial_prompt=initial_prompt,
+        )  # fmt: skip
+        segments: list[TranscriptSegment] = []
+        for seg in segments_iter:
+            segments.append(_segment(seg, word_timestamps, offset=start, until=end))
+            if cancelled is not None and cancelled():
+                segments_iter.close()
+                raise TranscriptionCancelled(f"cancelled re-transcribing {format_clock(start)}")
+        results.append(segments)
+    return results

@@ -152,7 +152,11 @@ class UiController(Controller):
         staged = [o for s in result.get("stages", ()) if isinstance(s, dict) for o in s.get("outputs", ())]
         outputs = [o for o in (*result.get("outputs", ()), *staged) if isinstance(o, dict)]
         text_keys = ("text", "text_truncated", "text_file_id", "text_url")
-        details = {k: v for k, v in result.items() if k not in ("outputs", "stages", "segments", *text_keys)}
+        details = {
+            k: v
+            for k, v in result.items()
+            if k not in ("outputs", "stages", "segments", "quality", *text_keys)
+        }
         return {
             "job": job, "children": children, "pipeline": job.pool == PIPELINE_POOL, "names": await files.names(ids, owner), "outputs": outputs,
             "text": result.get("text") if isinstance(result.get("text"), str) else None,
