@@ -20,8 +20,10 @@ import msgspec
 
 from streams._env import env_int
 
-CACHE_KEY_VERSION = 1
-"""Part of every key: raised when the key's material changes meaning, so old entries miss."""
+CACHE_KEY_VERSION = 2
+"""Part of every key: raised when the key's material changes meaning, or when the same material
+now gives other outputs, so old entries miss (2: generate_srt and transcribe run the quality gate
+by default)."""
 CACHE_MAX_BYTES = 2 << 30
 """Default bound of the cache buckets' bytes (2 GiB); JOBCAST_CACHE_MAX_BYTES overrides it."""
 
