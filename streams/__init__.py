@@ -125,6 +125,7 @@ from streams._server import NatsServer, durable_mode, nats_server_binary, stored
 from streams._speeds import (
     CHUNK_UNIT_OPERATIONS,
     MEDIA_UNIT_OPERATIONS,
+    SPEED_PARAMS,
     Speed,
     learned,
     speed_key,
@@ -194,6 +195,7 @@ __all__ = [
     "PIPELINE_POOL",
     "PRIORITIES",
     "SPEEDS_BUCKET",
+    "SPEED_PARAMS",
     "STREAM",
     "STREAM_MAX_BYTES",
     "TERMINAL_STATUSES",

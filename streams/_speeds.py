@@ -46,8 +46,10 @@ class Speed(msgspec.Struct, kw_only=True):
 def speed_key(operation: str, params: Mapping[str, Any]) -> str:
     """The speeds bucket key of a job: its operation and the params in SPEED_PARAMS it has, in a
     form NATS accepts as a key (letters, digits, `-`, `_`, `=`, joined by dots)."""
-    names = ("model",) if operation in CHUNK_UNIT_OPERATIONS else SPEED_PARAMS
-    parts = [operation, *(str(params.get(name) or "default") for name in names if name in params)]
+    names = (
+        () if operation == "convert" else ("model",) if operation in CHUNK_UNIT_OPERATIONS else SPEED_PARAMS
+    )
+    parts = [operation, *(str(params.get(name) or "default") for name in names)]
     key = ".".join(re.sub(r"[^A-Za-z0-9_=-]", "-", part) or "-" for part in parts)
     if len(key) > MAX_KEY_CHARS:
         key = key[: MAX_KEY_CHARS - 17] + "." + hashlib.sha256(key.encode()).hexdigest()[:16]
