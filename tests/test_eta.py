@@ -13,6 +13,7 @@ import nats
 import pytest
 
 from app._eta import estimated_start
+from jobcast.client import about, eta_text
 from streams import NatsServer, Speed, learned, speed_key, speeds_bucket
 from tests.conftest import WorkerRunner, submit, wait_terminal
 from tests.test_media_ops import FAST, JFK, SPEECH60, events, upload
@@ -135,6 +136,7 @@ async def test_a_job_waiting_behind_a_running_one_has_an_estimated_start(
     waiting = await submit(client, type="transcribe", file_id=source["id"], params=FAST, cache=False)
     assert waiting["status"] == "pending"
     found: list[tuple[float, float]] = []
+    pages: list[str] = []
     async with asyncio.timeout(30):
         while True:
             ahead = (await client.get(f"/api/v1/jobs/{running['id']}")).json()
@@ -145,9 +147,24 @@ async def test_a_job_waiting_behind_a_running_one_has_an_estimated_start(
                 found.append((job["estimated_start_s"], ahead["eta_s"]))
                 listed = (await client.get("/api/v1/jobs", params={"status": "pending"})).json()
                 assert [j["estimated_start_s"] for j in listed["items"] if j["id"] == waiting["id"]] != [None]
+                pages.append((await client.get(f"/ui/jobs/{waiting['id']}")).text)
+                pages.append((await client.get("/ui/jobs")).text)
             await asyncio.sleep(0.05)
     assert found, "no estimated start seen while the job waited"
     for start, left in found:  # one slot: it starts when the running one ends
         assert start == pytest.approx(left, abs=1.0)
     assert job["estimated_start_s"] is None  # running now
+    # The UI says it too: the waiting job's page, and the recent-jobs list (both jobs' rows).
+    assert "starts in about" in pages[0]
+    assert "starts in about" in pages[1]
+    assert " left</span>" in pages[1]
     await wait_terminal(client, waiting["id"])
+
+
+def test_cli_bars_say_the_eta() -> None:
+    assert eta_text("running", 170.0) == "about 3 min left"
+    assert eta_text("running", 12.0) == "about 10 s left"
+    assert eta_text("pending", None, 65.0) == "starts in about 1 min"
+    assert eta_text("running", None) == ""  # nothing measured: nothing said
+    assert eta_text("completed", 3.0) == ""
+    assert about(2 * 3600.0) == "about 2.0 h"
