@@ -27,21 +27,26 @@ def test_no_estimate_before_any_measurement() -> None:
     assert eta.estimate(0.0, now=1.0) is None  # units unknown
     eta.units = 60.0
     assert eta.estimate(0.0, now=1.0) is None  # no learned speed, nothing done yet
-    assert eta.estimate(5.0, now=1.0) is None  # too little of its own to go by
-    assert eta.estimate(50.0, now=10.0) == pytest.approx(10.0)  # its own speed: 10 s for half
+    assert eta.estimate(20.0, now=4.0) is None  # one point of its own: no pace yet
+    # 20 % to 60 % in 4 s: 10 s per half, from where it first moved (not from its start).
+    assert eta.estimate(60.0, now=8.0) == pytest.approx(0.4 * 10.0)
 
 
-def test_learned_speed_then_own_speed() -> None:
+def test_learned_speed_then_own_pace() -> None:
     eta = JobEta(started=100.0, speed=Speed(seconds_per_unit=0.5, job_seconds=5.0))
     eta.units = 10.0
     assert eta.estimate(0.0, now=100.0) == pytest.approx(5.0)  # 10 units at 0.5 s each
     assert eta.estimate(0.0, now=101.0) == pytest.approx(4.0)  # the time spent counts
-    # Half done in 1 s: its own pace says 2 s in all, the learned one 5 s; half way, half each.
-    assert eta.estimate(50.0, now=101.0) == pytest.approx(0.5 * 5.0 + 0.5 * 2.0 - 1.0)
+    assert eta.estimate(25.0, now=102.0) == pytest.approx(3.0)  # its first step: no pace of its own yet
+    # 25 % to 50 % in 0.5 s: its own pace leaves 1 s, the learned speed 2.5 s; half way, half each.
+    assert eta.estimate(50.0, now=102.5) == pytest.approx(0.5 * 2.5 + 0.5 * 1.0, abs=0.06)  # to 0.1 s
     assert eta.estimate(100.0, now=103.0) == 0.0
-    assert eta.estimate(0.0, now=200.0) == 0.0  # past what was expected: never negative
-    # 10 % done in 100 s: its own pace (1000 s) takes a tenth of the weight, and more is left.
-    assert eta.estimate(10.0, now=200.0) == pytest.approx(0.9 * 5.0 + 0.1 * 1000.0 - 100.0)
+    slow = JobEta(started=0.0, speed=Speed(seconds_per_unit=0.5, job_seconds=5.0))
+    slow.units = 10.0
+    assert slow.estimate(0.0, now=200.0) == 0.0  # past what was expected: never negative
+    slow.estimate(10.0, now=200.0)
+    # Slower than learned (10 % more took 100 s): its own pace (800 s left) weighs 20 %, and counts.
+    assert slow.estimate(20.0, now=300.0) == pytest.approx(0.2 * 800.0)
 
 
 def test_moving_average() -> None:
