@@ -24,6 +24,7 @@ from app._auth import (
 from app._commands import JobCommands
 from app._db import Database
 from app._deps import DEPENDENCIES
+from app._eta import EtaBoard
 from app._exceptions import ERROR_HANDLERS, document_errors, log_unexpected, send_request_id
 from app._files import FileService
 from app._freshness import Freshness, FreshnessMiddleware
@@ -91,7 +92,9 @@ def create_app(settings: Settings | None = None) -> Litestar:
             app.state.nats = nc
             app.state.projection = projection
             publisher = Publisher(settings, db, js, projection, hub)
-            app.state.queries = queries = JobQueries(db)
+            eta = EtaBoard(js)
+            eta.start(tasks)  # task `eta-watch`: learned speeds and live slots, for estimated starts
+            app.state.queries = queries = JobQueries(db, eta)
             app.state.commands = commands = JobCommands(publisher, queries)
             commands.pipelines.starter.start(tasks)  # task `pipelines`: each pipeline's next stage
             app.state.live = live = Live(settings, hub, queries)

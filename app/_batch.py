@@ -43,7 +43,7 @@ def _envelope(job: JobRow, seq: int, kind: str, attempt: int, ts: datetime, raw:
     return _encoder.encode(
         EventEnvelope(
             seq=seq, job_id=job.id, kind=kind, status=job.status, progress=job.progress,
-            current_step=job.current_step, attempt=attempt, ts=ts, event=msgspec.Raw(raw),
+            current_step=job.current_step, attempt=attempt, ts=ts, event=msgspec.Raw(raw), eta_s=job.eta_s,
         )
     )  # fmt: skip
 
@@ -59,7 +59,7 @@ _JOB_COLUMNS = tuple(column.name for column in JOBS.columns)
 _MUTABLE = (
     "status", "attempt", "progress", "current_step", "result", "error", "worker", "held_by", "exhausted",
     "callback_status", "queue_seq", "last_seq", "started_at", "completed_at", "updated_at", "file_id",
-    "file_name",
+    "file_name", "eta_s",
 )  # fmt: skip
 """The columns `fold` and the parent derivation change; a job's spec never changes, but for the input
 of a pipeline's stage, known once the stage before has completed."""

@@ -72,6 +72,8 @@ class JobRow(Base):
     parent_id: Mapped[str | None] = mapped_column(String(64))
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     current_step: Mapped[str] = mapped_column(Text, default="")
+    eta_s: Mapped[float | None] = mapped_column(Float)
+    """Seconds left of the running attempt, as its last progress event estimated; None otherwise."""
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     error: Mapped[str | None] = mapped_column(Text)
     attempt: Mapped[int] = mapped_column(Integer, default=1)

@@ -62,6 +62,7 @@ def fold(job: JobRow | None, event: Event, seq: int) -> tuple[JobRow | None, boo
             job.error = job.completed_at = None
         case Progress():
             job.status, job.progress, job.current_step = JobStatus.RUNNING, event.progress, event.step
+            job.eta_s = event.eta_s
         case Retrying():
             job.status, job.attempt, job.error = JobStatus.RETRYING, event.attempt, event.error
             job.current_step = f"retrying in {event.delay_s:.1f} s: {event.error}"
@@ -78,6 +79,8 @@ def fold(job: JobRow | None, event: Event, seq: int) -> tuple[JobRow | None, boo
             job.error = event.reason or None
         case _:
             return job, False
+    if not isinstance(event, Progress | CancelRequested):
+        job.eta_s = None  # an estimate is of a running attempt, said by its progress events
     if is_terminal(event):
         job.attempt, job.completed_at = max(job.attempt, event.attempt), event.ts
     job.updated_at = event.ts
@@ -113,7 +116,7 @@ def _submitted(job: JobRow | None, event: Submitted, seq: int) -> JobRow | None:
         )
     job.status = JobStatus.SCHEDULED if scheduled else JobStatus.PENDING
     job.attempt = event.attempt
-    job.progress = 0.0
+    job.progress, job.eta_s = 0.0, None
     if not scheduled:
         job.current_step = "queued"
     elif event.waiting:

@@ -8,10 +8,11 @@ from sqlalchemy import Connection, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app._db import EVENTS, JOBS, Database, EventRow, JobRow
+from app._eta import EtaBoard
 from app._exceptions import NotFoundError, not_found
 from app._queue import page_positions, queue_position
 from app._schemas import Job, JobPage, QueuePosition
-from streams import ACTIVE_STATUSES
+from streams import ACTIVE_STATUSES, JobStatus
 
 QUICK_PAGE = 50
 """A history page this short (a follower's first: most jobs have fewer events) is read on the
@@ -20,7 +21,9 @@ one of the async pool's 15 connections and its thread hop; past the pool's 30 s 
 failed (P3, 10k clients each on its own job). Longer pages stay on the pool, off the event loop."""
 
 
-def job_view(row: JobRow, queue_position: QueuePosition | None = None) -> Job:
+def job_view(
+    row: JobRow, queue_position: QueuePosition | None = None, estimated_start_s: float | None = None
+) -> Job:
     """The client's view of a job row."""
     return Job(
         id=row.id, type=row.type, pool=row.pool, status=row.status, title=row.title,
@@ -33,6 +36,7 @@ def job_view(row: JobRow, queue_position: QueuePosition | None = None) -> Job:
         callback_url=row.callback_url, callback_status=row.callback_status,
         queue_position=queue_position, last_event_id=row.last_seq, created_at=row.created_at,
         started_at=row.started_at, completed_at=row.completed_at, updated_at=row.updated_at,
+        eta_s=row.eta_s if row.status == JobStatus.RUNNING else None, estimated_start_s=estimated_start_s,
     )  # fmt: skip
 
 
@@ -53,15 +57,25 @@ class JobFilter:
 class JobQueries:
     """Reads of the projection (SQLite): jobs, their children and their recorded events."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, eta: EtaBoard | None = None) -> None:
         self.db = db
+        self.eta = eta
+        """Learned speeds and live slots, for a waiting job's `estimated_start_s` (None: no estimates)."""
 
     async def get(self, job_id: str, owner: str | None, *, positioned: bool = True) -> Job:
         """The job, if `owner` may see it (None: any owner); raises NotFoundError. Without
         `positioned`, no queue-position counts (for views that do not show it, e.g. Compileo's)."""
         with self.db.reader.connect() as conn:  # two indexed reads: quicker than a thread hop
             row = self._visible_row(conn, job_id, owner)
-            return job_view(row, queue_position(conn, row) if positioned else None)
+            if not positioned:
+                return job_view(row)
+            return self._positioned(conn, row)
+
+    def _positioned(self, conn: Connection, row: JobRow) -> Job:
+        """The job with its queue position and, while it waits, its estimated start."""
+        position = queue_position(conn, row)
+        starts = {} if self.eta is None else self.eta.starts(conn, [row], {row.id: position})
+        return job_view(row, position, starts.get(row.id))
 
     async def check_visible(self, job_id: str, owner: str | None) -> None:
         """NotFoundError unless the job exists for `owner`; unlike `get`, no queue-position counts
@@ -120,11 +134,13 @@ class JobQueries:
             items = await self._with_positions(session, list(rows))
         return JobPage(items=items, total=total or 0, limit=limit, offset=offset)
 
-    @staticmethod
-    async def _with_positions(session: AsyncSession, rows: list[JobRow]) -> list[Job]:
-        """The jobs of a list, with their queue positions counted for all of them at once."""
+    async def _with_positions(self, session: AsyncSession, rows: list[JobRow]) -> list[Job]:
+        """The jobs of a list, with their queue positions counted for all of them at once (and the
+        estimated starts of the waiting ones, one statement per pool)."""
         positions = await session.run_sync(page_positions, rows)
-        return [job_view(row, positions[row.id]) for row in rows]
+        eta = self.eta
+        starts = {} if eta is None else await session.run_sync(eta.starts, rows, positions)
+        return [job_view(row, positions[row.id], starts.get(row.id)) for row in rows]
 
     async def history(
         self, job_id: str, after: int, limit: int | None = None
@@ -181,5 +197,4 @@ class JobQueries:
                 .order_by(JOBS.c.submit_seq.desc())
                 .limit(1)
             ).first()
-            row = None if found is None else JobRow(**found._mapping)
-            return None if row is None else job_view(row, queue_position(conn, row))
+            return None if found is None else self._positioned(conn, JobRow(**found._mapping))

@@ -225,6 +225,12 @@ class Job(msgspec.Struct, kw_only=True):
     ] = 0
     progress_message: Annotated[str, msgspec.Meta(description="Seed 003's name of `current_step`")] = ""
     error_message: Annotated[str | None, msgspec.Meta(description="Seed 003's name of `error`")] = None
+    eta_s: float | None = None
+    """A running job's seconds left, from the learned speed of its operation, model, device and
+    compute type and its own progress; null before anything was measured and once it is not running."""
+    estimated_start_s: float | None = None
+    """A pending job's seconds until a worker takes it: the work ahead of it in its pool at the
+    learned speeds, spread over the pool's live slots; null when any part of that is unknown."""
 
     def __post_init__(self) -> None:
         """Seed 003's names always say what jobcast's say."""
@@ -265,6 +271,8 @@ class EventEnvelope(msgspec.Struct, kw_only=True):
     attempt: int
     ts: datetime
     event: msgspec.Raw
+    eta_s: float | None = None
+    """The job's seconds left after this event (Job.eta_s): null unless it is running and measured."""
 
 
 class SseMessage(msgspec.Struct, kw_only=True):

@@ -103,27 +103,56 @@ def submit(
     return follow(client, jobs, out)
 
 
+def about(seconds: float) -> str:
+    """ "about 3 min": rounded as the UI rounds it (5 s steps under a minute, minutes under 90)."""
+    if seconds < 60:
+        return f"about {max(5, round(seconds / 5) * 5)} s"
+    if seconds < 5400:
+        return f"about {round(seconds / 60)} min"
+    return f"about {seconds / 3600:.1f} h"
+
+
+def eta_text(status: str, eta_s: float | None, estimated_start_s: float | None = None) -> str:
+    """A bar's ETA: the time left of a running job, the wait of a pending one; empty when unknown."""
+    if status == "running" and eta_s is not None:
+        return f"{about(eta_s)} left"
+    if status == "pending" and estimated_start_s is not None:
+        return f"starts in {about(estimated_start_s)}"
+    return ""
+
+
 def follow(client: Client, jobs: list[dict[str, Any]], out: Path | None) -> int:
     """A progress bar per job (per child of a batch, per stage of a pipeline, in their order),
     fed by SSE; downloads every output to `out` when given. 1 unless every one completed."""
     failed = 0
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>5.1f}%"),
-               TextColumn("{task.fields[step]}"), TimeElapsedColumn())  # fmt: skip
+               TextColumn("{task.fields[step]}"), TimeElapsedColumn(), TextColumn("{task.fields[eta]}"))  # fmt: skip
     shown = [
         child for job in jobs for child in client.call("GET", f"/api/v1/jobs/{job['id']}/children") or [job]
     ]
     with Progress(*columns, console=console) as bars:
         tasks: list[TaskID] = [
-            bars.add_task(job.get("title") or job["id"][:8], total=100, step=job["status"]) for job in shown
+            bars.add_task(
+                job.get("title") or job["id"][:8],
+                total=100,
+                step=job["status"],
+                eta=eta_text(job["status"], job.get("eta_s"), job.get("estimated_start_s")),
+            )
+            for job in shown
         ]
         for job, task in zip(shown, tasks, strict=True):
             status = job["status"]
             for event in client.events(job["id"]):
                 status = event["status"]
-                bars.update(task, completed=event["progress"], step=event["current_step"][:40])
+                bars.update(
+                    task, completed=event["progress"], step=event["current_step"][:40],
+                    eta=eta_text(status, event.get("eta_s")),
+                )  # fmt: skip
             final = client.call("GET", f"/api/v1/jobs/{job['id']}")
             bars.update(
-                task, step=final["status"] if final["status"] != "failed" else f"failed: {final['error']}"
+                task,
+                step=final["status"] if final["status"] != "failed" else f"failed: {final['error']}",
+                eta="",
             )
             failed += status != "completed"
             if out is not None and final["result"]:

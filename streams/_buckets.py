@@ -101,6 +101,31 @@ async def callbacks_bucket(js: JetStreamContext) -> KeyValue:
     )
 
 
+SPEEDS_BUCKET = "JOBCAST_SPEEDS"
+"""KV bucket of learned speeds (streams.Speed), one small value per streams.speed_key: workers
+create it and write it when a job completes; the API only reads it."""
+SPEEDS_MAX_BYTES = 1 << 20
+"""Bound of the speeds bucket: thousands of keys at history 1; each value is under 200 bytes."""
+
+
+async def speeds_bucket(js: JetStreamContext) -> KeyValue:
+    """The learned-speeds bucket, created on first use (history 1: a key holds its average)."""
+    return await _key_value(
+        js,
+        js_api.KeyValueConfig(
+            bucket=SPEEDS_BUCKET, history=1, max_bytes=SPEEDS_MAX_BYTES, storage=js_api.StorageType.FILE
+        ),
+    )
+
+
+async def existing_speeds_bucket(js: JetStreamContext) -> KeyValue | None:
+    """The speeds bucket if a worker has created it (None before any has): the API only reads it."""
+    try:
+        return await js.key_value(SPEEDS_BUCKET)
+    except BucketNotFoundError:
+        return None
+
+
 KEYS_BUCKET = "JOBCAST_KEYS"
 """KV bucket of API keys, one entry per key name; only the key's sha256 is stored."""
 

@@ -102,6 +102,9 @@ class Progress(_Event, frozen=True, tag="progress"):
 
     progress: float
     step: str = ""
+    eta_s: float | None = None
+    """Seconds of work left, from the learned speed of the operation (streams.Speed) and the job's
+    own so far; None while nothing has been measured (never a made-up figure)."""
 
     status = JobStatus.RUNNING
 

@@ -19,7 +19,18 @@ from app._hub import Applied, Hub, sse_frame
 from app._sse import SseFanout, SseFollower
 from tests.conftest import TERMINAL, ApiServer, WorkerRunner, submit, wait_terminal
 
-ENVELOPE_KEYS = {"seq", "job_id", "kind", "status", "progress", "current_step", "attempt", "ts", "event"}
+ENVELOPE_KEYS = {
+    "seq",
+    "job_id",
+    "kind",
+    "status",
+    "progress",
+    "current_step",
+    "attempt",
+    "ts",
+    "event",
+    "eta_s",
+}
 
 
 async def read_sse(

@@ -129,6 +129,7 @@ async def test_ready_lists_every_supervised_task(client: httpx.AsyncClient) -> N
             "retention-sweep",
             "cpu-sampler",
             "pipelines",
+            "eta-watch",
         )
     }
 

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import shutil
+import time
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -20,9 +21,12 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from streams import (
+    CHUNK_UNIT_OPERATIONS,
+    MEDIA_UNIT_OPERATIONS,
     OPERATIONS,
     Cancelled,
     CancelRequested,
+    Completed,
     Event,
     Failed,
     Progress,
@@ -34,11 +38,13 @@ from streams import (
     events_subject,
     is_terminal,
     job_id_of,
+    speed_key,
     utcnow,
 )
 from workers._cache import StageCache
 from workers._context import Handler, JobContext, Reporter
 from workers._errors import PublishGaveUpError
+from workers._eta import SpeedBook
 from workers._events import Events
 from workers._files import WorkerFiles
 from workers._outcome import backoff, outcome_of, restamped, time_limit
@@ -68,6 +74,7 @@ class AttemptRunner:
         announce: Callable[[], None],
         slot_free: asyncio.Event,
         cache: StageCache | None = None,
+        speeds: SpeedBook | None = None,
     ) -> None:
         self.nc = nc
         self.settings = settings
@@ -83,6 +90,8 @@ class AttemptRunner:
         """Set when a run ends: the fetch loop may take the next job."""
         self.cache = cache
         """The stage cache: a cacheable job is looked up before its handler and stored after it."""
+        self.speeds = speeds
+        """The learned speeds: a job's ETA starts from its key's, and a completed job updates it."""
 
     async def process(self, msg: Msg) -> None:
         """Run one delivery of a job message and settle it (ack, nak or term)."""
@@ -104,7 +113,13 @@ class AttemptRunner:
         async def publish_progress(percent: float, step: str) -> None:
             with contextlib.suppress(nats.errors.Error):
                 await self.events.publish(
-                    Progress(job_id=job.job_id, attempt=attempt, progress=percent, step=step)
+                    Progress(
+                        job_id=job.job_id,
+                        attempt=attempt,
+                        progress=percent,
+                        step=step,
+                        eta_s=ctx.eta.estimate(percent, time.monotonic()),
+                    )
                 )
 
         reporter = Reporter(publish_progress, asyncio.get_running_loop())
@@ -158,13 +173,18 @@ class AttemptRunner:
         # It leaves first on this connection, so the stream stores it before the handler's
         # progress; its ack is awaited before the outcome is published.
         started = asyncio.create_task(self.events.publish_reliably(Started(**ids, delivery=delivery)))
+        took_s = 0.0
         try:
             if running.cancel_reason is not None:
                 outcome: Event = Cancelled(**ids, reason=running.cancel_reason)
             else:
+                key = self._speed_key(job)
+                if key is not None and self.speeds is not None:
+                    running.ctx.eta.speed = await self.speeds.read(key)
                 handler = self.handlers[job.type]
                 running.start(handler if self.cache is None else self.cache.around(job, handler))
                 await running.finish(self.settings.cancel_grace_s)
+                took_s = time.monotonic() - running.ctx.eta.started
                 outcome = outcome_of(running, ids, delivery, self.settings)
         finally:
             await started
@@ -187,6 +207,23 @@ class AttemptRunner:
                 await running.msg.ack()
         else:
             await self._finish(running, outcome)
+            await self._learn(running, outcome, took_s)
+
+    @staticmethod
+    def _speed_key(job: Submitted) -> str | None:
+        """The job's key in the speeds bucket; None for an operation that counts no units."""
+        if job.type not in MEDIA_UNIT_OPERATIONS | CHUNK_UNIT_OPERATIONS:
+            return None
+        return speed_key(job.type, job.params)
+
+    async def _learn(self, running: RunningJob, outcome: Event, took_s: float) -> None:
+        """A job that completed by running (not from the stage cache) teaches its key's speed."""
+        key, units = self._speed_key(running.ctx.job), running.ctx.eta.units
+        if self.speeds is None or key is None or units is None or not isinstance(outcome, Completed):
+            return
+        if (outcome.result or {}).get("cached"):
+            return
+        await self.speeds.learn(key, took_s, units)
 
     async def _precheck(self, job: Submitted, ids: dict[str, Any], delivery: int) -> Early:
         """What to do instead of running (see `Early`)."""

@@ -13,8 +13,9 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, ParamSpec, Protocol, TypeVar
 
-from streams import Submitted
+from streams import MEDIA_UNIT_OPERATIONS, Submitted
 from workers._errors import JobCancelledError, PermanentError
+from workers._eta import JobEta
 from workers._files import WorkerFiles
 from workers._settings import WorkerSettings
 
@@ -147,6 +148,9 @@ class JobContext:
         self._threads = 0
         self._threads_idle = asyncio.Event()
         self._threads_idle.set()
+        self.eta = JobEta(time.monotonic())
+        """The run's ETA: its units come from `media_duration` / `work_units`, its learned speed from
+        the runtime; every progress event carries its estimate."""
 
     @property
     def workdir(self) -> Path:
@@ -215,6 +219,12 @@ class JobContext:
         """Say how long the input media is: an operation's default run-time limit grows with it."""
         if self._time_per_media_s:
             self.time_limit_s = self._base_limit_s + self._time_per_media_s * max(0.0, seconds)
+        if self.job.type in MEDIA_UNIT_OPERATIONS:
+            self.eta.units = max(0.0, seconds)
+
+    def work_units(self, units: float) -> None:
+        """Say how many units of work (LLM chunks) the job has: its ETA is counted in them."""
+        self.eta.units = max(0.0, units)
 
     async def run_blocking(self, func: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
         """Run blocking work in a thread; the runtime's heartbeat keeps the job alive meanwhile.

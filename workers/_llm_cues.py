@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -36,10 +37,13 @@ async def rewrite(
     instruction: Instruction,
     params: FixSrtParams,
     progress: Callable[[float, str], None] | None = None,
+    runs: int = 1,
 ) -> tuple[list[subtitles.Cue], llm.FixResult]:
     """`cues` with their text rewritten by the model as `instruction` says (times and count kept),
-    and how it went. A transient API failure is a Retry of the job, any other LLMError fails it."""
+    and how it went. A transient API failure is a Retry of the job, any other LLMError fails it.
+    The job's ETA counts its chunks: those of `runs` rewrites of these cues (a language each)."""
     settings = ctx.settings
+    ctx.work_units(math.ceil(len(cues) / max(1, params.chunk_size)) * runs)
     asked = [
         llm.Cue(index=c.index, start=str(c.start), end=str(c.end), text="\n".join(c.lines)) for c in cues
     ]

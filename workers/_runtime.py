@@ -34,10 +34,12 @@ from streams import (
     files_store,
     is_transient,
     pool_submissions,
+    speeds_bucket,
 )
 from workers._attempt import AttemptRunner
 from workers._cache import StageCache
 from workers._context import Handler
+from workers._eta import SpeedBook
 from workers._events import Events
 from workers._fetch import Fetcher
 from workers._files import WorkerFiles
@@ -107,6 +109,7 @@ class Worker:
             attempts = AttemptRunner(
                 self.nc, self.settings, self.handlers, events, self.files, running=self._running,
                 llm_slots=self.llm_slots, announce=self._announce, slot_free=self._slot_free, cache=cache,
+                speeds=SpeedBook(await speeds_bucket(self.js)),
             )  # fmt: skip
             await self.nc.subscribe(ALL_CONTROL, cb=attempts.on_control)
             await self.nc.subscribe(pool_submissions(self.settings.pool), cb=self.fetcher.on_submission)

@@ -48,7 +48,9 @@ async def translate_srt(ctx: JobContext) -> dict[str, Any]:
     for position, language in enumerate(params.languages):
         ctx.check_cancelled()
         progress = _share(ctx, position, params.languages)
-        out, done = await rewrite(ctx, cues, translating(language, params.sys_msg), params, progress)
+        out, done = await rewrite(
+            ctx, cues, translating(language, params.sys_msg), params, progress, runs=len(params.languages)
+        )
         srt, vtt = subtitles.to_srt(out), subtitles.to_vtt(out)
         subtitles.validate_srt(srt)
         subtitles.validate_vtt(vtt)

@@ -24,7 +24,22 @@ function show(el, message) {
 
 // ---- status badge and progress bar (same markup as the _status.html macros) ----
 
-function paint(scope, status, progress) {
+// "about 3 min": the same rounding as the about() macro of _status.html.
+function about(seconds) {
+  if (seconds < 60) return `${Math.max(5, Math.round(seconds / 5) * 5)} s`;
+  if (seconds < 5400) return `${Math.round(seconds / 60)} min`;
+  return `${(seconds / 3600).toFixed(1)} h`;
+}
+
+// A running job's time left from its events' eta_s; a pending one keeps the wait its page showed.
+function paintEta(scope, status, etaS) {
+  const eta = scope.querySelector("[data-role=eta]");
+  if (!eta || !status || (status === "pending" && etaS == null)) return;
+  eta.textContent = status === "running" && etaS != null ? `about ${about(etaS)} left` : "";
+}
+
+function paint(scope, status, progress, etaS) {
+  paintEta(scope, status, etaS);
   const badge = scope.querySelector("[data-role=status]");
   if (badge && status) {
     badge.textContent = status;
@@ -237,7 +252,7 @@ function initJob() {
     const env = JSON.parse(message.data);
     addToTimeline(env);
     root.dataset.status = env.status;
-    paint(live, env.status, env.progress);
+    paint(live, env.status, env.progress, env.eta_s);
     step.textContent = env.current_step;
     document.getElementById("attempt").textContent = env.attempt;
     const ended = terminal.has(env.status) && ["completed", "failed", "cancelled", "deleted"].includes(env.kind);
@@ -301,7 +316,7 @@ function connectRows(rows, url, lastEventId) {
   socket.addEventListener("message", (message) => {
     const env = JSON.parse(message.data);
     const row = env.job_id && env.kind && rows.get(env.job_id);
-    if (row) paint(row, env.status, env.progress);
+    if (row) paint(row, env.status, env.progress, env.eta_s);
   });
 }
 

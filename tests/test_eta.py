@@ -1,0 +1,175 @@
+"""ETA: the estimator and the learned speeds (pure), and end to end with a real whisper worker:
+`eta_s` on progress events and the job, `estimated_start_s` on a job waiting behind a running one."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime
+from typing import Any
+
+import httpx
+import msgspec
+import nats
+import pytest
+
+from app._eta import estimated_start
+from jobcast.client import about, eta_text
+from streams import NatsServer, Speed, learned, speed_key, speeds_bucket
+from tests.conftest import WorkerRunner, submit, wait_terminal
+from tests.test_media_ops import FAST, JFK, SPEECH60, events, upload
+from workers._eta import JobEta
+
+# the estimator, pure -------------------------------------------------------------------
+
+
+def test_no_estimate_before_any_measurement() -> None:
+    eta = JobEta(started=0.0)
+    assert eta.estimate(0.0, now=1.0) is None  # units unknown
+    eta.units = 60.0
+    assert eta.estimate(0.0, now=1.0) is None  # no learned speed, nothing done yet
+    assert eta.estimate(20.0, now=4.0) is None  # one point of its own: no pace yet
+    # 20 % to 60 % in 4 s: 10 s per half, from where it first moved (not from its start).
+    assert eta.estimate(60.0, now=8.0) == pytest.approx(0.4 * 10.0)
+
+
+def test_learned_speed_then_own_pace() -> None:
+    eta = JobEta(started=100.0, speed=Speed(seconds_per_unit=0.5, job_seconds=5.0))
+    eta.units = 10.0
+    assert eta.estimate(0.0, now=100.0) == pytest.approx(5.0)  # 10 units at 0.5 s each
+    assert eta.estimate(0.0, now=101.0) == pytest.approx(4.0)  # the time spent counts
+    assert eta.estimate(25.0, now=102.0) == pytest.approx(3.0)  # its first step: no pace of its own yet
+    # 25 % to 50 % in 0.5 s: its own pace leaves 1 s, the learned speed 2.5 s; half way, half each.
+    assert eta.estimate(50.0, now=102.5) == pytest.approx(0.5 * 2.5 + 0.5 * 1.0, abs=0.06)  # to 0.1 s
+    assert eta.estimate(100.0, now=103.0) == 0.0
+    slow = JobEta(started=0.0, speed=Speed(seconds_per_unit=0.5, job_seconds=5.0))
+    slow.units = 10.0
+    assert slow.estimate(0.0, now=200.0) == 0.0  # past what was expected: never negative
+    slow.estimate(10.0, now=200.0)
+    # Slower than learned (10 % more took 100 s): its own pace (800 s left) weighs 20 %, and counts.
+    assert slow.estimate(20.0, now=300.0) == pytest.approx(0.2 * 800.0)
+
+
+def test_moving_average() -> None:
+    first = learned(None, seconds=10.0, units=20.0, now=1.0)
+    assert (first.seconds_per_unit, first.job_seconds, first.samples) == (0.5, 10.0, 1)
+    second = learned(first, seconds=2.0, units=20.0, now=2.0)
+    assert second.seconds_per_unit == pytest.approx(0.5 * 0.1 + 0.5 * 0.5)
+    assert second.job_seconds == pytest.approx(6.0)
+    assert second.samples == 2
+
+
+def test_speed_keys() -> None:
+    params = {"model": "tiny.en", "device": None, "compute_type": "int8", "language": "en"}
+    assert speed_key("transcribe", params) == "transcribe.tiny-en.default.int8"
+    assert speed_key("convert", {"crf": 23}) == "convert"
+    assert speed_key("fix_srt", {"model": "gpt-4o", "chunk_size": 20}) == "fix_srt.gpt-4o"
+    long = speed_key("transcribe", {"model": "/models/" + "x" * 300})
+    assert len(long) <= 120
+    assert long != speed_key("transcribe", {"model": "/models/" + "y" * 300})
+
+
+def test_estimated_start_spreads_work_over_slots() -> None:
+    assert estimated_start([], 0, []) is None  # no live slot
+    assert estimated_start([], 2, []) == 0.0  # an idle slot
+    assert estimated_start([30.0], 1, []) == 30.0  # behind the running job
+    assert estimated_start([30.0], 1, [10.0, 10.0]) == 50.0
+    assert estimated_start([30.0, 5.0], 2, [10.0]) == 15.0  # the slot free first takes the next
+
+
+# end to end -----------------------------------------------------------------------------
+
+
+async def run_with_events(
+    client: httpx.AsyncClient, file_id: str
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Submit a transcription of jfk.flac (never from the stage cache) and its events until it ends."""
+    job = await submit(client, type="transcribe", file_id=file_id, params=FAST, cache=False)
+    seen = [envelope async for _, envelope in events(client, job["id"])]
+    return job, seen
+
+
+def progress_of(seen: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [e for e in seen if e["kind"] == "progress"]
+
+
+def at(envelope: dict[str, Any]) -> datetime:
+    return datetime.fromisoformat(envelope["event"]["ts"])
+
+
+@pytest.mark.slow
+async def test_third_run_predicts_its_time(
+    client: httpx.AsyncClient, gpu: WorkerRunner, nats_server: NatsServer
+) -> None:
+    source = await upload(client, "jfk.flac", JFK.read_bytes())
+    job, seen = await run_with_events(client, source["id"])
+    first = progress_of(seen)
+    assert first
+    assert first[0]["eta_s"] is None  # nothing measured yet
+    assert first[0]["event"]["eta_s"] is None
+    done = await wait_terminal(client, job["id"])
+    assert done["status"] == "completed"
+    assert done["eta_s"] is None  # not running: no ETA
+
+    await run_with_events(client, source["id"])
+    nc = await nats.connect(nats_server.url)
+    try:
+        entry = await (await speeds_bucket(nc.jetstream())).get("transcribe.tiny-en.default.default")
+        speed = msgspec.json.decode(entry.value or b"", type=Speed)
+    finally:
+        await nc.close()
+    assert speed.samples == 2
+    assert speed.seconds_per_unit > 0
+
+    # The third run: its first estimate (right after the probe, at 0 %) against the time it then took.
+    job, seen = await run_with_events(client, source["id"])
+    estimates = [e for e in progress_of(seen) if e["eta_s"] is not None]
+    assert estimates, seen
+    end = next(e for e in seen if e["kind"] == "completed")
+    took = (at(end) - at(estimates[0])).total_seconds()
+    assert 0.5 * took <= estimates[0]["eta_s"] <= 1.5 * took, (estimates[0]["eta_s"], took)
+    assert end["eta_s"] is None
+
+
+@pytest.mark.slow
+async def test_a_job_waiting_behind_a_running_one_has_an_estimated_start(
+    client: httpx.AsyncClient, gpu: WorkerRunner
+) -> None:
+    source = await upload(client, "jfk.flac", JFK.read_bytes())
+    await run_with_events(client, source["id"])  # one measurement
+    longer = await upload(client, "speech60.mp3", SPEECH60.read_bytes())  # a few seconds to look at
+    running = await submit(client, type="transcribe", file_id=longer["id"], params=FAST, cache=False)
+    waiting = await submit(client, type="transcribe", file_id=source["id"], params=FAST, cache=False)
+    assert waiting["status"] == "pending"
+    found: list[tuple[float, float]] = []
+    pages: list[str] = []
+    async with asyncio.timeout(30):
+        while True:
+            ahead = (await client.get(f"/api/v1/jobs/{running['id']}")).json()
+            job = (await client.get(f"/api/v1/jobs/{waiting['id']}")).json()
+            if job["status"] != "pending":
+                break
+            if job["estimated_start_s"] is not None and ahead["eta_s"] is not None:
+                found.append((job["estimated_start_s"], ahead["eta_s"]))
+                listed = (await client.get("/api/v1/jobs", params={"status": "pending"})).json()
+                assert [j["estimated_start_s"] for j in listed["items"] if j["id"] == waiting["id"]] != [None]
+                pages.append((await client.get(f"/ui/jobs/{waiting['id']}")).text)
+                pages.append((await client.get("/ui/jobs")).text)
+            await asyncio.sleep(0.05)
+    assert found, "no estimated start seen while the job waited"
+    for start, left in found:  # one slot: it starts when the running one ends
+        assert start == pytest.approx(left, abs=1.0)
+    assert job["estimated_start_s"] is None  # running now
+    # The UI says it too: the waiting job's page, and the recent-jobs list (both jobs' rows).
+    assert "starts in about" in pages[0]
+    assert "starts in about" in pages[1]
+    assert " left</span>" in pages[1]
+    await wait_terminal(client, waiting["id"])
+
+
+def test_cli_bars_say_the_eta() -> None:
+    assert eta_text("running", 170.0) == "about 3 min left"
+    assert eta_text("running", 12.0) == "about 10 s left"
+    assert eta_text("pending", None, 65.0) == "starts in about 1 min"
+    assert eta_text("running", None) == ""  # nothing measured: nothing said
+    assert eta_text("completed", 3.0) == ""
+    assert about(2 * 3600.0) == "about 2.0 h"
