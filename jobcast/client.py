@@ -121,6 +121,21 @@ def eta_text(status: str, eta_s: float | None, estimated_start_s: float | None =
     return ""
 
 
+def quality_text(result: dict[str, Any] | None) -> str:
+    """A finished subtitle job's quality gate in a line or a few: counts, then each flag left with
+    its time; empty when the result has no quality section."""
+    quality = (result or {}).get("quality")
+    if not isinstance(quality, dict):
+        return ""
+    if not quality.get("enabled"):
+        return "quality gate: off"
+    counts = ", ".join(f"{quality[part]['count']} {part}" for part in ("found", "fixed", "left"))
+    lines = [f"quality gate: {counts}"]
+    for flag in quality["left"]["flags"]:
+        lines.append(f"  left {flag['start']:.1f}-{flag['end']:.1f} s {flag['check']}: {flag['why']}")
+    return "\n".join(lines)
+
+
 def follow(client: Client, jobs: list[dict[str, Any]], out: Path | None) -> int:
     """A progress bar per job (per child of a batch, per stage of a pipeline, in their order),
     fed by SSE; downloads every output to `out` when given. 1 unless every one completed."""
@@ -155,6 +170,8 @@ def follow(client: Client, jobs: list[dict[str, Any]], out: Path | None) -> int:
                 eta="",
             )
             failed += status != "completed"
+            if summary := quality_text(final["result"]):
+                console.print(summary, markup=False)
             if out is not None and final["result"]:
                 out.mkdir(parents=True, exist_ok=True)
                 for output in final["result"].get("outputs", []):

@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
+from jobcast.client import quality_text
 from streams import NatsServer
 from tests.conftest import MEDIA, ApiServer, WorkerRunner, submit, wait_terminal
 from tests.llm_server import FakeLLM
@@ -142,6 +143,9 @@ async def test_pipeline_with_a_bar_per_stage_downloads_every_output(
     for stage in stages:  # one bar each, titled by its stage, ended by its status
         assert stage["title"] in stderr
     assert stderr.count("completed") >= 2
+    quality = stages[0]["result"]["quality"]  # the subtitles' quality gate, said in a line
+    found, fixed, left = (quality[part]["count"] for part in ("found", "fixed", "left"))
+    assert f"quality gate: {found} found, {fixed} fixed, {left} left" in stderr
     for name in ("jfk.srt", "jfk.vtt", "jfk.fixed.srt"):
         assert f"saved {out / name}" in stderr.replace("\n", "")
 
@@ -194,3 +198,24 @@ async def test_the_issue_pipeline_subtitles_fixed_and_translated_downloads_every
         assert f"[{language}] " in translated  # the stand-in's translation, of the fixed subtitles
         assert (out / f"jfk.fixed.{language}.vtt").read_text().startswith("WEBVTT")
     assert all(stage["title"] in stderr for stage in stages)  # a bar per stage
+
+
+def test_the_quality_line_lists_what_the_gate_left() -> None:
+    flag = {
+        "check": "max_cps",
+        "start": 12.25,
+        "end": 12.75,
+        "text": "x",
+        "why": "40.0 characters per second, above 20",
+    }
+    section = {
+        "enabled": True, "found": {"count": 3, "flags": []}, "fixed": {"count": 2, "flags": []},
+        "left": {"count": 1, "flags": [flag]},
+    }  # fmt: skip
+    assert quality_text({"quality": section}).splitlines() == [
+        "quality gate: 3 found, 2 fixed, 1 left",
+        "  left 12.2-12.8 s max_cps: 40.0 characters per second, above 20",
+    ]
+    assert quality_text({"quality": {"enabled": False}}) == "quality gate: off"
+    assert quality_text({"text": "no gate here"}) == ""
+    assert quality_text(None) == ""
