@@ -168,7 +168,13 @@ class GenerateSrtParams(TranscribeParams, kw_only=True, forbid_unknown_fields=Tr
         int, msgspec.Meta(ge=1, le=5, description="Lines per cue; a longer segment becomes several cues.")
     ] = 2
     max_cue_duration: Annotated[
-        float, msgspec.Meta(ge=0.5, le=60, description="Seconds a cue stays on screen at most.")
+        float,
+        msgspec.Meta(
+            ge=0.5,
+            le=60,
+            description="Seconds a cue stays on screen at most; with the gate on, above a"
+            " `min_cue_duration` given.",
+        ),
     ] = 7.0
 
     def __post_init__(self) -> None:

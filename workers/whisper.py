@@ -377,16 +377,10 @@ def transcribe_ranges(
         clip, begins = _load_span(path, rate, start, end)
         stop_if_cancelled(start)
         segments_iter, _ = whisper.transcribe(
-            clip,
-            language=language,
-            task=task,
-            beam_size=beam_size,
-            vad_filter=True,
-            condition_on_previous_text=False,
-            temperature=SAFER_TEMPERATURES,
-            word_timestamps=word_timestamps,
-            initial_prompt=initial_prompt,
-        )
+            clip, language=language, task=task, beam_size=beam_size, vad_filter=True,
+            condition_on_previous_text=False, temperature=SAFER_TEMPERATURES,
+            word_timestamps=word_timestamps, initial_prompt=initial_prompt,
+        )  # fmt: skip
         segments: list[TranscriptSegment] = []
         for seg in segments_iter:
             segments.append(_segment(seg, word_timestamps, offset=begins, until=end))
