@@ -18,6 +18,7 @@ from workers._quality_checks import (
     Flag,
     Limits,
     Span,
+    cut,
     segment_findings,
     segment_flags,
     segment_timing_flags,
@@ -53,7 +54,7 @@ class Repair(msgspec.Struct, kw_only=True):
     skipped: int = 0
     """Flagged ranges left alone: past `MAX_RERUN_RANGES`, or all of them when the re-run failed."""
     skipped_why: str | None = None
-    """Why the re-run failed, when it did."""
+    """Why the re-run failed, when it did (cut like a flag's text)."""
 
 
 class _Range(msgspec.Struct):
@@ -125,7 +126,9 @@ def repair_segments(
     try:
         reruns = rerun([(segments[r.first].start, segments[r.last].end) for r in chosen])
     except RerunError as exc:
-        return segments, msgspec.structs.replace(repair, ranges=0, skipped=len(ranges), skipped_why=str(exc))
+        return segments, msgspec.structs.replace(
+            repair, ranges=0, skipped=len(ranges), skipped_why=cut(str(exc))
+        )
     kept: list[S] = []
     position = 0
     for r, again in zip(chosen, reruns, strict=True):
