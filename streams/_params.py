@@ -76,6 +76,10 @@ WhisperComputeType = Annotated[
 ]
 
 
+DEFAULT_MIN_CUE_DURATION = 0.7
+"""Seconds a cue stays on screen at least, unless a job asks otherwise."""
+
+
 class TranscribeParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """faster-whisper options of `transcribe`."""
 
@@ -122,9 +126,10 @@ class TranscribeParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True)
     quality_gate: Annotated[
         bool,
         msgspec.Meta(
-            description="Check the segments (and cues) for loops, empty or filler-only text, reading speed and"
-            " time on screen; transcribe flagged ranges again with safer decoding, fix cue timing, and report"
-            " it all in the result's `quality`.",
+            description="Check the segments for loops, empty or filler-only text, reading speed and time on"
+            " screen; transcribe loops and empty or filler-only ranges again with safer decoding, keeping the"
+            " re-run where it is better, and report it all in the result's `quality`. The timing flags are"
+            " reported (`generate_srt` also fixes cue timing).",
         ),
     ] = True
     max_cps: Annotated[
@@ -132,7 +137,8 @@ class TranscribeParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True)
         msgspec.Meta(
             ge=5,
             le=100,
-            description="Characters per second a viewer can read: faster cues are flagged and fixed.",
+            description="Characters per second a viewer can read: faster segments are flagged (`generate_srt`"
+            " shows such cues longer or merges them).",
         ),
     ] = 20.0
     min_cue_duration: Annotated[
@@ -140,9 +146,12 @@ class TranscribeParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True)
         msgspec.Meta(
             ge=0,
             le=10,
-            description="Seconds a cue stays on screen at least: shorter ones are flagged and fixed.",
+            description="Seconds a segment or cue stays on screen at least: shorter ones are flagged"
+            " (`generate_srt` shows such cues longer or merges them). In `generate_srt` with the gate on, a"
+            " value given must be below `max_cue_duration`; left at its default, it is lowered to half of a"
+            " `max_cue_duration` under it.",
         ),
-    ] = 0.7
+    ] = DEFAULT_MIN_CUE_DURATION
 
 
 class GenerateSrtParams(TranscribeParams, kw_only=True, forbid_unknown_fields=True):
@@ -159,12 +168,23 @@ class GenerateSrtParams(TranscribeParams, kw_only=True, forbid_unknown_fields=Tr
         int, msgspec.Meta(ge=1, le=5, description="Lines per cue; a longer segment becomes several cues.")
     ] = 2
     max_cue_duration: Annotated[
-        float, msgspec.Meta(ge=0.5, le=60, description="Seconds a cue stays on screen at most.")
+        float,
+        msgspec.Meta(
+            ge=0.5,
+            le=60,
+            description="Seconds a cue stays on screen at most; with the gate on, above a"
+            " `min_cue_duration` given.",
+        ),
     ] = 7.0
 
     def __post_init__(self) -> None:
-        if self.min_cue_duration >= self.max_cue_duration:
+        # Params valid before the gate ({"max_cue_duration": 0.6}) stay valid: only a minimum given
+        # with the gate on is held to the rule; the default one makes way.
+        if not self.quality_gate or self.min_cue_duration < self.max_cue_duration:
+            return
+        if self.min_cue_duration != DEFAULT_MIN_CUE_DURATION:
             raise ValueError("min_cue_duration must be below max_cue_duration")
+        self.min_cue_duration = self.max_cue_duration / 2
 
 
 class DetectLanguageParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

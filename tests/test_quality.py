@@ -232,3 +232,140 @@ async def test_generate_srt_and_transcribe_report_quality_unless_it_is_off(
     found, fixed, left = (section[n]["count"] for n in ("found", "fixed", "left"))
     assert f"Found {found}, fixed {fixed}, left {left}" in " ".join(page.split())
     assert "quality gate was off" in (await client.get(f"/ui/jobs/{off['id']}")).text
+
+
+@pytest.mark.parametrize("max_cps", [15.0, 17.0, 23.0])
+def test_a_cue_shown_longer_meets_any_reading_speed_to_the_millisecond(max_cps: float) -> None:
+    limits = Limits(max_cps=max_cps)
+    words = " ".join(f"w{i}" for i in range(40))
+    for length in range(1, 85):
+        start = round(1.0 + length * 0.0137, 3)
+        cues = [Cue(1, start, start + 0.1, [words[:length].strip()]), Cue(2, 40.0, 41.0, ["Later."])]
+        fixed_cues, fixed = quality.fix_timing(cues, limits)
+        assert quality.cue_flags(fixed_cues, limits) == [], (length, fixed_cues)
+        assert len(fixed_cues) == 2
+        assert all(f.how and f.how.startswith("shown longer") for f in fixed)
+
+
+def test_an_empty_rerun_does_not_delete_speech_the_checks_did_not_flag() -> None:
+    segments = [Segment(0.0, 4.0, "Thank you, thank you, thank you. Please sit down.")]
+    repaired, repair = quality.repair_segments(segments, lambda ranges: [[] for _ in ranges])
+    assert checks(repair.found) == ["loop"]
+    assert [s.text for s in repaired] == [segments[0].text]
+    assert (repair.kept, repair.fixed) == (0, [])
+
+
+def test_a_rerun_that_drops_unflagged_words_loses() -> None:
+    segments = [Segment(0.0, 2.0, "Hello."), Segment(2.0, 8.0, "go on " * 6 + "and then we left the house")]
+    repaired, repair = quality.repair_segments(segments, lambda ranges: [[Segment(2.0, 3.0, "Go on.")]])
+    assert [s.text for s in repaired] == [s.text for s in segments]
+    assert repair.kept == 0
+
+
+def test_a_long_loop_loses_to_a_rerun_with_two_fillers() -> None:
+    segments = [Segment(0.0, 20.0, "we will " * 30)]
+
+    def rerun(ranges: list[tuple[float, float]]) -> list[list[Segment]]:
+        return [[Segment(0.5, 1.5, "Um."), Segment(2.0, 12.0, "We will fight on, and we shall win."),
+                 Segment(14.0, 15.0, "Um.")]]  # fmt: skip
+
+    repaired, repair = quality.repair_segments(segments, rerun)
+    assert repair.kept == 1
+    assert [s.text for s in repaired][1] == "We will fight on, and we shall win."
+    assert checks(repair.fixed) == ["loop"]
+
+
+def test_a_loop_still_there_after_a_kept_rerun_is_left_not_fixed() -> None:
+    segments = [Segment(0.0, 6.0, "go on " * 6), Segment(6.0, 7.0, "Um.")]
+    repaired, repair = quality.repair_segments(
+        segments, lambda r: [[Segment(0.0, 6.5, "Go on go on go on.")]]
+    )
+    assert repair.kept == 1
+    report = quality.transcript_gate(segments, repaired, repair, LIMITS)
+    assert [f["check"] for f in report["fixed"]["flags"]] == ["filler"]
+    assert [f["check"] for f in report["left"]["flags"]] == ["loop"]
+
+
+def test_flagged_ranges_far_apart_are_not_joined_and_loops_go_first() -> None:
+    segments = [Segment(60.0, 61.0, "Um."), Segment(600.0, 606.0, "go on " * 6)]
+    asked: list[list[tuple[float, float]]] = []
+    quality.repair_segments(segments, lambda ranges: asked.append(ranges) or [[] for _ in ranges])
+    assert asked == [[(60.0, 61.0), (600.0, 606.0)]]
+    fillers = [Segment(i * 10.0, i * 10.0 + 1, "♪") for i in range(quality.MAX_RERUN_RANGES + 5)]
+    looped = [*fillers, Segment(1000.0, 1006.0, "go on " * 6)]
+    asked.clear()
+    _, repair = quality.repair_segments(looped, lambda ranges: asked.append(ranges) or [[] for _ in ranges])
+    assert len(asked[0]) == quality.MAX_RERUN_RANGES
+    assert (1000.0, 1006.0) in asked[0]
+    assert asked[0] == sorted(asked[0])
+    assert (repair.ranges, repair.skipped) == (quality.MAX_RERUN_RANGES, 6)
+
+
+def test_a_failed_rerun_keeps_the_first_transcript_and_says_why() -> None:
+    segments = [Segment(0.0, 2.0, "Hello."), Segment(2.0, 8.0, "go on " * 6)]
+
+    def rerun(ranges: list[tuple[float, float]]) -> list[list[Segment]]:
+        raise quality.RerunError("could not read audio from a.flac: end of file")
+
+    repaired, repair = quality.repair_segments(segments, rerun)
+    assert repaired == segments
+    report = quality.transcript_gate(segments, repaired, repair, LIMITS)
+    assert report["retranscribed"] == {"ranges": 0, "kept": 0, "skipped": 1,
+                                       "skipped_why": "could not read audio from a.flac: end of file"}  # fmt: skip
+    assert [f["check"] for f in report["left"]["flags"]] == ["loop"]
+    assert report["fixed"]["count"] == 0
+
+
+def test_a_flags_why_is_cut_like_its_text() -> None:
+    phrase = " ".join(f"{w}" * 12 for w in "abcdefgh")  # eight 12-letter words
+    flags = quality.segment_flags([Segment(0.0, 9.0, " ".join([phrase] * 3))])
+    assert checks(flags) == ["loop"]
+    assert len(flags[0].why) <= quality.MAX_FLAG_TEXT
+    assert len(flags[0].text) <= quality.MAX_FLAG_TEXT
+
+
+def test_the_transcript_section_reports_only_the_limits_it_applies() -> None:
+    report = quality.transcript_gate([], [], quality.Repair(found=[], fixed=[]), LIMITS)
+    assert report["limits"] == {"max_cps": 20.0, "min_cue_duration": 0.7}
+
+
+def test_cue_duration_params_valid_before_the_gate_stay_valid() -> None:
+    short = parse_params({"max_cue_duration": 0.6}, GenerateSrtParams)
+    assert short.min_cue_duration < short.max_cue_duration == 0.6
+    off = parse_params({"max_cue_duration": 0.7, "quality_gate": False}, GenerateSrtParams)
+    assert (off.min_cue_duration, off.max_cue_duration) == (0.7, 0.7)
+    for bad in ({"min_cue_duration": 1.0, "max_cue_duration": 0.8}, {"min_cue_duration": 7.0}):
+        with pytest.raises(InvalidParamsError, match="min_cue_duration"):
+            parse_params(bad, GenerateSrtParams)
+    schema = msgspec.json.schema(TranscribeParams)["$defs"]["TranscribeParams"]["properties"]
+    for name in ("quality_gate", "max_cps", "min_cue_duration"):  # transcribe reports; generate_srt fixes
+        description = schema[name]["description"]
+        assert "and fixed" not in description, name
+        assert "`generate_srt`" in description, name
+
+
+def test_a_cancelled_rerun_stops_before_decoding(tmp_path: Path) -> None:
+    from workers.whisper import TranscriptionCancelled
+
+    missing = tmp_path / "gone.flac"  # decoding it would fail as AudioError, not as a cancellation
+    with pytest.raises(TranscriptionCancelled):
+        transcribe_ranges(missing, [(0.0, 5.0)], device="cpu", compute_type="int8", cancelled=lambda: True,
+                          cache=ModelCache(cpu_threads=1))  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["jfk.flac", "speech60.mp3"])
+def test_a_rerun_range_is_decoded_alone_and_matches_the_whole_decode(name: str) -> None:
+    import numpy as np
+    from faster_whisper.audio import decode_audio
+
+    from workers.whisper import _load_span
+
+    path = JFK.parent / name
+    whole = decode_audio(str(path), sampling_rate=16_000)
+    clip, begins = _load_span(path, 16_000, 4.0, 9.5)
+    assert 3.9 <= begins <= 4.0
+    assert len(clip) == 5.5 * 16_000
+    at = round(begins * 16_000)
+    aligned = np.abs(whole[at : at + len(clip)] - clip).mean()
+    assert aligned < 0.2 * np.abs(clip).mean()  # the same samples, but for the resampler's edges
+    assert aligned < 0.5 * np.abs(whole[at + 800 : at + 800 + len(clip)] - clip).mean()  # 50 ms off is not

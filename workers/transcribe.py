@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,11 @@ from workers.whisper import (
     TranscriptionCancelled,
     TranscriptSegment,
     transcribe_ranges,
+    transcript_text,
 )
 from workers.whisper import transcribe as run_whisper
+
+log = logging.getLogger("jobcast.worker")
 
 
 async def media_input(ctx: JobContext) -> Path:
@@ -53,28 +57,36 @@ async def _transcript(ctx: JobContext, params: TranscribeParams) -> tuple[Path, 
 
 
 async def _repaired(
-    ctx: JobContext, params: TranscribeParams, source: Path, transcript: Transcript
+    ctx: JobContext, params: TranscribeParams, source: Path, transcript: Transcript, limits: quality.Limits
 ) -> tuple[Transcript, quality.Repair]:
     """The transcript with its loops and empty or filler-only ranges transcribed again with safer
     decoding, where that came out better (see workers/quality.py)."""
 
     def rerun(ranges: list[tuple[float, float]]) -> list[list[TranscriptSegment]]:
-        ctx.progress(100.0, f"quality gate: transcribing {len(ranges)} flagged ranges again")
-        return transcribe_ranges(
-            source, ranges, model=params.model, language=transcript.language, task=params.task,
-            beam_size=params.beam_size, word_timestamps=params.word_timestamps,
-            initial_prompt=params.initial_prompt, device=params.device, compute_type=params.compute_type,
-            cancelled=ctx.cancelled.is_set,
-        )  # fmt: skip
+        # 100 % is "done" (to the ETA too): the re-run is the last of the work, not past it.
+        ctx.progress(99.9, f"quality gate: transcribing {len(ranges)} flagged ranges again")
+        try:
+            return transcribe_ranges(
+                source, ranges, model=params.model, language=transcript.language, task=params.task,
+                beam_size=params.beam_size, word_timestamps=params.word_timestamps,
+                initial_prompt=params.initial_prompt, device=params.device, compute_type=params.compute_type,
+                cancelled=ctx.cancelled.is_set,
+            )  # fmt: skip
+        except TranscriptionCancelled:
+            raise
+        except (AudioError, ModelError) as exc:
+            raise quality.RerunError(str(exc)) from exc
+        except Exception as exc:  # the first transcript is fine: an extra pass that fails only skips
+            log.exception("quality gate re-run failed on %s", source.name)
+            raise quality.RerunError(f"{type(exc).__name__}: {exc}") from exc
 
     try:
-        segments, repair = await ctx.run_blocking(quality.repair_segments, transcript.segments, rerun)
+        segments, repair = await ctx.run_blocking(quality.repair_segments, transcript.segments, rerun, limits)
     except TranscriptionCancelled as exc:
         raise JobCancelledError(str(exc)) from None
     if not repair.kept:
         return transcript, repair
-    text = " ".join(s.text for s in segments if s.text)
-    return msgspec.structs.replace(transcript, text=text, segments=segments), repair
+    return msgspec.structs.replace(transcript, text=transcript_text(segments), segments=segments), repair
 
 
 async def _text_file(ctx: JobContext, text: str, stem: str) -> dict[str, Any]:
@@ -101,8 +113,8 @@ async def transcribe(ctx: JobContext) -> dict[str, Any]:
     source, first = await _transcript(ctx, params)
     transcript, report = first, quality.OFF
     if params.quality_gate:
-        transcript, repair = await _repaired(ctx, params, source, first)
         limits = quality.Limits(max_cps=params.max_cps, min_cue_duration=params.min_cue_duration)
+        transcript, repair = await _repaired(ctx, params, source, first, limits)
         report = quality.transcript_gate(first.segments, transcript.segments, repair, limits)
     json_path = ctx.workdir / "transcript.json"
     json_path.write_bytes(msgspec.json.encode(transcript))
@@ -120,9 +132,13 @@ async def generate_srt(ctx: JobContext) -> dict[str, Any]:
     """Speech to subtitles: validated .srt and .vtt files."""
     params = parse_params(ctx.params, GenerateSrtParams)
     source, transcript = await _transcript(ctx, params)
+    limits = quality.Limits(
+        max_cps=params.max_cps, min_cue_duration=params.min_cue_duration, max_cue_duration=params.max_cue_duration,
+        max_line_length=params.max_line_length, max_lines_per_cue=params.max_lines_per_cue,
+    )  # fmt: skip
     repair = None
     if params.quality_gate:
-        transcript, repair = await _repaired(ctx, params, source, transcript)
+        transcript, repair = await _repaired(ctx, params, source, transcript, limits)
     segments = [
         subtitles.Segment(
             start=s.start,
@@ -132,10 +148,6 @@ async def generate_srt(ctx: JobContext) -> dict[str, Any]:
         )
         for s in transcript.segments
     ]
-    limits = quality.Limits(
-        max_cps=params.max_cps, min_cue_duration=params.min_cue_duration, max_cue_duration=params.max_cue_duration,
-        max_line_length=params.max_line_length, max_lines_per_cue=params.max_lines_per_cue,
-    )  # fmt: skip
     if repair is not None:
         cues, report = quality.subtitle_gate(segments, repair, limits, media_end=transcript.duration_s)
     else:

@@ -199,27 +199,46 @@ def _load_audio(path: str | os.PathLike[str], sampling_rate: int) -> Any:
 def _load_head(path: str | os.PathLike[str], sampling_rate: int, seconds: float) -> Any:
     """The first `seconds` of the first audio stream as faster-whisper takes audio (mono float32 at
     `sampling_rate`); decoding stops there, so a film costs what its first minute does."""
+    return _load_span(path, sampling_rate, 0.0, seconds)[0]
+
+
+def _load_span(
+    path: str | os.PathLike[str], sampling_rate: int, start: float, end: float
+) -> tuple[Any, float]:
+    """The audio from `start` to `end` seconds (of the stream as `decode_audio` counts them: from its
+    first sample) as faster-whisper takes it, and the time it begins at (at or just after `start`).
+    It seeks to `start` and stops decoding at `end`: faster-whisper's `decode_audio` has no range
+    and always decodes the whole file."""
     name = Path(path).name
-    wanted = int(seconds * sampling_rate)
     resampler = av.AudioResampler(format="s16", layout="mono", rate=sampling_rate)
     chunks: list[Any] = []
     have = 0
+    begins: float | None = None
     try:
         with av.open(str(path), metadata_errors="ignore") as container:
-            frames = container.decode(container.streams.audio[0])
+            stream = container.streams.audio[0]
+            base = stream.time_base
+            origin = float(stream.start_time * base) if stream.start_time is not None and base else 0.0
+            if start > 0 and base:
+                container.seek(int((start + origin) / base), stream=stream)  # lands at or before `start`
+            frames = container.decode(stream)
             for frame in itertools.chain(frames, [None]):  # None drains the resampler at the end
+                if frame is not None and begins is None:
+                    begins = max(0.0, float(frame.time) - origin) if frame.time is not None else 0.0
                 for resampled in resampler.resample(frame):
                     chunks.append(resampled.to_ndarray().reshape(-1))
                     have += chunks[-1].size
-                if have >= wanted:
+                if begins is not None and have >= (end - begins) * sampling_rate:
                     break
     except av.error.FFmpegError as exc:
         raise AudioError(f"could not read audio from {name}: {exc.strerror or exc}") from exc
     except IndexError as exc:
         raise AudioError(f"could not read audio from {name}: the file has no audio stream") from exc
-    if not have:
+    if not have or begins is None:
         raise AudioError(f"could not read audio from {name}: the audio stream is empty")
-    return np.concatenate(chunks)[:wanted].astype(np.float32) / 32768.0
+    skip = max(0, int((start - begins) * sampling_rate))
+    audio = np.concatenate(chunks)[skip : skip + int((end - start) * sampling_rate)]
+    return audio.astype(np.float32) / 32768.0, begins + skip / sampling_rate
 
 
 def _segment(
@@ -308,13 +327,20 @@ def transcribe(
 
     if progress is not None:
         progress(100.0, f"transcribed {total}")
-    text = " ".join(s.text for s in segments if s.text)
-    return Transcript(text=text, language=info.language, duration_s=duration, segments=segments)
+    return Transcript(
+        text=transcript_text(segments), language=info.language, duration_s=duration, segments=segments
+    )
+
+
+def transcript_text(segments: list[TranscriptSegment]) -> str:
+    """The transcript's text: its segments' texts, one space between."""
+    return " ".join(s.text for s in segments if s.text)
 
 
 SAFER_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
-"""Temperature fallback: a window that decodes into a loop (high compression ratio) or with low
-confidence is decoded again, warmer, instead of kept."""
+"""The temperature fallback of the re-run, given explicitly so it cannot drift: it is the same ladder
+as faster-whisper's default, which the first pass uses too (a window that decodes into a loop or
+with low confidence is decoded again, warmer). What the re-run changes is VAD and conditioning."""
 
 
 def transcribe_ranges(
@@ -332,16 +358,24 @@ def transcribe_ranges(
     cancelled: CancelledFn | None = None,
     cache: ModelCache | None = None,
 ) -> list[list[TranscriptSegment]]:
-    """Transcribe each (start, end) range of a file again with safer decoding (no conditioning on
-    the previous text, voice activity detection, temperature fallback); segments in the file's times."""
+    """Transcribe each (start, end) range of a file again, decoding only that range, with what differs
+    from the first pass: Silero VAD on, and no conditioning on text before the range or between its
+    windows (`condition_on_previous_text=False`); segments in the file's times."""
+
+    def stop_if_cancelled(where: float) -> None:
+        if cancelled is not None and cancelled():
+            raise TranscriptionCancelled(f"cancelled re-transcribing {format_clock(where)}")
+
+    stop_if_cancelled(ranges[0][0] if ranges else 0.0)
     whisper = (cache or MODEL_CACHE).get(model, device, compute_type)
     rate = whisper.feature_extractor.sampling_rate
-    audio = _load_audio(path, rate)
     results: list[list[TranscriptSegment]] = []
     for start, end in ranges:
-        # The range is cut here rather than given as clip_timestamps: faster-whisper ignores
+        stop_if_cancelled(start)
+        # The range is decoded alone rather than given as clip_timestamps: faster-whisper ignores
         # vad_filter when clip_timestamps are set.
-        clip = audio[int(start * rate) : int(end * rate)]
+        clip, begins = _load_span(path, rate, start, end)
+        stop_if_cancelled(start)
         segments_iter, _ = whisper.transcribe(
             clip, language=language, task=task, beam_size=beam_size, vad_filter=True,
             condition_on_previous_text=False, temperature=SAFER_TEMPERATURES,
@@ -349,9 +383,9 @@ def transcribe_ranges(
         )  # fmt: skip
         segments: list[TranscriptSegment] = []
         for seg in segments_iter:
-            segments.append(_segment(seg, word_timestamps, offset=start, until=end))
+            segments.append(_segment(seg, word_timestamps, offset=begins, until=end))
             if cancelled is not None and cancelled():
                 segments_iter.close()
-                raise TranscriptionCancelled(f"cancelled re-transcribing {format_clock(start)}")
+                stop_if_cancelled(start)
         results.append(segments)
     return results
