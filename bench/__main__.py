@@ -19,15 +19,27 @@ BENCHMARKS = {
     "p7": ("cluster", "3-node cluster vs one node: jobs/s, failover gap, SSE wait"),
     "p8": ("pipeline", "a subtitle pipeline on jfk.flac: first run vs cached"),
     "eta": ("eta", "ETA error on repeated runs of jfk.flac and speech60.mp3"),
+    "profile": ("profile", "where the API's CPU per job goes, by hop (P1 under py-spy)"),
 }
-LIMIT_S = {"p1": 300, "p2": 600, "p3": 900, "p4": 300, "p5": 300, "p6": 180, "p7": 300, "p8": 300, "eta": 240}
+LIMIT_S = {
+    "p1": 300,
+    "p2": 600,
+    "p3": 900,
+    "p4": 300,
+    "p5": 300,
+    "p6": 180,
+    "p7": 300,
+    "p8": 300,
+    "eta": 240,
+    "profile": 300,
+}
 """Each benchmark's time bound (full run); a quick run gets the same bounds."""
 
 
 def main() -> int:
     """Parse the selection, run each benchmark in turn, each bounded in time."""
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("which", nargs="*", metavar="p1..p8|eta", help="default: all")
+    parser.add_argument("which", nargs="*", metavar="p1..p8|eta|profile", help="default: all")
     parser.add_argument("--quick", action="store_true", help="smaller counts (a few minutes in all)")
     args = parser.parse_args()
     unknown = set(args.which) - set(BENCHMARKS)
@@ -36,7 +48,7 @@ def main() -> int:
     if args.quick:
         os.environ["BENCH_QUICK"] = "1"  # read by bench.harness at import
     failed = []
-    for key in args.which or list(BENCHMARKS):
+    for key in args.which or [key for key in BENCHMARKS if key != "profile"]:  # profile: on demand
         name, what = BENCHMARKS[key]
         print(f"\n=== {key.upper()} {name}: {what}", flush=True)
         module = importlib.import_module(f"bench.{name}")

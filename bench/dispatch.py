@@ -82,6 +82,13 @@ def _ms(values: list[float], p: float) -> float:
 
 
 async def run() -> dict[str, Any]:
+    """P1, recorded in bench/results/dispatch.json."""
+    result = await measure()
+    write_json("dispatch", result)
+    return result
+
+
+async def measure() -> dict[str, Any]:
     """Raw NATS round trips, then jobcast jobs alternating with the floor requests."""
     with tempfile.TemporaryDirectory() as tmp:
         async with nats_server(Path(tmp)) as nats:
@@ -143,7 +150,6 @@ async def run() -> dict[str, Any]:
         "cpu_s": cpu,
         "cpu_ms_per_pair": per_job_ms,
     }
-    write_json("dispatch", result)
     return result
 
 
