@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from sqlalchemy import Connection, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app._db import EVENTS, JOBS, Database, EventRow, JobRow
-from app._eta import EtaBoard
+from app._eta import EtaBoard, eta_now
 from app._exceptions import NotFoundError, not_found
 from app._queue import page_positions, queue_position
 from app._schemas import Job, JobPage, QueuePosition
@@ -25,6 +26,7 @@ def job_view(
     row: JobRow, queue_position: QueuePosition | None = None, estimated_start_s: float | None = None
 ) -> Job:
     """The client's view of a job row."""
+    running = row.status == JobStatus.RUNNING
     return Job(
         id=row.id, type=row.type, pool=row.pool, status=row.status, title=row.title,
         description=row.description, params=row.params, file_id=row.file_id, file_name=row.file_name,
@@ -36,7 +38,7 @@ def job_view(
         callback_url=row.callback_url, callback_status=row.callback_status,
         queue_position=queue_position, last_event_id=row.last_seq, created_at=row.created_at,
         started_at=row.started_at, completed_at=row.completed_at, updated_at=row.updated_at,
-        eta_s=row.eta_s if row.status == JobStatus.RUNNING else None, estimated_start_s=estimated_start_s,
+        eta_s=eta_now(row.eta_s, row.updated_at, datetime.now(UTC)) if running else None, estimated_start_s=estimated_start_s,
     )  # fmt: skip
 
 

@@ -4,20 +4,27 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import datetime
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
 import msgspec
 import nats
 import pytest
+from nats.js.errors import NoKeysError
 
-from app._eta import estimated_start
+from app._db import JobRow
+from app._eta import EtaBoard, estimated_start, eta_now
+from app._queries import job_view
 from jobcast.client import about, eta_text
-from streams import NatsServer, Speed, learned, speed_key, speeds_bucket
+from streams import JOBS_STREAM, JobStatus, NatsServer, Speed, learned, speed_family, speed_key, speeds_bucket
 from tests.conftest import WorkerRunner, submit, wait_terminal
 from tests.test_media_ops import FAST, JFK, SPEECH60, events, upload
 from workers._eta import JobEta
+
+MSG_CAP = 1100
+"""A stream max_msg_size above jfk.flac's other events and below its transcription's result."""
 
 # the estimator, pure -------------------------------------------------------------------
 
@@ -113,7 +120,7 @@ async def test_third_run_predicts_its_time(
     await run_with_events(client, source["id"])
     nc = await nats.connect(nats_server.url)
     try:
-        entry = await (await speeds_bucket(nc.jetstream())).get("transcribe.tiny-en.default.default")
+        entry = await (await speeds_bucket(nc.jetstream())).get("transcribe.tiny-en.cpu.int8")
         speed = msgspec.json.decode(entry.value or b"", type=Speed)
     finally:
         await nc.close()
@@ -173,3 +180,77 @@ def test_cli_bars_say_the_eta() -> None:
     assert eta_text("running", None) == ""  # nothing measured: nothing said
     assert eta_text("completed", 3.0) == ""
     assert about(2 * 3600.0) == "about 2.0 h"
+
+
+# review fixes ---------------------------------------------------------------------------
+
+
+def test_the_pace_is_learned_apart_from_the_start_cost() -> None:
+    # 10 s of model load and download, then 100 units at 0.1 s each (its first progress, 10 %, at
+    # 11 s): the per-unit speed is its pace, the 10 s a cost of its own.
+    eta = JobEta(started=0.0)
+    eta.units = 100.0
+    eta.estimate(0.0, now=0.5)
+    eta.estimate(10.0, now=11.0)
+    assert eta.start_cost(now=20.0) == pytest.approx(10.0)
+    speed = learned(None, seconds=20.0, units=100.0, now=1.0, start_s=eta.start_cost(now=20.0))
+    assert (speed.start_s, speed.seconds_per_unit, speed.job_seconds) == pytest.approx((10.0, 0.1, 20.0))
+    # A job of 300 units then expects 10 s + 30 s, not 3 x 20 s.
+    longer = JobEta(started=0.0, speed=speed)
+    longer.units = 300.0
+    assert longer.estimate(0.0, now=0.0) == pytest.approx(40.0)
+    # No progress between 0 and 100 %: no pace of its own, all its time is taken as its pace.
+    burst = JobEta(started=0.0)
+    burst.units = 11.0
+    burst.estimate(0.0, now=0.1)
+    burst.estimate(100.0, now=2.0)
+    assert burst.start_cost(now=2.0) == 0.0
+
+
+def test_pending_jobs_read_the_newest_speed_of_their_model_over_devices() -> None:
+    board = EtaBoard(js=None)  # type: ignore[arg-type]  # no watch: the speeds are set by hand
+    whisper = {"model": "tiny.en", "device": None, "compute_type": None}
+    family = speed_family("transcribe", whisper)
+    assert family == "transcribe.tiny-en"
+    board.speeds["transcribe.tiny-en.cpu.int8"] = Speed(
+        seconds_per_unit=0.2, job_seconds=12.0, updated_at=1.0, family=family
+    )
+    board.speeds["transcribe.tiny-en.cuda.float16"] = Speed(
+        seconds_per_unit=0.01, job_seconds=1.0, updated_at=2.0, family=family
+    )
+    assert board.job_seconds("transcribe", whisper) == 1.0  # the newest
+    named = whisper | {"device": "cpu", "compute_type": "int8"}
+    assert board.job_seconds("transcribe", named) == 12.0  # its own key
+    assert board.job_seconds("transcribe", whisper | {"model": "base"}) is None
+    assert board.job_seconds("noop", {}) is None
+
+
+def test_a_running_jobs_eta_counts_down_between_progress_events() -> None:
+    said = datetime.now(UTC) - timedelta(seconds=10)
+    row = JobRow(id="j", status=JobStatus.RUNNING, eta_s=30.0, updated_at=said, progress=50.0)
+    assert job_view(row).eta_s == pytest.approx(20.0, abs=1.0)
+    row.eta_s = 4.0
+    assert job_view(row).eta_s == 0.0  # late: never negative
+    row.status = JobStatus.COMPLETED
+    assert job_view(row).eta_s is None
+    assert eta_now(30.0, said, said + timedelta(seconds=12)) == 18.0
+
+
+async def test_a_job_recorded_as_failed_teaches_no_speed(
+    client: httpx.AsyncClient, gpu: WorkerRunner, nats_server: NatsServer
+) -> None:
+    # The stream refuses the `completed` event (its result is over the operator's max_msg_size):
+    # the job is recorded as failed, and its run must not count as a measurement.
+    nc = await nats.connect(nats_server.url)
+    try:
+        await nc.jetstream().update_stream(config=replace(JOBS_STREAM, max_msg_size=MSG_CAP))
+        source = await upload(client, "jfk.flac", JFK.read_bytes())
+        job = await submit(client, type="transcribe", file_id=source["id"], params=FAST, cache=False)
+        done = await wait_terminal(client, job["id"])
+        assert done["status"] == "failed", done
+        assert "could not be stored" in done["error"]
+        kv = await speeds_bucket(nc.jetstream())
+        with pytest.raises(NoKeysError):  # no key learned anything
+            await kv.keys()
+    finally:
+        await nc.close()
