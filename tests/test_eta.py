@@ -180,6 +180,9 @@ def test_cli_bars_say_the_eta() -> None:
     assert eta_text("running", None) == ""  # nothing measured: nothing said
     assert eta_text("completed", 3.0) == ""
     assert about(2 * 3600.0) == "about 2.0 h"
+    # Half-way rounds up, as the UI's Math.round does (Python's round would say 20 s and 2 min).
+    assert about(22.5) == "about 25 s"
+    assert about(150.0) == "about 3 min"
 
 
 # review fixes ---------------------------------------------------------------------------
