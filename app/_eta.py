@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session
 from app._db import JOBS, JobRow
 from app._queue import IN_QUEUE, WAITING
 from app._schemas import QueuePosition
+from app._watch import follow_bucket
 from streams import (
     SPEED_PARAMS,
     JobStatus,
@@ -80,7 +81,8 @@ class EtaBoard:
         self.speeds: dict[str, Speed] = {}
         """Learned speed by streams.speed_key."""
         self.workers: dict[str, WorkerInfo] = {}
-        """Heartbeats by worker key; an expired one stays until `slots` skips it."""
+        """Heartbeats by worker key; an expired one is dropped at the next change of the bucket (and
+        `slots` skips it meanwhile)."""
 
     def start(self, tasks: TaskSupervisor) -> None:
         """Follow both buckets for as long as `tasks` runs (task `eta-watch`)."""
@@ -104,19 +106,22 @@ class EtaBoard:
             await asyncio.sleep(wait_s)
             wait_s = min(BUCKET_WAIT_MAX_S, 2 * wait_s)
             kv = await bucket(self.js)
-        watcher = await kv.watchall()
-        try:
-            async for entry in watcher:
-                if entry is None:  # the initial values are in
-                    continue
-                into.pop(entry.key, None)
-                if entry.operation is None and entry.value:
-                    with contextlib.suppress(msgspec.DecodeError):
-                        into[entry.key] = msgspec.json.decode(entry.value, type=kind)
-                self._forget_expired()
-        finally:
-            with contextlib.suppress(Exception):  # the connection may already be gone
-                await watcher.stop()  # type: ignore[no-untyped-call]  # nats-py leaves it unannotated
+        replayed: set[str] = set()
+
+        def loaded() -> None:
+            # Run again after a failure: a key the replay did not bring is gone from the bucket.
+            for gone in into.keys() - replayed:
+                del into[gone]
+
+        def changed(entry: KeyValue.Entry) -> None:
+            replayed.add(entry.key)
+            into.pop(entry.key, None)
+            if entry.operation is None and entry.value:
+                with contextlib.suppress(msgspec.DecodeError):
+                    into[entry.key] = msgspec.json.decode(entry.value, type=kind)
+            self._forget_expired()
+
+        await follow_bucket(kv, kind.__name__, changed, loaded)
 
     def _forget_expired(self) -> None:
         """Drop the heartbeats past their TTL: a worker that stopped without deregistering (killed)

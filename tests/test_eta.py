@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -18,7 +19,20 @@ from app._db import JobRow
 from app._eta import EtaBoard, estimated_start, eta_now
 from app._queries import job_view
 from jobcast.client import about, eta_text
-from streams import JOBS_STREAM, JobStatus, NatsServer, Speed, learned, speed_family, speed_key, speeds_bucket
+from streams import (
+    JOBS_STREAM,
+    JobStatus,
+    NatsServer,
+    Speed,
+    TaskSupervisor,
+    WorkerInfo,
+    learned,
+    speed_family,
+    speed_key,
+    speeds_bucket,
+    workers_bucket,
+)
+from streams._buckets import WORKERS_BUCKET
 from tests.conftest import WorkerRunner, submit, wait_terminal
 from tests.test_media_ops import FAST, JFK, SPEECH60, events, upload
 from workers._eta import JobEta
@@ -256,4 +270,40 @@ async def test_a_job_recorded_as_failed_teaches_no_speed(
         with pytest.raises(NoKeysError):  # no key learned anything
             await kv.keys()
     finally:
+        await nc.close()
+
+
+def heartbeat(name: str, slots: int = 1) -> bytes:
+    """A live worker's heartbeat in the gpu pool."""
+    now = time.time()
+    info = WorkerInfo(
+        name=name, pool="gpu", slots=slots, running=[], host="h", pid=1, started_at=now, last_seen=now
+    )
+    return msgspec.json.encode(info)
+
+
+async def test_the_board_follows_a_heartbeat_bucket_made_again(nats_server: NatsServer) -> None:
+    # A memory-storage heartbeat bucket made again (after a NATS restart) numbers its messages
+    # from 1 again: an ordered consumer that was past them skips them, and the board would never
+    # see a worker again. Its watch notices it is behind and starts again.
+    nc = await nats.connect(nats_server.url)
+    tasks = TaskSupervisor(backoff_s=0.05, max_backoff_s=0.1)
+    board = EtaBoard(nc.jetstream())
+    try:
+        kv = await workers_bucket(nc.jetstream())
+        for n in range(5):
+            await kv.put(f"old-{n}", heartbeat(f"old-{n}"))
+        board.start(tasks)
+        async with asyncio.timeout(10):
+            while board.slots("gpu") < 5:  # noqa: ASYNC110 - polling the watch's dict
+                await asyncio.sleep(0.05)
+        await nc.jetstream().delete_key_value(WORKERS_BUCKET)
+        kv = await workers_bucket(nc.jetstream())
+        await kv.put("new", heartbeat("new", slots=3))
+        async with asyncio.timeout(15):
+            while "new" not in board.workers:  # noqa: ASYNC110 - polling the watch's dict
+                await asyncio.sleep(0.05)
+        assert board.slots("gpu") == 3  # the bucket's heartbeats alone: the gone ones are dropped
+    finally:
+        await tasks.stop()
         await nc.close()
