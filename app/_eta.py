@@ -137,6 +137,18 @@ class EtaBoard:
             w.slots for w in list(self.workers.values()) if w.pool == pool and w.last_seen > fresh_after
         )
 
+    def start_at_once(self, pool: str, position: QueuePosition) -> float | None:
+        """0 for a job with nothing ahead while a live worker of its pool has a free slot (its
+        heartbeat's running jobs fewer than its slots), from memory alone; None otherwise."""
+        if not self.speeds or position.ahead:
+            return None
+        fresh_after = time.time() - worker_ttl()
+        free = any(
+            w.pool == pool and w.last_seen > fresh_after and len(w.running) < w.slots
+            for w in list(self.workers.values())
+        )
+        return 0.0 if free else None
+
     def job_seconds(self, job_type: str, params: Mapping[str, Any]) -> float | None:
         """The learned seconds of a whole job of this type and params; None when none was measured.
         A pending job's device is the worker's choice, unknown here: a job that names its device

@@ -11,7 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app._db import EVENTS, JOBS, Database, EventRow, JobRow
 from app._eta import EtaBoard, eta_now
 from app._exceptions import NotFoundError, not_found
-from app._queue import page_positions, queue_position
+from app._queue import WAITING, page_positions, queue_position
 from app._schemas import Job, JobPage, QueuePosition
 from streams import ACTIVE_STATUSES, JobStatus
 
@@ -78,6 +78,17 @@ class JobQueries:
         position = queue_position(conn, row)
         starts = {} if self.eta is None else self.eta.starts(conn, [row], {row.id: position})
         return job_view(row, position, starts.get(row.id))
+
+    def submitted(self, row: JobRow, position: QueuePosition | None) -> Job:
+        """The 202 view of a job just submitted. Its estimated start costs no statement when it
+        will start at once (nothing ahead, a free slot in its pool); one when it waits."""
+        if self.eta is None or row.status not in WAITING or position is None:
+            return job_view(row, position)
+        start = self.eta.start_at_once(row.pool, position)
+        if start is None:
+            with self.db.reader.connect() as conn:
+                start = self.eta.starts(conn, [row], {row.id: position}).get(row.id)
+        return job_view(row, position, start)
 
     async def check_visible(self, job_id: str, owner: str | None) -> None:
         """NotFoundError unless the job exists for `owner`; unlike `get`, no queue-position counts

@@ -143,6 +143,8 @@ async def test_third_run_predicts_its_time(
 
     # The third run: its first estimate (right after the probe, at 0 %) against the time it then took.
     job, seen = await run_with_events(client, source["id"])
+    assert job["status"] == "pending"
+    assert job["estimated_start_s"] == 0.0  # the 202 says it: the worker's one slot is free
     estimates = [e for e in progress_of(seen) if e["eta_s"] is not None]
     assert estimates, seen
     end = next(e for e in seen if e["kind"] == "completed")
