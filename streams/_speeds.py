@@ -43,7 +43,7 @@ class Speed(msgspec.Struct, kw_only=True):
     job_seconds: float
     """Wall-clock seconds of a whole job, for a queued job whose units are not known yet."""
     start_s: float = 0.0
-    """Seconds of a job's run before its units' pace (download, model load, decoding the audio)."""
+    """Seconds of the newest job's run before its units' pace (download, model load, decoding)."""
     family: str = ""
     """`speed_family` of the key: the API's estimate for a job whose device it cannot know."""
     samples: int = 1
@@ -89,7 +89,9 @@ def learned(
 ) -> Speed:
     """`previous` moved towards a job that took `seconds` for `units`, `start_s` of them before its
     units' pace (an exponential moving average with weight SPEED_ALPHA for the new job; the first
-    job is taken as it is)."""
+    job is taken as it is). The start cost is the newest job's alone: it is mostly paid once per
+    worker (a model loaded on its first job), and averaging would carry half of that load into
+    every later estimate."""
     start_s = min(max(0.0, start_s), seconds)
     per_unit = (seconds - start_s) / units
     if previous is None:
@@ -100,7 +102,7 @@ def learned(
     return Speed(
         seconds_per_unit=SPEED_ALPHA * per_unit + (1 - SPEED_ALPHA) * previous.seconds_per_unit,
         job_seconds=SPEED_ALPHA * seconds + (1 - SPEED_ALPHA) * previous.job_seconds,
-        start_s=SPEED_ALPHA * start_s + (1 - SPEED_ALPHA) * previous.start_s,
+        start_s=start_s,
         samples=previous.samples + 1,
         updated_at=now,
         family=family,
