@@ -49,6 +49,7 @@ from workers._eta import SpeedBook
 from workers._events import Events
 from workers._files import WorkerFiles
 from workers._outcome import backoff, outcome_of, restamped, time_limit
+from workers._registry import models_loaded
 from workers._running import RunningJob, runner_of, seconds_text
 from workers._settings import WorkerSettings
 from workers.whisper import resolve_device
@@ -176,6 +177,7 @@ class AttemptRunner:
         # progress; its ack is awaited before the outcome is published.
         started = asyncio.create_task(self.events.publish_reliably(Started(**ids, delivery=delivery)))
         took_s = start_s = 0.0
+        cold = False  # this worker loaded a model during the run
         try:
             if running.cancel_reason is not None:
                 outcome: Event = Cancelled(**ids, reason=running.cancel_reason)
@@ -184,10 +186,12 @@ class AttemptRunner:
                 if key is not None and self.speeds is not None:
                     running.ctx.eta.speed = await self.speeds.read(key)
                 handler = self.handlers[job.type]
+                loaded = models_loaded()
                 running.start(handler if self.cache is None else self.cache.around(job, handler))
                 await running.finish(self.settings.cancel_grace_s)
                 ended = time.monotonic()
                 took_s, start_s = ended - running.ctx.eta.started, running.ctx.eta.start_cost(ended)
+                cold = models_loaded() > loaded
                 outcome = outcome_of(running, ids, delivery, self.settings)
         finally:
             await started
@@ -210,7 +214,9 @@ class AttemptRunner:
                 await running.msg.ack()
         else:
             recorded = await self._finish(running, outcome)
-            await self._learn(running, recorded, took_s, start_s)
+            if not (cold and not running.ctx.eta.paced):
+                # A cold run without a pace of its own would put its model load into the speed.
+                await self._learn(running, recorded, took_s, start_s)
 
     @staticmethod
     def _speed_key(job: Submitted) -> str | None:

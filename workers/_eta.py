@@ -68,6 +68,11 @@ class JobEta:
             return None
         return round(max(0.0, left), 1)
 
+    @property
+    def paced(self) -> bool:
+        """Whether the run showed a pace of its own: a progress step between 0 and 100 %."""
+        return self._anchor is not None and self._anchor[0] < 1.0
+
     def start_cost(self, now: float) -> float:
         """Seconds of the run that ended at `now` spent before its units' pace: the time to its
         first progress past 0 %, less that progress's share at the pace it then kept. 0 when it
