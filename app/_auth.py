@@ -24,7 +24,6 @@ import time
 from typing import Any
 
 import msgspec
-import nats.errors
 from litestar.connection import ASGIConnection
 from litestar.datastructures import Cookie
 from litestar.exceptions import NotAuthorizedException, PermissionDeniedException
@@ -35,6 +34,7 @@ from nats.js.errors import KeyDeletedError, KeyNotFoundError, KeyWrongLastSequen
 from nats.js.kv import KeyValue
 
 from app._settings import Settings
+from app._watch import follow_bucket
 from streams import ADMIN_KEY_NAME, ApiKeyRecord, TaskSupervisor, is_loopback, key_hash, keys_bucket
 
 log = logging.getLogger("jobcast.auth")
@@ -60,14 +60,6 @@ class Caller(msgspec.Struct, frozen=True):
     """The key it authenticated with, directly or through a token; None in local mode."""
     login_at: float | None = None
     """When its session began (tokens and cookies); None when it presented the key itself."""
-
-
-WATCH_CHECK_S = 2.0
-"""A key watch silent this long checks that the bucket has nothing newer (see `Keys._watch`)."""
-
-
-class WatchStalledError(Exception):
-    """The key watch missed a change of the bucket; its supervisor starts it again."""
 
 
 class Keys:
@@ -105,45 +97,28 @@ class Keys:
         assert self._kv is not None
         names = self._names
         replayed: set[str] = set()
-        watcher = await self._kv.watchall()
-        seen, behind_at = 0, 0
-        try:
-            while True:
-                try:
-                    entry = await watcher.updates(timeout=WATCH_CHECK_S)  # type: ignore[no-untyped-call]
-                except nats.errors.TimeoutError:
-                    # The watch's consumer may have been on a cluster node that died: nats-py's KV watch
-                    # has no heartbeat to notice, and would stay silent for good (a revoked key valid).
-                    # A revision the bucket had at the last look and the watch has still not delivered
-                    # means that: start it again.
-                    if behind_at > seen:
-                        raise WatchStalledError(
-                            f"the key watch is at revision {seen}; the bucket was at {behind_at} "
-                            f"{WATCH_CHECK_S:.0f} s ago"
-                        ) from None
-                    behind_at = (await self._kv.status()).stream_info.state.last_seq
-                    continue
-                if entry is None:  # the initial values have all arrived
-                    # Run again after a failure: a key the replay did not bring was revoked meanwhile.
-                    for revoked in names.keys() - replayed:
-                        self._by_hash.pop(names.pop(revoked).sha256, None)
-                    self._loaded.set()
-                    continue
-                seen = max(seen, entry.revision or 0)
-                self._revision = max(self._revision, seen)
-                self._advanced.set()
-                replayed.add(entry.key)
-                old = names.pop(entry.key, None)
-                if old is not None:
-                    self._by_hash.pop(old.sha256, None)
-                if entry.value and entry.operation is None:
-                    with contextlib.suppress(msgspec.DecodeError):
-                        record = msgspec.json.decode(entry.value, type=ApiKeyRecord)
-                        self._by_hash[record.sha256] = record
-                        names[entry.key] = record
-        finally:
-            with contextlib.suppress(Exception):  # the connection may already be gone
-                await watcher.stop()  # type: ignore[no-untyped-call]  # nats-py leaves it unannotated
+
+        def loaded() -> None:
+            # Run again after a failure: a key the replay did not bring was revoked meanwhile.
+            for revoked in names.keys() - replayed:
+                self._by_hash.pop(names.pop(revoked).sha256, None)
+            self._loaded.set()
+
+        def changed(entry: KeyValue.Entry) -> None:
+            self._revision = max(self._revision, entry.revision or 0)
+            self._advanced.set()
+            replayed.add(entry.key)
+            old = names.pop(entry.key, None)
+            if old is not None:
+                self._by_hash.pop(old.sha256, None)
+            if entry.value and entry.operation is None:
+                with contextlib.suppress(msgspec.DecodeError):
+                    record = msgspec.json.decode(entry.value, type=ApiKeyRecord)
+                    self._by_hash[record.sha256] = record
+                    names[entry.key] = record
+
+        # A revoked key must not stay valid because the watch went silent (see follow_bucket).
+        await follow_bucket(self._kv, "key", changed, loaded)
 
     @property
     def empty(self) -> bool:

@@ -17,7 +17,7 @@ from app._db import FileRow, JobRow
 from app._exceptions import ConflictError, not_found
 from app._pipelines import PipelineCommands, resubmission
 from app._publisher import Publisher, TombstonedError
-from app._queries import JobQueries, job_view
+from app._queries import JobQueries
 from app._schemas import BatchItem, Job, SubmitBatch, SubmitJob
 from streams import (
     ACTIVE_STATUSES,
@@ -77,7 +77,7 @@ class JobCommands:
                     continue  # the key's job of this id was deleted: the next id is a new job
                 handoff = await self.publisher.applied(ack.seq, job_id)
             if handoff is not None and handoff.row.owner == owner:
-                return job_view(handoff.row, handoff.position), not ack.duplicate
+                return self.queries.submitted(handoff.row, handoff.position), not ack.duplicate
             if (job := await self.queries.existing(job_id, owner)) is not None:
                 return job, not ack.duplicate  # not handed over: read it back
             if not ack.duplicate:

@@ -13,6 +13,7 @@ import contextlib
 import heapq
 import time
 from collections.abc import Callable, Iterable, Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
@@ -25,9 +26,8 @@ from sqlalchemy.orm import Session
 from app._db import JOBS, JobRow
 from app._queue import IN_QUEUE, WAITING
 from app._schemas import QueuePosition
+from app._watch import follow_bucket
 from streams import (
-    CHUNK_UNIT_OPERATIONS,
-    MEDIA_UNIT_OPERATIONS,
     SPEED_PARAMS,
     JobStatus,
     Speed,
@@ -35,6 +35,8 @@ from streams import (
     WorkerInfo,
     existing_speeds_bucket,
     existing_workers_bucket,
+    is_unit_operation,
+    speed_family,
     speed_key,
     worker_ttl,
 )
@@ -43,7 +45,17 @@ MAX_AHEAD = 200
 """A job with more than this many ahead of it gets no estimate: reading that much of the queue
 on every GET would cost more than the figure is worth."""
 BUCKET_WAIT_S = 0.5
-"""How often the watch looks for the buckets before a worker has created them."""
+"""How soon the watch first looks again for the buckets before a worker has created them."""
+BUCKET_WAIT_MAX_S = 5.0
+"""The longest wait between looks: the wait doubles up to it while no worker has started."""
+
+
+def eta_now(eta_s: float | None, said_at: datetime | None, now: datetime) -> float | None:
+    """A running job's seconds left now: its last progress event's `eta_s`, less the time since
+    that event (`said_at`, the row's updated_at), never below 0."""
+    if eta_s is None or said_at is None:
+        return eta_s
+    return round(max(0.0, eta_s - max(0.0, (now - said_at).total_seconds())), 1)
 
 
 def estimated_start(running_left: Iterable[float], slots: int, ahead: Iterable[float]) -> float | None:
@@ -69,7 +81,8 @@ class EtaBoard:
         self.speeds: dict[str, Speed] = {}
         """Learned speed by streams.speed_key."""
         self.workers: dict[str, WorkerInfo] = {}
-        """Heartbeats by worker key; an expired one stays until `slots` skips it."""
+        """Heartbeats by worker key; an expired one is dropped at the next change of the bucket (and
+        `slots` skips it meanwhile)."""
 
     def start(self, tasks: TaskSupervisor) -> None:
         """Follow both buckets for as long as `tasks` runs (task `eta-watch`)."""
@@ -88,21 +101,34 @@ class EtaBoard:
     ) -> None:
         """Keep `into` equal to the bucket's values, once a worker has created the bucket."""
         kv: KeyValue | None = await bucket(self.js)
+        wait_s = BUCKET_WAIT_S
         while kv is None:
-            await asyncio.sleep(BUCKET_WAIT_S)
+            await asyncio.sleep(wait_s)
+            wait_s = min(BUCKET_WAIT_MAX_S, 2 * wait_s)
             kv = await bucket(self.js)
-        watcher = await kv.watchall()
-        try:
-            async for entry in watcher:
-                if entry is None:  # the initial values are in
-                    continue
-                into.pop(entry.key, None)
-                if entry.operation is None and entry.value:
-                    with contextlib.suppress(msgspec.DecodeError):
-                        into[entry.key] = msgspec.json.decode(entry.value, type=kind)
-        finally:
-            with contextlib.suppress(Exception):  # the connection may already be gone
-                await watcher.stop()  # type: ignore[no-untyped-call]  # nats-py leaves it unannotated
+        replayed: set[str] = set()
+
+        def loaded() -> None:
+            # Run again after a failure: a key the replay did not bring is gone from the bucket.
+            for gone in into.keys() - replayed:
+                del into[gone]
+
+        def changed(entry: KeyValue.Entry) -> None:
+            replayed.add(entry.key)
+            into.pop(entry.key, None)
+            if entry.operation is None and entry.value:
+                with contextlib.suppress(msgspec.DecodeError):
+                    into[entry.key] = msgspec.json.decode(entry.value, type=kind)
+            self._forget_expired()
+
+        await follow_bucket(kv, kind.__name__, changed, loaded)
+
+    def _forget_expired(self) -> None:
+        """Drop the heartbeats past their TTL: a worker that stopped without deregistering (killed)
+        leaves its key until the bucket's TTL, and the map must not keep it longer."""
+        fresh_after = time.time() - worker_ttl()
+        for name in [n for n, w in self.workers.items() if w.last_seen <= fresh_after]:
+            del self.workers[name]
 
     def slots(self, pool: str) -> int:
         """The live slots of `pool`: those of its workers whose heartbeat has not expired."""
@@ -111,11 +137,30 @@ class EtaBoard:
             w.slots for w in list(self.workers.values()) if w.pool == pool and w.last_seen > fresh_after
         )
 
+    def start_at_once(self, pool: str, position: QueuePosition) -> float | None:
+        """0 for a job with nothing ahead while a live worker of its pool has a free slot (its
+        heartbeat's running jobs fewer than its slots), from memory alone; None otherwise."""
+        if not self.speeds or position.ahead:
+            return None
+        fresh_after = time.time() - worker_ttl()
+        free = any(
+            w.pool == pool and w.last_seen > fresh_after and len(w.running) < w.slots
+            for w in list(self.workers.values())
+        )
+        return 0.0 if free else None
+
     def job_seconds(self, job_type: str, params: Mapping[str, Any]) -> float | None:
-        """The learned seconds of a whole job of this type and params; None when none was measured."""
-        if job_type not in MEDIA_UNIT_OPERATIONS | CHUNK_UNIT_OPERATIONS:
+        """The learned seconds of a whole job of this type and params; None when none was measured.
+        A pending job's device is the worker's choice, unknown here: a job that names its device
+        and compute type reads its key; otherwise the newest speed of its operation and model
+        over every device (`Speed.family`)."""
+        if not is_unit_operation(job_type):
             return None
         speed = self.speeds.get(speed_key(job_type, params))
+        if speed is None:
+            family = speed_family(job_type, params)
+            newest = [s for s in list(self.speeds.values()) if s.family == family]
+            speed = max(newest, key=lambda s: s.updated_at, default=None)
         return None if speed is None else speed.job_seconds
 
     def starts(
@@ -143,7 +188,7 @@ class EtaBoard:
         """Walk the pool's queue as workers take it, up to the last wanted job."""
         running = case((JOBS.c.status == JobStatus.RUNNING, 0), else_=1)
         query = (
-            select(JOBS.c.id, JOBS.c.status, JOBS.c.type, JOBS.c.eta_s, *_speed_params())
+            select(JOBS.c.id, JOBS.c.status, JOBS.c.type, JOBS.c.eta_s, JOBS.c.updated_at, *_speed_params())
             .where(JOBS.c.pool == pool, JOBS.c.status.in_(IN_QUEUE))
             .order_by(running, JOBS.c.priority.desc(), JOBS.c.queue_seq)
             .limit(max(wanted.values()) + 1)
@@ -151,17 +196,18 @@ class EtaBoard:
         running_left: list[float] = []
         ahead: list[float] = []
         found: dict[str, float] = {}
+        now = datetime.now(UTC)
         unknown = False  # a job ahead whose seconds no one knows: no estimate past it
         for job in conn.execute(query):
             if job.status == JobStatus.RUNNING:
                 unknown = unknown or job.eta_s is None
-                running_left.append(job.eta_s or 0.0)
+                running_left.append(eta_now(job.eta_s, job.updated_at, now) or 0.0)
                 continue
             if job.id in wanted and not unknown:
                 start = estimated_start(running_left, slots, ahead)
                 if start is not None:
                     found[job.id] = start
-            seconds = self.job_seconds(job.type, dict(zip(SPEED_PARAMS, job[4:], strict=True)))
+            seconds = self.job_seconds(job.type, dict(zip(SPEED_PARAMS, job[5:], strict=True)))
             unknown = unknown or seconds is None
             ahead.append(seconds or 0.0)
         return found

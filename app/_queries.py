@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from sqlalchemy import Connection, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app._db import EVENTS, JOBS, Database, EventRow, JobRow
-from app._eta import EtaBoard
+from app._eta import EtaBoard, eta_now
 from app._exceptions import NotFoundError, not_found
-from app._queue import page_positions, queue_position
+from app._queue import WAITING, page_positions, queue_position
 from app._schemas import Job, JobPage, QueuePosition
 from streams import ACTIVE_STATUSES, JobStatus
 
@@ -25,6 +26,7 @@ def job_view(
     row: JobRow, queue_position: QueuePosition | None = None, estimated_start_s: float | None = None
 ) -> Job:
     """The client's view of a job row."""
+    running = row.status == JobStatus.RUNNING
     return Job(
         id=row.id, type=row.type, pool=row.pool, status=row.status, title=row.title,
         description=row.description, params=row.params, file_id=row.file_id, file_name=row.file_name,
@@ -36,7 +38,7 @@ def job_view(
         callback_url=row.callback_url, callback_status=row.callback_status,
         queue_position=queue_position, last_event_id=row.last_seq, created_at=row.created_at,
         started_at=row.started_at, completed_at=row.completed_at, updated_at=row.updated_at,
-        eta_s=row.eta_s if row.status == JobStatus.RUNNING else None, estimated_start_s=estimated_start_s,
+        eta_s=eta_now(row.eta_s, row.updated_at, datetime.now(UTC)) if running else None, estimated_start_s=estimated_start_s,
     )  # fmt: skip
 
 
@@ -76,6 +78,17 @@ class JobQueries:
         position = queue_position(conn, row)
         starts = {} if self.eta is None else self.eta.starts(conn, [row], {row.id: position})
         return job_view(row, position, starts.get(row.id))
+
+    def submitted(self, row: JobRow, position: QueuePosition | None) -> Job:
+        """The 202 view of a job just submitted. Its estimated start costs no statement when it
+        will start at once (nothing ahead, a free slot in its pool); one when it waits."""
+        if self.eta is None or row.status not in WAITING or position is None:
+            return job_view(row, position)
+        start = self.eta.start_at_once(row.pool, position)
+        if start is None:
+            with self.db.reader.connect() as conn:
+                start = self.eta.starts(conn, [row], {row.id: position}).get(row.id)
+        return job_view(row, position, start)
 
     async def check_visible(self, job_id: str, owner: str | None) -> None:
         """NotFoundError unless the job exists for `owner`; unlike `get`, no queue-position counts

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tomllib
 from collections.abc import Iterator
@@ -103,12 +104,17 @@ def submit(
     return follow(client, jobs, out)
 
 
+def js_round(value: float) -> int:
+    """Rounded as JavaScript's Math.round does it, .5 up (Python's round goes to the even one)."""
+    return math.floor(value + 0.5)
+
+
 def about(seconds: float) -> str:
     """ "about 3 min": rounded as the UI rounds it (5 s steps under a minute, minutes under 90)."""
     if seconds < 60:
-        return f"about {max(5, round(seconds / 5) * 5)} s"
+        return f"about {max(5, js_round(seconds / 5) * 5)} s"
     if seconds < 5400:
-        return f"about {round(seconds / 60)} min"
+        return f"about {js_round(seconds / 60)} min"
     return f"about {seconds / 3600:.1f} h"
 
 

@@ -21,8 +21,6 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from streams import (
-    CHUNK_UNIT_OPERATIONS,
-    MEDIA_UNIT_OPERATIONS,
     OPERATIONS,
     Cancelled,
     CancelRequested,
@@ -37,8 +35,11 @@ from streams import (
     decode_event,
     events_subject,
     is_terminal,
+    is_unit_operation,
     job_id_of,
+    speed_family,
     speed_key,
+    speed_params,
     utcnow,
 )
 from workers._cache import StageCache
@@ -48,8 +49,10 @@ from workers._eta import SpeedBook
 from workers._events import Events
 from workers._files import WorkerFiles
 from workers._outcome import backoff, outcome_of, restamped, time_limit
+from workers._registry import models_loaded
 from workers._running import RunningJob, runner_of, seconds_text
 from workers._settings import WorkerSettings
+from workers.whisper import resolve_device
 
 log = logging.getLogger("jobcast.worker")
 
@@ -173,7 +176,8 @@ class AttemptRunner:
         # It leaves first on this connection, so the stream stores it before the handler's
         # progress; its ack is awaited before the outcome is published.
         started = asyncio.create_task(self.events.publish_reliably(Started(**ids, delivery=delivery)))
-        took_s = 0.0
+        took_s = start_s = 0.0
+        cold = False  # this worker loaded a model during the run
         try:
             if running.cancel_reason is not None:
                 outcome: Event = Cancelled(**ids, reason=running.cancel_reason)
@@ -182,9 +186,12 @@ class AttemptRunner:
                 if key is not None and self.speeds is not None:
                     running.ctx.eta.speed = await self.speeds.read(key)
                 handler = self.handlers[job.type]
+                loaded = models_loaded()
                 running.start(handler if self.cache is None else self.cache.around(job, handler))
                 await running.finish(self.settings.cancel_grace_s)
-                took_s = time.monotonic() - running.ctx.eta.started
+                ended = time.monotonic()
+                took_s, start_s = ended - running.ctx.eta.started, running.ctx.eta.start_cost(ended)
+                cold = models_loaded() > loaded
                 outcome = outcome_of(running, ids, delivery, self.settings)
         finally:
             await started
@@ -206,24 +213,33 @@ class AttemptRunner:
             else:
                 await running.msg.ack()
         else:
-            await self._finish(running, outcome)
-            await self._learn(running, outcome, took_s)
+            recorded = await self._finish(running, outcome)
+            if not (cold and not running.ctx.eta.paced):
+                # A cold run without a pace of its own would put its model load into the speed.
+                await self._learn(running, recorded, took_s, start_s)
 
     @staticmethod
     def _speed_key(job: Submitted) -> str | None:
-        """The job's key in the speeds bucket; None for an operation that counts no units."""
-        if job.type not in MEDIA_UNIT_OPERATIONS | CHUNK_UNIT_OPERATIONS:
+        """The job's key in the speeds bucket, with the device and compute type this worker runs
+        it with (a CPU and a GPU worker learn apart); None for an operation that counts no units."""
+        if not is_unit_operation(job.type):
             return None
-        return speed_key(job.type, job.params)
+        params = dict(job.params)
+        if "device" in speed_params(job.type):
+            params["device"], params["compute_type"] = resolve_device(
+                params.get("device"), params.get("compute_type")
+            )
+        return speed_key(job.type, params)
 
-    async def _learn(self, running: RunningJob, outcome: Event, took_s: float) -> None:
-        """A job that completed by running (not from the stage cache) teaches its key's speed."""
-        key, units = self._speed_key(running.ctx.job), running.ctx.eta.units
-        if self.speeds is None or key is None or units is None or not isinstance(outcome, Completed):
+    async def _learn(self, running: RunningJob, recorded: Event, took_s: float, start_s: float) -> None:
+        """A job recorded as completed by running (not from the stage cache) teaches its key's speed."""
+        job, units = running.ctx.job, running.ctx.eta.units
+        key = self._speed_key(job)
+        if self.speeds is None or key is None or units is None or not isinstance(recorded, Completed):
             return
-        if (outcome.result or {}).get("cached"):
+        if (recorded.result or {}).get("cached"):
             return
-        await self.speeds.learn(key, took_s, units)
+        await self.speeds.learn(key, took_s, units, start_s, speed_family(job.type, job.params))
 
     async def _precheck(self, job: Submitted, ids: dict[str, Any], delivery: int) -> Early:
         """What to do instead of running (see `Early`)."""
@@ -254,12 +270,14 @@ class AttemptRunner:
             )
         return None
 
-    async def _finish(self, running: RunningJob, event: Event) -> None:
+    async def _finish(self, running: RunningJob, event: Event) -> Event:
+        """Record the attempt's end and ack it; returns the event recorded (see Events.record)."""
         event = await self.events.record(event)
         log.info(
             "job %s %s", event.job_id, event.kind, extra={"job_id": event.job_id, "attempt": event.attempt}
         )
         await running.msg.ack()
+        return event
 
     async def on_control(self, msg: Msg) -> None:
         """A control message: a cancel request stops the job if it runs here."""

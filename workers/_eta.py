@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import msgspec
 import nats.errors
@@ -58,13 +59,38 @@ class JobEta:
             pace = (now - self._anchor[1]) / (done - self._anchor[0])  # seconds per share done
             own = (1 - done) * pace
         if self.speed is not None:
-            learned_left = max(0.0, self.units * self.speed.seconds_per_unit - (now - self.started))
+            expected = self.speed.start_s + self.units * self.speed.seconds_per_unit
+            learned_left = max(0.0, expected - (now - self.started))
             left = learned_left if own is None else (1 - done) * learned_left + done * own
         elif own is not None and done >= MIN_OWN_PROGRESS:
             left = own
         else:
             return None
         return round(max(0.0, left), 1)
+
+    @property
+    def paced(self) -> bool:
+        """Whether the run showed a pace of its own: a progress step between 0 and 100 %."""
+        return self._anchor is not None and self._anchor[0] < 1.0
+
+    def start_cost(self, now: float) -> float:
+        """Seconds of the run that ended at `now` spent before its units' pace: the time to its
+        first progress past 0 %, less that progress's share at the pace it then kept. 0 when it
+        showed no pace (no progress between 0 and 100 %: all its time is taken as its pace)."""
+        if self._anchor is None or self.units is None or self.units <= 0:
+            return 0.0
+        done, at = self._anchor
+        if done >= 1.0 or now <= at:
+            return 0.0
+        per_share = (now - at) / (1.0 - done)
+        return max(0.0, (at - self.started) - done * per_share)
+
+
+def learned_from(
+    seconds: float, units: float, start_s: float, family: str
+) -> Callable[[Speed | None], Speed]:
+    """The update of a key's speed by one job (see streams.learned), for a compare-and-set retry."""
+    return lambda previous: learned(previous, seconds, units, time.time(), start_s, family)
 
 
 class SpeedBook:
@@ -87,9 +113,12 @@ class SpeedBook:
         except msgspec.DecodeError:
             return None
 
-    async def learn(self, key: str, seconds: float, units: float) -> None:
-        """Fold a job of `units` that took `seconds` into the key's average, compare-and-set: two
-        workers finishing jobs of one key at once both count (last-writer-wins would drop one)."""
+    async def learn(
+        self, key: str, seconds: float, units: float, start_s: float = 0.0, family: str = ""
+    ) -> None:
+        """Fold a job of `units` that took `seconds` (`start_s` of them before its pace) into the
+        key's average, compare-and-set: two workers finishing jobs of one key at once both count
+        (last-writer-wins would drop one)."""
         if units <= 0 or seconds <= 0:
             return
         try:
@@ -97,11 +126,11 @@ class SpeedBook:
                 on=KeyWrongLastSequenceError, attempts=LEARN_TRIES, wait_initial=0.01, wait_max=0.1
             ):
                 with attempt:
-                    await self._update(key, seconds, units)
+                    await self._update(key, learned_from(seconds, units, start_s, family))
         except (KeyWrongLastSequenceError, nats.errors.Error, TimeoutError) as exc:
             log.debug("learning speed %s failed: %s", key, exc)
 
-    async def _update(self, key: str, seconds: float, units: float) -> None:
+    async def _update(self, key: str, job: Callable[[Speed | None], Speed]) -> None:
         try:
             entry = await self.kv.get(key)
         except KeyNotFoundError:
@@ -112,7 +141,7 @@ class SpeedBook:
                 previous = msgspec.json.decode(entry.value or b"", type=Speed)
             except msgspec.DecodeError:
                 previous = None
-        value = msgspec.json.encode(learned(previous, seconds, units, time.time()))
+        value = msgspec.json.encode(job(previous))
         if revision:
             await self.kv.update(key, value, last=revision)
         else:

@@ -1,0 +1,61 @@
+"""A KV watch that notices when it has fallen behind its bucket, for the API's long-lived watches
+(the API keys, the learned speeds and heartbeats of the ETA board)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+import nats.errors
+from nats.js.kv import KeyValue
+
+WATCH_CHECK_S = 2.0
+"""A watch silent this long checks that the bucket has nothing newer (see `follow_bucket`)."""
+
+
+class WatchStalledError(Exception):
+    """The watch missed a change of the bucket; its supervisor starts it again."""
+
+
+async def follow_bucket(
+    kv: KeyValue,
+    what: str,
+    on_entry: Callable[[KeyValue.Entry], None],
+    on_loaded: Callable[[], None],
+) -> None:
+    """Call `on_entry` with each value and change of the bucket's keys, and `on_loaded` once the
+    initial values are in; raises WatchStalledError once the watch is behind the bucket, so the
+    supervisor starts it again (`what` names the watch in that error).
+
+    The watch's consumer may have been on a cluster node that died: nats-py's KV watch has no
+    heartbeat to notice, and would stay silent for good. A revision the bucket had at the last
+    look and the watch has still not delivered means that. So does a bucket whose newest revision
+    is below one the watch delivered: it was made again (a memory-storage bucket after a NATS
+    restart numbers from 1 again), and the ordered consumer skips what it takes for old messages.
+    """
+    watcher = await kv.watchall()
+    seen, behind_at = 0, 0
+    try:
+        while True:
+            try:
+                entry = await watcher.updates(timeout=WATCH_CHECK_S)  # type: ignore[no-untyped-call]
+            except nats.errors.TimeoutError:
+                if behind_at > seen:
+                    raise WatchStalledError(
+                        f"the {what} watch is at revision {seen}; the bucket was at {behind_at} "
+                        f"{WATCH_CHECK_S:.0f} s ago"
+                    ) from None
+                behind_at = (await kv.status()).stream_info.state.last_seq
+                if behind_at < seen:
+                    raise WatchStalledError(
+                        f"the {what} watch is at revision {seen}; the bucket, made again, is at {behind_at}"
+                    ) from None
+                continue
+            if entry is None:  # the initial values have all arrived
+                on_loaded()
+                continue
+            seen = max(seen, entry.revision or 0)
+            on_entry(entry)
+    finally:
+        with contextlib.suppress(Exception):  # the connection may already be gone
+            await watcher.stop()  # type: ignore[no-untyped-call]  # nats-py leaves it unannotated
