@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import Connection, func, select
+from sqlalchemy import Connection, bindparam, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app._db import EVENTS, JOBS, Database, EventRow, JobRow
@@ -20,6 +20,23 @@ QUICK_PAGE = 50
 synchronous reader, as a job by id is. Thousands of followers connecting at once each waited for
 one of the async pool's 15 connections and its thread hop; past the pool's 30 s wait, their streams
 failed (P3, 10k clients each on its own job). Longer pages stay on the pool, off the event loop."""
+
+# The hot reads, built once: building a statement per call cost more than running it (bench
+# profile: 85 us a read by id built each time, 29 us prebuilt).
+_JOB_BY_ID = select(JOBS).where(JOBS.c.id == bindparam("job_id"))
+_OWNER_OF = select(JOBS.c.owner).where(JOBS.c.id == bindparam("job_id"))
+_EVENTS_AFTER = (
+    select(EVENTS)
+    .where(EVENTS.c.job_id == bindparam("job_id"), EVENTS.c.seq > bindparam("after"))
+    .order_by(EVENTS.c.seq)
+    .limit(bindparam("limit"))
+)
+_KEYED = (
+    select(JOBS)
+    .where(JOBS.c.owner == bindparam("owner"), JOBS.c.client_request_id == bindparam("key"))
+    .order_by(JOBS.c.submit_seq.desc())
+    .limit(1)
+)
 
 
 def job_view(
@@ -94,12 +111,14 @@ class JobQueries:
         """NotFoundError unless the job exists for `owner`; unlike `get`, no queue-position counts
         (two COUNTs over the pool's pending jobs per SSE connect made thousands of connects slow)."""
         with self.db.reader.connect() as conn:
-            self._visible_row(conn, job_id, owner)
+            found = conn.execute(_OWNER_OF, {"job_id": job_id}).first()
+        if found is None or (owner is not None and found.owner != owner):
+            raise not_found("job", job_id)
 
     @staticmethod
     def _visible_row(conn: Connection, job_id: str, owner: str | None) -> JobRow:
         """One indexed read on the synchronous reader; NotFoundError for another owner's job too."""
-        found = conn.execute(select(JOBS).where(JOBS.c.id == job_id)).first()
+        found = conn.execute(_JOB_BY_ID, {"job_id": job_id}).first()
         if found is None or (owner is not None and found.owner != owner):
             raise not_found("job", job_id)
         return JobRow(**found._mapping)
@@ -171,13 +190,8 @@ class JobQueries:
     def _history_now(self, job_id: str, after: int, limit: int) -> tuple[list[EventRow], Job | None]:
         """`history` for a short page, on the synchronous reader, in one read transaction."""
         with self.db.reader.connect() as conn, conn.begin():
-            rows = conn.execute(
-                select(EVENTS)
-                .where(EVENTS.c.job_id == job_id, EVENTS.c.seq > after)
-                .order_by(EVENTS.c.seq)
-                .limit(limit)
-            ).all()
-            job = conn.execute(select(JOBS).where(JOBS.c.id == job_id)).first()
+            rows = conn.execute(_EVENTS_AFTER, {"job_id": job_id, "after": after, "limit": limit}).all()
+            job = conn.execute(_JOB_BY_ID, {"job_id": job_id}).first()
         events = [EventRow(**row._mapping) for row in rows]
         return events, (job_view(JobRow(**job._mapping)) if job is not None else None)
 
@@ -204,10 +218,5 @@ class JobQueries:
     def keyed(self, owner: str, key: str) -> Job | None:
         """The owner's job that `key` names now, whichever of the key's ids it has."""
         with self.db.reader.connect() as conn:  # one indexed read (ix_jobs_owner_key)
-            found = conn.execute(
-                select(JOBS)
-                .where(JOBS.c.owner == owner, JOBS.c.client_request_id == key)
-                .order_by(JOBS.c.submit_seq.desc())
-                .limit(1)
-            ).first()
+            found = conn.execute(_KEYED, {"owner": owner, "key": key}).first()
             return None if found is None else self._positioned(conn, JobRow(**found._mapping))
