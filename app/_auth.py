@@ -118,7 +118,7 @@ class Keys:
                     names[entry.key] = record
 
         # A revoked key must not stay valid because the watch went silent (see follow_bucket).
-        await follow_bucket(self._kv, "key", changed, loaded)
+        await follow_bucket(self.js, self._kv, "key", changed, loaded)
 
     @property
     def empty(self) -> bool:

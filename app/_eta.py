@@ -121,7 +121,7 @@ class EtaBoard:
                     into[entry.key] = msgspec.json.decode(entry.value, type=kind)
             self._forget_expired()
 
-        await follow_bucket(kv, kind.__name__, changed, loaded)
+        await follow_bucket(self.js, kv, kind.__name__, changed, loaded)
 
     def _forget_expired(self) -> None:
         """Drop the heartbeats past their TTL: a worker that stopped without deregistering (killed)

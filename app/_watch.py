@@ -7,6 +7,8 @@ import contextlib
 from collections.abc import Callable
 
 import nats.errors
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
 from nats.js.kv import KeyValue
 
 WATCH_CHECK_S = 2.0
@@ -18,6 +20,7 @@ class WatchStalledError(Exception):
 
 
 async def follow_bucket(
+    js: JetStreamContext,
     kv: KeyValue,
     what: str,
     on_entry: Callable[[KeyValue.Entry], None],
@@ -32,6 +35,8 @@ async def follow_bucket(
     look and the watch has still not delivered means that. So does a bucket whose newest revision
     is below one the watch delivered: it was made again (a memory-storage bucket after a NATS
     restart numbers from 1 again), and the ordered consumer skips what it takes for old messages.
+    Revisions the bucket no longer keeps (values past the bucket's TTL, purged markers) are not
+    waited for: a bucket whose heartbeats have all expired is not a stalled watch.
     """
     watcher = await kv.watchall()
     seen, behind_at = 0, 0
@@ -45,11 +50,7 @@ async def follow_bucket(
                         f"the {what} watch is at revision {seen}; the bucket was at {behind_at} "
                         f"{WATCH_CHECK_S:.0f} s ago"
                     ) from None
-                behind_at = (await kv.status()).stream_info.state.last_seq
-                if behind_at < seen:
-                    raise WatchStalledError(
-                        f"the {what} watch is at revision {seen}; the bucket, made again, is at {behind_at}"
-                    ) from None
+                behind_at = await _newest(js, kv, seen, what)
                 continue
             if entry is None:  # the initial values have all arrived
                 on_loaded()
@@ -59,3 +60,26 @@ async def follow_bucket(
     finally:
         with contextlib.suppress(Exception):  # the connection may already be gone
             await watcher.stop()  # type: ignore[no-untyped-call]  # nats-py leaves it unannotated
+
+
+async def _newest(js: JetStreamContext, kv: KeyValue, seen: int, what: str) -> int:
+    """The newest revision the bucket still keeps, or `seen` when it keeps none newer; raises
+    WatchStalledError for a bucket made again (its last revision below `seen`)."""
+    status = await kv.status()
+    state = status.stream_info.state
+    if state.last_seq < seen:
+        raise WatchStalledError(
+            f"the {what} watch is at revision {seen}; the bucket, made again, is at {state.last_seq}"
+        )
+    if state.last_seq == seen:
+        return seen
+    if not state.messages:
+        return seen  # all expired or purged: nothing is left to deliver
+    # The stream's last sequence may be a message no longer kept (a purged marker): ask for the
+    # newest one kept, over the bucket's subjects (`$KV.<bucket>.`, the KV wire convention).
+    stream = status.stream_info.config.name or f"KV_{status.bucket}"
+    try:
+        newest = (await js.get_last_msg(stream, f"$KV.{status.bucket}.>")).seq
+    except NotFoundError:
+        return seen
+    return max(seen, newest or 0)
