@@ -102,7 +102,7 @@ class JobQueries:
         if self.eta is None or row.status not in WAITING or position is None:
             return job_view(row, position)
         start = self.eta.start_at_once(row.pool, position)
-        if start is None:
+        if start is None and self.eta.speeds and self.eta.slots(row.pool):  # else nothing to estimate with
             with self.db.reader.connect() as conn:
                 start = self.eta.starts(conn, [row], {row.id: position}).get(row.id)
         return job_view(row, position, start)
