@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -13,7 +14,8 @@ import httpx
 import msgspec
 import nats
 import pytest
-from nats.js.errors import NoKeysError
+from nats.js.errors import KeyNotFoundError, NoKeysError
+from nats.js.kv import KeyValue
 
 from app._db import JobRow
 from app._eta import EtaBoard, estimated_start, eta_now
@@ -110,6 +112,19 @@ async def run_with_events(
     return job, seen
 
 
+async def learned_speed(kv: KeyValue, key: str, samples: int) -> Speed:
+    """The key's speed once it counts `samples` jobs (the worker learns after it has recorded
+    the completion, so the client may see `completed` first); the last one read after 10 s."""
+    speed: Speed | None = None
+    async with asyncio.timeout(10):
+        while True:
+            with contextlib.suppress(KeyNotFoundError):
+                speed = msgspec.json.decode((await kv.get(key)).value or b"", type=Speed)
+                if speed.samples >= samples:
+                    return speed
+            await asyncio.sleep(0.05)  # a KV get: no event to wait on
+
+
 def progress_of(seen: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [e for e in seen if e["kind"] == "progress"]
 
@@ -138,8 +153,7 @@ async def test_third_run_predicts_its_time(
     await run_with_events(client, source["id"])
     nc = await nats.connect(nats_server.url)
     try:
-        entry = await (await speeds_bucket(nc.jetstream())).get("transcribe.tiny-en.cpu.int8")
-        speed = msgspec.json.decode(entry.value or b"", type=Speed)
+        speed = await learned_speed(await speeds_bucket(nc.jetstream()), "transcribe.tiny-en.cpu.int8", 2)
     finally:
         await nc.close()
     assert speed.samples == 2
@@ -333,15 +347,13 @@ async def test_a_cold_runs_model_load_stays_out_of_the_speed(
         paced = any(0.0 < e["progress"] < 100.0 for e in progress_of(seen))
         kv = await speeds_bucket(nc.jetstream())
         if paced:
-            speed = msgspec.json.decode(
-                (await kv.get("transcribe.tiny-en.cpu.int8")).value or b"", type=Speed
-            )
+            speed = await learned_speed(kv, "transcribe.tiny-en.cpu.int8", 1)
             assert speed.start_s > 0.0, speed
         else:
             with pytest.raises(NoKeysError):
                 await kv.keys()
         await run_with_events(client, source["id"])  # warm: it teaches
-        entry = await kv.get("transcribe.tiny-en.cpu.int8")
-        assert msgspec.json.decode(entry.value or b"", type=Speed).samples == (2 if paced else 1)
+        speed = await learned_speed(kv, "transcribe.tiny-en.cpu.int8", 2 if paced else 1)
+        assert speed.samples == (2 if paced else 1)
     finally:
         await nc.close()

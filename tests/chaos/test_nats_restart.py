@@ -29,9 +29,12 @@ async def test_nats_restart_with_500_jobs_in_flight(tmp_path: Path, nats_server:
     unavailable: list[str] = []
     times: list[float] = []
     loop = asyncio.get_running_loop()
+    outage = asyncio.Event()
 
     async def submitter(client: httpx.AsyncClient, index: int) -> None:
         for n in range(JOBS // CLIENTS):
+            if n == JOBS // CLIENTS // 2:
+                await outage.wait()  # the second half meets the broker's restart, however fast the first went
             key = f"c{index}-{n}"
             body = {"type": "noop", "params": {"steps": 1, "duration_s": 0}, "client_request_id": key}
             for _ in range(200):  # bounded: a 503 is retried with the same key until it is accepted
@@ -70,6 +73,7 @@ async def test_nats_restart_with_500_jobs_in_flight(tmp_path: Path, nats_server:
                     await asyncio.sleep(0.05)
             in_flight_at_stop = len(accepted)
             await nats_server.stop()
+            outage.set()
             await asyncio.sleep(1.5)  # submissions meet the outage
             await nats_server.start()  # same port, same store
             restarted = loop.time()
