@@ -178,6 +178,7 @@ class AttemptRunner:
         started = asyncio.create_task(self.events.publish_reliably(Started(**ids, delivery=delivery)))
         took_s = start_s = 0.0
         cold = False  # this worker loaded a model during the run
+        key: str | None = None  # the job's key in the speeds bucket, once it runs
         try:
             if running.cancel_reason is not None:
                 outcome: Event = Cancelled(**ids, reason=running.cancel_reason)
@@ -216,7 +217,7 @@ class AttemptRunner:
             recorded = await self._finish(running, outcome)
             if not (cold and not running.ctx.eta.paced):
                 # A cold run without a pace of its own would put its model load into the speed.
-                await self._learn(running, recorded, took_s, start_s)
+                await self._learn(running, key, recorded, took_s, start_s)
 
     @staticmethod
     def _speed_key(job: Submitted) -> str | None:
@@ -231,10 +232,11 @@ class AttemptRunner:
             )
         return speed_key(job.type, params)
 
-    async def _learn(self, running: RunningJob, recorded: Event, took_s: float, start_s: float) -> None:
+    async def _learn(
+        self, running: RunningJob, key: str | None, recorded: Event, took_s: float, start_s: float
+    ) -> None:
         """A job recorded as completed by running (not from the stage cache) teaches its key's speed."""
         job, units = running.ctx.job, running.ctx.eta.units
-        key = self._speed_key(job)
         if self.speeds is None or key is None or units is None or not isinstance(recorded, Completed):
             return
         if (recorded.result or {}).get("cached"):
