@@ -96,18 +96,21 @@ class Keys:
     async def _watch(self) -> None:
         assert self._kv is not None
         names = self._names
-        replayed: set[str] = set()
+        replayed: set[str] | None = set()  # the replay's keys; None once it is in (not kept growing)
 
         def loaded() -> None:
+            nonlocal replayed
             # Run again after a failure: a key the replay did not bring was revoked meanwhile.
-            for revoked in names.keys() - replayed:
+            for revoked in names.keys() - (replayed or set()):
                 self._by_hash.pop(names.pop(revoked).sha256, None)
+            replayed = None
             self._loaded.set()
 
         def changed(entry: KeyValue.Entry) -> None:
             self._revision = max(self._revision, entry.revision or 0)
             self._advanced.set()
-            replayed.add(entry.key)
+            if replayed is not None:
+                replayed.add(entry.key)
             old = names.pop(entry.key, None)
             if old is not None:
                 self._by_hash.pop(old.sha256, None)

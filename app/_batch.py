@@ -16,7 +16,7 @@ from nats.aio.msg import Msg
 from sqlalchemy import Table, bindparam, delete, insert, select, update
 from sqlalchemy.engine import Connection
 
-from app._db import EVENTS, JOBS, BookmarkRow, FileRow, JobRow
+from app._db import EVENTS, FILES, JOBS, BookmarkRow, JobRow
 from app._fold import fold
 from app._hub import Applied
 from app._queue import queue_position
@@ -53,7 +53,6 @@ def _chunks(items: list[str], size: int) -> list[list[str]]:
     return [items[start : start + size] for start in range(0, len(items), size)]
 
 
-_FILES = cast(Table, FileRow.__table__)
 BOOKMARKS = cast(Table, BookmarkRow.__table__)
 _JOB_COLUMNS = tuple(column.name for column in JOBS.columns)
 _MUTABLE = (
@@ -104,14 +103,14 @@ class EventTimes:
 
 def _apply_file(conn: Connection, event: FileStored | FileDeleted, seq: int) -> None:
     if isinstance(event, FileDeleted):
-        conn.execute(delete(_FILES).where(_FILES.c.id == event.file_id))
-    elif conn.execute(select(_FILES.c.id).where(_FILES.c.id == event.file_id)).first() is not None:
+        conn.execute(delete(FILES).where(FILES.c.id == event.file_id))
+    elif conn.execute(select(FILES.c.id).where(FILES.c.id == event.file_id)).first() is not None:
         # Stored again: moved to its own subject before its job's were purged (app/_retention.py);
         # the row takes the new message's place, as a rebuild would.
-        conn.execute(update(_FILES).where(_FILES.c.id == event.file_id).values(seq=seq))
+        conn.execute(update(FILES).where(FILES.c.id == event.file_id).values(seq=seq))
     else:
         conn.execute(
-            insert(_FILES),
+            insert(FILES),
             {
                 "id": event.file_id, "owner": event.owner, "name": event.name,
                 "content_type": event.content_type, "size": event.size, "sha256": event.sha256,

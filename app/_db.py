@@ -163,6 +163,9 @@ class FileRow(Base):
     __table_args__ = (Index("ix_files_owner_seq", "owner", "seq"), Index("ix_files_job", "job_id"))
 
 
+FILES = cast(Table, FileRow.__table__)
+
+
 class BookmarkRow(Base):
     """The last stream sequence applied, committed with the rows it produced."""
 

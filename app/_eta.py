@@ -106,20 +106,24 @@ class EtaBoard:
             await asyncio.sleep(wait_s)
             wait_s = min(BUCKET_WAIT_MAX_S, 2 * wait_s)
             kv = await bucket(self.js)
-        replayed: set[str] = set()
+        replayed: set[str] | None = set()  # the replay's keys; None once it is in (not kept growing)
 
         def loaded() -> None:
+            nonlocal replayed
             # Run again after a failure: a key the replay did not bring is gone from the bucket.
-            for gone in into.keys() - replayed:
+            for gone in into.keys() - (replayed or set()):
                 del into[gone]
+            replayed = None
 
         def changed(entry: KeyValue.Entry) -> None:
-            replayed.add(entry.key)
+            if replayed is not None:
+                replayed.add(entry.key)
             into.pop(entry.key, None)
             if entry.operation is None and entry.value:
                 with contextlib.suppress(msgspec.DecodeError):
                     into[entry.key] = msgspec.json.decode(entry.value, type=kind)
-            self._forget_expired()
+            if into is self.workers:  # only heartbeats expire
+                self._forget_expired()
 
         await follow_bucket(self.js, kv, kind.__name__, changed, loaded)
 

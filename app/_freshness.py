@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable
-from typing import Any, cast
+from typing import Any
 
 import nats.errors
 from litestar import Litestar
@@ -30,15 +30,14 @@ from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError as NoMessageError
 from sqlalchemy import Table, bindparam, select
 
-from app._db import JOBS, Database, FileRow
+from app._db import FILES, JOBS, Database
 from app._exceptions import StatusError, UnavailableError, queue_unavailable
 from app._projection import Projection
 from streams import STREAM, files_subject, job_history_subjects
 
 SEQ_HEADER = "x-jobcast-seq"
 """Request and response header: a stream sequence the answer must include (see the module doc)."""
-_FILES = cast(Table, FileRow.__table__)
-_EXISTS = {table: select(table.c.id).where(table.c.id == bindparam("ident")) for table in (JOBS, _FILES)}
+_EXISTS = {table: select(table.c.id).where(table.c.id == bindparam("ident")) for table in (JOBS, FILES)}
 """Built once: building a statement per request cost more than running it."""
 
 
@@ -116,7 +115,7 @@ class FreshnessMiddleware(ASGIMiddleware):
         if isinstance(job_id := params.get("job_id"), str):
             await freshness.missing(JOBS, job_id, job_history_subjects(job_id), f"job {job_id}")
         elif isinstance(file_id := params.get("file_id"), str):
-            await freshness.missing(_FILES, file_id, [files_subject(file_id)], f"file {file_id}")
+            await freshness.missing(FILES, file_id, [files_subject(file_id)], f"file {file_id}")
 
         # A plain function handing back `send`'s own awaitable: no coroutine of its own per message,
         # which every frame of an SSE stream would pay.

@@ -6,6 +6,7 @@ Everything here blocks: callers run it in a worker thread. Models stay loaded in
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import threading
@@ -80,6 +81,7 @@ def resolve_model(name: str) -> str:
     return name
 
 
+@functools.cache  # the GPUs a process sees do not change; the probe ran for every job's key
 def default_device() -> tuple[str, str]:
     """Return (device, compute_type): CUDA float16 when a GPU is visible, else CPU int8."""
     if ctranslate2.get_cuda_device_count() > 0:
