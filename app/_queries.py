@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from sqlalchemy import Connection, bindparam, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app._db import EVENTS, JOBS, Database, EventRow, JobRow
+from app._db import EVENTS, JOBS, Database, EventRow, JobRow, job_record
 from app._eta import EtaBoard, eta_now
 from app._exceptions import NotFoundError, not_found
 from app._queue import WAITING, page_positions, queue_position
@@ -121,7 +121,7 @@ class JobQueries:
         found = conn.execute(_JOB_BY_ID, {"job_id": job_id}).first()
         if found is None or (owner is not None and found.owner != owner):
             raise not_found("job", job_id)
-        return JobRow(**found._mapping)
+        return job_record(found._mapping)
 
     @staticmethod
     async def row(session: AsyncSession, job_id: str, owner: str | None) -> JobRow:
@@ -193,7 +193,7 @@ class JobQueries:
             rows = conn.execute(_EVENTS_AFTER, {"job_id": job_id, "after": after, "limit": limit}).all()
             job = conn.execute(_JOB_BY_ID, {"job_id": job_id}).first()
         events = [EventRow(**row._mapping) for row in rows]
-        return events, (job_view(JobRow(**job._mapping)) if job is not None else None)
+        return events, (job_view(job_record(job._mapping)) if job is not None else None)
 
     async def owner_history(self, owner: str, after: int, limit: int) -> list[EventRow]:
         """The first `limit` recorded events after `after` of all of `owner`'s jobs, in stream order."""
@@ -219,4 +219,4 @@ class JobQueries:
         """The owner's job that `key` names now, whichever of the key's ids it has."""
         with self.db.reader.connect() as conn:  # one indexed read (ix_jobs_owner_key)
             found = conn.execute(_KEYED, {"owner": owner, "key": key}).first()
-            return None if found is None else self._positioned(conn, JobRow(**found._mapping))
+            return None if found is None else self._positioned(conn, job_record(found._mapping))
