@@ -128,7 +128,7 @@ _JOB_COLUMNS = tuple(column.name for column in JOBS.columns)
 class _JobRecord:
     """See `job_record`."""
 
-    def __init__(self, values: Mapping[str, Any]) -> None:
+    def __init__(self, values: Mapping[Any, Any]) -> None:
         self.__dict__.update(dict.fromkeys(_JOB_COLUMNS))
         self.__dict__.update(values)
 
@@ -136,7 +136,7 @@ class _JobRecord:
         return f"<job record {self.__dict__.get('id')} {self.__dict__.get('status')}>"
 
 
-def job_record(values: Mapping[str, Any]) -> JobRow:
+def job_record(values: Mapping[Any, Any]) -> JobRow:
     """A job's row as a plain object with JobRow's attributes (the columns not in `values` None),
     for code that holds rows outside any ORM session: the projection's writer folds these, and the
     synchronous reader returns them. An instrumented JobRow cost 24 us to build and 0.4 us per
