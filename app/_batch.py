@@ -76,6 +76,8 @@ _STAGES = select(
     JOBS.c.error,
 ).where(JOBS.c.parent_id == bindparam("parent_id"))
 """A pipeline's children: its derivation also needs their latest submissions, types, results and errors."""
+_LOAD = select(JOBS).where(JOBS.c.id.in_(bindparam("ids", expanding=True)))
+"""The jobs of a batch by id, built once (building it per batch cost more than running it)."""
 _INSERT_JOB = insert(JOBS)
 _UPDATE_JOB = update(JOBS).where(JOBS.c.id == bindparam("_id"))
 _INSERT_EVENT = insert(EVENTS)
@@ -146,7 +148,7 @@ class BatchWrites:
     def load(self, job_ids: set[str]) -> None:
         """Read the jobs a batch touches, one query per 500 ids."""
         for chunk in _chunks(sorted(job_ids - self.rows.keys()), 500):
-            for row in self.conn.execute(select(JOBS).where(JOBS.c.id.in_(chunk))):
+            for row in self.conn.execute(_LOAD, {"ids": chunk}):
                 self.rows[row.id] = job_record(row._mapping)
         self.rows.update((job_id, None) for job_id in job_ids if job_id not in self.rows)
 
