@@ -12,8 +12,13 @@ from app._files import FileService
 from app._live import Live
 from app._queries import JobQueries
 from app._retention import Retention
-from app._settings import Settings
 from app._stats import Stats
+
+# Dependencies Litestar finds at the same depth are resolved concurrently, in an anyio task group
+# with a task each, which cost more per request than the lookups themselves (P2's profile: about
+# 9 % of the API's CPU, in the task group, sniffio and current_task). So each provider depends on
+# the one before it in one chain (queries, owner, access, commands, live, files, stats, retention),
+# and whatever a handler asks for resolves one after the other. The unused parameter is that link.
 
 
 def provide_queries(state: State) -> JobQueries:
@@ -22,60 +27,54 @@ def provide_queries(state: State) -> JobQueries:
     return queries
 
 
-def provide_commands(state: State, queries: Queries) -> JobCommands:
-    """The process's JobCommands."""
-    del queries  # as in provide_owner: resolved after it, in the same batch as owner and access
-    commands: JobCommands = state.commands
-    return commands
-
-
-def provide_live(state: State, queries: Queries) -> Live:
-    """The process's Live part (following jobs, stream quotas)."""
-    del queries  # as in provide_commands
-    live: Live = state.live
-    return live
-
-
-def provide_settings(state: State) -> Settings:
-    """The process's settings."""
-    settings: Settings = state.settings
-    return settings
-
-
-def provide_stats(state: State) -> Stats:
-    """The process's Stats reader."""
-    stats: Stats = state.stats
-    return stats
-
-
-def provide_files(state: State) -> FileService:
-    """The process's FileService."""
-    files: FileService = state.files
-    return files
-
-
-def provide_retention(state: State) -> Retention:
-    """The process's Retention (deletes jobs, runs the retention sweep)."""
-    retention: Retention = state.retention
-    return retention
-
-
 def provide_owner(scope: Scope, queries: Queries) -> str:
     """Whose jobs the caller sees (the authenticated key's name, or the local owner)."""
-    # `queries` is unused: depending on it makes Litestar resolve the two one after the other.
-    # Several dependencies at the same level are resolved in an anyio task group, a task each,
-    # which costs more per request than these lookups.
-    del queries
+    del queries  # the chain's link (see above)
     caller: Caller = scope["user"]
     return caller.owner
 
 
-def provide_access(scope: Scope, queries: Queries) -> str | None:
+def provide_access(scope: Scope, owner: Owner) -> str | None:
     """Whose jobs the caller may read and act on by id: its own, or any owner's (None) for an admin
     (seed 003's "ownership or admin access")."""
-    del queries  # as in provide_owner: resolved one after the other
+    del owner
     caller: Caller = scope["user"]
     return None if caller.admin else caller.owner
+
+
+def provide_commands(state: State, access: Access) -> JobCommands:
+    """The process's JobCommands."""
+    del access
+    commands: JobCommands = state.commands
+    return commands
+
+
+def provide_live(state: State, commands: Commands) -> Live:
+    """The process's Live part (following jobs, stream quotas)."""
+    del commands
+    live: Live = state.live
+    return live
+
+
+def provide_files(state: State, live: LiveDep) -> FileService:
+    """The process's FileService."""
+    del live
+    files: FileService = state.files
+    return files
+
+
+def provide_stats(state: State, files: FilesDep) -> Stats:
+    """The process's Stats reader."""
+    del files
+    stats: Stats = state.stats
+    return stats
+
+
+def provide_retention(state: State, stats: StatsDep) -> Retention:
+    """The process's Retention (deletes jobs, runs the retention sweep)."""
+    del stats
+    retention: Retention = state.retention
+    return retention
 
 
 Queries = NamedDependency[JobQueries]
