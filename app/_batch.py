@@ -19,7 +19,7 @@ from sqlalchemy.engine import Connection
 from app._db import EVENTS, FILES, JOBS, BookmarkRow, JobRow, job_record
 from app._fold import fold
 from app._hub import Applied
-from app._queue import queue_position
+from app._queue import page_positions, queue_position
 from app._schemas import EventEnvelope, QueuePosition
 from app._stages import WAITING, Derived, Stage, derive_pipeline, in_plan, planned_types
 from streams import (
@@ -182,9 +182,12 @@ class BatchWrites:
     def hand_off(self, job_ids: set[str]) -> None:
         """Keep the rows of the awaited jobs this batch touched (flushed before), with their queue
         position, so that whoever waits need not read them back."""
-        for job_id in job_ids:
-            if (job := self.rows.get(job_id)) is not None:
-                self.handoffs[job_id] = Handoff(job, queue_position(self.conn, job))
+        jobs = [job for job_id in sorted(job_ids) if (job := self.rows.get(job_id)) is not None]
+        if len(jobs) == 1:
+            self.handoffs[jobs[0].id] = Handoff(jobs[0], queue_position(self.conn, jobs[0]))
+        elif jobs:  # one statement for them all (a count each cost a pass over the queue each)
+            positions = page_positions(self.conn, jobs)
+            self.handoffs.update((job.id, Handoff(job, positions[job.id])) for job in jobs)
 
     def delete(self, job: JobRow, seq: int) -> None:
         """Remove a job, its children and their events; followers get a last `deleted` event."""

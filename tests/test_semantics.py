@@ -482,6 +482,19 @@ async def test_idempotent_submissions(client: httpx.AsyncClient) -> None:
 # queue position and priority ------------------------------------------------------------------
 
 
+async def test_concurrent_submits_answer_with_the_queue_position_a_get_gives(client: httpx.AsyncClient) -> None:
+    # Submits the projection applies in one batch get their 202's positions from one statement;
+    # each is the job's place as the batch left the queue, as GET counts it once it stands still.
+    accepted = await asyncio.gather(*(submit(client, params={"steps": 0}) for _ in range(12)))
+    aheads = sorted(job["queue_position"]["ahead"] for job in accepted)
+    assert aheads == list(range(12))
+    for job in accepted:
+        position = job["queue_position"]
+        assert position["ahead"] < position["total_active"] <= 12
+        now = (await get(client, job["id"]))["queue_position"]
+        assert now == {"ahead": position["ahead"], "total_active": 12}
+
+
 @pytest.mark.slow
 async def test_queue_position(client: httpx.AsyncClient, worker_settings: WorkerSettings) -> None:
     jobs = [await submit(client, params={"steps": 0}) for _ in range(5)]
