@@ -9,16 +9,17 @@ from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime
 from fractions import Fraction
-from typing import Any, cast
+from typing import Any
 
 import msgspec
 from nats.aio.msg import Msg
-from sqlalchemy import Table, bindparam, delete, insert, select, update
+from sqlalchemy import bindparam, delete, insert, select, update
 from sqlalchemy.engine import Connection
 
-from app._db import EVENTS, FILES, JOBS, BookmarkRow, JobRow, job_record
+from app._db import EVENTS, FILES, JOBS, JobRow
 from app._fold import fold
 from app._hub import Applied
+from app._lean import lean_statements
 from app._queue import page_positions, queue_position
 from app._schemas import EventEnvelope, QueuePosition
 from app._stages import WAITING, Derived, Stage, derive_pipeline, in_plan, planned_types
@@ -53,8 +54,6 @@ def _chunks(items: list[str], size: int) -> list[list[str]]:
     return [items[start : start + size] for start in range(0, len(items), size)]
 
 
-BOOKMARKS = cast(Table, BookmarkRow.__table__)
-_JOB_COLUMNS = tuple(column.name for column in JOBS.columns)
 _MUTABLE = (
     "status", "attempt", "progress", "current_step", "result", "error", "worker", "held_by", "exhausted",
     "callback_status", "queue_seq", "last_seq", "started_at", "completed_at", "updated_at", "file_id",
@@ -76,12 +75,6 @@ _STAGES = select(
     JOBS.c.error,
 ).where(JOBS.c.parent_id == bindparam("parent_id"))
 """A pipeline's children: its derivation also needs their latest submissions, types, results and errors."""
-_LOAD = select(JOBS).where(JOBS.c.id.in_(bindparam("ids", expanding=True)))
-"""The jobs of a batch by id, built once (building it per batch cost more than running it)."""
-_INSERT_JOB = insert(JOBS)
-_UPDATE_JOB = update(JOBS).where(JOBS.c.id == bindparam("_id"))
-_INSERT_EVENT = insert(EVENTS)
-_UPDATE_BOOKMARK = update(BOOKMARKS).where(BOOKMARKS.c.name == bindparam("_name"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,8 +117,8 @@ def _apply_file(conn: Connection, event: FileStored | FileDeleted, seq: int) -> 
 class BatchWrites:
     """One batch in the writer thread: the jobs it touches, folded in memory, each written once.
 
-    Rows are plain records (`job_record`: no ORM session, no instrumentation), written with Core
-    `executemany` statements.
+    Rows are plain records (`job_record`: no ORM session, no instrumentation), read and written by
+    the lean statements (app/_lean.py) in `conn`'s transaction.
     """
 
     def __init__(self, conn: Connection) -> None:
@@ -143,13 +136,14 @@ class BatchWrites:
         self._dirty: dict[str, JobRow] = {}
         self._families: dict[str, _Family] = {}
         """Batch parents this batch derived, with their children."""
-        self._events: list[dict[str, Any]] = []
+        self._events: list[tuple[int, str, str, bytes]] = []
+        self._lean, self._cursor = lean_statements(conn, _MUTABLE)
 
     def load(self, job_ids: set[str]) -> None:
         """Read the jobs a batch touches, one query per 500 ids."""
         for chunk in _chunks(sorted(job_ids - self.rows.keys()), 500):
-            for row in self.conn.execute(_LOAD, {"ids": chunk}):
-                self.rows[row.id] = job_record(row._mapping)
+            for row in self._lean.select_jobs(self._cursor, chunk):
+                self.rows[row.id] = row
         self.rows.update((job_id, None) for job_id in job_ids if job_id not in self.rows)
 
     def save(self, job: JobRow, new: bool) -> None:
@@ -162,22 +156,21 @@ class BatchWrites:
 
     def event(self, seq: int, job_id: str, kind: str, payload: bytes) -> None:
         """Record an event row, written at the next flush."""
-        self._events.append({"seq": seq, "job_id": job_id, "kind": kind, "payload": payload})
+        self._events.append((seq, job_id, kind, payload))
 
     def flush(self) -> None:
         """Write what the batch changed so far: each job row once, then the event rows."""
         if self._new:
-            self.conn.execute(
-                _INSERT_JOB, [{c: getattr(job, c) for c in _JOB_COLUMNS} for job in self._new.values()]
-            )
+            self._lean.insert_jobs(self._cursor, self._new.values())
         if self._dirty:
-            self.conn.execute(
-                _UPDATE_JOB,
-                [{"_id": job.id} | {c: getattr(job, c) for c in _MUTABLE} for job in self._dirty.values()],
-            )
+            self._lean.update_jobs(self._cursor, self._dirty.values())
         if self._events:
-            self.conn.execute(_INSERT_EVENT, self._events)
+            self._lean.insert_events(self._cursor, self._events)
         self._new, self._dirty, self._events = {}, {}, []
+
+    def move_bookmark(self, last: int) -> None:
+        """Record `last` as the last sequence applied, in the batch's transaction."""
+        self._lean.move_bookmark(self._cursor, BOOKMARK, last)
 
     def hand_off(self, job_ids: set[str]) -> None:
         """Keep the rows of the awaited jobs this batch touched (flushed before), with their queue
@@ -413,7 +406,6 @@ def write_batch(
                 writes.applied.append(derived)
     writes.flush()
     writes.hand_off(awaited)
-    bookmark = {"_name": BOOKMARK, "last_seq": last}
-    if advanced and conn.execute(_UPDATE_BOOKMARK, bookmark).rowcount == 0:
-        conn.execute(insert(BOOKMARKS), {"name": BOOKMARK, "last_seq": last})
+    if advanced:
+        writes.move_bookmark(last)
     return writes

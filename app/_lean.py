@@ -1,0 +1,113 @@
+"""The projection writer's hot statements, run on the DBAPI cursor of its own transaction.
+
+SQLAlchemy's execution of even a prebuilt statement cost about 40 us (its execution context,
+events, the result's set-up), and a batch of one event ran four of them on the path of every
+job's events. These run the same SQL on the same connection, in the same transaction, through
+the DBAPI cursor, with each column's own SQLAlchemy bind and result processors: the rows hold
+what SQLAlchemy would have written and read (tests/test_lean.py compares the two).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from sqlalchemy import Table
+from sqlalchemy.engine import Connection, Dialect
+from sqlalchemy.engine.interfaces import DBAPICursor
+
+from app._db import EVENTS, JOBS, BookmarkRow, JobRow, job_record
+
+Processor = Callable[[Any], Any] | None
+
+
+def _quoted(names: Iterable[str]) -> str:
+    return ", ".join(f'"{name}"' for name in names)
+
+
+class _Columns:
+    """Some columns of a table, with SQLAlchemy's bind and result processors of each."""
+
+    def __init__(self, table: Table, names: Sequence[str], dialect: Dialect) -> None:
+        if dialect.paramstyle != "qmark":
+            raise ValueError(
+                f"the lean statements are written for SQLite's qmark style, not {dialect.paramstyle}"
+            )
+        # The dialect's own implementation of each type (SQLite's DATETIME, JSON...), as SQLAlchemy's
+        # compiled statements use them.
+        types = [table.c[name].type.dialect_impl(dialect) for name in names]
+        self.table = f'"{table.name}"'
+        self.names = tuple(names)
+        self.binds: tuple[Processor, ...] = tuple(t.bind_processor(dialect) for t in types)
+        self.results: tuple[Processor, ...] = tuple(t.result_processor(dialect, None) for t in types)
+
+    def bound(self, values: Sequence[Any]) -> tuple[Any, ...]:
+        """Values in the columns' order, as SQLAlchemy binds them."""
+        return tuple(v if p is None else p(v) for p, v in zip(self.binds, values, strict=True))
+
+    def read(self, row: Sequence[Any]) -> dict[str, Any]:
+        """A row of these columns, as SQLAlchemy returns it, by column name."""
+        return {n: v if p is None else p(v) for n, p, v in zip(self.names, self.results, row, strict=True)}
+
+
+class LeanStatements:
+    """The writer's statements on the jobs, events and bookmark tables, for one dialect."""
+
+    def __init__(self, dialect: Dialect, mutable: Sequence[str]) -> None:
+        every = [column.name for column in JOBS.columns]
+        self.jobs = _Columns(JOBS, every, dialect)
+        self.changes = _Columns(JOBS, [*mutable, "id"], dialect)
+        self.events = _Columns(EVENTS, ["seq", "job_id", "kind", "payload"], dialect)
+        self._insert_job = (
+            f"INSERT INTO {self.jobs.table} ({_quoted(every)}) VALUES ({', '.join('?' * len(every))})"
+        )
+        sets = ", ".join(f'"{name}" = ?' for name in mutable)
+        self._update_job = f'UPDATE {self.jobs.table} SET {sets} WHERE "id" = ?'
+        self._select_jobs = f'SELECT {_quoted(every)} FROM {self.jobs.table} WHERE "id" IN '
+        self._insert_events = (
+            f"INSERT INTO {self.events.table} ({_quoted(self.events.names)}) VALUES (?, ?, ?, ?)"
+        )
+        bookmarks = f'"{BookmarkRow.__tablename__}"'
+        self._update_bookmark = f'UPDATE {bookmarks} SET "last_seq" = ? WHERE "name" = ?'
+        self._insert_bookmark = f'INSERT INTO {bookmarks} ("name", "last_seq") VALUES (?, ?)'
+
+    def select_jobs(self, cursor: DBAPICursor, job_ids: Sequence[str]) -> list[JobRow]:
+        """The jobs of these ids that exist, as plain records."""
+        cursor.execute(self._select_jobs + f"({', '.join('?' * len(job_ids))})", tuple(job_ids))
+        return [job_record(self.jobs.read(row)) for row in cursor.fetchall()]
+
+    def insert_jobs(self, cursor: DBAPICursor, jobs: Iterable[JobRow]) -> None:
+        """Insert new jobs, every column."""
+        names = self.jobs.names
+        cursor.executemany(
+            self._insert_job, [self.jobs.bound([getattr(job, n) for n in names]) for job in jobs]
+        )
+
+    def update_jobs(self, cursor: DBAPICursor, jobs: Iterable[JobRow]) -> None:
+        """Write the mutable columns of existing jobs."""
+        names = self.changes.names
+        cursor.executemany(
+            self._update_job, [self.changes.bound([getattr(job, n) for n in names]) for job in jobs]
+        )
+
+    def insert_events(self, cursor: DBAPICursor, events: Iterable[tuple[int, str, str, bytes]]) -> None:
+        """Insert event rows: (seq, job id, kind, payload) each."""
+        cursor.executemany(self._insert_events, [self.events.bound(event) for event in events])
+
+    def move_bookmark(self, cursor: DBAPICursor, name: str, last_seq: int) -> None:
+        """Set the named bookmark, creating it the first time."""
+        cursor.execute(self._update_bookmark, (last_seq, name))
+        if cursor.rowcount == 0:
+            cursor.execute(self._insert_bookmark, (name, last_seq))
+
+
+@functools.cache
+def _for_dialect(dialect: Dialect, mutable: tuple[str, ...]) -> LeanStatements:
+    return LeanStatements(dialect, mutable)
+
+
+def lean_statements(conn: Connection, mutable: tuple[str, ...]) -> tuple[LeanStatements, DBAPICursor]:
+    """The statements for `conn`'s dialect (built once per dialect), and a cursor on the DBAPI
+    connection of `conn`'s transaction."""
+    return _for_dialect(conn.dialect, mutable), conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
