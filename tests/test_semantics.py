@@ -482,7 +482,9 @@ async def test_idempotent_submissions(client: httpx.AsyncClient) -> None:
 # queue position and priority ------------------------------------------------------------------
 
 
-async def test_concurrent_submits_answer_with_the_queue_position_a_get_gives(client: httpx.AsyncClient) -> None:
+async def test_concurrent_submits_answer_with_the_queue_position_a_get_gives(
+    client: httpx.AsyncClient,
+) -> None:
     # Submits the projection applies in one batch get their 202's positions from one statement;
     # each is the job's place as the batch left the queue, as GET counts it once it stands still.
     accepted = await asyncio.gather(*(submit(client, params={"steps": 0}) for _ in range(12)))
