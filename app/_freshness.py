@@ -28,17 +28,16 @@ from litestar.middleware import ASGIMiddleware
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError as NoMessageError
-from sqlalchemy import Table, bindparam, select
+from sqlalchemy import Table
 
 from app._db import FILES, JOBS, Database
 from app._exceptions import StatusError, UnavailableError, queue_unavailable
+from app._lean import lean_reads
 from app._projection import Projection
 from streams import STREAM, files_subject, job_history_subjects
 
 SEQ_HEADER = "x-jobcast-seq"
 """Request and response header: a stream sequence the answer must include (see the module doc)."""
-_EXISTS = {table: select(table.c.id).where(table.c.id == bindparam("ident")) for table in (JOBS, FILES)}
-"""Built once: building a statement per request cost more than running it."""
 
 
 class Freshness:
@@ -79,7 +78,8 @@ class Freshness:
     async def missing(self, table: Table, ident: str, subjects: list[str], what: str) -> None:
         """When `ident` is not in `table` yet, wait until its newest message in the stream is applied."""
         with self.db.reader.connect() as conn:  # one indexed read: quicker than a thread hop
-            if conn.execute(_EXISTS[table], {"ident": ident}).first() is not None:
+            reads, cursor = lean_reads(conn)
+            if reads.exists(cursor, table, ident):
                 return
         newest = max(await asyncio.gather(*(self._newest(subject) for subject in subjects)))
         if newest > 0:

@@ -1,10 +1,12 @@
-"""The projection writer's hot statements, run on the DBAPI cursor of its own transaction.
+"""The hot statements of the projection's writer and of the synchronous reader, run on the DBAPI
+cursor of a SQLAlchemy connection.
 
 SQLAlchemy's execution of even a prebuilt statement cost about 40 us (its execution context,
-events, the result's set-up), and a batch of one event ran four of them on the path of every
-job's events. These run the same SQL on the same connection, in the same transaction, through
-the DBAPI cursor, with each column's own SQLAlchemy bind and result processors: the rows hold
-what SQLAlchemy would have written and read (tests/test_lean.py compares the two).
+events, the result's set-up), and each job's events and requests ran a dozen of them: a batch of
+one event four, an SSE connect three. These run the same SQL on the same connection, in the same
+transaction, through the DBAPI cursor, with each column's own SQLAlchemy bind and result
+processors: the rows hold what SQLAlchemy would have written and read (tests/test_lean.py
+compares the two).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from sqlalchemy import Table
 from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.engine.interfaces import DBAPICursor
 
-from app._db import EVENTS, JOBS, BookmarkRow, JobRow, job_record
+from app._db import EVENTS, FILES, JOBS, BookmarkRow, EventRow, JobRow, event_record, job_record
 
 Processor = Callable[[Any], Any] | None
 
@@ -100,6 +102,67 @@ class LeanStatements:
         cursor.execute(self._update_bookmark, (last_seq, name))
         if cursor.rowcount == 0:
             cursor.execute(self._insert_bookmark, (name, last_seq))
+
+
+class LeanReads:
+    """The synchronous reader's hot reads: a job by id, its owner, the job an idempotency key names,
+    a page of a job's events, whether a job or file exists."""
+
+    def __init__(self, dialect: Dialect) -> None:
+        every = [column.name for column in JOBS.columns]
+        self.jobs = _Columns(JOBS, every, dialect)
+        self.events = _Columns(EVENTS, [column.name for column in EVENTS.columns], dialect)
+        jobs = f"SELECT {_quoted(every)} FROM {self.jobs.table}"
+        self._job = f'{jobs} WHERE "id" = ?'
+        self._owner = f'SELECT "owner" FROM {self.jobs.table} WHERE "id" = ?'
+        # The newest job of the key's ids (the partial index ix_jobs_owner_key).
+        self._keyed = (
+            f'{jobs} WHERE "owner" = ? AND "client_request_id" = ? ORDER BY "submit_seq" DESC LIMIT 1'
+        )
+        self._events_after = (
+            f"SELECT {_quoted(self.events.names)} FROM {self.events.table}"
+            ' WHERE "job_id" = ? AND "seq" > ? ORDER BY "seq" LIMIT ?'
+        )
+        self._exists = {table.name: f'SELECT 1 FROM "{table.name}" WHERE "id" = ?' for table in (JOBS, FILES)}
+
+    def job(self, cursor: DBAPICursor, job_id: str) -> JobRow | None:
+        """The job of this id, as a plain record."""
+        return self._one_job(cursor, self._job, (job_id,))
+
+    def owner_of(self, cursor: DBAPICursor, job_id: str) -> str | None:
+        """The owner of the job of this id; None without one."""
+        cursor.execute(self._owner, (job_id,))
+        found = cursor.fetchone()
+        return None if found is None else str(found[0])
+
+    def keyed(self, cursor: DBAPICursor, owner: str, key: str) -> JobRow | None:
+        """The owner's newest job of an idempotency key."""
+        return self._one_job(cursor, self._keyed, (owner, key))
+
+    def events_after(self, cursor: DBAPICursor, job_id: str, after: int, limit: int) -> list[EventRow]:
+        """The job's first `limit` events after `after`, as plain records."""
+        cursor.execute(self._events_after, (job_id, after, limit))
+        return [event_record(self.events.read(row)) for row in cursor.fetchall()]
+
+    def exists(self, cursor: DBAPICursor, table: Table, ident: str) -> bool:
+        """Whether `table` (jobs or files) has a row of this id."""
+        cursor.execute(self._exists[table.name], (ident,))
+        return cursor.fetchone() is not None
+
+    def _one_job(self, cursor: DBAPICursor, sql: str, params: tuple[Any, ...]) -> JobRow | None:
+        cursor.execute(sql, params)
+        found = cursor.fetchone()
+        return None if found is None else job_record(self.jobs.read(found))
+
+
+@functools.cache
+def _reads_for(dialect: Dialect) -> LeanReads:
+    return LeanReads(dialect)
+
+
+def lean_reads(conn: Connection) -> tuple[LeanReads, DBAPICursor]:
+    """The reads for `conn`'s dialect (built once per dialect), and a cursor on `conn`'s DBAPI connection."""
+    return _reads_for(conn.dialect), conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
 
 
 @functools.cache

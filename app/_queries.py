@@ -5,12 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import Connection, bindparam, func, select
+from sqlalchemy import Connection, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app._db import EVENTS, JOBS, Database, EventRow, JobRow, job_record
+from app._db import Database, EventRow, JobRow
 from app._eta import EtaBoard, eta_now
 from app._exceptions import NotFoundError, not_found
+from app._lean import lean_reads
 from app._queue import WAITING, page_positions, queue_position
 from app._schemas import Job, JobPage, QueuePosition
 from streams import ACTIVE_STATUSES, JobStatus
@@ -20,23 +21,6 @@ QUICK_PAGE = 50
 synchronous reader, as a job by id is. Thousands of followers connecting at once each waited for
 one of the async pool's 15 connections and its thread hop; past the pool's 30 s wait, their streams
 failed (P3, 10k clients each on its own job). Longer pages stay on the pool, off the event loop."""
-
-# The hot reads, built once: building a statement per call cost more than running it (bench
-# profile: 85 us a read by id built each time, 29 us prebuilt).
-_JOB_BY_ID = select(JOBS).where(JOBS.c.id == bindparam("job_id"))
-_OWNER_OF = select(JOBS.c.owner).where(JOBS.c.id == bindparam("job_id"))
-_EVENTS_AFTER = (
-    select(EVENTS)
-    .where(EVENTS.c.job_id == bindparam("job_id"), EVENTS.c.seq > bindparam("after"))
-    .order_by(EVENTS.c.seq)
-    .limit(bindparam("limit"))
-)
-_KEYED = (
-    select(JOBS)
-    .where(JOBS.c.owner == bindparam("owner"), JOBS.c.client_request_id == bindparam("key"))
-    .order_by(JOBS.c.submit_seq.desc())
-    .limit(1)
-)
 
 
 def job_view(
@@ -111,17 +95,19 @@ class JobQueries:
         """NotFoundError unless the job exists for `owner`; unlike `get`, no queue-position counts
         (two COUNTs over the pool's pending jobs per SSE connect made thousands of connects slow)."""
         with self.db.reader.connect() as conn:
-            found = conn.execute(_OWNER_OF, {"job_id": job_id}).first()
-        if found is None or (owner is not None and found.owner != owner):
+            reads, cursor = lean_reads(conn)
+            found = reads.owner_of(cursor, job_id)
+        if found is None or (owner is not None and found != owner):
             raise not_found("job", job_id)
 
     @staticmethod
     def _visible_row(conn: Connection, job_id: str, owner: str | None) -> JobRow:
         """One indexed read on the synchronous reader; NotFoundError for another owner's job too."""
-        found = conn.execute(_JOB_BY_ID, {"job_id": job_id}).first()
+        reads, cursor = lean_reads(conn)
+        found = reads.job(cursor, job_id)
         if found is None or (owner is not None and found.owner != owner):
             raise not_found("job", job_id)
-        return job_record(found._mapping)
+        return found
 
     @staticmethod
     async def row(session: AsyncSession, job_id: str, owner: str | None) -> JobRow:
@@ -189,11 +175,15 @@ class JobQueries:
 
     def _history_now(self, job_id: str, after: int, limit: int) -> tuple[list[EventRow], Job | None]:
         """`history` for a short page, on the synchronous reader, in one read transaction."""
-        with self.db.reader.connect() as conn, conn.begin():
-            rows = conn.execute(_EVENTS_AFTER, {"job_id": job_id, "after": after, "limit": limit}).all()
-            job = conn.execute(_JOB_BY_ID, {"job_id": job_id}).first()
-        events = [EventRow(**row._mapping) for row in rows]
-        return events, (job_view(job_record(job._mapping)) if job is not None else None)
+        with self.db.reader.connect() as conn:
+            reads, cursor = lean_reads(conn)
+            cursor.execute("BEGIN")  # one snapshot for both
+            try:
+                events = reads.events_after(cursor, job_id, after, limit)
+                job = reads.job(cursor, job_id)
+            finally:
+                cursor.execute("COMMIT")
+        return events, (job_view(job) if job is not None else None)
 
     async def owner_history(self, owner: str, after: int, limit: int) -> list[EventRow]:
         """The first `limit` recorded events after `after` of all of `owner`'s jobs, in stream order."""
@@ -218,5 +208,6 @@ class JobQueries:
     def keyed(self, owner: str, key: str) -> Job | None:
         """The owner's job that `key` names now, whichever of the key's ids it has."""
         with self.db.reader.connect() as conn:  # one indexed read (ix_jobs_owner_key)
-            found = conn.execute(_KEYED, {"owner": owner, "key": key}).first()
-            return None if found is None else self._positioned(conn, job_record(found._mapping))
+            reads, cursor = lean_reads(conn)
+            found = reads.keyed(cursor, owner, key)
+            return None if found is None else self._positioned(conn, found)

@@ -10,8 +10,8 @@ from typing import Any
 from sqlalchemy import insert, select
 
 from app._batch import write_batch
-from app._db import EVENTS, JOBS, Database
-from app._lean import lean_statements
+from app._db import EVENTS, FILES, JOBS, Database
+from app._lean import lean_reads, lean_statements
 from streams import Completed, Event, Progress, Started, Submitted, encode_event
 
 WHEN = datetime(2026, 12, 1, 18, 30, 15, 123456, tzinfo=UTC)
@@ -85,3 +85,38 @@ async def test_lean_rows_are_what_sqlalchemy_writes_and_reads(tmp_path: Path) ->
         assert _raw(tmp_path / "lean.db", table) == _raw(tmp_path / "core.db", table)
     assert sorted(leanly_read, key=lambda job: job["id"]) == jobs
     assert _raw(tmp_path / "lean.db", "projection_bookmark") == [("jobs", 5)]
+
+
+async def test_lean_reads_return_what_sqlalchemy_reads(tmp_path: Path) -> None:
+    db = Database(f"sqlite+aiosqlite:///{tmp_path}/jobs.db")
+    await db.create_all()
+    decoded = [(_Message(encode_event(e)), seq, e) for seq, e in enumerate(_events(), start=1)]
+    try:
+        with db.writer.begin() as conn:
+            write_batch(conn, decoded, len(decoded), True, set())  # type: ignore[arg-type]
+        with db.reader.connect() as conn:
+            reads, cursor = lean_reads(conn)
+            by_sqlalchemy = {row.id: dict(row._mapping) for row in conn.execute(select(JOBS))}
+            events = [dict(row._mapping) for row in conn.execute(select(EVENTS).order_by(EVENTS.c.seq))]
+            full, bare, missing = (reads.job(cursor, job_id) for job_id in ("full", "bare", "nope"))
+            keyed = reads.keyed(cursor, "ann", "key-1")
+            after = reads.events_after(cursor, "full", 3, 10)
+            owners = [reads.owner_of(cursor, job_id) for job_id in ("full", "bare", "nope")]
+            exists = [
+                reads.exists(cursor, JOBS, "bare"),
+                reads.exists(cursor, JOBS, "nope"),
+                reads.exists(cursor, FILES, "f1"),
+            ]
+    finally:
+        await db.dispose()
+    assert full is not None
+    assert bare is not None
+    assert keyed is not None
+    assert vars(full) == by_sqlalchemy["full"]
+    assert vars(bare) == by_sqlalchemy["bare"]
+    assert vars(keyed) == by_sqlalchemy["full"]
+    assert missing is None
+    assert [vars(event) for event in after] == [e for e in events if e["job_id"] == "full" and e["seq"] > 3]
+    assert [event.kind for event in after] == ["progress", "completed"]
+    assert owners == ["ann", "bob", None]
+    assert exists == [True, False, False]
