@@ -220,7 +220,9 @@ def _sqlite_writer(dbapi_connection: DBAPIConnection, entry: ConnectionPoolEntry
 
 
 def _begin_immediate(conn: Connection) -> None:
-    conn.exec_driver_sql("BEGIN IMMEDIATE")
+    # On the DBAPI connection itself: through exec_driver_sql it cost ~25 us of SQLAlchemy's
+    # execution machinery, on every projection batch.
+    conn.connection.dbapi_connection.execute("BEGIN IMMEDIATE")  # type: ignore[union-attr]
 
 
 def _add_missing_columns(conn: Connection) -> None:
