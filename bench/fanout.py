@@ -39,6 +39,10 @@ BURST_BROADCAST = 20
 BURST_PER_JOB = 3
 """Events per job sent back to back when each client follows its own job."""
 TARGET_KB, TARGET_RATE, TARGET_P99_MS = 30.0, 50_000.0, 200.0
+TARGET_OWN_RATE = 25_000.0
+"""Own-job deliveries/s at the top level (issue 20); the broadcast keeps TARGET_RATE."""
+BROADCAST_RUNS = 3
+"""jobcast's broadcast at the top level runs this many times: its p99 target holds in every run."""
 STAMP = re.compile(rb"([LB]) t=(\d+)")
 END = re.compile(rb"event: completed|data: end\r\n|\r\n0\r\n\r\n$|^0\r\n\r\n$")
 
@@ -380,11 +384,16 @@ async def run() -> dict[str, Any]:
             for count in LEVELS:
                 for broadcast in (True, False):
                     for target in (_Baseline(), ours):
-                        figures = await _one(target, count, broadcast, folder)
-                        figures |= {"server": target.name, "mode": "one job" if broadcast else "own job"}
-                        runs.append(figures)
-                        print(f"  {figures['server']}, {figures['mode']}, {count}: {figures['kb_per_connection']} KB/conn, "
-                              f"{figures['deliveries_per_s']:,}/s, {figures['delivered']}/{figures['expected']}", flush=True)  # fmt: skip
+                        repeats = (
+                            BROADCAST_RUNS if broadcast and target is ours and count == max(LEVELS) else 1
+                        )
+                        for _ in range(repeats):
+                            figures = await _one(target, count, broadcast, folder)
+                            figures |= {"server": target.name, "mode": "one job" if broadcast else "own job"}
+                            runs.append(figures)
+                            print(f"  {figures['server']}, {figures['mode']}, {count}: {figures['kb_per_connection']} KB/conn, "
+                                  f"{figures['deliveries_per_s']:,}/s, {figures['delivered']}/{figures['expected']}, "
+                                  f"p99 {(figures['latency_ms'] or {}).get('p99', '-')} ms", flush=True)  # fmt: skip
     rows = []
     for run_ in runs:
         lat = run_["latency_ms"] or {}
@@ -409,10 +418,12 @@ async def run() -> dict[str, Any]:
             "kb_ratio": round(ours_["kb_per_connection"] / base["kb_per_connection"], 2) if base["kb_per_connection"] > 0 else None,
             "rate_ratio": round(ours_["deliveries_per_s"] / base["deliveries_per_s"], 2) if base["deliveries_per_s"] else None,
             "kb_met": ours_["kb_per_connection"] <= TARGET_KB,
-            "rate_met": ours_["deliveries_per_s"] >= TARGET_RATE,
+            "rate_met": ours_["deliveries_per_s"] >= (TARGET_RATE if mode == "one job" else TARGET_OWN_RATE),
         }  # fmt: skip
         if mode == "one job" and ours_["latency_ms"]:
-            verdict[mode]["p99_met"] = ours_["latency_ms"]["p99"] <= TARGET_P99_MS
+            p99s = [r["latency_ms"]["p99"] for r in runs if r["clients"] == top and r["mode"] == mode
+                    and r["server"] == "jobcast API" and r["latency_ms"]]  # fmt: skip
+            verdict[mode] |= {"p99_ms_runs": p99s, "p99_met": all(p99 <= TARGET_P99_MS for p99 in p99s)}
     print(json.dumps(verdict, indent=2))
     result = {"levels": LEVELS, "runs": runs, "verdict": verdict}
     write_json("fanout", result)

@@ -36,7 +36,8 @@ WORKER_SLOTS = 64
 """Noop jobs a jobcast worker runs at once (they only publish events)."""
 CELERY_PROCS = 2
 """Celery prefork children: one per core."""
-TARGET_RATE, TARGET_RATIO = 2_000.0, 4.0
+TARGET_RATIO = {"32 connections": 2.0, "batch": 4.0}
+"""jobs/s as a multiple of Celery's in the same run, by mode (issue 20)."""
 LIMIT_S = 300
 
 JOB = msgspec.json.encode({"type": "noop", "params": {"steps": 0}})
@@ -226,7 +227,7 @@ async def run() -> dict[str, Any]:
         mode = "batch" if batch else f"{CONNECTIONS} connections"
         base, ours = modes[f"celery, {mode}"], modes[f"jobcast, {mode}"]
         ratio = ours["jobs_per_s"] / base["jobs_per_s"]
-        met = ours["jobs_per_s"] >= TARGET_RATE and ratio >= TARGET_RATIO
+        met = ratio >= TARGET_RATIO[mode]
         verdicts[mode] = {"ratio": round(ratio, 2), "met": met}
         for name, figures in ((f"celery, {mode}", base), (f"jobcast, {mode}", ours)):
             is_ours = figures is ours
@@ -234,7 +235,7 @@ async def run() -> dict[str, Any]:
                 name, figures["jobs_per_s"], figures["submits_per_s"], figures["errors"],
                 " ".join(f"{k}={v}" for k, v in figures["cpu_s"].items()),
                 f"{ratio:.2f}x" if is_ours else "1.00x",
-                ">= 2,000/s and >= 4x" if is_ours else "", ("met" if met else "not met") if is_ours else "",
+                f">= {TARGET_RATIO[mode]:.0f}x" if is_ours else "", ("met" if met else "not met") if is_ours else "",
             ])  # fmt: skip
     table(
         f"P2 throughput: {JOBS:,} noop jobs until all completed",
