@@ -36,7 +36,7 @@ def _body(key: str) -> bytes:
     return msgspec.json.encode({"type": "noop", "params": {"steps": 0}, "client_request_id": key})
 
 
-async def _submit_and_follow(conn: Http, key: str) -> tuple[float, int]:
+async def submit_and_follow(conn: Http, key: str) -> tuple[float, int]:
     """POST a job (or, with a finished job's key, re-POST it), then follow its SSE stream to the end.
 
     Returns the seconds until the chunk that holds the terminal event arrived, and the POST status.
@@ -102,19 +102,19 @@ async def measure() -> dict[str, Any]:
                 conn = await Http.open(url)
                 for _ in range(WARMUP):
                     key = str(uuid.uuid4())
-                    await _submit_and_follow(conn, key)
-                    await _submit_and_follow(conn, key)
+                    await submit_and_follow(conn, key)
+                    await submit_and_follow(conn, key)
                 cpu_before = (api.cpu(), worker.cpu(), nats_cpu(nats), self_cpu_seconds())
                 real, floor = [], []
                 began = time.perf_counter()
                 keys = [str(uuid.uuid4()) for _ in range(JOBS)]
                 for key in keys:
-                    elapsed, status = await _submit_and_follow(conn, key)
+                    elapsed, status = await submit_and_follow(conn, key)
                     assert status == 202, status
                     real.append(elapsed)
                     # The same two requests again: the job is finished, so the POST is answered from
                     # SQLite (200, idempotency key) and the SSE stream replays history and ends.
-                    elapsed, status = await _submit_and_follow(conn, key)
+                    elapsed, status = await submit_and_follow(conn, key)
                     assert status == 200, status
                     floor.append(elapsed)
                 wall = time.perf_counter() - began
@@ -122,7 +122,7 @@ async def measure() -> dict[str, Any]:
                 # The floor's two requests alone, once more per job: what a pair costs beyond
                 # them is the job's own cost (its POST, its live stream, its events projected).
                 for key in keys:
-                    await _submit_and_follow(conn, key)
+                    await submit_and_follow(conn, key)
                 cpu_floor = (api.cpu(), worker.cpu(), nats_cpu(nats), self_cpu_seconds())
                 conn.close()
             finally:

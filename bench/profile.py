@@ -1,11 +1,13 @@
-"""Where the API's CPU goes per job: P1's run with py-spy sampling the API, each sample given to
-one hop (HTTP parse, auth, validation, publish, projection, SQLite write, hub, SSE write...).
+"""Where the API's CPU goes per job: P1's jobs with py-spy sampling the API, each sample given to
+one hop (HTTP parse, auth, validation, publish, projection, SQLite write, hub, SSE write...), then
+P1's floor (the same two requests for the finished jobs) profiled apart.
 
 `python -m bench profile` (py-spy comes with the `bench` extra). py-spy samples the thread that
 holds the GIL (`--gil`): an event loop waiting in epoll is not counted, uvloop's own C work is
-(under the loop's frame), and SQLite's C work without the GIL is not. A sample is given to the
-innermost frame of its stack that names a hop, so a hop's share excludes the hops it calls; the
-shares times the API's measured CPU per job give milliseconds per hop.
+(under the loop's frame, with the system calls it makes), and SQLite's C work without the GIL is
+not. A sample is given to the innermost frame of its stack that names a hop, so a hop's share
+excludes the hops it calls; a phase's shares times the API's CPU per job in it (measured while
+py-spy samples, so a little above P1's) give milliseconds per hop.
 """
 
 from __future__ import annotations
@@ -15,12 +17,13 @@ import shutil
 import signal
 import sys
 import tempfile
+import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from bench import dispatch
-from bench.harness import table, write_json
+from bench.harness import Http, nats_server, start_api, start_worker, table, wait_workers, write_json
 
 RATE_HZ = 250
 HOPS: list[tuple[str, tuple[str, ...]]] = [
@@ -82,36 +85,68 @@ def py_spy() -> str:
     return found
 
 
+async def _spied(pid: int, raw: Path) -> asyncio.subprocess.Process:
+    spy = await asyncio.create_subprocess_exec(
+        py_spy(), "record", "--gil", "-r", str(RATE_HZ), "-f", "raw", "-o", str(raw), "--pid", str(pid),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    await asyncio.sleep(1.0)  # py-spy attaches
+    return spy
+
+
+async def _stopped(spy: asyncio.subprocess.Process) -> None:
+    spy.send_signal(signal.SIGINT)  # py-spy writes its file and exits
+    await asyncio.wait_for(spy.wait(), 30)
+
+
 async def run() -> dict[str, Any]:
-    """P1 with the API under py-spy; the per-hop table."""
-    spy_bin = py_spy()
+    """P1's two phases under py-spy, each on its own: jobs (a POST answered 202 and an SSE follow to
+    the job's end), then the same two requests again for the finished jobs (the floor)."""
+    py_spy()  # fail before starting anything when it is missing
+    cpu: dict[str, float] = {}
+    counts: dict[str, Counter[str]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        raw = Path(tmp) / "api.txt"
-        spies: list[asyncio.subprocess.Process] = []
-        start_api = dispatch.start_api
-
-        async def profiled_api(*args: Any, **kwargs: Any) -> Any:
-            child, url = await start_api(*args, **kwargs)
-            spies.append(await asyncio.create_subprocess_exec(
-                spy_bin, "record", "--gil", "-r", str(RATE_HZ), "-f", "raw", "-o", str(raw), "--pid", str(child.pid),
-                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-            ))  # fmt: skip
-            return child, url
-
-        dispatch.start_api = profiled_api  # type: ignore[assignment]
-        try:
-            p1 = await dispatch.measure()  # not recorded as P1: py-spy slows the API
-        finally:
-            dispatch.start_api = start_api
-            for spy in spies:  # the API is gone: py-spy writes its file and exits
-                if spy.returncode is None:
-                    spy.send_signal(signal.SIGINT)
-                await asyncio.wait_for(spy.wait(), 30)
-        counts = hops(raw)
-    total = sum(counts.values())
-    api_ms = p1["cpu_ms_per_pair"]["api"]
-    rows = [[hop, f"{100 * n / total:.1f}", f"{api_ms * n / total:.3f}"] for hop, n in counts.most_common()]
-    table(f"API CPU per job pair by hop ({api_ms} ms in all, {total} samples)", ["hop", "%", "ms"], rows)
-    result = {"api_ms_per_job": api_ms, "samples": total, "hops": dict(counts.most_common())}
+        folder = Path(tmp)
+        async with nats_server(folder) as nats:
+            api, url = await start_api(nats.url, folder / "data")
+            worker = start_worker(nats.url, folder / "data")
+            try:
+                await wait_workers(nats.url, 1)
+                conn = await Http.open(url)
+                for _ in range(dispatch.WARMUP):
+                    key = str(uuid.uuid4())
+                    await dispatch.submit_and_follow(conn, key)
+                    await dispatch.submit_and_follow(conn, key)
+                keys = [str(uuid.uuid4()) for _ in range(dispatch.JOBS)]
+                for phase in ("job", "floor"):
+                    raw = folder / f"{phase}.txt"
+                    spy = await _spied(api.pid, raw)
+                    began = api.cpu()
+                    for key in keys:
+                        await dispatch.submit_and_follow(conn, key)
+                    cpu[phase] = (api.cpu() - began) / len(keys) * 1000
+                    await _stopped(spy)
+                    counts[phase] = hops(raw)
+                conn.close()
+            finally:
+                worker.stop()
+                api.stop()
+    shares = {phase: {hop: n / sum(c.values()) for hop, n in c.items()} for phase, c in counts.items()}
+    ordered = sorted(set(shares["job"]) | set(shares["floor"]), key=lambda h: -shares["job"].get(h, 0.0))
+    rows = [
+        [
+            hop,
+            f"{cpu['job'] * shares['job'].get(hop, 0.0):.3f}",
+            f"{cpu['floor'] * shares['floor'].get(hop, 0.0):.3f}",
+        ]
+        for hop in ordered
+    ]
+    rows.append(["all (under py-spy)", f"{cpu['job']:.3f}", f"{cpu['floor']:.3f}"])
+    table("API CPU by hop (ms): a job, and the floor's two requests", ["hop", "job", "floor"], rows)
+    result = {
+        "api_ms": {phase: round(ms, 3) for phase, ms in cpu.items()},
+        "hops_ms": {phase: {hop: round(cpu[phase] * share, 3) for hop, share in shares[phase].items()} for phase in shares},
+        "samples": {phase: sum(c.values()) for phase, c in counts.items()},
+    }  # fmt: skip
     write_json("profile", result)
     return result
