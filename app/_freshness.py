@@ -77,9 +77,8 @@ class Freshness:
 
     async def missing(self, table: Table, ident: str, subjects: list[str], what: str) -> None:
         """When `ident` is not in `table` yet, wait until its newest message in the stream is applied."""
-        with self.db.reader.connect() as conn:  # one indexed read: quicker than a thread hop
-            reads, cursor = lean_reads(conn)
-            if reads.exists(cursor, table, ident):
+        with self.db.reader.connect() as conn, lean_reads(conn) as (reads, cursor):
+            if reads.exists(cursor, table, ident):  # one indexed read: quicker than a thread hop
                 return
         newest = max(await asyncio.gather(*(self._newest(subject) for subject in subjects)))
         if newest > 0:

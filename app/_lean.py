@@ -6,13 +6,16 @@ events, the result's set-up), and each job's events and requests ran a dozen of 
 one event four, an SSE connect three. These run the same SQL on the same connection, in the same
 transaction, through the DBAPI cursor, with each column's own SQLAlchemy bind and result
 processors: the rows hold what SQLAlchemy would have written and read (tests/test_lean.py
-compares the two).
+compares the two). The SQL is SQLite's (qmark parameters), and SQLAlchemy's cursor events and
+`echo` logging do not see these statements (nothing in jobcast listens to them). Each cursor is
+closed when its block ends: one left open on a partly read result would hold its read snapshot.
 """
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Iterable, Sequence
+import contextlib
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from sqlalchemy import Table
@@ -56,9 +59,9 @@ class _Columns:
 class LeanStatements:
     """The writer's statements on the jobs, events and bookmark tables, for one dialect."""
 
-    def __init__(self, dialect: Dialect, mutable: Sequence[str]) -> None:
-        every = [column.name for column in JOBS.columns]
-        self.jobs = _Columns(JOBS, every, dialect)
+    def __init__(self, dialect: Dialect, jobs: _Columns, mutable: Sequence[str]) -> None:
+        every = jobs.names
+        self.jobs = jobs
         self.changes = _Columns(JOBS, [*mutable, "id"], dialect)
         self.events = _Columns(EVENTS, ["seq", "job_id", "kind", "payload"], dialect)
         self._insert_job = (
@@ -108,16 +111,16 @@ class LeanReads:
     """The synchronous reader's hot reads: a job by id, its owner, the job an idempotency key names,
     a page of a job's events, whether a job or file exists."""
 
-    def __init__(self, dialect: Dialect) -> None:
-        every = [column.name for column in JOBS.columns]
-        self.jobs = _Columns(JOBS, every, dialect)
+    def __init__(self, dialect: Dialect, jobs: _Columns) -> None:
+        every = jobs.names
+        self.jobs = jobs
         self.events = _Columns(EVENTS, [column.name for column in EVENTS.columns], dialect)
-        jobs = f"SELECT {_quoted(every)} FROM {self.jobs.table}"
-        self._job = f'{jobs} WHERE "id" = ?'
+        select_jobs = f"SELECT {_quoted(every)} FROM {self.jobs.table}"
+        self._job = f'{select_jobs} WHERE "id" = ?'
         self._owner = f'SELECT "owner" FROM {self.jobs.table} WHERE "id" = ?'
         # The newest job of the key's ids (the partial index ix_jobs_owner_key).
         self._keyed = (
-            f'{jobs} WHERE "owner" = ? AND "client_request_id" = ? ORDER BY "submit_seq" DESC LIMIT 1'
+            f'{select_jobs} WHERE "owner" = ? AND "client_request_id" = ? ORDER BY "submit_seq" DESC LIMIT 1'
         )
         self._events_after = (
             f"SELECT {_quoted(self.events.names)} FROM {self.events.table}"
@@ -155,22 +158,52 @@ class LeanReads:
         return None if found is None else job_record(self.jobs.read(found))
 
 
-@functools.cache
-def _reads_for(dialect: Dialect) -> LeanReads:
-    return LeanReads(dialect)
+class _Prepared:
+    """The statements of one dialect, built once."""
+
+    def __init__(self, dialect: Dialect) -> None:
+        self.dialect = dialect
+        self.jobs = _Columns(JOBS, [column.name for column in JOBS.columns], dialect)
+        self.reads = LeanReads(dialect, self.jobs)
+        self.writes: dict[tuple[str, ...], LeanStatements] = {}
 
 
-def lean_reads(conn: Connection) -> tuple[LeanReads, DBAPICursor]:
-    """The reads for `conn`'s dialect (built once per dialect), and a cursor on `conn`'s DBAPI connection."""
-    return _reads_for(conn.dialect), conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+_PREPARED: weakref.WeakKeyDictionary[Dialect, _Prepared] = weakref.WeakKeyDictionary()
+"""By dialect (one per engine): they go with their engine."""
 
 
-@functools.cache
-def _for_dialect(dialect: Dialect, mutable: tuple[str, ...]) -> LeanStatements:
-    return LeanStatements(dialect, mutable)
+def _prepared(dialect: Dialect) -> _Prepared:
+    prepared = _PREPARED.get(dialect)
+    if prepared is None:
+        prepared = _PREPARED[dialect] = _Prepared(dialect)
+    return prepared
 
 
-def lean_statements(conn: Connection, mutable: tuple[str, ...]) -> tuple[LeanStatements, DBAPICursor]:
-    """The statements for `conn`'s dialect (built once per dialect), and a cursor on the DBAPI
-    connection of `conn`'s transaction."""
-    return _for_dialect(conn.dialect, mutable), conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+@contextlib.contextmanager
+def _cursor(conn: Connection) -> Iterator[DBAPICursor]:
+    cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    try:
+        yield cursor
+    finally:
+        cursor.close()
+
+
+@contextlib.contextmanager
+def lean_reads(conn: Connection) -> Iterator[tuple[LeanReads, DBAPICursor]]:
+    """The reads for `conn`'s dialect, and a cursor on `conn`'s DBAPI connection for the block."""
+    with _cursor(conn) as cursor:
+        yield _prepared(conn.dialect).reads, cursor
+
+
+@contextlib.contextmanager
+def lean_statements(
+    conn: Connection, mutable: tuple[str, ...]
+) -> Iterator[tuple[LeanStatements, DBAPICursor]]:
+    """The writer's statements for `conn`'s dialect (`mutable`: the job columns an update writes),
+    and a cursor on the DBAPI connection of `conn`'s transaction for the block."""
+    prepared = _prepared(conn.dialect)
+    statements = prepared.writes.get(mutable)
+    if statements is None:
+        statements = prepared.writes[mutable] = LeanStatements(conn.dialect, prepared.jobs, mutable)
+    with _cursor(conn) as cursor:
+        yield statements, cursor

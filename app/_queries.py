@@ -94,8 +94,7 @@ class JobQueries:
     async def check_visible(self, job_id: str, owner: str | None) -> None:
         """NotFoundError unless the job exists for `owner`; unlike `get`, no queue-position counts
         (two COUNTs over the pool's pending jobs per SSE connect made thousands of connects slow)."""
-        with self.db.reader.connect() as conn:
-            reads, cursor = lean_reads(conn)
+        with self.db.reader.connect() as conn, lean_reads(conn) as (reads, cursor):
             found = reads.owner_of(cursor, job_id)
         if found is None or (owner is not None and found != owner):
             raise not_found("job", job_id)
@@ -103,8 +102,8 @@ class JobQueries:
     @staticmethod
     def _visible_row(conn: Connection, job_id: str, owner: str | None) -> JobRow:
         """One indexed read on the synchronous reader; NotFoundError for another owner's job too."""
-        reads, cursor = lean_reads(conn)
-        found = reads.job(cursor, job_id)
+        with lean_reads(conn) as (reads, cursor):
+            found = reads.job(cursor, job_id)
         if found is None or (owner is not None and found.owner != owner):
             raise not_found("job", job_id)
         return found
@@ -175,14 +174,15 @@ class JobQueries:
 
     def _history_now(self, job_id: str, after: int, limit: int) -> tuple[list[EventRow], Job | None]:
         """`history` for a short page, on the synchronous reader, in one read transaction."""
-        with self.db.reader.connect() as conn:
-            reads, cursor = lean_reads(conn)
+        with self.db.reader.connect() as conn, lean_reads(conn) as (reads, cursor):
             cursor.execute("BEGIN")  # one snapshot for both
             try:
                 events = reads.events_after(cursor, job_id, after, limit)
                 job = reads.job(cursor, job_id)
-            finally:
-                cursor.execute("COMMIT")
+            except BaseException:
+                cursor.execute("ROLLBACK")
+                raise
+            cursor.execute("COMMIT")
         return events, (job_view(job) if job is not None else None)
 
     async def owner_history(self, owner: str, after: int, limit: int) -> list[EventRow]:
@@ -208,6 +208,6 @@ class JobQueries:
     def keyed(self, owner: str, key: str) -> Job | None:
         """The owner's job that `key` names now, whichever of the key's ids it has."""
         with self.db.reader.connect() as conn:  # one indexed read (ix_jobs_owner_key)
-            reads, cursor = lean_reads(conn)
-            found = reads.keyed(cursor, owner, key)
+            with lean_reads(conn) as (reads, cursor):
+                found = reads.keyed(cursor, owner, key)
             return None if found is None else self._positioned(conn, found)

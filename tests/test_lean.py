@@ -65,8 +65,8 @@ async def test_lean_rows_are_what_sqlalchemy_writes_and_reads(tmp_path: Path) ->
         with lean_db.writer.connect() as conn:
             jobs = [dict(row._mapping) for row in conn.execute(select(JOBS).order_by(JOBS.c.id))]
             events = [dict(row._mapping) for row in conn.execute(select(EVENTS).order_by(EVENTS.c.id))]
-            statements, cursor = lean_statements(conn, ("status",))
-            leanly_read = [vars(job) for job in statements.select_jobs(cursor, ["bare", "full"])]
+            with lean_statements(conn, ("status",)) as (statements, cursor):
+                leanly_read = [vars(job) for job in statements.select_jobs(cursor, ["bare", "full"])]
         with core_db.writer.begin() as conn:
             conn.execute(insert(JOBS), jobs)
             conn.execute(insert(EVENTS), events)
@@ -95,18 +95,18 @@ async def test_lean_reads_return_what_sqlalchemy_reads(tmp_path: Path) -> None:
         with db.writer.begin() as conn:
             write_batch(conn, decoded, len(decoded), True, set())  # type: ignore[arg-type]
         with db.reader.connect() as conn:
-            reads, cursor = lean_reads(conn)
             by_sqlalchemy = {row.id: dict(row._mapping) for row in conn.execute(select(JOBS))}
             events = [dict(row._mapping) for row in conn.execute(select(EVENTS).order_by(EVENTS.c.seq))]
-            full, bare, missing = (reads.job(cursor, job_id) for job_id in ("full", "bare", "nope"))
-            keyed = reads.keyed(cursor, "ann", "key-1")
-            after = reads.events_after(cursor, "full", 3, 10)
-            owners = [reads.owner_of(cursor, job_id) for job_id in ("full", "bare", "nope")]
-            exists = [
-                reads.exists(cursor, JOBS, "bare"),
-                reads.exists(cursor, JOBS, "nope"),
-                reads.exists(cursor, FILES, "f1"),
-            ]
+            with lean_reads(conn) as (reads, cursor):
+                full, bare, missing = (reads.job(cursor, job_id) for job_id in ("full", "bare", "nope"))
+                keyed = reads.keyed(cursor, "ann", "key-1")
+                after = reads.events_after(cursor, "full", 3, 10)
+                owners = [reads.owner_of(cursor, job_id) for job_id in ("full", "bare", "nope")]
+                exists = [
+                    reads.exists(cursor, JOBS, "bare"),
+                    reads.exists(cursor, JOBS, "nope"),
+                    reads.exists(cursor, FILES, "f1"),
+                ]
     finally:
         await db.dispose()
     assert full is not None

@@ -85,13 +85,17 @@ class Events:
                 # wraps (stamina and tenacity build their state per call, ~23 us, twice per job).
                 await self._publish_once(event, msg_id, give_up_at)
                 return
-            except (nats.errors.Error, TimeoutError):
-                if loop.time() >= give_up_at:
+            except Exception as exc:
+                if not transient(exc):
                     raise
+                first = exc
             await asyncio.sleep(PUBLISH_WAIT_INITIAL_S)
+            if loop.time() >= give_up_at:
+                raise first
+            # stamina's first try comes at once: its pauses start at the second step of the schedule.
             async for attempt in stamina.retry_context(
-                on=transient, attempts=None, timeout=max(0.0, give_up_at - loop.time()),
-                wait_initial=PUBLISH_WAIT_INITIAL_S, wait_max=PUBLISH_WAIT_MAX_S, wait_jitter=0.0,
+                on=transient, attempts=None, timeout=give_up_at - loop.time(),
+                wait_initial=2 * PUBLISH_WAIT_INITIAL_S, wait_max=PUBLISH_WAIT_MAX_S, wait_jitter=0.0,
             ):  # fmt: skip
                 with attempt:
                     await self._publish_once(event, msg_id, give_up_at)

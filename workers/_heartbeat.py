@@ -32,7 +32,7 @@ log = logging.getLogger("jobcast.worker")
 MIN_BEAT_GAP_S = 0.2
 """The least time between two beats. A busy worker starts and ends jobs thousands of times a second,
 and a beat for each (cgroup and RSS reads, and a KV put that every API's watch receives) took about
-8 % of its CPU under P2."""
+8 % of its CPU under P2. The API's view of free slots (a 202's `estimated_start_s`) may lag this much."""
 
 
 class Heartbeat:
