@@ -13,6 +13,7 @@ py-spy samples, so a little above P1's) give milliseconds per hop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import signal
 import sys
@@ -48,16 +49,27 @@ HOPS: list[tuple[str, tuple[str, ...]]] = [
     ("NATS client", ("(nats/",)),
     ("asyncio event loop", ("(asyncio/", "(uvloop")),
 ]
+WORKER_HOPS: list[tuple[str, tuple[str, ...]]] = [
+    ("publish started, completed", ("Events.publish", "Events.record ", "Events._publish_once ")),
+    ("prechecks (cancel request, last event)", ("AttemptRunner._precheck ", "Events.last ")),
+    ("fetch (pull requests)", ("Fetcher.",)),
+    ("claim and release the running subject", ("RunningJob.claim ", "RunningJob.unclaim ")),
+    ("heartbeat", ("Heartbeat.",)),
+    ("run: context, handler, ack", ("AttemptRunner.", "RunningJob.", "JobContext.", "Worker.")),
+]
+"""The worker's hops, for P2's profile: each sample goes to the innermost of the worker's own frames
+(the nats-py and asyncio work under it included); samples under none of them, to FALLBACK_HOPS."""
+FALLBACK_HOPS = [("NATS client (read loop)", ("(nats/",)), ("asyncio event loop", ("(asyncio/", "(uvloop"))]
 IDLE = ("_connection_worker_thread (aiosqlite/core.py:59)", "_worker (concurrent/futures/thread.py")
 """Leaf frames of threads that wait for work: py-spy may count a timed wait as running."""
 
 
-def classify(stack: list[str]) -> str | None:
+def classify(stack: list[str], table: list[tuple[str, tuple[str, ...]]] = HOPS) -> str | None:
     """The hop a sample (outermost frame first) belongs to; None for an idle thread's wait."""
     if stack and stack[-1].startswith(IDLE):
         return None
     for frame in reversed(stack):
-        for hop, markers in HOPS:
+        for hop, markers in table:
             if any(
                 marker in frame if marker.startswith("(") else frame.startswith(marker) for marker in markers
             ):
@@ -65,12 +77,14 @@ def classify(stack: list[str]) -> str | None:
     return "other"
 
 
-def hops(raw: Path) -> Counter[str]:
+def hops(raw: Path, table: list[tuple[str, tuple[str, ...]]] = HOPS) -> Counter[str]:
     """Samples per hop of a py-spy raw (collapsed) profile."""
     counts: Counter[str] = Counter()
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
-        hop = classify(stack.split(";"))
+        hop = classify(stack.split(";"), table)
+        if hop == "other" and table is WORKER_HOPS:
+            hop = classify(stack.split(";"), FALLBACK_HOPS)
         if hop is not None:
             counts[hop] += int(count)
     return counts
@@ -95,13 +109,69 @@ async def _spied(pid: int, raw: Path) -> asyncio.subprocess.Process:
 
 
 async def _stopped(spy: asyncio.subprocess.Process) -> None:
-    spy.send_signal(signal.SIGINT)  # py-spy writes its file and exits
+    if spy.returncode is None:  # else its process is gone, and py-spy has written its file
+        with contextlib.suppress(ProcessLookupError):
+            spy.send_signal(signal.SIGINT)  # py-spy writes its file and exits
     await asyncio.wait_for(spy.wait(), 30)
+
+
+def _by_hop(counts: Counter[str], ms: float) -> dict[str, float]:
+    total = sum(counts.values()) or 1
+    return {hop: round(ms * n / total, 3) for hop, n in counts.most_common()}
+
+
+async def _p2() -> dict[str, Any]:
+    """P2's jobcast run through 32 connections, py-spy on the API and on the worker from the moment
+    the worker is up; each process's CPU per job by hop."""
+    from bench import throughput
+
+    children: dict[str, Any] = {}
+    spies: dict[str, tuple[asyncio.subprocess.Process, Path]] = {}
+    real = (throughput.start_api, throughput.start_worker, throughput.wait_workers)
+
+    async def api(*args: Any, **kwargs: Any) -> Any:
+        children["api"], url = await real[0](*args, **kwargs)
+        return children["api"], url
+
+    def worker(*args: Any, **kwargs: Any) -> Any:
+        children["worker"] = real[1](*args, **kwargs)
+        return children["worker"]
+
+    with tempfile.TemporaryDirectory() as tmp:
+
+        async def workers_up(*args: Any, **kwargs: Any) -> Any:
+            answer = await real[2](*args, **kwargs)
+            for name, child in children.items():
+                spies[name] = (await _spied(child.pid, Path(tmp) / f"{name}.txt"), Path(tmp) / f"{name}.txt")
+            return answer
+
+        throughput.start_api, throughput.start_worker, throughput.wait_workers = api, worker, workers_up  # type: ignore[assignment]
+        try:
+            figures = await throughput._jobcast(batch=False)
+        finally:
+            throughput.start_api, throughput.start_worker, throughput.wait_workers = real  # type: ignore[assignment]
+            for spy, _ in spies.values():
+                await _stopped(spy)
+        cpu_ms = {
+            name: round(seconds / throughput.JOBS * 1000, 3) for name, seconds in figures["cpu_s"].items()
+        }
+        result: dict[str, Any] = {"jobs_per_s": figures["jobs_per_s"], "cpu_ms_per_job": cpu_ms}
+        for name, process, hop_table in (("api", "api", HOPS), ("worker", "worker-cpu", WORKER_HOPS)):
+            ms = cpu_ms[process]
+            result[f"{name}_hops_ms"] = by_hop = _by_hop(hops(spies[name][1], hop_table), ms)
+            rows = [[hop, f"{value:.3f}"] for hop, value in by_hop.items()]
+            table(
+                f"P2, 32 connections: {name} CPU per job by hop ({ms:.3f} ms, under py-spy)",
+                ["hop", "ms"],
+                rows,
+            )
+    return result
 
 
 async def run() -> dict[str, Any]:
     """P1's two phases under py-spy, each on its own: jobs (a POST answered 202 and an SSE follow to
-    the job's end), then the same two requests again for the finished jobs (the floor)."""
+    the job's end), then the same two requests again for the finished jobs (the floor); then P2's
+    32-connection run with the API and the worker under py-spy."""
     py_spy()  # fail before starting anything when it is missing
     cpu: dict[str, float] = {}
     counts: dict[str, Counter[str]] = {}
@@ -144,6 +214,7 @@ async def run() -> dict[str, Any]:
     rows.append(["all (under py-spy)", f"{cpu['job']:.3f}", f"{cpu['floor']:.3f}"])
     table("API CPU by hop (ms): a job, and the floor's two requests", ["hop", "job", "floor"], rows)
     result = {
+        "p2": await _p2(),
         "api_ms": {phase: round(ms, 3) for phase, ms in cpu.items()},
         "hops_ms": {phase: {hop: round(cpu[phase] * share, 3) for hop, share in shares[phase].items()} for phase in shares},
         "samples": {phase: sum(c.values()) for phase, c in counts.items()},
