@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
 from streams import (
     DEFAULT_LLM_BASE_URL,
     LlmEndpoints,
@@ -30,7 +33,7 @@ class Settings:
     """JOBCAST_NATS_URL: the NATS server, or a cluster's nodes comma-separated, that the API publishes to;
     it fails over between them. JOBCAST_STREAM_REPLICAS (read by streams/) sets how many keep a copy."""
     database_url: str = field(default_factory=lambda: os.environ.get("JOBCAST_DATABASE_URL", ""))
-    """JOBCAST_DATABASE_URL: SQLAlchemy URL; empty means sqlite+aiosqlite under the data dir."""
+    """JOBCAST_DATABASE_URL: a SQLite SQLAlchemy URL; empty means sqlite+aiosqlite under the data dir."""
     host: str = field(default_factory=lambda: os.environ.get("JOBCAST_HOST", "127.0.0.1"))
     """JOBCAST_HOST: address the API binds."""
     port: int = field(default_factory=lambda: env_int("JOBCAST_PORT", 8000))
@@ -136,6 +139,8 @@ class Settings:
     def __post_init__(self) -> None:
         nats_servers(self.nats_url)  # a malformed setting stops the start with one line (ValueError)
         stream_replicas()
+        if self.database_url:
+            _check_sqlite(self.database_url)
 
     @property
     def llm_endpoints(self) -> LlmEndpoints:
@@ -158,6 +163,20 @@ class Settings:
     def sqlalchemy_url(self) -> str:
         """The database URL, defaulting to a file in the data dir."""
         return self.database_url or f"sqlite+aiosqlite:///{(self.data_dir / 'jobcast.db').resolve()}"
+
+
+def _check_sqlite(url: str) -> None:
+    """The projection is SQLite's (one writer, WAL, the lean statements' SQL): another database's
+    URL stops the start with one line, not at the first batch (the URL's password left out)."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise ValueError("JOBCAST_DATABASE_URL: not a SQLAlchemy URL") from None
+    if parsed.get_backend_name() != "sqlite":
+        raise ValueError(
+            f"JOBCAST_DATABASE_URL: jobcast keeps its projection in SQLite (sqlite+aiosqlite:///path/jobcast.db), "
+            f"not {parsed.get_backend_name()}"
+        )
 
 
 @lru_cache(maxsize=1)

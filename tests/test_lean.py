@@ -7,11 +7,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
 from sqlalchemy import insert, select
 
 from app._batch import write_batch
 from app._db import EVENTS, FILES, JOBS, Database
 from app._lean import lean_reads, lean_statements
+from app._settings import Settings
 from streams import Completed, Event, Progress, Started, Submitted, encode_event
 
 WHEN = datetime(2026, 12, 1, 18, 30, 15, 123456, tzinfo=UTC)
@@ -120,3 +122,14 @@ async def test_lean_reads_return_what_sqlalchemy_reads(tmp_path: Path) -> None:
     assert [event.kind for event in after] == ["progress", "completed"]
     assert owners == ["ann", "bob", None]
     assert exists == [True, False, False]
+
+
+def test_a_database_other_than_sqlite_is_refused_at_start() -> None:
+    # The lean statements are SQLite's SQL: another database fails at once, in one line.
+    with pytest.raises(ValueError, match="keeps its projection in SQLite") as raised:
+        Settings(database_url="postgresql+asyncpg://jobcast:s3cret@db/jobcast")
+    assert "s3cret" not in str(raised.value)
+    with pytest.raises(ValueError, match="not a SQLAlchemy URL"):
+        Settings(database_url="::nothing::")
+    url = "sqlite+aiosqlite:////var/lib/jobcast/jobcast.db"
+    assert Settings(database_url=url).sqlalchemy_url == url
