@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from sqlalchemy import Table
-from sqlalchemy.engine import Connection, Dialect
+from sqlalchemy.engine import Connection, Dialect, Engine
 from sqlalchemy.engine.interfaces import DBAPICursor
 
 from app._db import EVENTS, FILES, JOBS, BookmarkRow, EventRow, JobRow, event_record, job_record
@@ -159,23 +159,22 @@ class LeanReads:
 
 
 class _Prepared:
-    """The statements of one dialect, built once."""
+    """The statements of one engine's dialect, built once."""
 
     def __init__(self, dialect: Dialect) -> None:
-        self.dialect = dialect
         self.jobs = _Columns(JOBS, [column.name for column in JOBS.columns], dialect)
         self.reads = LeanReads(dialect, self.jobs)
         self.writes: dict[tuple[str, ...], LeanStatements] = {}
 
 
-_PREPARED: weakref.WeakKeyDictionary[Dialect, _Prepared] = weakref.WeakKeyDictionary()
-"""By dialect (one per engine): they go with their engine."""
+_PREPARED: weakref.WeakKeyDictionary[Engine, _Prepared] = weakref.WeakKeyDictionary()
+"""By engine, and gone with it: the statements' processors hold the dialect, not the engine."""
 
 
-def _prepared(dialect: Dialect) -> _Prepared:
-    prepared = _PREPARED.get(dialect)
+def _prepared(conn: Connection) -> _Prepared:
+    prepared = _PREPARED.get(conn.engine)
     if prepared is None:
-        prepared = _PREPARED[dialect] = _Prepared(dialect)
+        prepared = _PREPARED[conn.engine] = _Prepared(conn.dialect)
     return prepared
 
 
@@ -192,7 +191,7 @@ def _cursor(conn: Connection) -> Iterator[DBAPICursor]:
 def lean_reads(conn: Connection) -> Iterator[tuple[LeanReads, DBAPICursor]]:
     """The reads for `conn`'s dialect, and a cursor on `conn`'s DBAPI connection for the block."""
     with _cursor(conn) as cursor:
-        yield _prepared(conn.dialect).reads, cursor
+        yield _prepared(conn).reads, cursor
 
 
 @contextlib.contextmanager
@@ -201,7 +200,7 @@ def lean_statements(
 ) -> Iterator[tuple[LeanStatements, DBAPICursor]]:
     """The writer's statements for `conn`'s dialect (`mutable`: the job columns an update writes),
     and a cursor on the DBAPI connection of `conn`'s transaction for the block."""
-    prepared = _prepared(conn.dialect)
+    prepared = _prepared(conn)
     statements = prepared.writes.get(mutable)
     if statements is None:
         statements = prepared.writes[mutable] = LeanStatements(conn.dialect, prepared.jobs, mutable)

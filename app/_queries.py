@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -180,7 +181,8 @@ class JobQueries:
                 events = reads.events_after(cursor, job_id, after, limit)
                 job = reads.job(cursor, job_id)
             except BaseException:
-                cursor.execute("ROLLBACK")
+                with contextlib.suppress(Exception):  # SQLite may have rolled back already
+                    cursor.execute("ROLLBACK")
                 raise
             cursor.execute("COMMIT")
         return events, (job_view(job) if job is not None else None)

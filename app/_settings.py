@@ -172,10 +172,10 @@ def _check_sqlite(url: str) -> None:
         parsed = make_url(url)
     except ArgumentError:
         raise ValueError("JOBCAST_DATABASE_URL: not a SQLAlchemy URL") from None
-    if parsed.get_backend_name() != "sqlite":
+    if (parsed.get_backend_name(), parsed.get_driver_name()) != ("sqlite", "aiosqlite"):
         raise ValueError(
-            f"JOBCAST_DATABASE_URL: jobcast keeps its projection in SQLite (sqlite+aiosqlite:///path/jobcast.db), "
-            f"not {parsed.get_backend_name()}"
+            f"JOBCAST_DATABASE_URL: jobcast keeps its projection in SQLite through aiosqlite "
+            f"(sqlite+aiosqlite:///path/jobcast.db), not {parsed.drivername}"
         )
 
 

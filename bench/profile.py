@@ -121,50 +121,40 @@ def _by_hop(counts: Counter[str], ms: float) -> dict[str, float]:
 
 
 async def _p2() -> dict[str, Any]:
-    """P2's jobcast run through 32 connections, py-spy on the API and on the worker from the moment
-    the worker is up; each process's CPU per job by hop."""
+    """P2's jobcast run through 32 connections with py-spy on the API and on the worker while it
+    is measured; each process's CPU per job by hop."""
     from bench import throughput
 
-    children: dict[str, Any] = {}
     spies: dict[str, tuple[asyncio.subprocess.Process, Path]] = {}
-    real = (throughput.start_api, throughput.start_worker, throughput.wait_workers)
-
-    async def api(*args: Any, **kwargs: Any) -> Any:
-        children["api"], url = await real[0](*args, **kwargs)
-        return children["api"], url
-
-    def worker(*args: Any, **kwargs: Any) -> Any:
-        children["worker"] = real[1](*args, **kwargs)
-        return children["worker"]
-
+    real_measure = throughput._measure
     with tempfile.TemporaryDirectory() as tmp:
 
-        async def workers_up(*args: Any, **kwargs: Any) -> Any:
-            answer = await real[2](*args, **kwargs)
-            for name, child in children.items():
-                spies[name] = (await _spied(child.pid, Path(tmp) / f"{name}.txt"), Path(tmp) / f"{name}.txt")
-            return answer
+        async def measured(submit: Any, done: Any, children: list[Any], nats: Any = None) -> dict[str, Any]:
+            for child in children:  # the API and the worker
+                raw = Path(tmp) / f"{child.name}.txt"
+                spies[child.name] = (await _spied(child.pid, raw), raw)
+            try:
+                return await real_measure(submit, done, children, nats)
+            finally:
+                for spy, _ in spies.values():
+                    with contextlib.suppress(Exception):
+                        await _stopped(spy)
 
-        throughput.start_api, throughput.start_worker, throughput.wait_workers = api, worker, workers_up  # type: ignore[assignment]
+        throughput._measure = measured  # type: ignore[assignment]
         try:
             figures = await throughput._jobcast(batch=False)
         finally:
-            throughput.start_api, throughput.start_worker, throughput.wait_workers = real  # type: ignore[assignment]
-            for spy, _ in spies.values():
-                await _stopped(spy)
+            throughput._measure = real_measure
         cpu_ms = {
             name: round(seconds / throughput.JOBS * 1000, 3) for name, seconds in figures["cpu_s"].items()
         }
         result: dict[str, Any] = {"jobs_per_s": figures["jobs_per_s"], "cpu_ms_per_job": cpu_ms}
-        for name, process, hop_table in (("api", "api", HOPS), ("worker", "worker-cpu", WORKER_HOPS)):
-            ms = cpu_ms[process]
-            result[f"{name}_hops_ms"] = by_hop = _by_hop(hops(spies[name][1], hop_table), ms)
+        for name, (_, raw) in spies.items():
+            hop_table = HOPS if name == "api" else WORKER_HOPS
+            result[f"{name}_hops_ms"] = by_hop = _by_hop(hops(raw, hop_table), cpu_ms[name])
             rows = [[hop, f"{value:.3f}"] for hop, value in by_hop.items()]
-            table(
-                f"P2, 32 connections: {name} CPU per job by hop ({ms:.3f} ms, under py-spy)",
-                ["hop", "ms"],
-                rows,
-            )
+            title = f"P2, 32 connections: {name} CPU per job by hop ({cpu_ms[name]:.3f} ms, under py-spy)"
+            table(title, ["hop", "ms"], rows)
     return result
 
 

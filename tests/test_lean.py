@@ -129,6 +129,8 @@ def test_a_database_other_than_sqlite_is_refused_at_start() -> None:
     with pytest.raises(ValueError, match="keeps its projection in SQLite") as raised:
         Settings(database_url="postgresql+asyncpg://jobcast:s3cret@db/jobcast")
     assert "s3cret" not in str(raised.value)
+    with pytest.raises(ValueError, match="through aiosqlite"):
+        Settings(database_url="sqlite:////var/lib/jobcast/jobcast.db")  # the API's reads are async
     with pytest.raises(ValueError, match="not a SQLAlchemy URL"):
         Settings(database_url="::nothing::")
     url = "sqlite+aiosqlite:////var/lib/jobcast/jobcast.db"

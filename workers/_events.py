@@ -89,7 +89,7 @@ class Events:
                 if not transient(exc):
                     raise
                 first = exc
-            await asyncio.sleep(PUBLISH_WAIT_INITIAL_S)
+            await asyncio.sleep(min(PUBLISH_WAIT_INITIAL_S, max(0.0, give_up_at - loop.time())))
             if loop.time() >= give_up_at:
                 raise first
             # stamina's first try comes at once: its pauses start at the second step of the schedule.
