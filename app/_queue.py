@@ -56,6 +56,20 @@ def queue_position(conn: Connection, row: JobRow) -> QueuePosition | None:
     return QueuePosition(ahead=ahead, total_active=active or 0)
 
 
+COUNTS_UP_TO = 12
+"""Jobs whose queue positions `queue_positions` counts one by one (an index-only count each); past
+it, one window over the pool's queue (a table pass and a sort) costs less. Both grow with the
+queue: at 1,000 queued jobs a count took 0.15 ms and the window 2 ms, at 50,000 5.6 and 78 ms."""
+
+
+def queue_positions(conn: Connection, rows: list[JobRow]) -> dict[str, QueuePosition | None]:
+    """The queue positions of a few jobs (the submits one projection batch applied), whichever way
+    costs less: a count each for up to COUNTS_UP_TO, one window for more."""
+    if len(rows) <= COUNTS_UP_TO:
+        return {row.id: queue_position(conn, row) for row in rows}
+    return page_positions(conn, rows)
+
+
 def page_positions(conn: Connection | Session, rows: Iterable[JobRow]) -> dict[str, QueuePosition | None]:
     """The queue position of each of a page of jobs, as `queue_position` counts it, in one statement
     for the whole page (a window over the queues of the pools it shows) instead of one per job."""
